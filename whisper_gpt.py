@@ -1,0 +1,678 @@
+"""
+Whisper-GPT (Verma, 2024) in one file: the token-only GPT baselines (GPT-S, GPT-L), the hybrid that feeds a
+causal mel-spectrogram stack beside the EnCodec token embedding, and the training loop that trains them by the
+paper's recipe.
+
+    python whisper_gpt.py --dataset music                     # GPT-S, the paper's baseline (the defaults)
+    python whisper_gpt.py --dataset music --hybrid --n_embd 64 # the hybrid: 32 token + 32 mel
+    python whisper_gpt.py --dataset music --n_embd 256 --n_head 16   # GPT-L
+    torchrun --nproc_per_node 8 whisper_gpt.py ...            # DDP, one process per GPU
+
+Importing this file has no side effects: tests and sample.py import the model from it.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Configuration: one dataclass of defaults; argparse is generated from its fields.
+
+
+@dataclass
+class Config:
+    # model (the defaults are the paper's baseline GPT-S, section 3.1)
+    vocab_size: int = 1024  # EnCodec 24 kHz codebook 0
+    block_size: int = 750  # context in tokens: 10 s at 75 tokens/s
+    n_layer: int = 8
+    n_head: int = 8
+    n_embd: int = 64  # hybrid: total width, half token embedding and half mel stack
+    dense: int = 2048  # the dense layer between the last block and the 1024-way output
+    dropout: float = 0.0  # the paper is silent; none
+    hybrid: bool = False
+    n_mel: int = 64  # mel bins per slice
+    mel_hidden: int = 2048  # per-slice MLP: n_mel -> mel_hidden -> n_embd // 2
+    mel_layer: int = 6  # causal layers of the "Whisper-decoder" mel stack
+    mel_head: int = 4  # the paper is silent; 4 heads keep GPT-S's head size of 8
+    # data and output
+    dataset: str = "music"
+    data_dir: str = ""  # default: data/<dataset>
+    out_dir: str = ""  # default: out-<model>-<dataset>, e.g. out-gpt-s-music
+    # the paper's recipe (section 3): Adam, 2e-4 dropped to 1e-4 after epoch 10, 25 epochs
+    batch_size: int = 16  # crops per step per process; the paper is silent
+    epochs: int = 25
+    lr: float = 2e-4
+    lr_after_drop: float = 1e-4
+    lr_drop_epoch: int = 10
+    max_iters: int = 0  # stop after this many steps (a budget for short runs); 0 = the whole recipe
+    # evaluation and checkpoints
+    eval_interval: int = 0  # steps between evals; 0 = once per epoch
+    eval_windows: int = 200  # fixed val windows per eval during training (evenly spaced); 0 = all
+    final_windows: int = 0  # val windows for --eval_only; 0 = all
+    eval_only: bool = False
+    init_from: str = "scratch"  # 'scratch' or 'resume' (from <out_dir>/ckpt_latest.pt)
+    # system
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    compile: bool = False
+    seed: int = 1337
+    bench: bool = False  # time bench_steps steps on random data and print tokens/s (and MFU on a GPU)
+    bench_steps: int = 20
+    bench_reference: bool = False  # with --bench: time the textbook nn.TransformerEncoder GPT instead
+
+
+MODEL_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dense", "dropout", "hybrid",
+                "n_mel", "mel_hidden", "mel_layer", "mel_head")
+
+
+def model_name(c):
+    """The paper's name for a configuration: GPT-S, GPT-L, hybrid, or custom."""
+    if c.hybrid:
+        return "hybrid"
+    shape = (c.n_layer, c.n_head, c.n_embd)
+    return {(8, 8, 64): "GPT-S", (8, 16, 256): "GPT-L"}.get(shape, "custom")
+
+
+def validate(c):
+    """Raise one clear error for an impossible combination of flags."""
+    if c.n_embd % c.n_head:
+        raise ValueError(f"--n_embd {c.n_embd} is not divisible by --n_head {c.n_head}: pick a width that is")
+    if c.hybrid:
+        if c.n_embd % 2:
+            raise ValueError(f"--hybrid needs an even --n_embd (half token, half mel); got {c.n_embd}")
+        if (c.n_embd // 2) % c.mel_head:
+            raise ValueError(f"the mel stack width {c.n_embd // 2} is not divisible by --mel_head {c.mel_head}")
+    if c.init_from not in ("scratch", "resume"):
+        raise ValueError(f"--init_from must be 'scratch' or 'resume', not {c.init_from!r}")
+    if c.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be float32, bfloat16 or float16, not {c.dtype!r}")
+    for name in ("block_size", "n_layer", "batch_size", "epochs", "vocab_size", "bench_steps"):
+        if getattr(c, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(c, name)}")
+    if c.lr <= 0 or c.lr_after_drop <= 0:
+        raise ValueError("--lr and --lr_after_drop must be positive")
+
+
+def parse_args(argv=None):
+    """Config from the command line: one flag per field of Config, e.g. --n_embd 64 --hybrid."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        if f.type is bool or isinstance(f.default, bool):
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    c = Config(**vars(parser.parse_args(argv)))
+    c.data_dir = c.data_dir or os.path.join("data", c.dataset)
+    c.out_dir = c.out_dir or f"out-{model_name(c).lower()}-{c.dataset}"
+    validate(c)
+    return c
+
+
+# -----------------------------------------------------------------------------
+# The model: small modules first, then the two stacks, then the whole.
+
+
+def sinusoids(length, dim):
+    """Fixed sinusoidal positions (Vaswani et al.), (length, dim). Used by every model here: the paper names
+    them for the hybrid and is silent for the baselines, so all three share them and differ only in the mel path."""
+    inv_freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2).float() / dim)  # (dim/2,)
+    angle = torch.arange(length).float()[:, None] * inv_freq[None, :]  # (length, dim/2)
+    return torch.cat([angle.sin(), angle.cos()], dim=1)  # (length, dim)
+
+
+class KVCache:
+    """Keys and values of every attention layer (both stacks of the hybrid) for incremental decoding."""
+
+    def __init__(self, n_layers):
+        self.kv = [None] * n_layers  # per layer: (k, v), each (B, n_head, T_cached, head_dim)
+        self.pos = 0  # tokens already in the cache = the position of the next token
+        self.mel_last = None  # (B, 1, n_mel): the newest mel slice, the mel stack's input at the next position
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, n_embd, n_head, dropout):
+        super().__init__()
+        self.n_head = n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x, cache=None, layer=0):
+        """x (B, T, C) -> (B, T, C). With a cache, x holds only the new positions after the cached ones."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_dim)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_dim)
+        if cache is not None:
+            if cache.kv[layer] is not None:
+                k = torch.cat([cache.kv[layer][0], k], dim=2)  # (B, n_head, T_past + T, head_dim)
+                v = torch.cat([cache.kv[layer][1], v], dim=2)
+            cache.kv[layer] = (k, v)
+        past = k.size(2) - T
+        dropout = self.dropout if self.training else 0.0
+        if past == 0:  # the usual case: fused causal attention (flash attention on a GPU)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:  # new positions after cached ones: each sees all the past and the new ones up to itself
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, n_in, n_hidden, n_out, dropout=0.0):
+        super().__init__()
+        self.c_fc = nn.Linear(n_in, n_hidden)
+        self.c_proj = nn.Linear(n_hidden, n_out)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """A causal decoder layer, pre-norm as in GPT-2: x + attn(ln(x)), then x + mlp(ln(x)), MLP 4x wide."""
+
+    def __init__(self, n_embd, n_head, dropout):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = MLP(n_embd, 4 * n_embd, n_embd, dropout)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class MelDecoder(nn.Module):
+    """The paper's "Whisper-decoder": Whisper's encoder made causal and small. Each mel slice goes through a
+    per-slice MLP (n_mel -> 2048 -> width), gets sinusoidal positions, then causal decoder layers."""
+
+    def __init__(self, c):
+        super().__init__()
+        width = c.n_embd // 2
+        self.slice_mlp = MLP(c.n_mel, c.mel_hidden, width)
+        self.register_buffer("pos", sinusoids(c.block_size, width), persistent=False)
+        self.blocks = nn.ModuleList(Block(width, c.mel_head, c.dropout) for _ in range(c.mel_layer))
+        self.ln_post = nn.LayerNorm(width)  # as Whisper's encoder ends
+
+    def forward(self, mel_in, cache=None, first_layer=0):
+        """mel_in (B, T, n_mel), already shifted: row t is mel slice t-1 -> (B, T, width)."""
+        start = cache.pos if cache is not None else 0
+        x = self.slice_mlp(mel_in) + self.pos[start:start + mel_in.size(1)]
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, first_layer + i)
+        return self.ln_post(x)
+
+
+class WhisperGPT(nn.Module):
+    """GPT-S / GPT-L (token-only) or the hybrid, by config.hybrid."""
+
+    def __init__(self, c):
+        super().__init__()
+        validate(c)
+        self.config = c
+        tok_width = c.n_embd // 2 if c.hybrid else c.n_embd
+        self.wte = nn.Embedding(c.vocab_size, tok_width)
+        self.register_buffer("pos", sinusoids(c.block_size, tok_width), persistent=False)
+        self.mel = MelDecoder(c) if c.hybrid else None
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head, c.dropout) for _ in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.n_embd)
+        # the paper's head: a dense layer of 2048 units, then the 1024-way output. It names no activation
+        # between them; without one the two would collapse into a single linear map, so GELU, as in the blocks.
+        self.head = MLP(c.n_embd, c.dense, c.vocab_size)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
+            if name.endswith((".attn.c_proj.weight", ".mlp.c_proj.weight")):
+                p.data.normal_(0.0, 0.02 / math.sqrt(2 * (c.n_layer + (c.mel_layer if c.hybrid else 0))))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self):
+        return KVCache(self.config.n_layer + (self.config.mel_layer if self.config.hybrid else 0))
+
+    def forward(self, idx, mel=None, targets=None, cache=None):
+        """idx (B, T) tokens; mel (B, T, n_mel) slices aligned with idx (slice t covers token t's audio);
+        targets (B, T) = idx shifted by one. Returns logits (B, T, vocab) and the mean NLL (or None).
+
+        Position t sees tokens 0..t and mel slices 0..t-1 and predicts token t+1: the paper's "shift by 2"
+        (the newest two slices, t and t+1, are never seen). With a cache, idx and mel hold only new positions."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"{start + T} positions exceed block_size {self.config.block_size}")
+        x = self.wte(idx) + self.pos[start:start + T]  # (B, T, tok_width)
+        if self.config.hybrid:
+            if mel is None or mel.shape[:2] != idx.shape:
+                raise ValueError("the hybrid needs mel (B, T, n_mel) aligned with idx (B, T)")
+            # shift the slices one step right: row t of the stack's input is slice t-1, row 0 is zeros
+            first = torch.zeros_like(mel[:, :1]) if cache is None or cache.mel_last is None else cache.mel_last
+            mel_in = torch.cat([first, mel[:, :-1]], dim=1)  # (B, T, n_mel)
+            if cache is not None:
+                cache.mel_last = mel[:, -1:]
+            x = torch.cat([x, self.mel(mel_in, cache, self.config.n_layer)], dim=-1)  # (B, T, n_embd)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.pos += T
+        logits = self.head(self.ln_f(x))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, mel=None, mel_fn=None, temperature=1.0, top_k=None, top_p=None,
+                 use_cache=True, generator=None):
+        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
+
+        Hybrid: mel (B, T, n_mel) holds the prompt's slices and mel_fn(tokens (B, n)) -> (B, n_mel) gives the
+        slice of the newest token, from audio the model itself made. generator: one torch.Generator, or a list
+        of one per row, so that a batch draws exactly what its rows would draw one by one.
+
+        The model was trained on windows of block_size tokens starting at position 0. When the output outgrows
+        that, the window slides: it restarts on the newest block_size // 2 tokens (the paper is silent). The
+        cached and uncached paths see exactly the same window, so they give the same tokens."""
+        c = self.config
+        keep = c.block_size // 2
+        start = max(0, idx.size(1) - c.block_size)  # first token of the window the model sees
+        cache = None
+        for step in range(max_new_tokens):
+            if idx.size(1) - start > c.block_size:
+                start, cache = idx.size(1) - keep, None
+            window_mel = mel[:, start:] if c.hybrid else None
+            if use_cache and cache is not None:  # only the newest token is new
+                logits, _ = self(idx[:, -1:], None if mel is None else mel[:, -1:], cache=cache)
+            else:  # prefill (or every step, uncached)
+                cache = self.new_cache() if use_cache else None
+                logits, _ = self(idx[:, start:], window_mel, cache=cache)
+            next_token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
+            idx = torch.cat([idx, next_token], dim=1)
+            if c.hybrid and step < max_new_tokens - 1:
+                mel = torch.cat([mel, mel_fn(idx).to(mel.dtype)[:, None, :]], dim=1)
+        return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (B, vocab) -> next tokens (B, 1): temperature, then top-k, then nucleus (top-p) sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest set whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if isinstance(generator, (list, tuple)):  # one generator per row
+        return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generator)])
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Rebuild the model from a checkpoint alone. Returns (model, config, checkpoint dict)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train one first (python whisper_gpt.py --out_dir ...)")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    config = Config(**ckpt["config"])
+    model = WhisperGPT(config).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model, config, ckpt
+
+
+def save_checkpoint(path, obj):
+    """Write atomically: a file that has the final name is complete."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Data: random crops from the memmaps of prepare.py, and the fixed validation windows.
+
+
+def open_split(data_dir, split, hybrid):
+    """(tokens (N,) uint16, mel (N, 64) float16 or None) as memmaps. Opened anew per batch, as nanoGPT does,
+    because a long-lived np.memmap keeps every page it ever touched resident."""
+    tokens = np.memmap(os.path.join(data_dir, f"{split}_tokens.bin"), dtype=np.uint16, mode="r")
+    mel = None
+    if hybrid:
+        mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16, mode="r")
+        mel = mel.reshape(-1, Config.n_mel)
+    return tokens, mel
+
+
+def check_data(c):
+    """Fail at once, with what to do, when the data folder cannot serve this config."""
+    if not os.path.isfile(os.path.join(c.data_dir, "meta.json")):
+        raise FileNotFoundError(f"no prepared data in {c.data_dir}: run python prepare.py --dataset {c.dataset}")
+    for split in ("train", "val"):
+        names = [f"{split}_tokens.bin"] + ([f"{split}_mel.bin"] if c.hybrid else [])
+        for name in names:
+            if not os.path.isfile(os.path.join(c.data_dir, name)):
+                raise FileNotFoundError(f"{c.data_dir} has no {name}" +
+                                        (": --hybrid needs the mel memmaps of prepare.py" if "mel" in name else ""))
+        tokens, mel = open_split(c.data_dir, split, c.hybrid)
+        if len(tokens) < c.block_size + 1:
+            raise ValueError(f"the {split} split has {len(tokens)} tokens, fewer than a crop of --block_size "
+                             f"{c.block_size} + 1: use a smaller --block_size or prepare more audio")
+        if mel is not None and len(mel) != len(tokens):
+            raise ValueError(f"{split}: {len(tokens)} tokens but {len(mel)} mel rows; re-run prepare.py")
+    with open(os.path.join(c.data_dir, "meta.json")) as f:
+        return json.load(f)
+
+
+def to_device(arrays, device):
+    """numpy arrays -> tensors on device; pinned memory and non-blocking copies on a GPU."""
+    out = []
+    for a in arrays:
+        t = torch.from_numpy(a)
+        out.append(t.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else t.to(device))
+    return out
+
+
+def get_batch(c, it, rank=0):
+    """Random crops of block_size + 1 tokens: x (B, T), y (B, T) shifted by one, mel (B, T, 64) or None.
+    The offsets come from a generator seeded by (seed, rank, step), so a resumed run draws the same data.
+    Crops may straddle two files of the concatenated memmap, as nanoGPT's do across documents."""
+    tokens, mel = open_split(c.data_dir, "train", c.hybrid)
+    rng = np.random.default_rng([c.seed, rank, it])
+    ix = rng.integers(0, len(tokens) - c.block_size, size=c.batch_size)
+    x = np.stack([tokens[i:i + c.block_size] for i in ix]).astype(np.int64)
+    y = np.stack([tokens[i + 1:i + 1 + c.block_size] for i in ix]).astype(np.int64)
+    if not c.hybrid:
+        return (*to_device([x, y], c.device), None)
+    m = np.stack([mel[i:i + c.block_size] for i in ix]).astype(np.float32)
+    return to_device([x, y, m], c.device)
+
+
+def val_windows(n_tokens, block_size, limit=0):
+    """Start offsets of the fixed val windows: non-overlapping crops of block_size + 1 tokens, so every val
+    token is predicted at most once. limit > 0 keeps that many, evenly spaced: the same set in every run."""
+    starts = np.arange(0, n_tokens - block_size, block_size)
+    if 0 < limit < len(starts):
+        starts = starts[np.linspace(0, len(starts) - 1, limit).round().astype(int)]
+    return starts
+
+
+@torch.no_grad()
+def evaluate(model, c, limit, ctx, rank=0, world=1):
+    """Mean NLL (nats/token) and top-1 accuracy over all predicted positions of the fixed val windows.
+    Under DDP each process takes every world-th window and the sums are all-reduced."""
+    tokens, mel = open_split(c.data_dir, "val", c.hybrid)
+    starts = val_windows(len(tokens), c.block_size, limit)[rank::world]
+    sums = torch.zeros(3, device=c.device, dtype=torch.float64)  # nll sum, correct, count
+    model.eval()
+    for b in range(0, len(starts), c.batch_size):
+        ix = starts[b:b + c.batch_size]
+        x = np.stack([tokens[i:i + c.block_size] for i in ix]).astype(np.int64)
+        y = np.stack([tokens[i + 1:i + 1 + c.block_size] for i in ix]).astype(np.int64)
+        arrays = [x, y] + ([np.stack([mel[i:i + c.block_size] for i in ix]).astype(np.float32)] if c.hybrid else [])
+        x, y, *m = to_device(arrays, c.device)
+        with ctx:
+            logits, _ = model(x, m[0] if m else None)
+        logits = logits.float()
+        sums[0] += F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="sum")
+        sums[1] += (logits.argmax(-1) == y).sum()
+        sums[2] += y.numel()
+    model.train()
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    nll, correct, count = sums.tolist()  # a CPU-GPU sync point, once per eval
+    return nll / count, correct / count, int(count)
+
+
+# -----------------------------------------------------------------------------
+# Training: the paper's recipe in one flat loop.
+
+
+def steps_per_epoch(c, n_train, world=1):
+    """One epoch = as many crops as it takes to cover the train tokens once (paper, section 3)."""
+    crops = math.ceil(n_train / c.block_size)
+    return max(1, math.ceil(crops / (c.batch_size * world)))
+
+
+def get_lr(c, it, spe):
+    """2e-4 for epochs 0..9, 1e-4 from epoch 10 on (epoch = it // steps_per_epoch)."""
+    return c.lr if it // spe < c.lr_drop_epoch else c.lr_after_drop
+
+
+def log_event(out_dir, record):
+    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def setup_distributed(c):
+    """DDP when launched by torchrun (it sets RANK); a single process otherwise, with nothing changed."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 0, 1
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    backend = "nccl" if c.device.startswith("cuda") else "gloo"
+    torch.distributed.init_process_group(backend=backend)
+    if c.device.startswith("cuda"):
+        c.device = f"cuda:{local_rank}"
+        torch.cuda.set_device(c.device)
+    return rank, local_rank, world
+
+
+def autocast_context(c):
+    if "cuda" not in c.device or c.dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type="cuda", dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[c.dtype])
+
+
+def train(c):
+    rank, _, world = setup_distributed(c)
+    master = rank == 0
+    torch.manual_seed(c.seed + rank)
+    if c.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if c.init_from == "scratch" and not c.eval_only and os.path.isfile(os.path.join(c.out_dir, "ckpt_latest.pt")):
+        raise FileExistsError(f"{c.out_dir} already holds a run: continue it with --init_from resume, or pass "
+                              "another --out_dir (nothing was overwritten)")
+    ckpt = None
+    if c.init_from == "resume" or c.eval_only:  # the model is the checkpoint's; flags may change the schedule only
+        path = os.path.join(c.out_dir, "ckpt_best.pt" if c.eval_only else "ckpt_latest.pt")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False) if os.path.isfile(path) else None
+        if ckpt is None:
+            raise FileNotFoundError(f"no checkpoint at {path}: train into --out_dir {c.out_dir} first")
+        for name in MODEL_FIELDS:
+            setattr(c, name, ckpt["config"][name])
+    meta = check_data(c)
+    ctx = autocast_context(c)
+    model = WhisperGPT(c).to(c.device)
+    raw_model = model  # the plain module: what checkpoints hold, whatever wraps it below
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    if c.eval_only:
+        return eval_only(model, c, meta, ctx, ckpt["iter"], master)
+    n_train = len(open_split(c.data_dir, "train", False)[0])
+    spe = steps_per_epoch(c, n_train, world)
+    max_iters = c.max_iters or c.epochs * spe
+    optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, fused=c.device.startswith("cuda"))
+    start_iter, best_val = 0, float("inf")
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_iter, best_val = ckpt["iter"], ckpt["best_val_nll"]
+        ckpt = None  # free the memory
+    name, params = model_name(c), raw_model.num_params()
+    if master:
+        os.makedirs(c.out_dir, exist_ok=True)
+        print(f"{name}: {params:,} parameters | {n_train:,} train tokens, {spe} steps/epoch, {max_iters} steps "
+              f"| tokenizer {meta.get('tokenizer')} | {c.device} {c.dtype} | DDP world {world}")
+        if c.init_from == "scratch":
+            log_event(c.out_dir, {"event": "start", "model": name, "params": params, "dataset": c.dataset,
+                                  "tokenizer": meta.get("tokenizer"), "config": dataclasses.asdict(c)})
+    if c.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if "cuda" in c.device else None)
+
+    eval_every = c.eval_interval or spe
+    train_sum = torch.zeros((), device=c.device)  # summed on the device: no CPU-GPU sync per step
+    train_steps, t0 = 0, time.time()
+    t_mark = t0
+    x, y, mel = get_batch(c, start_iter, rank)
+    for it in range(start_iter, max_iters + 1):
+        lr = get_lr(c, it, spe)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if (it % eval_every == 0 or it == max_iters) and not (it == start_iter and c.init_from == "resume"):
+            # (a resumed run skips its first eval: the checkpoint it started from already logged it)
+            train_nll = train_sum.item() / train_steps if train_steps else None  # sync: the steps are done
+            tok_s = train_steps * c.batch_size * c.block_size * world / (time.time() - t_mark) if train_steps else None
+            val_nll, val_acc, _ = evaluate(model, c, c.eval_windows, ctx, rank, world)
+            if master:
+                record = {"event": "eval", "iter": it, "epoch": it / spe, "tokens": it * c.batch_size *
+                          c.block_size * world, "lr": lr, "train_nll": train_nll, "val_nll": val_nll,
+                          "val_acc": val_acc, "val_ppl": math.exp(val_nll), "tokens_per_s": tok_s,
+                          "elapsed_s": time.time() - t0}
+                print(f"epoch {it / spe:6.2f} | step {it:6d} | train {fmt(train_nll, '.4f')} | val {val_nll:.4f} | "
+                      f"acc {val_acc:6.2%} | ppl {math.exp(val_nll):7.2f} | {fmt(tok_s, ',.0f')} tok/s | "
+                      f"{time.time() - t0:6.0f} s")
+                log_event(c.out_dir, record)
+                best_val = min(best_val, val_nll)
+                state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "config": dataclasses.asdict(c), "iter": it, "epoch": it / spe,
+                         "val_nll": val_nll, "best_val_nll": best_val}
+                save_checkpoint(os.path.join(c.out_dir, "ckpt_latest.pt"), state)
+                if val_nll == best_val:
+                    save_checkpoint(os.path.join(c.out_dir, "ckpt_best.pt"), state)
+            train_sum.zero_()
+            train_steps, t_mark = 0, time.time()
+        if it == max_iters:
+            break
+        with ctx:
+            _, loss = model(x, mel, y)
+        x, y, mel = get_batch(c, it + 1, rank)  # fetch the next batch while the GPU works on this one
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_sum += loss.detach()
+        train_steps += 1
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def eval_only(model, c, meta, ctx, step, master):
+    """The paper's table row for the best checkpoint: params, NLL, accuracy, PPL on the fixed val windows."""
+    nll, acc, count = evaluate(model, c, c.final_windows, ctx)
+    n_windows = len(val_windows(len(open_split(c.data_dir, "val", False)[0]), c.block_size, c.final_windows))
+    record = {"event": "eval_only", "params": model.num_params(), "val_nll": nll, "val_acc": acc,
+              "val_ppl": math.exp(nll), "n_windows": n_windows, "tokens": count, "iter": step}
+    if master:
+        print(f"| model | params | NLL | accuracy | PPL |   ({n_windows} val windows, {count:,} tokens, "
+              f"tokenizer {meta.get('tokenizer')}, checkpoint of step {step})")
+        print(f"| {model_name(c)} | {model.num_params() / 1e6:.2f} M | {nll:.3f} | {acc:.2%} | {math.exp(nll):.2f} |")
+        log_event(c.out_dir, record)
+    return record
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: tokens/s of training steps on random data.
+
+
+def textbook_gpt(c):
+    """The reference for --bench: the same token-only GPT built from PyTorch's own textbook layers
+    (nn.TransformerEncoderLayer with a causal mask, learned positions), with no care for speed."""
+    layer = nn.TransformerEncoderLayer(c.n_embd, c.n_head, 4 * c.n_embd, c.dropout, activation="gelu",
+                                       batch_first=True, norm_first=True)
+
+    class TextbookGPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(c.vocab_size, c.n_embd), nn.Embedding(c.block_size, c.n_embd)
+            self.stack = nn.TransformerEncoder(layer, c.n_layer, enable_nested_tensor=False)
+            self.ln_f, self.head = nn.LayerNorm(c.n_embd), MLP(c.n_embd, c.dense, c.vocab_size)
+
+        def forward(self, idx, mel=None, targets=None):
+            T = idx.size(1)
+            mask = nn.Transformer.generate_square_subsequent_mask(T, device=idx.device)
+            x = self.stack(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)), mask=mask, is_causal=True)
+            logits = self.head(self.ln_f(x))
+            return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    return TextbookGPT()
+
+
+def flops_per_token(c, params):
+    """Training FLOPs per token (PaLM appendix B, as nanoGPT): 6 per parameter plus attention's 12 L T d."""
+    attn = c.n_layer * c.n_embd + (c.mel_layer * c.n_embd // 2 if c.hybrid else 0)
+    return 6 * params + 12 * attn * c.block_size
+
+
+def bench(c):
+    """Time c.bench_steps training steps (after 3 warm-up steps) on random tokens and mel; print tokens/s."""
+    if c.bench_reference and c.hybrid:
+        raise ValueError("--bench_reference times the textbook token-only GPT; drop --hybrid")
+    torch.manual_seed(c.seed)
+    model = (textbook_gpt(c) if c.bench_reference else WhisperGPT(c)).to(c.device)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, fused=c.device.startswith("cuda"))
+    if c.compile:
+        model = torch.compile(model)
+    ctx = autocast_context(c)
+    x = torch.randint(0, c.vocab_size, (c.batch_size, c.block_size), device=c.device)
+    y = torch.randint(0, c.vocab_size, (c.batch_size, c.block_size), device=c.device)
+    mel = torch.randn(c.batch_size, c.block_size, c.n_mel, device=c.device) if c.hybrid else None
+    sync = torch.cuda.synchronize if c.device.startswith("cuda") else (lambda: None)
+    for i in range(3 + c.bench_steps):
+        if i == 3:
+            sync()
+            t0 = time.time()
+        with ctx:
+            _, loss = model(x, mel, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync()
+    dt = time.time() - t0
+    tok_s = c.bench_steps * c.batch_size * c.block_size / dt
+    name = "textbook nn.TransformerEncoder GPT" if c.bench_reference else model_name(c)
+    line = f"bench {name}: {params:,} params | batch {c.batch_size} x {c.block_size} | {c.device} {c.dtype}"
+    line += f" | {c.bench_steps} steps in {dt:.2f} s | {tok_s:,.0f} tokens/s"
+    if c.device.startswith("cuda"):
+        peak = 989e12  # H100 SXM dense bf16 FLOP/s
+        line += f" | MFU {flops_per_token(c, params) * tok_s / peak:.1%} of H100 bf16 peak"
+    print(line)
+    return tok_s
+
+
+if __name__ == "__main__":
+    config = parse_args()
+    if config.bench:
+        bench(config)
+    else:
+        train(config)
