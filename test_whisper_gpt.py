@@ -149,11 +149,11 @@ def make_data(root, n_train=4000, n_val=1000, mel=True, seed=0):
     rng = np.random.default_rng(seed)
     os.makedirs(root, exist_ok=True)
     for split, n in (("train", n_train), ("val", n_val)):
-        tokens = (np.arange(n) * 7 + rng.integers(0, 3, n)) % 1024
+        tokens = (np.arange(n) * 7 + rng.integers(0, 3, n)) % 64  # 64 of the 1024 tokens in use
         tokens.astype(np.uint16).tofile(os.path.join(root, f"{split}_tokens.bin"))
         if mel:
             rows = rng.standard_normal((n, 64)).astype(np.float16)
-            rows[:, 0] = tokens / 512.0 - 1.0
+            rows[:, 0] = tokens / 32.0 - 1.0
             rows.tofile(os.path.join(root, f"{split}_mel.bin"))
     meta = {"version": 1, "tokenizer": "synthetic-test-data", "tokenizer_offline": True, "sample_rate": 24000,
             "frame_rate": 75, "hop": 320, "win": 960, "n_mels": 64, "mel_mean": [0.0] * 64,
