@@ -1,0 +1,835 @@
+"""
+Prepare an audio corpus for whisper-gpt: EnCodec codebook-0 tokens and causal log-mel slices, one of each per
+320 samples (75 per second), written as memmaps.
+
+    python prepare.py --dataset music                # renders 0.5 h from the music21 corpus: no download
+    python prepare.py --dataset music --hours 200    # the paper's scale (the whole corpus)
+    python prepare.py --dataset speech               # downloads LibriTTS train-clean-100
+    python prepare.py --audio_dir DIR --name NAME    # any folder tree of wav/flac/ogg/mp3
+
+Writes data/<name>/: {train,val}_tokens.bin (uint16 [N]), {train,val}_mel.bin (float16 [N, 64], normalised with
+the train split's per-bin mean and std), meta.json, and tokenizer.pt for the offline tokenizer. Token t of a file
+covers samples [320t, 320(t+1)); mel slice t is the 960-sample window that ENDS at sample 320(t+1). Work in
+progress lives in data/<name>/work/, one shard per group of files, so an interrupted run resumes where it stopped;
+the finished files are renamed into place only at the end.
+"""
+import argparse
+import functools
+import gzip
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+import zlib
+from collections import deque
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+import torchaudio
+from encodec import EncodecModel
+
+SAMPLE_RATE = 24000   # Hz, EnCodec 24 kHz model
+HOP = 320             # samples per token = 75 tokens per second
+FRAME_RATE = 75       # tokens per second
+WIN = 960             # samples in a mel window = 40 ms
+N_MELS = 64
+VOCAB = 1024          # codebook 0 of EnCodec 24 kHz
+EMB_DIM = 128         # width of the EnCodec latent that codebook 0 quantises
+FORMAT_VERSION = 1    # of meta.json and the work shards
+
+LOG_FLOOR = 1e-10     # mel power floor before the natural log
+MEL_STD_FLOOR = 0.1   # nats: a bin that hardly varies over the corpus is divided by this, not by ~0
+SILENCE_PEAK = 1e-4   # a file whose peak is below this (-80 dBFS) is silent
+
+SEGMENT = 30 * SAMPLE_RATE   # samples per encoder row: bounds memory whatever the file length
+CONTEXT = SAMPLE_RATE        # samples before a later segment that warm up its encoder state (frames dropped)
+GROUP_FILES = 16             # files per work shard, the unit of resumption ...
+GROUP_SECONDS = 300          # ... or fewer, once the group holds this much audio
+VAL_EVERY = 20               # file i (in seeded order) goes to val when i % 20 == 0: 5 %, at least one
+FIT_FRAMES = 50_000          # train embeddings the offline codebook is fitted on (about 11 min of audio)
+KMEANS_ITERS = 20
+PREFETCH = 4                 # files loaded ahead of the encoder, per worker process
+
+ENCODEC_CKPT = "encodec_24khz-d7cc33bc.th"
+ENCODEC_URL = "https://dl.fbaipublicfiles.com/encodec/v0/" + ENCODEC_CKPT
+ENCODEC_SHA256 = "d7cc33bc"  # prefix of the checkpoint's sha256, as torch.hub checks it
+LIBRITTS_URL = "https://www.openslr.org/resources/60"
+DOWNLOAD_TIMEOUT = 10        # seconds without a byte before a download gives up
+OFFLINE_NAME = "offline-random-encodec-kmeans"
+TOKENIZER_FILE = "tokenizer.pt"
+AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3"}
+
+# The built-in music corpus: music21's public-domain scores, each played on one General MIDI instrument.
+INSTRUMENTS = {0: "acoustic grand piano", 11: "vibraphone", 12: "marimba", 24: "nylon guitar", 40: "violin",
+               42: "cello", 46: "harp", 65: "alto sax", 66: "tenor sax", 68: "oboe", 71: "clarinet", 73: "flute"}
+SCORE_EXTS = {".abc", ".krn", ".mxl", ".xml", ".musicxml"}  # not .rntxt: those are harmonic analyses
+MUSIC_SKIP = {"demos", "theoryExercises", "leadSheet"}      # examples and chord charts, not pieces
+DEFAULT_QPM = 120            # quarter notes per minute when a score has no metronome mark (music21's default)
+TEMPO = (0.85, 1.15)         # tempo scale, drawn per piece
+TRANSPOSE = 3                # semitones up or down, drawn per piece
+VELOCITY = (60, 110)         # MIDI velocity, drawn per piece ...
+VELOCITY_JITTER = 8          # ... then varied per note by up to this much
+RENDER_PEAK = 0.7            # rendered pieces are peak-normalised to -3 dBFS (the soundfont renders quietly)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the audio front end
+
+def log_mel(wav: torch.Tensor) -> torch.Tensor:
+    """Causal 64-bin log-mel, one slice per token: wav (..., S) float at 24 kHz, S a multiple of HOP
+    -> (..., S // HOP, N_MELS) float32, natural log, not normalised.
+
+    Slice t is the power spectrum of the 960-sample periodic Hann window that ENDS at sample 320(t+1) (the wav is
+    left-padded with 640 zeros and framed with hop 320, never centred), mapped to 64 Slaney mel bands over
+    0-12 kHz and logged with a floor of 1e-10. No per-clip statistics: a slice depends on its own window only.
+    """
+    if wav.shape[-1] % HOP:
+        raise ValueError(f"log_mel needs a multiple of {HOP} samples, got {wav.shape[-1]}")
+    wav = wav.float()
+    frames = F.pad(wav, (WIN - HOP, 0)).unfold(-1, WIN, HOP)                      # (..., T, WIN)
+    power = torch.fft.rfft(frames * torch.hann_window(WIN, device=wav.device)).abs().pow(2)  # (..., T, WIN//2+1)
+    fbank = torchaudio.functional.melscale_fbanks(WIN // 2 + 1, 0.0, SAMPLE_RATE / 2, N_MELS, SAMPLE_RATE,
+                                                  norm="slaney", mel_scale="slaney")  # (WIN//2+1, N_MELS)
+    return torch.log(torch.clamp(power @ fbank.to(wav.device), min=LOG_FLOOR))
+
+
+def normalise_mel(mel: torch.Tensor, meta: dict) -> torch.Tensor:
+    """(mel - train mean) / train std, per bin, with the statistics stored in meta.json."""
+    mean = torch.tensor(meta["mel_mean"], dtype=mel.dtype, device=mel.device)
+    std = torch.tensor(meta["mel_std"], dtype=mel.dtype, device=mel.device)
+    return (mel - mean) / std
+
+
+def read_meta(data_dir) -> dict:
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: make it with `python prepare.py` (an unfinished run has none)")
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the tokenizer: EnCodec 24 kHz encoder + codebook 0, real weights or the offline stand-in
+
+class WeightsUnavailable(Exception):
+    pass
+
+
+def nearest(x: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """x (..., D), codebook (K, D) -> (...) int64 index of the nearest row, with the distance written exactly as
+    EnCodec's quantizer writes it (so the codes equal its codes[:, 0]), chunked to keep memory at chunk x K."""
+    flat = x.reshape(-1, x.shape[-1])                                    # (N, D)
+    sq_codes = codebook.pow(2).sum(1)                                    # (K,)
+    out = torch.empty(len(flat), dtype=torch.long, device=x.device)
+    for i in range(0, len(flat), chunk):
+        xi = flat[i:i + chunk]
+        dist = -(xi.pow(2).sum(1, keepdim=True) - 2 * xi @ codebook.t() + sq_codes)  # (chunk, K)
+        out[i:i + chunk] = dist.max(-1).indices
+    return out.reshape(x.shape[:-1])
+
+
+class Tokenizer:
+    """Audio <-> codebook-0 tokens. `model` is an EncodecModel (its quantizer is unused); `codebook` (VOCAB, EMB_DIM)
+    is the real model's first codebook, or, for the offline tokenizer, a k-means fit (None until fitted)."""
+
+    def __init__(self, model, codebook, name, offline, weights, seed=None):
+        torch.set_flush_denormal(True)  # random EnCodec weights make denormal floats: 16x slower on CPU without
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.codebook = codebook
+        self.name, self.offline, self.weights, self.seed = name, offline, weights, seed
+
+    @torch.inference_mode()
+    def embed_many(self, wavs: list, batch_size: int = 1) -> list:
+        """wavs: list of (S_i,) float tensors at 24 kHz, S_i % HOP == 0 -> list of (S_i // HOP, EMB_DIM) float32.
+
+        Each file is cut into rows of at most SEGMENT samples; a row after the first also gets the CONTEXT samples
+        before it, whose frames are dropped, so its encoder state starts warm. That bounds memory for any file
+        length and lets rows of many files share an encoder call. Rows are sorted by length and right-padded to
+        the longest in their batch: the encoder is causal, so padding changes no frame before it.
+        """
+        rows = []                                                        # (file, segment, first sample, end, context)
+        for i, wav in enumerate(wavs):
+            for k, start in enumerate(range(0, len(wav), SEGMENT)):
+                context = min(start, CONTEXT)
+                rows.append((i, k, start - context, min(start + SEGMENT, len(wav)), context))
+        rows.sort(key=lambda row: row[3] - row[2])
+        parts = [[None] * -(-len(wav) // SEGMENT) for wav in wavs]
+        for b in range(0, len(rows), batch_size):
+            batch = rows[b:b + batch_size]
+            x = torch.zeros(len(batch), 1, max(end - lo for _, _, lo, end, _ in batch))  # (rows, 1, samples)
+            for j, (i, _, lo, end, _) in enumerate(batch):
+                x[j, 0, :end - lo] = wavs[i][lo:end]
+            emb = self.model.encoder(x.to(self.device)).transpose(1, 2).float().cpu()  # (rows, frames, EMB_DIM)
+            for j, (i, k, lo, end, context) in enumerate(batch):
+                parts[i][k] = emb[j, context // HOP:(end - lo) // HOP]
+        return [torch.cat(p) for p in parts]
+
+    def quantise(self, emb: torch.Tensor) -> torch.Tensor:
+        """emb (..., T, EMB_DIM) -> (..., T) int64 tokens in [0, VOCAB)."""
+        return nearest(emb.to(self.codebook.device), self.codebook).cpu()
+
+    def encode(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav (B, S) float at 24 kHz, S % HOP == 0 -> (B, S // HOP) int64 tokens in [0, VOCAB)."""
+        return torch.stack([self.quantise(e) for e in self.embed_many(list(wav))]).to(wav.device)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int64 -> (B, T * HOP) float32 audio at 24 kHz, from codebook 0 alone (so coarse; and
+        noise for the offline tokenizer, whose decoder is random)."""
+        emb = self.codebook[tokens.to(self.codebook.device)].transpose(1, 2)          # (B, EMB_DIM, T)
+        return self.model.decoder(emb.to(self.device))[:, 0, :tokens.shape[1] * HOP].float()
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides the tokens: shards made by another tokenizer are not reused."""
+        h = hashlib.sha1(self.name.encode())
+        for tensor in [self.codebook, *self.model.encoder.state_dict().values()]:
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def save(self, path):
+        """Everything load_tokenizer needs to rebuild the offline tokenizer exactly (weights kept as well as the
+        seed, since torch's random streams may change between versions)."""
+        state = {"name": self.name, "seed": self.seed, "codebook": self.codebook.cpu(),
+                 "encoder": self.model.encoder.state_dict(), "decoder": self.model.decoder.state_dict()}
+        torch.save(state, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+
+
+def encodec_skeleton() -> EncodecModel:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*weight_norm.*")
+        return EncodecModel.encodec_model_24khz(pretrained=False)
+
+
+def encodec_weights(ckpt=None) -> tuple:
+    """The pretrained EnCodec 24 kHz state dict and where it came from: `ckpt` (a file or a folder holding it),
+    else the torch hub cache, else a download into that cache. Raises WeightsUnavailable saying what failed."""
+    if ckpt:
+        path = Path(ckpt) / ENCODEC_CKPT if Path(ckpt).is_dir() else Path(ckpt)
+        if not path.is_file():
+            raise WeightsUnavailable(f"--encodec_ckpt {ckpt}: no such file")
+        return torch.load(path, map_location="cpu"), str(path)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / ENCODEC_CKPT
+    if not cached.is_file():
+        try:
+            download(ENCODEC_URL, cached)
+        except OSError as e:
+            raise WeightsUnavailable(f"not in the torch hub cache ({cached}) and the download failed ({e})") from e
+    with open(cached, "rb") as f:
+        if not hashlib.file_digest(f, "sha256").hexdigest().startswith(ENCODEC_SHA256):
+            raise WeightsUnavailable(f"{cached} is corrupt (sha256 mismatch): delete it")
+    return torch.load(cached, map_location="cpu"), str(cached)
+
+
+def encodec_tokenizer(ckpt=None, device="cpu") -> Tokenizer:
+    state, where = encodec_weights(ckpt)
+    model = encodec_skeleton()
+    model.load_state_dict(state)
+    codebook = model.quantizer.vq.layers[0]._codebook.embed.detach().clone()  # (VOCAB, EMB_DIM)
+    return Tokenizer(model.to(device), codebook.to(device), "encodec_24khz", False, where)
+
+
+def offline_tokenizer(seed, device="cpu", saved=None) -> Tokenizer:
+    """EnCodec 24 kHz with random weights drawn from `seed` (or restored from a saved state); its codebook is
+    fitted later by fit_codebook, unless restored too."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = encodec_skeleton()
+    codebook = None
+    if saved is not None:
+        model.encoder.load_state_dict(saved["encoder"])
+        model.decoder.load_state_dict(saved["decoder"])
+        codebook = saved["codebook"].to(device)
+    return Tokenizer(model.to(device), codebook, OFFLINE_NAME, True, f"random, seed {seed}", seed)
+
+
+def fit_codebook(emb: torch.Tensor, seed: int) -> torch.Tensor:
+    """Lloyd k-means of emb (N, EMB_DIM) into (VOCAB, EMB_DIM), distances by matrix product (EnCodec's own kmeans
+    builds an N x VOCAB x EMB_DIM tensor: 26 GB for 50,000 points). Starts from VOCAB random points (repeats
+    when N < VOCAB); an empty cluster is re-seeded with a random point."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(emb)
+    start = torch.randperm(n, generator=g)[:VOCAB] if n >= VOCAB else torch.randint(n, (VOCAB,), generator=g)
+    centroids = emb[start]
+    for _ in range(KMEANS_ITERS):
+        assign = nearest(emb, centroids)                                  # (N,)
+        counts = torch.bincount(assign, minlength=VOCAB)[:, None]        # (VOCAB, 1)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, emb)
+        reseed = emb[torch.randint(n, (VOCAB,), generator=g)]
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), reseed)
+    return centroids
+
+
+def load_tokenizer(data_dir, device="cpu") -> Tokenizer:
+    """Rebuild the tokenizer that made data_dir: the offline one from its tokenizer.pt, the real one from the
+    weights it was made with (or the hub cache / a download when that path is gone)."""
+    meta = read_meta(data_dir)
+    if meta["tokenizer_offline"]:
+        saved = torch.load(Path(data_dir) / TOKENIZER_FILE, map_location="cpu")
+        return offline_tokenizer(saved["seed"], device, saved)
+    ckpt = meta.get("tokenizer_weights")
+    try:
+        return encodec_tokenizer(ckpt if ckpt and Path(ckpt).is_file() else None, device)
+    except WeightsUnavailable as e:
+        raise WeightsUnavailable(weights_help(str(e))) from e
+
+
+def weights_help(reason: str) -> str:
+    return (f"pretrained EnCodec 24 kHz weights unavailable: {reason}.\nSupply them one of three ways: (1) run "
+            f"with internet access once (they download from {ENCODEC_URL}); (2) copy {ENCODEC_CKPT} into "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints'}/; (3) pass --encodec_ckpt PATH (the file, or its folder).")
+
+
+def choose_tokenizer(args, work: Path) -> Tokenizer:
+    """--tokenizer encodec: the real weights or a clear error; auto: the real ones, else the offline tokenizer
+    with a warning that cannot be missed; offline: the offline one. An interrupted run's fitted offline codebook
+    (work/tokenizer.pt) is reused, so its shards stay valid."""
+    if args.tokenizer != "offline":
+        try:
+            return encodec_tokenizer(args.encodec_ckpt, args.device)
+        except WeightsUnavailable as e:
+            if args.tokenizer == "encodec" or args.encodec_ckpt:
+                raise SystemExit(weights_help(str(e)))
+            bar = "!" * 100
+            print(f"{bar}\nWARNING: {weights_help(str(e))}\nFalling back to the OFFLINE tokenizer "
+                  f"'{OFFLINE_NAME}': EnCodec's architecture with RANDOM weights and a codebook fitted by k-means on "
+                  f"this corpus.\nIts tokens are NOT EnCodec tokens: numbers made with them do not compare with the "
+                  f"paper's.\n{bar}", file=sys.stderr)
+    saved = work / TOKENIZER_FILE
+    if saved.is_file():
+        state = torch.load(saved, map_location="cpu")
+        if state["seed"] == args.seed:
+            return offline_tokenizer(args.seed, args.device, state)
+    return offline_tokenizer(args.seed, args.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# downloads (EnCodec weights, LibriTTS)
+
+def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT):
+    """Fetch url into dest through dest.part: an existing .part is resumed with an HTTP Range request (restarted
+    when the server ignores ranges or refuses the one asked); the size is checked against the server's, and the
+    file renamed into place only when whole."""
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not have:
+            raise
+        part.unlink()  # 416: the .part is no prefix of this file; start over
+        return download(url, dest, timeout)
+    with response, open(part, "ab" if response.status == 206 else "wb") as f:
+        if response.status == 206:
+            total = response.headers["Content-Range"].rsplit("/", 1)[1]
+        else:
+            have, total = 0, response.headers.get("Content-Length", "*")
+        of = f"{int(total) / 1e6:,.0f}" if total != "*" else "?"
+        last_print = time.time()
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+            have += len(chunk)
+            if time.time() - last_print > 1:
+                last_print = time.time()
+                print(f"\r{dest.name}: {have / 1e6:,.0f} of {of} MB", end="", file=sys.stderr, flush=True)
+    if total != "*" and part.stat().st_size != int(total):
+        raise OSError(f"{url}: got {part.stat().st_size} of {total} bytes; run again to resume")
+    os.replace(part, dest)
+
+
+def fetch_libritts(subsets: list, url_base: str, root: Path) -> list:
+    """Download, verify and extract LibriTTS subsets into root/LibriTTS/<subset>/ (a marker file says a subset is
+    whole; its archive is then deleted). Returns the subset folders."""
+    folders = []
+    for subset in subsets:
+        out, marker = root / "LibriTTS" / subset, root / f"{subset}.extracted"
+        if not marker.exists():
+            archive, scratch = root / f"{subset}.tar.gz", root / f"{subset}.extracting"
+            if not archive.exists():
+                try:
+                    download(f"{url_base}/{subset}.tar.gz", archive)
+                except OSError as e:
+                    raise SystemExit(f"could not download LibriTTS {subset}: {e}")
+            shutil.rmtree(scratch, ignore_errors=True)
+            try:
+                with tarfile.open(archive) as tar:
+                    tar.extractall(scratch, filter="data")
+            except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+                archive.unlink()
+                raise SystemExit(f"{archive} is corrupt ({e}): deleted it; run again to download it afresh")
+            if not (scratch / "LibriTTS" / subset).is_dir():
+                raise SystemExit(f"{archive} holds no LibriTTS/{subset}/ folder")
+            shutil.rmtree(out, ignore_errors=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(scratch / "LibriTTS" / subset, out)
+            shutil.rmtree(scratch)
+            marker.touch()
+            archive.unlink()
+        folders.append(out)
+    return folders
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sources: files on disk or pieces rendered from the music21 corpus, loaded as 24 kHz mono
+
+class Source(NamedTuple):
+    key: str          # identifies the audio and how it is made: the cache key of its shard
+    name: str         # shown to people and stored in meta.json
+    path: str         # a file, or a music21 corpus path
+    music: dict = None  # for a rendered piece: tune number, program, transposition, tempo, velocity, seed
+    split: str = ""     # "train" or "val", given once the file has loaded (see assign_splits)
+
+
+class BadAudio(Exception):
+    pass
+
+
+def file_sources(folders: list, seed: int) -> list:
+    """Every audio file under `folders`, in a seeded order; the key changes when a file does."""
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise SystemExit(f"audio folder {folder} does not exist")
+    base = Path(os.path.commonpath([Path(f).resolve() for f in folders]))
+    paths = sorted(p for f in folders for p in Path(f).resolve().rglob("*")
+                   if p.suffix.lower() in AUDIO_EXTS and not p.is_dir())
+    if not paths:
+        raise SystemExit(f"no audio files ({', '.join(sorted(AUDIO_EXTS))}) under {', '.join(map(str, folders))}")
+    random.Random(seed).shuffle(paths)
+    sources = []
+    for p in paths:
+        try:
+            stamp = f"{p.stat().st_size}|{p.stat().st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        sources.append(Source(f"{p}|{stamp}", str(p.relative_to(base)), str(p)))
+    return sources
+
+
+def music_sources(seed: int) -> list:
+    """Every piece in the music21 corpus (each tune of a multi-tune ABC file on its own), in a seeded order, each
+    with its instrument and variation drawn from the seed and its name."""
+    from music21 import corpus
+    entries = [(str(e.sourcePath), str(e.number or "")) for e in corpus.corpora.CoreCorpus().metadataBundle]
+    opus_files = {path for path, number in entries if number}
+    pieces = sorted({(path, number) for path, number in entries
+                     if Path(path).suffix in SCORE_EXTS and path.split("/")[0] not in MUSIC_SKIP
+                     and (number or path not in opus_files)})
+    random.Random(seed).shuffle(pieces)
+    sources = []
+    for path, number in pieces:
+        name = f"{path}#{number}" if number else path
+        rng = random.Random(f"{seed}:{name}")
+        music = {"number": number, "program": rng.choice(sorted(INSTRUMENTS)),
+                 "transpose": rng.randint(-TRANSPOSE, TRANSPOSE), "tempo": round(rng.uniform(*TEMPO), 3),
+                 "velocity": rng.randint(*VELOCITY), "seed": f"{seed}:{name}"}
+        sources.append(Source(f"{name}|{json.dumps(music, sort_keys=True)}", name, path, music))
+    return sources
+
+
+def score_to_midi(score, music: dict) -> bytes:
+    """All parts of a music21 score on one General MIDI instrument, at the score's first tempo times the piece's
+    tempo scale, transposed, with a per-piece velocity varied per note. (Written note by note: music21's own
+    MIDI writer fails on about 10 % of the ABC tunes.)"""
+    import pretty_midi
+    marks = score.flatten().getElementsByClass("MetronomeMark")
+    qpm = ((marks[0].getQuarterBPM() if marks else None) or DEFAULT_QPM) * music["tempo"]
+    rng = random.Random(music["seed"])
+    instrument = pretty_midi.Instrument(program=music["program"])
+    for part in score.parts or [score]:
+        for note in part.stripTies().flatten().notes:
+            start, length = float(note.offset) * 60 / qpm, float(note.quarterLength) * 60 / qpm
+            velocity = min(127, max(1, music["velocity"] + rng.randint(-VELOCITY_JITTER, VELOCITY_JITTER)))
+            for pitch in getattr(note, "pitches", ()):
+                key = pitch.midi + music["transpose"]
+                if length > 0 and 0 <= key < 128:
+                    instrument.notes.append(pretty_midi.Note(velocity, key, start, start + length))
+    if not instrument.notes:
+        raise BadAudio("the score has no notes")
+    midi = pretty_midi.PrettyMIDI()
+    midi.instruments.append(instrument)
+    out = io.BytesIO()
+    midi.write(out)
+    return out.getvalue()
+
+
+@functools.cache
+def soundfont() -> bytes:
+    import pretty_midi
+    return (Path(pretty_midi.__file__).parent / "TimGM6mb.sf2").read_bytes()
+
+
+def to_model_rate(audio: np.ndarray, rate: int) -> torch.Tensor:
+    """audio (S, channels) at any rate -> (S',) float32 mono at 24 kHz, trimmed to a multiple of HOP."""
+    wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).mean(1)
+    if rate != SAMPLE_RATE:
+        wav = torchaudio.functional.resample(wav, rate, SAMPLE_RATE)
+    return wav[:len(wav) - len(wav) % HOP]
+
+
+def render_piece(src: Source) -> torch.Tensor:
+    """Parse a corpus score, play it through the TimGM6mb General MIDI soundfont -> (S,) float32 at 24 kHz."""
+    import midirenderer
+    from music21 import corpus
+    score = corpus.parse(src.path, number=src.music["number"] or None)
+    wave = midirenderer.render_wave_from(soundfont(), score_to_midi(score, src.music))
+    wav = to_model_rate(*sf.read(io.BytesIO(wave), dtype="float32", always_2d=True))
+    peak = wav.abs().max() if len(wav) else 0.0
+    return wav * (RENDER_PEAK / peak) if peak >= SILENCE_PEAK else wav
+
+
+def load_source(src: Source) -> tuple:
+    """-> (wav (S,) float32 numpy at 24 kHz, S a multiple of HOP; mel (S // HOP, N_MELS) float32 numpy), or
+    raises BadAudio / the reader's error for audio that cannot be used."""
+    if src.music:
+        wav = render_piece(src)
+    else:
+        if os.path.getsize(src.path) == 0:
+            raise BadAudio("empty file (0 bytes)")
+        wav = to_model_rate(*sf.read(src.path, dtype="float32", always_2d=True))
+    if len(wav) == 0:
+        raise BadAudio(f"empty (shorter than one {HOP}-sample token)")
+    if not torch.isfinite(wav).all():
+        raise BadAudio("non-finite samples")
+    if wav.abs().max() < SILENCE_PEAK:
+        raise BadAudio("silent (peak below -80 dBFS)")
+    return wav.numpy(), log_mel(wav).numpy()
+
+
+def try_load(src: Source) -> tuple:
+    """(src, wav, mel, None), or (src, None, None, reason) for a file that cannot be used: one bad file never
+    stops the others."""
+    try:
+        return (src, *load_source(src), None)
+    except Exception as e:  # any reader or renderer failure makes a skipped file with its reason
+        return src, None, None, f"{type(e).__name__}: {e}"
+
+
+def _worker_init():
+    torch.set_num_threads(1)  # the encoder in the main process wants the other cores
+
+
+def loaded(sources, workers: int):
+    """try_load over sources, in order; with workers > 0 they load in worker processes, a few files ahead of the
+    consumer (bounded, so memory stays flat however far ahead loading could run)."""
+    if workers == 0:
+        yield from map(try_load, sources)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
+        pending = deque()
+        for src in sources:
+            pending.append(pool.apply_async(try_load, (src,)))
+            if len(pending) > PREFETCH * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def groups(items):
+    """Consecutive loaded files in groups of GROUP_FILES, or fewer once a group holds GROUP_SECONDS of audio."""
+    group, seconds = [], 0.0
+    for item in items:
+        group.append(item)
+        seconds += 0 if item[1] is None else len(item[1]) / SAMPLE_RATE
+        if len(group) == GROUP_FILES or seconds >= GROUP_SECONDS:
+            yield group
+            group, seconds = [], 0.0
+    if group:
+        yield group
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# encoding into work shards, resumable
+
+def shard_path(work: Path, tok: Tokenizer, first: Source) -> Path:
+    """A group's shard is named by its first file and everything that decides its content, so a re-run finds the
+    chain of shards an interrupted run finished and reuses them."""
+    settings = [FORMAT_VERSION, tok.fingerprint(), SEGMENT, CONTEXT, GROUP_FILES, GROUP_SECONDS, first.key]
+    return work / f"shard-{hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:20]}.npz"
+
+
+def write_shard(path: Path, group: list, tokens: list, mels: list):
+    """One group of files: their names, splits and frame counts (or skip reasons), tokens and mels, written to a
+    temporary name and renamed, so a shard that exists is whole."""
+    members = [{"key": src.key, "path": src.name, "split": src.split, "skipped": reason,
+                "frames": 0 if wav is None else len(wav) // HOP} for src, wav, _, reason in group]
+    arrays = {f"tokens{j}": t.numpy().astype(np.uint16) for j, t in enumerate(tokens)}
+    arrays |= {f"mel{j}": m for j, m in enumerate(mels)}
+    with open(f"{path}.tmp", "wb") as f:
+        np.savez(f, members=np.array(json.dumps(members)), **arrays)
+    os.replace(f"{path}.tmp", path)
+
+
+def shard_members(path: Path) -> list:
+    with np.load(path) as shard:
+        return json.loads(str(shard["members"]))
+
+
+def progress(done_s: float, total_s: float, files: int, t0: float):
+    """One stderr line, rewritten in place: hours done, a bar, speed and ETA."""
+    elapsed, frac = time.time() - t0, min(done_s / total_s, 1.0) if total_s else 0.0
+    eta = f"{elapsed * (1 - frac) / frac / 60:.1f} min" if frac else "?"
+    bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+    print(f"\r[{bar}] {done_s / 3600:.2f}/{total_s / 3600:.2f} h, {files} files, "
+          f"{done_s / max(elapsed, 1e-9):.1f}x realtime, ETA {eta}   ", end="", file=sys.stderr, flush=True)
+
+
+def encode_corpus(sources: list, work: Path, tok: Tokenizer, args, total_s: float) -> list:
+    """Tokenise every source (until --hours of usable audio) into shards under `work`; returns their paths in
+    order. Shards an interrupted run finished are reused. The offline tokenizer's codebook is fitted on the
+    first FIT_FRAMES train embeddings; the groups that wait for it are quantised as soon as it is."""
+    budget = args.hours * 3600 if args.hours else float("inf")
+    shards, done_s, files, usable_files, i, t0 = [], 0.0, 0, 0, 0, time.time()
+    while tok.codebook is not None and i < len(sources) and done_s < budget:
+        path = shard_path(work, tok, sources[i])
+        if not path.exists():
+            break
+        members = shard_members(path)
+        shards.append(path)
+        i, files = i + len(members), files + len(members)
+        usable_files += sum(not m["skipped"] for m in members)
+        done_s += sum(m["frames"] for m in members) / FRAME_RATE
+    waiting = []  # (group, embeddings, mels) of groups loaded before the offline codebook is fitted
+    for group in groups(loaded(sources[i:], args.workers)):
+        group, usable_files = assign_splits(group, usable_files)
+        usable = [(src, wav, mel) for src, wav, mel, reason in group if reason is None]
+        emb = tok.embed_many([torch.from_numpy(wav) for _, wav, _ in usable], args.batch_size)
+        waiting.append((group, emb, [mel for _, _, mel in usable]))
+        if tok.codebook is None and sum(map(len, train_embeddings(waiting))) >= FIT_FRAMES:
+            fit_offline(tok, waiting, work, args.seed)
+        if tok.codebook is not None:
+            shards += [flush(work, tok, *w) for w in waiting]
+            waiting = []
+        done_s += sum(len(wav) for _, wav, _ in usable) / SAMPLE_RATE
+        files += len(group)
+        progress(done_s, min(total_s, budget), files, t0)
+        if done_s >= budget:
+            break
+    print(file=sys.stderr)
+    if waiting:
+        fit_offline(tok, waiting, work, args.seed)
+        shards += [flush(work, tok, *w) for w in waiting]
+    return shards
+
+
+def assign_splits(group: list, usable_files: int) -> tuple:
+    """Split by file: the k-th usable file (counting from 0, in source order) goes to val when k % VAL_EVERY == 0,
+    so val holds 1 in 20 files and is never empty while two files are usable."""
+    out = []
+    for src, wav, mel, reason in group:
+        if reason is None:
+            src = src._replace(split="val" if usable_files % VAL_EVERY == 0 else "train")
+            usable_files += 1
+        out.append((src, wav, mel, reason))
+    return out, usable_files
+
+
+def train_embeddings(waiting: list) -> list:
+    """The (T, EMB_DIM) embeddings of the train files among the groups waiting for the codebook."""
+    return [e for group, emb, _ in waiting
+            for e, src in zip(emb, [src for src, _, _, reason in group if reason is None]) if src.split == "train"]
+
+
+def fit_offline(tok: Tokenizer, waiting: list, work: Path, seed: int):
+    """Fit the offline codebook on (a seeded subsample of) the train embeddings waiting, and save the tokenizer
+    in `work`, so that a resumed run quantises with the very same codebook."""
+    emb = train_embeddings(waiting)
+    if not emb:
+        raise SystemExit(no_usable("train", [(src.name, r) for g, _, _ in waiting for src, _, _, r in g if r]))
+    emb = torch.cat(emb)                                                  # (N, EMB_DIM)
+    if len(emb) > FIT_FRAMES:
+        emb = emb[torch.randperm(len(emb), generator=torch.Generator().manual_seed(seed))[:FIT_FRAMES]]
+    t0 = time.time()
+    tok.codebook = fit_codebook(emb, seed).to(tok.device)
+    print(f"fitted the offline codebook on {len(emb):,} train embeddings in {time.time() - t0:.1f} s",
+          file=sys.stderr)
+    work.mkdir(parents=True, exist_ok=True)
+    tok.save(work / TOKENIZER_FILE)
+
+
+def flush(work: Path, tok: Tokenizer, group: list, emb: list, mels: list) -> Path:
+    work.mkdir(parents=True, exist_ok=True)
+    path = shard_path(work, tok, group[0][0])
+    write_shard(path, group, [tok.quantise(e) for e in emb], mels)
+    return path
+
+
+def no_usable(split: str, skipped: list) -> str:
+    reasons = "".join(f"\n  {name}: {reason}" for name, reason in skipped[:10])
+    return (f"no usable audio in the {split} split (the split is by file, every {VAL_EVERY}th file to val); "
+            f"{len(skipped)} files skipped, the first:{reasons}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# assembling the memmaps
+
+def assemble(shards: list, data_dir: Path, tok: Tokenizer, extra: dict) -> dict:
+    """Concatenate the shards into {train,val}_{tokens,mel}.bin (mel normalised with the train per-bin mean and
+    std, summed in float64 in a first pass), streaming file by file; everything is written under temporary names
+    and renamed into place at the end, meta.json last, so a folder with meta.json is complete."""
+    members = [m for path in shards for m in shard_members(path)]
+    skipped = [(m["path"], m["skipped"]) for m in members if m["skipped"]]
+    counts = {split: sum(m["frames"] for m in members if m["split"] == split and not m["skipped"])
+              for split in ("train", "val")}
+    for split, n in counts.items():
+        if n == 0:
+            raise SystemExit(no_usable(split, skipped))
+    total, total_sq = np.zeros(N_MELS), np.zeros(N_MELS)
+    for _, _, mel in split_files(shards, "train"):
+        total += mel.sum(0, dtype=np.float64)
+        total_sq += np.square(mel, dtype=np.float64).sum(0)
+    mean = total / counts["train"]
+    std = np.maximum(np.sqrt(np.maximum(total_sq / counts["train"] - mean ** 2, 0)), MEL_STD_FLOOR)
+    files = []
+    for split in ("train", "val"):
+        tokens = np.memmap(data_dir / f"{split}_tokens.bin.tmp", np.uint16, "w+", shape=(counts[split],))
+        mels = np.memmap(data_dir / f"{split}_mel.bin.tmp", np.float16, "w+", shape=(counts[split], N_MELS))
+        offset = 0
+        for member, t, mel in split_files(shards, split):
+            tokens[offset:offset + len(t)] = t
+            mels[offset:offset + len(t)] = (mel - mean) / std
+            files.append({"path": member["path"], "split": split, "offset": offset, "frames": len(t)})
+            offset += len(t)
+        tokens.flush()
+        mels.flush()
+        del tokens, mels
+    meta = {"version": FORMAT_VERSION, "tokenizer": tok.name, "tokenizer_offline": tok.offline,
+            "tokenizer_weights": tok.weights, "tokenizer_seed": tok.seed, "sample_rate": SAMPLE_RATE,
+            "frame_rate": FRAME_RATE, "hop": HOP, "win": WIN, "n_mels": N_MELS, "vocab_size": VOCAB,
+            "mel_mean": mean.tolist(), "mel_std": std.tolist(), "n_train": counts["train"], "n_val": counts["val"],
+            **extra, "files": files, "skipped": [{"path": name, "reason": reason} for name, reason in skipped]}
+    (data_dir / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
+    (data_dir / "meta.json").unlink(missing_ok=True)
+    for split in ("train", "val"):
+        for kind in ("tokens", "mel"):
+            os.replace(data_dir / f"{split}_{kind}.bin.tmp", data_dir / f"{split}_{kind}.bin")
+    if tok.offline:
+        os.replace(data_dir / "work" / TOKENIZER_FILE, data_dir / TOKENIZER_FILE)
+    else:
+        (data_dir / TOKENIZER_FILE).unlink(missing_ok=True)
+    os.replace(data_dir / "meta.json.tmp", data_dir / "meta.json")
+    return meta
+
+
+def split_files(shards: list, split: str):
+    """(member, tokens (T,) uint16, mel (T, N_MELS) float32) for each usable file of one split, in order, one
+    shard open at a time."""
+    for path in shards:
+        with np.load(path) as shard:
+            usable = [m for m in json.loads(str(shard["members"])) if not m["skipped"]]
+            for j, member in enumerate(usable):
+                if member["split"] == split:
+                    yield member, shard[f"tokens{j}"], shard[f"mel{j}"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--dataset", choices=["music", "speech"], help="the built-in music corpus or LibriTTS")
+    what.add_argument("--audio_dir", help="a folder tree of wav/flac/ogg/mp3 (needs --name)")
+    p.add_argument("--name", help="writes data/<name>/ (default: the dataset's name)")
+    p.add_argument("--hours", type=float, help="stop after this much usable audio (default: 0.5 for music, all "
+                                               "for the others)")
+    p.add_argument("--seed", type=int, default=1337, help="order, split, music variation, offline tokenizer")
+    p.add_argument("--subsets", nargs="+", default=["train-clean-100"], help="LibriTTS subsets for --dataset speech")
+    p.add_argument("--url_base", default=LIBRITTS_URL, help="where the LibriTTS <subset>.tar.gz files are")
+    p.add_argument("--tokenizer", choices=["auto", "encodec", "offline"], default="auto",
+                   help="auto: pretrained EnCodec if its weights can be had, else the offline tokenizer")
+    p.add_argument("--encodec_ckpt", help=f"path to {ENCODEC_CKPT} (or its folder)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch_size", type=int, help="encoder rows per call (default: 1 on CPU, 64 on GPU)")
+    p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
+                   help="processes that read/render audio ahead of the encoder; 0: in this process")
+    p.add_argument("--data_root", default="data")
+    args = p.parse_args(argv)
+    if args.audio_dir and not args.name:
+        p.error("--audio_dir needs --name")
+    args.name = args.name or args.dataset
+    if args.dataset == "music" and args.hours is None:
+        args.hours = 0.5
+    if args.hours is not None and args.hours <= 0:
+        p.error("--hours must be positive")
+    args.batch_size = args.batch_size or (1 if args.device == "cpu" else 64)
+    return args
+
+
+def list_sources(args) -> tuple:
+    """-> (sources, estimated seconds of audio, a description for meta.json); raises SystemExit when there is
+    nothing to read."""
+    if args.dataset == "music":
+        describe = {"dataset": "music", "corpus": "music21 corpus scores rendered with the TimGM6mb.sf2 General "
+                    "MIDI soundfont (pretty_midi) by midirenderer", "instruments": list(INSTRUMENTS.values())}
+        return music_sources(args.seed), args.hours * 3600, describe
+    if args.dataset == "speech":
+        folders = fetch_libritts(args.subsets, args.url_base, Path(args.data_root) / "downloads")
+        describe = {"dataset": "speech", "corpus": "LibriTTS " + " ".join(args.subsets)}
+    else:
+        folders = [Path(args.audio_dir)]
+        describe = {"dataset": "audio_dir", "corpus": str(Path(args.audio_dir).resolve())}
+    sources = file_sources(folders, args.seed)
+    return sources, sum(duration(s.path) for s in sources), describe
+
+
+def duration(path: str) -> float:
+    try:
+        return sf.info(path).duration
+    except Exception:  # unreadable files are reported when they are loaded; here they only count as 0 s
+        return 0.0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    sources, total_s, describe = list_sources(args)
+    data_dir = Path(args.data_root) / args.name
+    work = data_dir / "work"
+    tok = choose_tokenizer(args, work)
+    existed = data_dir.exists()
+    print(f"{len(sources):,} sources -> {data_dir} with tokenizer {tok.name} on {args.device}", file=sys.stderr)
+    try:
+        shards = encode_corpus(sources, work, tok, args, total_s)
+        meta = assemble(shards, data_dir, tok, {**describe, "seed": args.seed, "hours_asked": args.hours})
+    except SystemExit:
+        shutil.rmtree(work, ignore_errors=True)  # nothing usable: leave no files behind
+        if not existed:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        raise
+    shutil.rmtree(work)
+    summarise(meta, data_dir, time.time() - t0)
+
+
+def summarise(meta: dict, data_dir: Path, seconds: float):
+    hours = {s: meta[f"n_{s}"] / FRAME_RATE / 3600 for s in ("train", "val")}
+    n_files = {s: sum(f["split"] == s for f in meta["files"]) for s in ("train", "val")}
+    label = " (OFFLINE stand-in: random EnCodec weights + k-means codebook)" if meta["tokenizer_offline"] else ""
+    print(f"{data_dir}: {hours['train'] + hours['val']:.3f} h in {len(meta['files'])} files")
+    for s in ("train", "val"):
+        print(f"  {s}: {n_files[s]} files, {hours[s]:.3f} h, {meta[f'n_{s}']:,} tokens")
+    print(f"  tokenizer: {meta['tokenizer']}{label}")
+    print(f"  skipped {len(meta['skipped'])} files" + "".join(f"\n    {s['path']}: {s['reason']}"
+                                                           for s in meta["skipped"]))
+    for f in sorted(data_dir.glob("*.bin")) + [data_dir / "meta.json"]:
+        print(f"  {f.name}: {f.stat().st_size / 1e6:.1f} MB")
+    total_h = hours["train"] + hours["val"]
+    print(f"{total_h:.3f} h of audio in {seconds:.0f} s = {total_h * 3600 / seconds:.1f}x realtime")
+
+
+if __name__ == "__main__":
+    main()

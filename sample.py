@@ -1,0 +1,313 @@
+"""
+Continue a prompt with a trained checkpoint and write what came out: a 24 kHz WAV of prompt + continuation,
+the tokens (.npy) and a PNG of the log-mel spectrogram with the prompt boundary drawn.
+
+    python sample.py --out_dir out-hybrid-music --prompt some.wav --seconds 10
+    python sample.py --out_dir out-gpt-s-music --num_samples 4 --top_k 100   # prompt: a crop of the val split
+    python sample.py --out_dir out-hybrid-music --bench                       # tokens/s and realtime factor
+
+The hybrid needs the mel slice of every token it makes. They come from the model's own output: each new token
+is decoded to audio by the decoder of the tokenizer that made the data, run incrementally (StreamingDecoder:
+one token's work per step, and exactly the audio a decode of the whole output gives), and prepare.log_mel
+reads the slice. --mel_window W instead decodes the newest W tokens from scratch every step: slower, and an
+approximation. Every hybrid run prints how far its slices are from those of the whole output decoded at once.
+"""
+import argparse
+import os
+import time
+
+import matplotlib
+matplotlib.use("Agg")  # no display: write files only
+import matplotlib.pyplot as plt
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn as nn
+import torchaudio.functional as AF
+from encodec.modules.conv import SConv1d, SConvTranspose1d, pad1d
+from encodec.modules.lstm import SLSTM
+from encodec.modules.seanet import SEANetResnetBlock
+
+import prepare
+from whisper_gpt import load_checkpoint, open_split
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", required=True, help="run folder holding ckpt_best.pt / ckpt_latest.pt")
+    p.add_argument("--ckpt", choices=("best", "latest"), default="best")
+    p.add_argument("--prompt", default=None, help="audio file to continue (default: a crop of the val split)")
+    p.add_argument("--prompt_seconds", type=float, default=3.0, help="seconds of prompt (at most)")
+    p.add_argument("--seconds", type=float, default=10.0, help="seconds of audio to generate")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--num_samples", type=int, default=1, help="samples, generated as one batch")
+    p.add_argument("--seed", type=int, default=1337, help="sample i draws from a generator seeded seed + i")
+    p.add_argument("--mel_window", type=int, default=0, help="hybrid: 0 = stream the decoder (exact); W = decode "
+                   "the newest W tokens from scratch each step (an approximation, for comparison)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sample_dir", default=None, help="where to write (default: --out_dir)")
+    p.add_argument("--bench", action="store_true", help="print tokens/s and realtime factor, decoding included")
+    args = p.parse_args(argv)
+    if args.seconds <= 0 or args.prompt_seconds <= 0 or args.num_samples < 1:
+        p.error("--seconds and --prompt_seconds must be positive and --num_samples at least 1")
+    if args.mel_window and args.mel_window < prepare.WIN // prepare.HOP:
+        p.error(f"--mel_window must be 0 or at least {prepare.WIN // prepare.HOP} tokens (one mel window)")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# the run and the prompt
+
+def load_run(out_dir, ckpt, device):
+    """(model, config, data_dir, tokenizer, meta) from a run folder: the checkpoint names its data."""
+    model, config, _ = load_checkpoint(os.path.join(out_dir, f"ckpt_{ckpt}.pt"), device)
+    model.eval()
+    data_dir = config.data_dir or os.path.join("data", config.dataset)
+    meta = prepare.read_meta(data_dir)
+    tokenizer = prepare.load_tokenizer(data_dir, device)
+    return model, config, data_dir, tokenizer, meta
+
+
+def read_audio(path, max_seconds):
+    """An audio file -> (S,) float32 mono at 24 kHz, at most max_seconds, S a multiple of HOP."""
+    wav, sr = sf.read(path, dtype="float32", always_2d=True)  # (S, channels)
+    wav = torch.from_numpy(wav).mean(dim=1)  # (S,) mono
+    if sr != prepare.SAMPLE_RATE:
+        wav = AF.resample(wav, sr, prepare.SAMPLE_RATE)
+    n = min(len(wav), int(max_seconds * prepare.SAMPLE_RATE)) // prepare.HOP * prepare.HOP
+    if n == 0:
+        raise ValueError(f"{path}: shorter than one token ({prepare.HOP} samples at 24 kHz)")
+    return wav[:n].contiguous()
+
+
+def prompt_from_audio(path, max_seconds, tokenizer, meta, device):
+    """tokens (1, T) and normalised mel (1, T, 64) of an audio file, as prepare.py would have made them."""
+    wav = read_audio(path, max_seconds).to(device)[None]  # (1, S)
+    tokens = tokenizer.encode(wav)  # (1, T)
+    mel = prepare.normalise_mel(prepare.log_mel(wav), meta)  # (1, T, 64)
+    return tokens, mel.float()
+
+
+def prompt_from_val(data_dir, meta, max_seconds, device, hybrid):
+    """tokens (1, T) and mel (1, T, 64) (None unless hybrid) of a fixed crop of the val split: the middle of
+    the first val file long enough (else the longest one): a crop never spans two files, every run gets it."""
+    n = int(max_seconds * prepare.FRAME_RATE)
+    files = [f for f in meta["files"] if f["split"] == "val"]
+    if not files:
+        raise ValueError(f"{data_dir}/meta.json lists no val files: pass --prompt some.wav")
+    f = next((f for f in files if f["frames"] >= n), max(files, key=lambda f: f["frames"]))
+    n = min(n, f["frames"])
+    start = f["offset"] + (f["frames"] - n) // 2
+    tokens, mel = open_split(data_dir, "val", hybrid)
+    tokens = torch.from_numpy(tokens[start:start + n].astype(np.int64))[None].to(device)  # (1, T)
+    if hybrid:
+        mel = torch.from_numpy(mel[start:start + n].astype(np.float32))[None].to(device)  # (1, T, 64)
+    print(f"prompt: {n / prepare.FRAME_RATE:.2f} s from val file {f['path']} (tokens {start}..{start + n})")
+    return tokens, mel
+
+
+# -----------------------------------------------------------------------------
+# the hybrid's mel slices of its own output
+
+def decoded_mel(tokenizer, meta, tokens):
+    """Normalised log-mel (B, T, 64) of the audio the tokenizer decodes tokens (B, T) to: the reference path."""
+    return prepare.normalise_mel(prepare.log_mel(tokenizer.decode(tokens)), meta).float()
+
+
+class StreamingDecoder:
+    """EnCodec's causal SEANet decoder run incrementally, exactly: each layer keeps the past it needs (a causal
+    conv its last (k-1)*d inputs, a transposed conv the tail of its overlap-add, the LSTM its state), so feeding
+    tokens in pieces gives the audio that tokenizer.decode gives for all of them at once, at one token's cost."""
+
+    def __init__(self, tokenizer):
+        self.codebook = tokenizer.codebook  # (VOCAB, 128): token -> the latent the decoder reads
+        self.decoder = prepare.encodec_skeleton().decoder.to(tokenizer.device).eval()  # a copy to change:
+        self.decoder.load_state_dict(tokenizer.model.decoder.state_dict())
+        for m in self.decoder.modules():  # fold weight norm into the weights once, not at every call
+            if hasattr(m, "weight_g"):
+                torch.nn.utils.remove_weight_norm(m)
+        self.state = {}
+
+    @torch.inference_mode()
+    def __call__(self, tokens):
+        """tokens (B, n) that follow the ones fed before -> their audio (B, n * HOP)."""
+        x = self.codebook[tokens].transpose(1, 2)  # (B, 128, n)
+        return self.run(list(self.decoder.model), x)[:, 0]
+
+    def run(self, layers, x):
+        for m in layers:
+            x = self.step(m, x)
+        return x
+
+    def step(self, m, x):
+        """One layer on the new frames x (B, C, L), using and updating its state."""
+        if isinstance(m, SConv1d):
+            k, d = m.conv.conv.kernel_size[0], m.conv.conv.dilation[0]
+            if k == 1:
+                return m.conv(x)
+            past = self.state.get(m)  # the first call pads as SConv1d does (reflection at the very start)
+            x = pad1d(x, ((k - 1) * d, 0), mode=m.pad_mode) if past is None else torch.cat([past, x], dim=-1)
+            self.state[m] = x[..., -(k - 1) * d:]
+            return m.conv(x)
+        if isinstance(m, SConvTranspose1d):
+            conv = m.convtr.convtr
+            k, s = conv.kernel_size[0], conv.stride[0]
+            y = m.convtr(x)  # (B, C, (L - 1) * s + k): the last k - s samples overlap the next frames' output
+            tail = self.state.get(m)
+            if tail is not None:  # add the previous call's overlap (its bias is already in y once)
+                y = torch.cat([y[..., :k - s] + tail - conv.bias[:, None], y[..., k - s:]], dim=-1)
+            self.state[m] = y[..., x.size(-1) * s:]
+            return y[..., :x.size(-1) * s]
+        if isinstance(m, SLSTM):
+            seq = x.permute(2, 0, 1)  # (L, B, C)
+            with torch.backends.mkldnn.flags(enabled=False):  # oneDNN's LSTM costs ~3 ms a call on one step
+                y, self.state[m] = m.lstm(seq, self.state.get(m))
+            return (y + seq).permute(1, 2, 0) if m.skip else y.permute(1, 2, 0)
+        if isinstance(m, SEANetResnetBlock):
+            return self.step(m.shortcut, x) + self.run(list(m.block), x)
+        if isinstance(m, (nn.ELU, nn.Identity)):
+            return m(x)
+        raise TypeError(f"no streaming rule for {type(m).__name__}: a decoder this file does not know")
+
+
+class DecodedMel:
+    """mel_fn for WhisperGPT.generate: the normalised mel slice of the last token, from the model's own output
+    decoded to audio. window=0: exact, with StreamingDecoder fed the new tokens only. window=W: the newest W
+    tokens decoded from scratch every step by tokenizer.decode (its context cut to W tokens: an approximation).
+    Every slice returned is kept by token index, to be checked against the reference path afterwards."""
+
+    def __init__(self, tokenizer, meta, window=0):
+        self.tokenizer, self.meta, self.window = tokenizer, meta, window
+        self.slices = {}  # token index -> (B, 64)
+        self.stream, self.fed, self.audio = None, None, None
+
+    def __call__(self, tokens):
+        if self.window:
+            recent = self.tokenizer.decode(tokens[:, -self.window:])  # (B, W * HOP)
+        else:
+            recent = self.feed(tokens)
+        # only the last WIN samples enter the last slice: the mel of those alone, its last row
+        mel = prepare.log_mel(recent[:, -prepare.WIN:])  # (B, <= 3, 64)
+        last = prepare.normalise_mel(mel[:, -1], self.meta).float()  # (B, 64)
+        self.slices[tokens.size(1) - 1] = last
+        return last
+
+    def feed(self, tokens):
+        """Stream the tokens not fed yet; returns all audio so far (B, n * HOP). Restarts if tokens do not
+        extend what was fed (a new prompt)."""
+        n = 0 if self.fed is None else self.fed.size(1)
+        if self.fed is None or tokens.size(1) <= n or not torch.equal(tokens[:, :n], self.fed):
+            self.stream, self.audio, n = StreamingDecoder(self.tokenizer), tokens.new_zeros(len(tokens), 0).float(), 0
+        self.audio = torch.cat([self.audio, self.stream(tokens[:, n:])], dim=1)
+        self.fed = tokens.clone()
+        return self.audio
+
+    def error_against(self, reference):
+        """Mean and max |slice returned - reference slice|; reference (B, T, 64) from decoded_mel."""
+        if not self.slices:
+            return float("nan"), float("nan")
+        diff = torch.stack([(s - reference[:, t]).abs() for t, s in sorted(self.slices.items())])
+        return diff.mean().item(), diff.max().item()
+
+
+# -----------------------------------------------------------------------------
+# writing the samples
+
+def write_wav(path, audio):
+    tmp = path + ".tmp.wav"  # soundfile picks the format from the suffix
+    sf.write(tmp, audio, prepare.SAMPLE_RATE, subtype="FLOAT")
+    os.replace(tmp, path)
+
+
+def write_npy(path, array):
+    tmp = path + ".tmp.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def write_spectrogram(path, mel, boundary_s, title):
+    """mel (T, 64) log-mel, not normalised -> PNG with time in seconds and the prompt boundary drawn."""
+    fig, ax = plt.subplots(figsize=(10, 3.2), dpi=100)
+    seconds = mel.shape[0] / prepare.FRAME_RATE
+    im = ax.imshow(mel.T, origin="lower", aspect="auto", extent=(0, seconds, 0, mel.shape[1]), cmap="magma")
+    ax.axvline(boundary_s, color="cyan", linewidth=1.5, label=f"prompt ends ({boundary_s:.2f} s)")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("mel bin")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.colorbar(im, ax=ax, label="log-mel")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_samples(sample_dir, idx, audio, n_prompt, title):
+    """Per sample i: sample_i.wav (prompt + continuation), sample_i.npy (all tokens; the first n_prompt are
+    the prompt's) and sample_i.png."""
+    os.makedirs(sample_dir, exist_ok=True)
+    boundary_s = n_prompt / prepare.FRAME_RATE
+    mels = prepare.log_mel(audio).cpu().numpy()  # (B, T, 64)
+    for i in range(idx.size(0)):
+        stem = os.path.join(sample_dir, f"sample_{i}")
+        write_wav(stem + ".wav", audio[i].cpu().numpy())
+        write_npy(stem + ".npy", idx[i].cpu().numpy().astype(np.int16))
+        write_spectrogram(stem + ".png", mels[i], boundary_s, title)
+        print(f"sample {i}: {stem}.wav ({audio.size(1) / prepare.SAMPLE_RATE:.2f} s; prompt ends at "
+              f"{boundary_s:.2f} s = token {n_prompt}), {stem}.npy, {stem}.png")
+
+
+# -----------------------------------------------------------------------------
+
+def generate(model, tokenizer, meta, tokens, mel, n_new, args):
+    """Continue tokens (B, T) by n_new tokens and decode to audio. Returns idx (B, T + n_new), audio
+    (B, (T + n_new) * HOP), the hybrid's mel_fn (None for GPT) and the seconds it all took."""
+    hybrid = model.config.hybrid
+    mel_fn = DecodedMel(tokenizer, meta, args.mel_window) if hybrid else None
+    generators = [torch.Generator(tokens.device).manual_seed(args.seed + i) for i in range(len(tokens))]
+    t0 = time.time()
+    idx = model.generate(tokens, n_new, mel=mel if hybrid else None, mel_fn=mel_fn, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, generator=generators)
+    if hybrid and not args.mel_window:
+        audio = mel_fn.feed(idx)  # the stream has decoded all but the last token already
+    else:
+        audio = tokenizer.decode(idx)  # (B, S): the whole output at once
+    return idx, audio, mel_fn, time.time() - t0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_flush_denormal(True)  # EnCodec's decoder runs many times slower on denormal floats on a CPU
+    model, config, data_dir, tokenizer, meta = load_run(args.out_dir, args.ckpt, args.device)
+    run = os.path.basename(os.path.normpath(args.out_dir))
+    if tokenizer.offline:
+        print(f"note: tokenizer {tokenizer.name} is the offline stand-in (random-weight EnCodec): its decoder "
+              "makes noise-like audio, so what you hear is NOT meaningful without the real EnCodec weights.")
+    if args.prompt:
+        tokens, mel = prompt_from_audio(args.prompt, args.prompt_seconds, tokenizer, meta, args.device)
+        print(f"prompt: {tokens.size(1) / prepare.FRAME_RATE:.2f} s of {args.prompt}")
+    else:
+        tokens, mel = prompt_from_val(data_dir, meta, args.prompt_seconds, args.device, config.hybrid)
+    B, n_prompt, n_new = args.num_samples, tokens.size(1), round(args.seconds * prepare.FRAME_RATE)
+    tokens, mel = tokens.expand(B, -1), None if mel is None else mel.expand(B, -1, -1)
+    idx, audio, mel_fn, seconds = generate(model, tokenizer, meta, tokens, mel, n_new, args)
+    if args.bench:
+        print(f"bench {run}: {B} x {n_new} tokens in {seconds:.2f} s, audio decoding included, "
+              f"{torch.get_num_threads()} threads | {B * n_new / seconds:.1f} tokens/s | realtime factor "
+              f"{B * n_new / prepare.FRAME_RATE / seconds:.2f} (above 1 is faster than realtime)")
+    if mel_fn is not None:
+        mean, worst = mel_fn.error_against(decoded_mel(tokenizer, meta, idx))
+        how = f"last {args.mel_window} tokens decoded per step" if args.mel_window else "streamed decoder"
+        print(f"hybrid mel slices ({how}) against the whole output decoded at once: mean |diff| {mean:.2e}, "
+              f"max {worst:.2e} (normalised units, {len(mel_fn.slices)} generated slices)")
+    title = (f"{run}: {n_prompt / prepare.FRAME_RATE:.2f} s prompt + {n_new / prepare.FRAME_RATE:.2f} s generated "
+             f"(tokenizer {tokenizer.name})")
+    write_samples(args.sample_dir or args.out_dir, idx, audio, n_prompt, title)
+
+
+if __name__ == "__main__":
+    main()
