@@ -137,3 +137,164 @@ def test_plot_curves_refuses_two_runs_of_one_model(tmp_path):
     runs = [write_log(tmp_path / d, "GPT-S", "music", 100, [3.0]) for d in ("out-a", "out-b")]
     with pytest.raises(ValueError, match="two GPT-S runs on music"):
         plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
+
+
+# -----------------------------------------------------------------------------
+# sample.py
+
+
+import argparse  # noqa: E402  (the merged suite imports everything at the top)
+import dataclasses  # noqa: E402
+
+import soundfile as sf  # noqa: E402
+
+import prepare  # noqa: E402
+import sample  # noqa: E402
+import whisper_gpt as wg  # noqa: E402
+
+TINY = dict(block_size=32, n_layer=2, n_head=2, n_embd=16, dense=64, mel_layer=2, mel_head=2, mel_hidden=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A data folder made by prepare.py itself (offline tokenizer) from three 1.5 s synthetic clips, and
+    untrained tiny GPT and hybrid checkpoints that point at it: {"data": dir, "gpt": out_dir, "hybrid": out_dir}."""
+    root = tmp_path_factory.mktemp("sample")
+    os.makedirs(root / "audio")
+    t = np.arange(int(1.5 * prepare.SAMPLE_RATE)) / prepare.SAMPLE_RATE
+    for i in range(3):
+        tone = 0.3 * np.sin(2 * np.pi * (220 + 110 * i) * t) + 0.02 * np.random.default_rng(i).standard_normal(len(t))
+        sf.write(root / "audio" / f"clip{i}.wav", tone.astype(np.float32), prepare.SAMPLE_RATE)
+    prepare.main(["--audio_dir", str(root / "audio"), "--name", "tiny", "--data_root", str(root / "data"),
+                  "--tokenizer", "offline", "--workers", "0"])
+    run = {"data": str(root / "data" / "tiny")}
+    for name, hybrid in (("gpt", False), ("hybrid", True)):
+        torch.manual_seed(0)
+        config = wg.Config(**TINY, hybrid=hybrid, dataset="tiny", data_dir=run["data"], device="cpu")
+        run[name] = str(root / f"out-{name}")
+        os.makedirs(run[name])
+        wg.save_checkpoint(os.path.join(run[name], "ckpt_best.pt"),
+                           {"model": wg.WhisperGPT(config).state_dict(), "config": dataclasses.asdict(config),
+                            "iter": 0, "epoch": 0.0})
+    return run
+
+
+def sample_args(**kw):
+    """sample.py's flags as parse_args makes them, for calling sample.generate directly."""
+    base = dict(temperature=1.0, top_k=None, top_p=None, seed=1337, mel_window=0)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "hybrid"])
+def test_sampling_writes_wavs_of_the_requested_length(tiny_run, tmp_path, capsys, kind):
+    sample.main(["--out_dir", tiny_run[kind], "--seconds", "0.4", "--prompt_seconds", "0.2", "--num_samples", "2",
+                 "--sample_dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    n_prompt, n_new = 15, 30  # 0.2 s and 0.4 s at 75 tokens/s
+    val_tokens, _ = wg.open_split(tiny_run["data"], "val", False)
+    val_file = next(f for f in prepare.read_meta(tiny_run["data"])["files"] if f["split"] == "val")
+    start = val_file["offset"] + (val_file["frames"] - n_prompt) // 2  # the middle of the val file
+    for i in range(2):
+        audio, rate = sf.read(tmp_path / f"sample_{i}.wav")
+        assert rate == 24000 and audio.shape == ((n_prompt + n_new) * prepare.HOP,)
+        assert np.isfinite(audio).all() and np.abs(audio).max() > 0
+        tokens = np.load(tmp_path / f"sample_{i}.npy")
+        assert tokens.shape == (n_prompt + n_new,) and np.array_equal(tokens[:n_prompt], val_tokens[start:start + n_prompt])
+        assert matplotlib.image.imread(tmp_path / f"sample_{i}.png").std() > 0.05
+    assert not np.array_equal(np.load(tmp_path / "sample_0.npy"), np.load(tmp_path / "sample_1.npy"))
+    assert "prompt ends at 0.20 s = token 15" in printed
+    assert printed.count("NOT meaningful without the real EnCodec weights") == 1
+    assert not [f for f in os.listdir(tmp_path) if "tmp" in f]
+
+
+def test_an_audio_prompt_is_resampled_to_24khz_mono(tiny_run, tmp_path, capsys):
+    rate, seconds = 48000, 0.5
+    t = np.arange(int(rate * seconds)) / rate
+    stereo = np.stack([0.3 * np.sin(2 * np.pi * 440 * t), 0.1 * np.sin(2 * np.pi * 660 * t)], axis=1)
+    sf.write(tmp_path / "prompt.wav", stereo.astype(np.float32), rate)
+    wav = sample.read_audio(str(tmp_path / "prompt.wav"), max_seconds=0.3)
+    assert wav.shape == (0.3 * 24000 // prepare.HOP * prepare.HOP,)  # cut to whole tokens
+    spectrum = np.abs(np.fft.rfft(wav.numpy()))
+    assert abs(np.argmax(spectrum) * 24000 / len(wav) - 440) < 5  # still 440 Hz: resampled, not reinterpreted
+    assert abs(wav.abs().max().item() - 0.2) < 0.02  # the mean of the two channels
+    sample.main(["--out_dir", tiny_run["hybrid"], "--prompt", str(tmp_path / "prompt.wav"), "--seconds", "0.2",
+                 "--sample_dir", str(tmp_path / "out")])
+    assert sf.info(str(tmp_path / "out" / "sample_0.wav")).frames == (37 + 15) * prepare.HOP  # 0.5 s -> 37 tokens
+    sf.write(tmp_path / "short.wav", np.zeros(100, np.float32), rate)
+    with pytest.raises(ValueError, match="short.wav: shorter than one token"):
+        sample.read_audio(str(tmp_path / "short.wav"), 3.0)
+
+
+def test_the_streamed_decoder_gives_the_whole_decode(tiny_run):
+    tokenizer = prepare.load_tokenizer(tiny_run["data"])
+    tokens = torch.randint(0, prepare.VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
+    whole = tokenizer.decode(tokens)  # (2, 40 * HOP)
+    stream = sample.StreamingDecoder(tokenizer)
+    pieces = [stream(tokens[:, :20])] + [stream(tokens[:, i:i + 1]) for i in range(20, 35)] + [stream(tokens[:, 35:])]
+    streamed = torch.cat(pieces, dim=1)
+    assert streamed.shape == whole.shape
+    assert torch.allclose(streamed, whole, atol=1e-5, rtol=0), (streamed - whole).abs().max()
+
+
+@pytest.mark.parametrize("window", [0, 64])
+def test_the_hybrid_mel_path_gives_prepare_log_mel_slices(tiny_run, window):
+    """The slices mel_fn hands the hybrid equal prepare.log_mel, normalised, of the same tokens decoded at once
+    (window 64 covers the whole sequence, so the window path is exact here too)."""
+    tokenizer, meta = prepare.load_tokenizer(tiny_run["data"]), prepare.read_meta(tiny_run["data"])
+    tokens = torch.randint(0, prepare.VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    reference = prepare.normalise_mel(prepare.log_mel(tokenizer.decode(tokens)), meta)  # (2, 40, 64)
+    mel_fn = sample.DecodedMel(tokenizer, meta, window)
+    slices = torch.stack([mel_fn(tokens[:, :n]) for n in range(10, 41)], dim=1)  # slices 9..39
+    assert slices.shape == (2, 31, 64)
+    diff = (slices - reference[:, 9:]).abs()
+    assert diff.mean() < 1e-3 and diff.max() < 2e-2, (diff.mean(), diff.max())  # log of near-silent bins: ~1e-3
+    assert (reference[:, 10:] - reference[:, 9:-1]).abs().mean() > 0.1  # an off-by-one slice would fail above
+    assert mel_fn.error_against(reference)[0] == pytest.approx(diff.mean().item(), rel=1e-4)
+
+
+def test_a_short_mel_window_is_an_approximation_that_is_measured(tiny_run):
+    tokenizer, meta = prepare.load_tokenizer(tiny_run["data"]), prepare.read_meta(tiny_run["data"])
+    tokens = torch.randint(0, prepare.VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
+    mel_fn = sample.DecodedMel(tokenizer, meta, window=4)
+    for n in range(10, 41):
+        mel_fn(tokens[:, :n])
+    mean, worst = mel_fn.error_against(prepare.normalise_mel(prepare.log_mel(tokenizer.decode(tokens)), meta))
+    assert mean > 1e-3 and worst > mean  # the decoder's context is cut to 4 tokens: the slices differ
+
+
+@pytest.mark.parametrize("kind", ["gpt", "hybrid"])
+def test_cached_sampling_equals_uncached_past_the_window(tiny_run, kind):
+    """With the real mel path (decoded audio), 60 new tokens after 10 slide the 32-token window twice."""
+    model, config, _ = wg.load_checkpoint(os.path.join(tiny_run[kind], "ckpt_best.pt"))
+    tokenizer, meta = prepare.load_tokenizer(tiny_run["data"]), prepare.read_meta(tiny_run["data"])
+    prompt = torch.randint(0, prepare.VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    mel = prepare.normalise_mel(prepare.log_mel(tokenizer.decode(prompt)), meta) if config.hybrid else None
+    runs = [model.generate(prompt, 60, mel=mel, top_k=100, use_cache=use_cache,
+                           mel_fn=sample.DecodedMel(tokenizer, meta) if config.hybrid else None,
+                           generator=[torch.Generator().manual_seed(s) for s in (5, 6)]) for use_cache in (True, False)]
+    assert runs[0].shape == (2, 70) and torch.equal(runs[0][:, :10], prompt)
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0][0, 10:], runs[0][1, 10:])
+
+
+def test_a_batch_of_samples_equals_the_samples_one_by_one(tiny_run):
+    model, _, _ = wg.load_checkpoint(os.path.join(tiny_run["hybrid"], "ckpt_best.pt"))
+    tokenizer, meta = prepare.load_tokenizer(tiny_run["data"]), prepare.read_meta(tiny_run["data"])
+    prompt = torch.randint(0, prepare.VOCAB, (3, 8), generator=torch.Generator().manual_seed(4))
+    mel = prepare.normalise_mel(prepare.log_mel(tokenizer.decode(prompt)), meta)
+    batch, audio, _, _ = sample.generate(model, tokenizer, meta, prompt, mel, 40, sample_args(top_p=0.95, seed=10))
+    for i in range(3):  # sample i draws from a generator seeded seed + i
+        alone, alone_audio, _, _ = sample.generate(model, tokenizer, meta, prompt[i:i + 1], mel[i:i + 1], 40,
+                                                   sample_args(top_p=0.95, seed=10 + i))
+        assert torch.equal(alone[0], batch[i])
+        assert torch.allclose(alone_audio[0], audio[i], atol=1e-5)
+
+
+def test_bench_prints_tokens_per_second_and_realtime_factor(tiny_run, tmp_path, capsys):
+    sample.main(["--out_dir", tiny_run["hybrid"], "--seconds", "0.2", "--prompt_seconds", "0.2", "--bench",
+                 "--sample_dir", str(tmp_path)])
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("bench"))
+    tok_s = float(line.split(" tokens/s")[0].split("| ")[-1])
+    rtf = float(line.split("realtime factor ")[1].split()[0])
+    assert tok_s > 0 and rtf == pytest.approx(tok_s / 75, rel=0.02)
