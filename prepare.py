@@ -84,6 +84,11 @@ VELOCITY = (60, 110)         # MIDI velocity, drawn per piece ...
 VELOCITY_JITTER = 8          # ... then varied per note by up to this much
 RENDER_PEAK = 0.7            # rendered pieces are peak-normalised to -3 dBFS (the soundfont renders quietly)
 
+# EnCodec's LSTM state decays into denormal floats, which run ~16x slower on the CPU. The flush flag is per thread
+# and torch's worker threads copy it when they are created, at the first parallel op: so it is set here, on import,
+# which must come before any torch computation in the importing program.
+torch.set_flush_denormal(True)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # the audio front end
@@ -131,11 +136,11 @@ def nearest(x: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) -> torch
     """x (..., D), codebook (K, D) -> (...) int64 index of the nearest row, with the distance written exactly as
     EnCodec's quantizer writes it (so the codes equal its codes[:, 0]), chunked to keep memory at chunk x K."""
     flat = x.reshape(-1, x.shape[-1])                                    # (N, D)
-    sq_codes = codebook.pow(2).sum(1)                                    # (K,)
+    embed = codebook.t()                                                 # (D, K)
     out = torch.empty(len(flat), dtype=torch.long, device=x.device)
     for i in range(0, len(flat), chunk):
         xi = flat[i:i + chunk]
-        dist = -(xi.pow(2).sum(1, keepdim=True) - 2 * xi @ codebook.t() + sq_codes)  # (chunk, K)
+        dist = -(xi.pow(2).sum(1, keepdim=True) - 2 * xi @ embed + embed.pow(2).sum(0, keepdim=True))  # (chunk, K)
         out[i:i + chunk] = dist.max(-1).indices
     return out.reshape(x.shape[:-1])
 
@@ -145,7 +150,6 @@ class Tokenizer:
     is the real model's first codebook, or, for the offline tokenizer, a k-means fit (None until fitted)."""
 
     def __init__(self, model, codebook, name, offline, weights, seed=None):
-        torch.set_flush_denormal(True)  # random EnCodec weights make denormal floats: 16x slower on CPU without
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.codebook = codebook
@@ -566,7 +570,7 @@ def shard_path(work: Path, tok: Tokenizer, first: Source) -> Path:
 def write_shard(path: Path, group: list, tokens: list, mels: list):
     """One group of files: their names, splits and frame counts (or skip reasons), tokens and mels, written to a
     temporary name and renamed, so a shard that exists is whole."""
-    members = [{"key": src.key, "path": src.name, "split": src.split, "skipped": reason,
+    members = [{"key": src.key, "path": src.name, "split": src.split, "music": src.music, "skipped": reason,
                 "frames": 0 if wav is None else len(wav) // HOP} for src, wav, _, reason in group]
     arrays = {f"tokens{j}": t.numpy().astype(np.uint16) for j, t in enumerate(tokens)}
     arrays |= {f"mel{j}": m for j, m in enumerate(mels)}
@@ -703,7 +707,8 @@ def assemble(shards: list, data_dir: Path, tok: Tokenizer, extra: dict) -> dict:
         for member, t, mel in split_files(shards, split):
             tokens[offset:offset + len(t)] = t
             mels[offset:offset + len(t)] = (mel - mean) / std
-            files.append({"path": member["path"], "split": split, "offset": offset, "frames": len(t)})
+            files.append({"path": member["path"], "split": split, "offset": offset, "frames": len(t)}
+                         | ({"rendering": member["music"]} if member["music"] else {}))
             offset += len(t)
         tokens.flush()
         mels.flush()
