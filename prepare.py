@@ -145,6 +145,35 @@ def nearest(x: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) -> torch
     return out.reshape(x.shape[:-1])
 
 
+@torch.inference_mode()
+def embed(encoder, wavs: list, batch_size: int = 1) -> list:
+    """EnCodec encoder latents: wavs, a list of (S_i,) float tensors at 24 kHz with S_i % HOP == 0
+    -> a list of (S_i // HOP, EMB_DIM) float32 tensors on the CPU.
+
+    Each file is cut into rows of at most SEGMENT samples; a row after the first also gets the CONTEXT samples
+    before it, whose frames are dropped, so its encoder state starts warm. That bounds memory for any file
+    length and lets rows of many files share an encoder call. Rows are sorted by length and right-padded to
+    the longest in their batch: the encoder is causal, so padding changes no frame before it.
+    """
+    device = next(encoder.parameters()).device
+    rows = []                                                            # (file, segment, first sample, end, context)
+    for i, wav in enumerate(wavs):
+        for k, start in enumerate(range(0, len(wav), SEGMENT)):
+            context = min(start, CONTEXT)
+            rows.append((i, k, start - context, min(start + SEGMENT, len(wav)), context))
+    rows.sort(key=lambda row: row[3] - row[2])
+    parts = [[None] * -(-len(wav) // SEGMENT) for wav in wavs]
+    for b in range(0, len(rows), batch_size):
+        batch = rows[b:b + batch_size]
+        x = torch.zeros(len(batch), 1, max(end - lo for _, _, lo, end, _ in batch))  # (rows, 1, samples)
+        for j, (i, _, lo, end, _) in enumerate(batch):
+            x[j, 0, :end - lo] = wavs[i][lo:end]
+        emb = encoder(x.to(device)).transpose(1, 2).float().cpu()        # (rows, frames, EMB_DIM)
+        for j, (i, k, lo, end, context) in enumerate(batch):
+            parts[i][k] = emb[j, context // HOP:(end - lo) // HOP]
+    return [torch.cat(p) for p in parts]
+
+
 class Tokenizer:
     """Audio <-> codebook-0 tokens. `model` is an EncodecModel (its quantizer is unused); `codebook` (VOCAB, EMB_DIM)
     is the real model's first codebook, or, for the offline tokenizer, a k-means fit (None until fitted)."""
@@ -155,31 +184,8 @@ class Tokenizer:
         self.codebook = codebook
         self.name, self.offline, self.weights, self.seed = name, offline, weights, seed
 
-    @torch.inference_mode()
     def embed_many(self, wavs: list, batch_size: int = 1) -> list:
-        """wavs: list of (S_i,) float tensors at 24 kHz, S_i % HOP == 0 -> list of (S_i // HOP, EMB_DIM) float32.
-
-        Each file is cut into rows of at most SEGMENT samples; a row after the first also gets the CONTEXT samples
-        before it, whose frames are dropped, so its encoder state starts warm. That bounds memory for any file
-        length and lets rows of many files share an encoder call. Rows are sorted by length and right-padded to
-        the longest in their batch: the encoder is causal, so padding changes no frame before it.
-        """
-        rows = []                                                        # (file, segment, first sample, end, context)
-        for i, wav in enumerate(wavs):
-            for k, start in enumerate(range(0, len(wav), SEGMENT)):
-                context = min(start, CONTEXT)
-                rows.append((i, k, start - context, min(start + SEGMENT, len(wav)), context))
-        rows.sort(key=lambda row: row[3] - row[2])
-        parts = [[None] * -(-len(wav) // SEGMENT) for wav in wavs]
-        for b in range(0, len(rows), batch_size):
-            batch = rows[b:b + batch_size]
-            x = torch.zeros(len(batch), 1, max(end - lo for _, _, lo, end, _ in batch))  # (rows, 1, samples)
-            for j, (i, _, lo, end, _) in enumerate(batch):
-                x[j, 0, :end - lo] = wavs[i][lo:end]
-            emb = self.model.encoder(x.to(self.device)).transpose(1, 2).float().cpu()  # (rows, frames, EMB_DIM)
-            for j, (i, k, lo, end, context) in enumerate(batch):
-                parts[i][k] = emb[j, context // HOP:(end - lo) // HOP]
-        return [torch.cat(p) for p in parts]
+        return embed(self.model.encoder, wavs, batch_size)
 
     def quantise(self, emb: torch.Tensor) -> torch.Tensor:
         """emb (..., T, EMB_DIM) -> (..., T) int64 tokens in [0, VOCAB)."""
@@ -515,26 +521,45 @@ def load_source(src: Source) -> tuple:
     return wav.numpy(), log_mel(wav).numpy()
 
 
-def try_load(src: Source) -> tuple:
-    """(src, wav, mel, None), or (src, None, None, reason) for a file that cannot be used: one bad file never
-    stops the others."""
+class Loaded(NamedTuple):
+    src: Source
+    wav: np.ndarray = None       # (S,) float32 at 24 kHz, until it is embedded
+    emb: torch.Tensor = None     # (S // HOP, EMB_DIM) float32 EnCodec latents
+    mel: np.ndarray = None       # (S // HOP, N_MELS) float32 log-mel, not normalised
+    reason: str = None           # why the file is skipped
+
+
+_encoder = None  # in a worker process that also encodes (runs on the CPU): the EnCodec encoder
+
+
+def _worker_init(encoder_state):
+    global _encoder
+    torch.set_num_threads(1)  # torch's threads meet at every LSTM step, and stall there when a core is busy
+    if encoder_state is not None:
+        _encoder = encodec_skeleton().encoder.eval()
+        _encoder.load_state_dict(encoder_state)
+
+
+def try_load(src: Source) -> Loaded:
+    """Read or render one source, take its mel, and, in an encoding worker, its EnCodec latents. A file that
+    cannot be used comes back with the reason: one bad file never stops the others."""
     try:
-        return (src, *load_source(src), None)
+        wav, mel = load_source(src)
     except Exception as e:  # any reader or renderer failure makes a skipped file with its reason
-        return src, None, None, f"{type(e).__name__}: {e}"
+        return Loaded(src, reason=f"{type(e).__name__}: {e}")
+    if _encoder is None:
+        return Loaded(src, wav=wav, mel=mel)
+    return Loaded(src, emb=embed(_encoder, [torch.from_numpy(wav)])[0], mel=mel)
 
 
-def _worker_init():
-    torch.set_num_threads(1)  # the encoder in the main process wants the other cores
-
-
-def loaded(sources, workers: int):
-    """try_load over sources, in order; with workers > 0 they load in worker processes, a few files ahead of the
-    consumer (bounded, so memory stays flat however far ahead loading could run)."""
+def loaded(sources, workers: int, encoder_state=None):
+    """try_load over sources, in order. With workers > 0 they run in worker processes, a few files ahead of the
+    consumer (bounded, so memory stays flat); given encoder_state, the workers also encode, one thread each:
+    on the CPU that beats one process with many threads."""
     if workers == 0:
         yield from map(try_load, sources)
         return
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers, _worker_init, (encoder_state,)) as pool:
         pending = deque()
         for src in sources:
             pending.append(pool.apply_async(try_load, (src,)))
@@ -549,7 +574,7 @@ def groups(items):
     group, seconds = [], 0.0
     for item in items:
         group.append(item)
-        seconds += 0 if item[1] is None else len(item[1]) / SAMPLE_RATE
+        seconds += 0 if item.mel is None else len(item.mel) / FRAME_RATE
         if len(group) == GROUP_FILES or seconds >= GROUP_SECONDS:
             yield group
             group, seconds = [], 0.0
@@ -567,13 +592,14 @@ def shard_path(work: Path, tok: Tokenizer, first: Source) -> Path:
     return work / f"shard-{hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:20]}.npz"
 
 
-def write_shard(path: Path, group: list, tokens: list, mels: list):
+def write_shard(path: Path, group: list, tokens: list):
     """One group of files: their names, splits and frame counts (or skip reasons), tokens and mels, written to a
     temporary name and renamed, so a shard that exists is whole."""
-    members = [{"key": src.key, "path": src.name, "split": src.split, "music": src.music, "skipped": reason,
-                "frames": 0 if wav is None else len(wav) // HOP} for src, wav, _, reason in group]
+    members = [{"key": item.src.key, "path": item.src.name, "split": item.src.split, "music": item.src.music,
+                "skipped": item.reason, "frames": 0 if item.reason else len(item.mel)} for item in group]
+    usable = [item for item in group if item.reason is None]
     arrays = {f"tokens{j}": t.numpy().astype(np.uint16) for j, t in enumerate(tokens)}
-    arrays |= {f"mel{j}": m for j, m in enumerate(mels)}
+    arrays |= {f"mel{j}": item.mel for j, item in enumerate(usable)}
     with open(f"{path}.tmp", "wb") as f:
         np.savez(f, members=np.array(json.dumps(members)), **arrays)
     os.replace(f"{path}.tmp", path)
@@ -608,18 +634,18 @@ def encode_corpus(sources: list, work: Path, tok: Tokenizer, args, total_s: floa
         i, files = i + len(members), files + len(members)
         usable_files += sum(not m["skipped"] for m in members)
         done_s += sum(m["frames"] for m in members) / FRAME_RATE
-    waiting = []  # (group, embeddings, mels) of groups loaded before the offline codebook is fitted
-    for group in groups(loaded(sources[i:], args.workers)):
+    workers_encode = args.device == "cpu" and args.workers > 0
+    waiting = []  # groups loaded before the offline codebook is fitted
+    for group in groups(loaded(sources[i:], args.workers, tok.model.encoder.state_dict() if workers_encode
+                               else None)):
         group, usable_files = assign_splits(group, usable_files)
-        usable = [(src, wav, mel) for src, wav, mel, reason in group if reason is None]
-        emb = tok.embed_many([torch.from_numpy(wav) for _, wav, _ in usable], args.batch_size)
-        waiting.append((group, emb, [mel for _, _, mel in usable]))
+        waiting.append(embed_rest(group, tok, args.batch_size))
         if tok.codebook is None and sum(map(len, train_embeddings(waiting))) >= FIT_FRAMES:
             fit_offline(tok, waiting, work, args.seed)
         if tok.codebook is not None:
-            shards += [flush(work, tok, *w) for w in waiting]
+            shards += [flush(work, tok, g) for g in waiting]
             waiting = []
-        done_s += sum(len(wav) for _, wav, _ in usable) / SAMPLE_RATE
+        done_s += sum(len(item.mel) for item in group if item.reason is None) / FRAME_RATE
         files += len(group)
         progress(done_s, min(total_s, budget), files, t0)
         if done_s >= budget:
@@ -627,7 +653,7 @@ def encode_corpus(sources: list, work: Path, tok: Tokenizer, args, total_s: floa
     print(file=sys.stderr)
     if waiting:
         fit_offline(tok, waiting, work, args.seed)
-        shards += [flush(work, tok, *w) for w in waiting]
+        shards += [flush(work, tok, g) for g in waiting]
     return shards
 
 
@@ -635,41 +661,48 @@ def assign_splits(group: list, usable_files: int) -> tuple:
     """Split by file: the k-th usable file (counting from 0, in source order) goes to val when k % VAL_EVERY == 0,
     so val holds 1 in 20 files and is never empty while two files are usable."""
     out = []
-    for src, wav, mel, reason in group:
-        if reason is None:
-            src = src._replace(split="val" if usable_files % VAL_EVERY == 0 else "train")
+    for item in group:
+        if item.reason is None:
+            item = item._replace(src=item.src._replace(split="val" if usable_files % VAL_EVERY == 0 else "train"))
             usable_files += 1
-        out.append((src, wav, mel, reason))
+        out.append(item)
     return out, usable_files
 
 
+def embed_rest(group: list, tok: Tokenizer, batch_size: int) -> list:
+    """Embed here (batched, on the tokenizer's device) the files of a group that no worker has encoded."""
+    todo = [k for k, item in enumerate(group) if item.wav is not None]
+    group = list(group)
+    for k, emb in zip(todo, tok.embed_many([torch.from_numpy(group[k].wav) for k in todo], batch_size)):
+        group[k] = group[k]._replace(wav=None, emb=emb)
+    return group
+
+
 def train_embeddings(waiting: list) -> list:
-    """The (T, EMB_DIM) embeddings of the train files among the groups waiting for the codebook."""
-    return [e for group, emb, _ in waiting
-            for e, src in zip(emb, [src for src, _, _, reason in group if reason is None]) if src.split == "train"]
+    """The (T, EMB_DIM) latents of the train files among the groups waiting for the codebook."""
+    return [item.emb for group in waiting for item in group if item.reason is None and item.src.split == "train"]
 
 
 def fit_offline(tok: Tokenizer, waiting: list, work: Path, seed: int):
-    """Fit the offline codebook on (a seeded subsample of) the train embeddings waiting, and save the tokenizer
-    in `work`, so that a resumed run quantises with the very same codebook."""
+    """Fit the offline codebook on (a seeded subsample of) the train latents waiting, and save the tokenizer in
+    `work`, so that a resumed run quantises with the very same codebook."""
     emb = train_embeddings(waiting)
     if not emb:
-        raise SystemExit(no_usable("train", [(src.name, r) for g, _, _ in waiting for src, _, _, r in g if r]))
+        raise SystemExit(no_usable("train", [(it.src.name, it.reason) for g in waiting for it in g if it.reason]))
     emb = torch.cat(emb)                                                  # (N, EMB_DIM)
     if len(emb) > FIT_FRAMES:
         emb = emb[torch.randperm(len(emb), generator=torch.Generator().manual_seed(seed))[:FIT_FRAMES]]
     t0 = time.time()
     tok.codebook = fit_codebook(emb, seed).to(tok.device)
-    print(f"fitted the offline codebook on {len(emb):,} train embeddings in {time.time() - t0:.1f} s",
-          file=sys.stderr)
+    print(f"fitted the offline codebook on {len(emb):,} train latents in {time.time() - t0:.1f} s", file=sys.stderr)
     work.mkdir(parents=True, exist_ok=True)
     tok.save(work / TOKENIZER_FILE)
 
 
-def flush(work: Path, tok: Tokenizer, group: list, emb: list, mels: list) -> Path:
+def flush(work: Path, tok: Tokenizer, group: list) -> Path:
     work.mkdir(parents=True, exist_ok=True)
-    path = shard_path(work, tok, group[0][0])
-    write_shard(path, group, [tok.quantise(e) for e in emb], mels)
+    path = shard_path(work, tok, group[0].src)
+    write_shard(path, group, [tok.quantise(item.emb) for item in group if item.reason is None])
     return path
 
 
@@ -760,8 +793,9 @@ def parse_args(argv=None):
     p.add_argument("--encodec_ckpt", help=f"path to {ENCODEC_CKPT} (or its folder)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch_size", type=int, help="encoder rows per call (default: 1 on CPU, 64 on GPU)")
-    p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
-                   help="processes that read/render audio ahead of the encoder; 0: in this process")
+    p.add_argument("--workers", type=int, help="processes that read/render audio (and on the CPU also encode it); "
+                                                "0: all in this process (default: one per core on the CPU, up to 8 "
+                                                "feeding a GPU)")
     p.add_argument("--data_root", default="data")
     args = p.parse_args(argv)
     if args.audio_dir and not args.name:
@@ -772,6 +806,8 @@ def parse_args(argv=None):
     if args.hours is not None and args.hours <= 0:
         p.error("--hours must be positive")
     args.batch_size = args.batch_size or (1 if args.device == "cpu" else 64)
+    cores = os.cpu_count() or 1
+    args.workers = args.workers if args.workers is not None else cores if args.device == "cpu" else min(8, cores - 1)
     return args
 
 

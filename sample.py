@@ -186,13 +186,14 @@ class DecodedMel:
     def __init__(self, tokenizer, meta, window=0):
         self.tokenizer, self.meta, self.window = tokenizer, meta, window
         self.slices = {}  # token index -> (B, 64)
-        self.stream, self.fed, self.audio = None, None, None
+        self.stream, self.fed, self.pieces = None, None, []
 
     def __call__(self, tokens):
         if self.window:
             recent = self.tokenizer.decode(tokens[:, -self.window:])  # (B, W * HOP)
         else:
-            recent = self.feed(tokens)
+            self.feed(tokens)
+            recent = torch.cat(self.pieces[-prepare.WIN // prepare.HOP:], dim=1)  # (B, >= WIN) past the start
         # only the last WIN samples enter the last slice: the mel of those alone, its last row
         mel = prepare.log_mel(recent[:, -prepare.WIN:])  # (B, <= 3, 64)
         last = prepare.normalise_mel(mel[:, -1], self.meta).float()  # (B, 64)
@@ -200,14 +201,16 @@ class DecodedMel:
         return last
 
     def feed(self, tokens):
-        """Stream the tokens not fed yet; returns all audio so far (B, n * HOP). Restarts if tokens do not
-        extend what was fed (a new prompt)."""
+        """Stream the tokens (B, n) not fed yet. Starts afresh when tokens do not extend those fed before."""
         n = 0 if self.fed is None else self.fed.size(1)
         if self.fed is None or tokens.size(1) <= n or not torch.equal(tokens[:, :n], self.fed):
-            self.stream, self.audio, n = StreamingDecoder(self.tokenizer), tokens.new_zeros(len(tokens), 0).float(), 0
-        self.audio = torch.cat([self.audio, self.stream(tokens[:, n:])], dim=1)
+            self.stream, self.pieces, n = StreamingDecoder(self.tokenizer), [], 0
+        self.pieces.append(self.stream(tokens[:, n:]))  # (B, (len - n) * HOP)
         self.fed = tokens.clone()
-        return self.audio
+
+    def audio(self):
+        """All the audio streamed so far, (B, n * HOP)."""
+        return torch.cat(self.pieces, dim=1)
 
     def error_against(self, reference):
         """Mean and max |slice returned - reference slice|; reference (B, T, 64) from decoded_mel."""
@@ -259,7 +262,7 @@ def write_samples(sample_dir, idx, audio, n_prompt, title):
     for i in range(idx.size(0)):
         stem = os.path.join(sample_dir, f"sample_{i}")
         write_wav(stem + ".wav", audio[i].cpu().numpy())
-        write_npy(stem + ".npy", idx[i].cpu().numpy().astype(np.int16))
+        write_npy(stem + ".npy", idx[i].cpu().numpy().astype(np.uint16))  # as the memmaps
         write_spectrogram(stem + ".png", mels[i], boundary_s, title)
         print(f"sample {i}: {stem}.wav ({audio.size(1) / prepare.SAMPLE_RATE:.2f} s; prompt ends at "
               f"{boundary_s:.2f} s = token {n_prompt}), {stem}.npy, {stem}.png")
@@ -273,14 +276,15 @@ def generate(model, tokenizer, meta, tokens, mel, n_new, args):
     hybrid = model.config.hybrid
     mel_fn = DecodedMel(tokenizer, meta, args.mel_window) if hybrid else None
     generators = [torch.Generator(tokens.device).manual_seed(args.seed + i) for i in range(len(tokens))]
-    t0 = time.time()
+    t0 = time.perf_counter()
     idx = model.generate(tokens, n_new, mel=mel if hybrid else None, mel_fn=mel_fn, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, generator=generators)
     if hybrid and not args.mel_window:
-        audio = mel_fn.feed(idx)  # the stream has decoded all but the last token already
+        mel_fn.feed(idx)  # the stream has decoded all but the last token already
+        audio = mel_fn.audio()
     else:
         audio = tokenizer.decode(idx)  # (B, S): the whole output at once
-    return idx, audio, mel_fn, time.time() - t0
+    return idx, audio, mel_fn, time.perf_counter() - t0
 
 
 def main(argv=None):
