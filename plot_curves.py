@@ -109,12 +109,12 @@ def find_logs(run_dirs):
 
 
 def group_runs(runs):
-    """{dataset: {label: run}}; GPT-S/GPT-L/hybrid label themselves, custom runs by folder.
+    """{dataset as the paper names it: {label: run}}; GPT-S/GPT-L/hybrid label themselves, custom runs by folder.
     Two runs of one model on one dataset is an error: which one belongs in the table is the user's call."""
     groups = {}
     for run in runs:
         label = run["model"] if run["model"] in MODELS else f"{run['model']} ({os.path.basename(run['dir'])})"
-        group = groups.setdefault(run["dataset"], {})
+        group = groups.setdefault(paper_names(run["dataset"])[2], {})  # "speech" and "LibriTTS" are one
         if label in group:
             raise ValueError(f"two {label} runs on {run['dataset']}: {group[label]['dir']} and {run['dir']}; "
                              "name the run folders to use on the command line")
@@ -222,9 +222,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     groups = group_runs([read_log(log) for log in find_logs(args.run_dirs)])
-    for dataset in ("music", "speech"):  # the paper's two datasets are always reported, even when absent
-        if not any(paper_names(d)[2] == paper_names(dataset)[2] for d in groups):
-            groups[dataset] = {}
+    for dataset in ("music", "LibriTTS"):  # the paper's two datasets are always reported, even when absent
+        groups.setdefault(dataset, {})
     os.makedirs(args.out_dir, exist_ok=True)
     tables = ["# Tables 1-2: our runs beside the paper's", ""]
     for dataset in sorted(groups, key=lambda d: paper_names(d)[0]):

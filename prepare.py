@@ -54,7 +54,7 @@ LOG_FLOOR = 1e-10     # mel power floor before the natural log
 MEL_STD_FLOOR = 0.1   # nats: a bin that hardly varies over the corpus is divided by this, not by ~0
 SILENCE_PEAK = 1e-4   # a file whose peak is below this (-80 dBFS) is silent
 
-SEGMENT = 30 * SAMPLE_RATE   # samples per encoder row: bounds memory whatever the file length
+SEGMENT = 10 * SAMPLE_RATE   # samples per encoder row: bounds memory (~0.4 GB) whatever the file length
 CONTEXT = SAMPLE_RATE        # samples before a later segment that warm up its encoder state (frames dropped)
 GROUP_FILES = 16             # files per work shard, the unit of resumption ...
 GROUP_SECONDS = 300          # ... or fewer, once the group holds this much audio
@@ -435,7 +435,8 @@ def music_sources(seed: int) -> list:
     """Every piece in the music21 corpus (each tune of a multi-tune ABC file on its own), in a seeded order, each
     with its instrument and variation drawn from the seed and its name."""
     from music21 import corpus
-    entries = [(str(e.sourcePath), str(e.number or "")) for e in corpus.corpora.CoreCorpus().metadataBundle]
+    bundle = corpus.corpora.CoreCorpus().metadataBundle[:]  # a slice: iterating the bundle itself is O(n^2)
+    entries = [(str(e.sourcePath), str(e.number or "")) for e in bundle]
     opus_files = {path for path, number in entries if number}
     pieces = sorted({(path, number) for path, number in entries
                      if Path(path).suffix in SCORE_EXTS and path.split("/")[0] not in MUSIC_SKIP
@@ -792,7 +793,7 @@ def parse_args(argv=None):
                    help="auto: pretrained EnCodec if its weights can be had, else the offline tokenizer")
     p.add_argument("--encodec_ckpt", help=f"path to {ENCODEC_CKPT} (or its folder)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch_size", type=int, help="encoder rows per call (default: 1 on CPU, 64 on GPU)")
+    p.add_argument("--batch_size", type=int, help="encoder rows per call (default: 1 on CPU, 32 on GPU)")
     p.add_argument("--workers", type=int, help="processes that read/render audio (and on the CPU also encode it); "
                                                 "0: all in this process (default: one per core on the CPU, up to 8 "
                                                 "feeding a GPU)")
@@ -805,7 +806,7 @@ def parse_args(argv=None):
         args.hours = 0.5
     if args.hours is not None and args.hours <= 0:
         p.error("--hours must be positive")
-    args.batch_size = args.batch_size or (1 if args.device == "cpu" else 64)
+    args.batch_size = args.batch_size or (1 if args.device == "cpu" else 32)
     cores = os.cpu_count() or 1
     args.workers = args.workers if args.workers is not None else cores if args.device == "cpu" else min(8, cores - 1)
     return args

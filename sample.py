@@ -245,7 +245,7 @@ def write_spectrogram(path, mel, boundary_s, title):
     ax.set_ylabel("mel bin")
     ax.set_title(title, fontsize=9)
     ax.legend(loc="upper right", fontsize=8)
-    fig.colorbar(im, ax=ax, label="log-mel")
+    fig.colorbar(im, ax=ax, label="ln mel power")
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp)

@@ -1,18 +1,35 @@
 """The whisper-gpt test suite: CPU only, tiny data, minutes not hours.  python -m pytest -q test_whisper_gpt.py"""
+import argparse
+import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
 
+import matplotlib.image
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
+import plot_curves
+import prepare
+import sample
 import whisper_gpt as wg
 from whisper_gpt import Config, WhisperGPT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tests run many tiny ops: one thread is as fast as two on an idle machine, and 5-10x faster when
+    another process holds a core (two threads then wait on each other at every op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # -----------------------------------------------------------------------------
@@ -287,3 +304,284 @@ def test_bench_prints_tokens_per_second(capsys):
     assert wg.bench(c) > 0
     out = capsys.readouterr().out
     assert "tokens/s" in out and "textbook" in out
+
+
+# -----------------------------------------------------------------------------
+# plot_curves.py
+
+
+def write_log(run_dir, model, dataset, params, nlls, final_nll=None, tokenizer="offline-random-encodec-kmeans"):
+    """A log.jsonl as whisper_gpt.py writes it: a start line, one eval per val NLL (two per epoch), and an
+    eval_only line when final_nll is given."""
+    os.makedirs(run_dir, exist_ok=True)
+    records = [{"event": "start", "model": model, "params": params, "dataset": dataset, "tokenizer": tokenizer,
+                "config": {}}]
+    for i, nll in enumerate(nlls):
+        records.append({"event": "eval", "iter": 10 * i, "epoch": i / 2, "tokens": 7500 * i, "lr": 2e-4,
+                        "train_nll": nll, "val_nll": nll, "val_acc": 0.5 - nll / 20, "val_ppl": math.exp(nll),
+                        "tokens_per_s": 1000.0, "elapsed_s": float(i)})
+    if final_nll is not None:
+        records.append({"event": "eval_only", "params": params, "val_nll": final_nll, "val_acc": 0.3125,
+                        "val_ppl": math.exp(final_nll), "n_windows": 4, "tokens": 3000, "iter": 10})
+    with open(os.path.join(run_dir, "log.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return str(run_dir)
+
+
+def table_rows(markdown):
+    """{model: cells} of every table row in tables.md, per table in file order."""
+    tables, rows = [], None
+    for line in markdown.splitlines():
+        if line.startswith("| Model"):
+            rows = {}
+            tables.append(rows)
+        elif line.startswith("| ") and not line.startswith("| ---") and rows is not None:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells
+    return tables
+
+
+def test_plot_curves_makes_both_figures_and_the_table(tmp_path, capsys):
+    runs = [write_log(tmp_path / "out-s-music", "GPT-S", "music", 3_312_000, [5.0, 4.0, 3.5], final_nll=3.123),
+            write_log(tmp_path / "out-h-music", "hybrid", "music", 3_712_000, [5.0, 3.2, 3.4]),  # no GPT-L
+            write_log(tmp_path / "out-s-sp", "GPT-S", "speech", 3_312_000, [4.0, 3.0]),
+            write_log(tmp_path / "out-l-sp", "GPT-L", "libritts", 39_000_000, [4.0, 2.9]),  # "speech" too
+            write_log(tmp_path / "out-h-sp", "hybrid", "speech", 3_712_000, [4.0, 2.8])]
+    out = tmp_path / "figures"
+    plot_curves.main(runs + ["--out_dir", str(out)])
+    printed = capsys.readouterr().out
+    assert "music: missing: GPT-L" in printed
+    for name in ("fig2_music.png", "fig3_libritts.png"):
+        image = matplotlib.image.imread(out / name)  # raises on a file that is not a valid PNG
+        assert image.shape[0] > 300 and image.shape[1] > 500 and image.std() > 0.05
+    assert sorted(os.listdir(out)) == ["fig2_music.png", "fig3_libritts.png", "tables.md"]  # no temp files left
+    markdown = (out / "tables.md").read_text()
+    music, speech = table_rows(markdown)  # Fig. 2 / Table 2 (music) first, as the figures are numbered
+    assert music["GPT-S"][1:5] == ["3.3 M", "3.7 M", "3.123", "2.78"]  # eval_only row beats the evals
+    assert music["GPT-S"][9] == "eval_only"
+    assert music["hybrid"][3:9] == ["3.200", "2.52", "34.00 %", "38.47 %", f"{math.exp(3.2):.2f}", "12.43"]
+    assert music["hybrid"][9] == "best eval (epoch 0.50)"  # the lowest val NLL, not the last
+    assert music["GPT-L"][2] == "40 M" and music["GPT-L"][3] == "-" and "not run" in music["GPT-L"][9]
+    assert speech["GPT-L"][1:5] == ["39.0 M", "40 M", "2.900", "1.94"]
+    assert "Table 1" in markdown and "Table 2" in markdown and "NOT comparable" in markdown
+    assert "offline-random-encodec-kmeans" in markdown and "Missing: GPT-L." in markdown
+
+
+def test_plot_curves_labels_each_curve_with_its_parameter_count(tmp_path):
+    group = {"GPT-S": plot_curves.read_log(write_log(tmp_path / "a", "GPT-S", "music", 3_312_000, [4, 3]) +
+                                           "/log.jsonl"),
+             "hybrid": plot_curves.read_log(write_log(tmp_path / "b", "hybrid", "music", 3_712_000, [4, 2]) +
+                                            "/log.jsonl")}
+    labels = plot_curves.plot_dataset("music", group, ["GPT-L"], str(tmp_path / "fig.png"))
+    assert labels == ["GPT-S (3.3 M)", "hybrid (3.7 M)"]
+
+
+def test_plot_curves_reports_a_dataset_with_no_runs(tmp_path, capsys):
+    run = write_log(tmp_path / "out-s", "GPT-S", "music", 3_312_000, [4.0, 3.0])
+    plot_curves.main([run, "--out_dir", str(tmp_path / "fig")])
+    printed = capsys.readouterr().out
+    assert "LibriTTS: no runs, so no Fig. 3" in printed and "music: missing: GPT-L, hybrid" in printed
+    music, speech = table_rows((tmp_path / "fig" / "tables.md").read_text())
+    assert all("not run" in speech[m][9] for m in ("GPT-S", "GPT-L", "hybrid"))
+    assert not (tmp_path / "fig" / "fig3_libritts.png").exists()
+
+
+def test_a_resumed_run_replaces_the_evals_it_relogged(tmp_path):
+    run = write_log(tmp_path / "out", "GPT-S", "music", 100, [5.0, 4.0, 3.0])  # iters 0, 10, 20
+    with open(os.path.join(run, "log.jsonl"), "a") as f:  # resumed from the checkpoint of iter 10
+        for it, nll in ((20, 3.5), (30, 3.2)):
+            f.write(json.dumps({"event": "eval", "iter": it, "epoch": it / 20, "val_nll": nll, "val_acc": 0.1,
+                                "val_ppl": math.exp(nll)}) + "\n")
+    evals = plot_curves.read_log(os.path.join(run, "log.jsonl"))["evals"]
+    assert [(e["iter"], e["val_nll"]) for e in evals] == [(0, 5.0), (10, 4.0), (20, 3.5), (30, 3.2)]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "log.jsonl: empty log"),
+    ("\n\n", "log.jsonl: empty log"),
+    ('{"event": "start", "model": "GPT-S", "params": 1, "dataset": "music", "tokenizer": "t"}\n{"event": "eval",',
+     "log.jsonl:2: not valid JSON"),
+    ('{"event": "start", "model": "GPT-S", "params": 1, "dataset": "music", "tokenizer": "t"}\n'
+     '{"event": "eval", "iter": 0, "epoch": 0.0, "val_acc": 0.1, "val_ppl": 2.0}\n',
+     "log.jsonl:2: 'eval' record lacks val_nll"),
+    ('{"event": "eval", "iter": 0, "epoch": 0.0, "val_nll": 1.0, "val_acc": 0.1, "val_ppl": 2.0}\n',
+     "log.jsonl:1: 'eval' record before any 'start' record"),
+    ('[1, 2]\n', "log.jsonl:1: a record must be a JSON object"),
+])
+def test_plot_curves_fails_clearly_on_an_empty_or_malformed_log(tmp_path, text, message):
+    os.makedirs(tmp_path / "out")
+    (tmp_path / "out" / "log.jsonl").write_text(text)
+    with pytest.raises(plot_curves.LogError, match=message):
+        plot_curves.main([str(tmp_path / "out"), "--out_dir", str(tmp_path / "fig")])
+    assert not (tmp_path / "fig").exists()  # nothing half-written
+
+
+def test_plot_curves_cli_prints_one_line_naming_the_file(tmp_path):
+    os.makedirs(tmp_path / "out-x")
+    (tmp_path / "out-x" / "log.jsonl").write_text("")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "plot_curves.py")], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip() == "plot_curves.py: error: out-x/log.jsonl: empty log, no records"
+
+
+def test_plot_curves_refuses_two_runs_of_one_model(tmp_path):
+    runs = [write_log(tmp_path / d, "GPT-S", "music", 100, [3.0]) for d in ("out-a", "out-b")]
+    with pytest.raises(ValueError, match="two GPT-S runs on music"):
+        plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
+
+
+# -----------------------------------------------------------------------------
+# sample.py
+
+TINY = dict(block_size=32, n_layer=2, n_head=2, n_embd=16, dense=64, mel_layer=2, mel_head=2, mel_hidden=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A data folder made by prepare.py itself (offline tokenizer) from three 1.5 s synthetic clips, and
+    untrained tiny GPT and hybrid checkpoints that point at it: {"data": dir, "gpt": out_dir, "hybrid": out_dir,
+    "tokenizer": its tokenizer, "meta": its meta.json}."""
+    root = tmp_path_factory.mktemp("sample")
+    os.makedirs(root / "audio")
+    t = np.arange(int(1.5 * prepare.SAMPLE_RATE)) / prepare.SAMPLE_RATE
+    for i in range(3):
+        tone = 0.3 * np.sin(2 * np.pi * (220 + 110 * i) * t) + 0.02 * np.random.default_rng(i).standard_normal(len(t))
+        sf.write(root / "audio" / f"clip{i}.wav", tone.astype(np.float32), prepare.SAMPLE_RATE)
+    prepare.main(["--audio_dir", str(root / "audio"), "--name", "tiny", "--data_root", str(root / "data"),
+                  "--tokenizer", "offline", "--workers", "0"])
+    run = {"data": str(root / "data" / "tiny")}
+    run["tokenizer"], run["meta"] = prepare.load_tokenizer(run["data"]), prepare.read_meta(run["data"])
+    for name, hybrid in (("gpt", False), ("hybrid", True)):
+        torch.manual_seed(0)
+        config = wg.Config(**TINY, hybrid=hybrid, dataset="tiny", data_dir=run["data"], device="cpu")
+        run[name] = str(root / f"out-{name}")
+        os.makedirs(run[name])
+        wg.save_checkpoint(os.path.join(run[name], "ckpt_best.pt"),
+                           {"model": wg.WhisperGPT(config).state_dict(), "config": dataclasses.asdict(config),
+                            "iter": 0, "epoch": 0.0})
+    return run
+
+
+def sample_args(**kw):
+    """sample.py's flags as parse_args makes them, for calling sample.generate directly."""
+    base = dict(temperature=1.0, top_k=None, top_p=None, seed=1337, mel_window=0)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "hybrid"])
+def test_sampling_writes_wavs_of_the_requested_length(tiny_run, tmp_path, capsys, kind):
+    sample.main(["--out_dir", tiny_run[kind], "--seconds", "0.4", "--prompt_seconds", "0.2", "--num_samples", "2",
+                 "--sample_dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    n_prompt, n_new = 15, 30  # 0.2 s and 0.4 s at 75 tokens/s
+    val_tokens, _ = wg.open_split(tiny_run["data"], "val", False)
+    val_file = next(f for f in prepare.read_meta(tiny_run["data"])["files"] if f["split"] == "val")
+    start = val_file["offset"] + (val_file["frames"] - n_prompt) // 2  # the middle of the val file
+    for i in range(2):
+        audio, rate = sf.read(tmp_path / f"sample_{i}.wav")
+        assert rate == 24000 and audio.shape == ((n_prompt + n_new) * prepare.HOP,)
+        assert np.isfinite(audio).all() and np.abs(audio).max() > 0
+        tokens = np.load(tmp_path / f"sample_{i}.npy")
+        assert tokens.shape == (n_prompt + n_new,)
+        assert np.array_equal(tokens[:n_prompt], val_tokens[start:start + n_prompt])
+        assert matplotlib.image.imread(tmp_path / f"sample_{i}.png").std() > 0.05
+    assert not np.array_equal(np.load(tmp_path / "sample_0.npy"), np.load(tmp_path / "sample_1.npy"))
+    assert "prompt ends at 0.20 s = token 15" in printed
+    assert printed.count("NOT meaningful without the real EnCodec weights") == 1
+    assert not [f for f in os.listdir(tmp_path) if "tmp" in f]
+
+
+def test_an_audio_prompt_is_resampled_to_24khz_mono(tiny_run, tmp_path, capsys):
+    rate, seconds = 48000, 0.5
+    t = np.arange(int(rate * seconds)) / rate
+    stereo = np.stack([0.3 * np.sin(2 * np.pi * 440 * t), 0.1 * np.sin(2 * np.pi * 660 * t)], axis=1)
+    sf.write(tmp_path / "prompt.wav", stereo.astype(np.float32), rate)
+    wav = sample.read_audio(str(tmp_path / "prompt.wav"), max_seconds=0.3)
+    assert wav.shape == (0.3 * 24000 // prepare.HOP * prepare.HOP,)  # cut to whole tokens
+    spectrum = np.abs(np.fft.rfft(wav.numpy()))
+    assert abs(np.argmax(spectrum) * 24000 / len(wav) - 440) < 5  # still 440 Hz: resampled, not reinterpreted
+    assert abs(wav.abs().max().item() - 0.2) < 0.02  # the mean of the two channels
+    sample.main(["--out_dir", tiny_run["hybrid"], "--prompt", str(tmp_path / "prompt.wav"), "--seconds", "0.2",
+                 "--sample_dir", str(tmp_path / "out")])
+    assert sf.info(str(tmp_path / "out" / "sample_0.wav")).frames == (37 + 15) * prepare.HOP  # 0.5 s -> 37 tokens
+    sf.write(tmp_path / "short.wav", np.zeros(100, np.float32), rate)
+    with pytest.raises(ValueError, match="short.wav: shorter than one token"):
+        sample.read_audio(str(tmp_path / "short.wav"), 3.0)
+
+
+def test_the_streamed_decoder_gives_the_whole_decode(tiny_run):
+    tokenizer = tiny_run["tokenizer"]
+    tokens = torch.randint(0, prepare.VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
+    whole = tokenizer.decode(tokens)  # (2, 40 * HOP)
+    stream = sample.StreamingDecoder(tokenizer)
+    pieces = [stream(tokens[:, :20])] + [stream(tokens[:, i:i + 1]) for i in range(20, 35)] + [stream(tokens[:, 35:])]
+    streamed = torch.cat(pieces, dim=1)
+    assert streamed.shape == whole.shape
+    assert torch.allclose(streamed, whole, atol=1e-5, rtol=0), (streamed - whole).abs().max()
+
+
+@pytest.mark.parametrize("window", [0, 64])
+def test_the_hybrid_mel_path_gives_prepare_log_mel_slices(tiny_run, window):
+    """The slices mel_fn hands the hybrid equal prepare.log_mel, normalised, of the same tokens decoded at once
+    (window 64 covers the whole sequence, so the window path is exact here too)."""
+    tokenizer, meta = tiny_run["tokenizer"], tiny_run["meta"]
+    tokens = torch.randint(0, prepare.VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    reference = prepare.normalise_mel(prepare.log_mel(tokenizer.decode(tokens)), meta)  # (2, 40, 64)
+    mel_fn = sample.DecodedMel(tokenizer, meta, window)
+    slices = torch.stack([mel_fn(tokens[:, :n]) for n in range(25, 41)], dim=1)  # slices 24..39
+    assert slices.shape == (2, 16, 64)
+    diff = (slices - reference[:, 24:]).abs()
+    assert diff.mean() < 1e-3 and diff.max() < 2e-2, (diff.mean(), diff.max())  # float error, logged: ~1e-4
+    off_by_one = (reference[:, 24:] - reference[:, 23:-1]).abs()
+    assert off_by_one.mean() > 10 * diff.mean()  # the neighbouring slice is much further off
+    assert mel_fn.error_against(reference)[0] == pytest.approx(diff.mean().item(), rel=1e-4)
+
+
+def test_a_short_mel_window_is_an_approximation_that_is_measured(tiny_run):
+    tokenizer, meta = tiny_run["tokenizer"], tiny_run["meta"]
+    tokens = torch.randint(0, prepare.VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
+    mel_fn = sample.DecodedMel(tokenizer, meta, window=4)
+    for n in range(25, 41):
+        mel_fn(tokens[:, :n])
+    mean, worst = mel_fn.error_against(prepare.normalise_mel(prepare.log_mel(tokenizer.decode(tokens)), meta))
+    assert mean > 1e-3 and worst > mean  # the decoder's context is cut to 4 tokens: the slices differ
+
+
+@pytest.mark.parametrize("kind", ["gpt", "hybrid"])
+def test_cached_sampling_equals_uncached_past_the_window(tiny_run, kind):
+    """With the real mel path (decoded audio), 45 new tokens after 10 slide the 32-token window twice
+    (at 33 tokens, back to the newest 16, and again at 50)."""
+    model, config, _ = wg.load_checkpoint(os.path.join(tiny_run[kind], "ckpt_best.pt"))
+    tokenizer, meta = tiny_run["tokenizer"], tiny_run["meta"]
+    prompt = torch.randint(0, prepare.VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    mel = prepare.normalise_mel(prepare.log_mel(tokenizer.decode(prompt)), meta) if config.hybrid else None
+    runs = [model.generate(prompt, 45, mel=mel, top_k=100, use_cache=use_cache,
+                           mel_fn=sample.DecodedMel(tokenizer, meta) if config.hybrid else None,
+                           generator=[torch.Generator().manual_seed(s) for s in (5, 6)]) for use_cache in (True, False)]
+    assert runs[0].shape == (2, 55) and torch.equal(runs[0][:, :10], prompt)
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0][0, 10:], runs[0][1, 10:])
+
+
+def test_a_batch_of_samples_equals_the_samples_one_by_one(tiny_run):
+    model, _, _ = wg.load_checkpoint(os.path.join(tiny_run["hybrid"], "ckpt_best.pt"))
+    tokenizer, meta = tiny_run["tokenizer"], tiny_run["meta"]
+    prompt = torch.randint(0, prepare.VOCAB, (3, 8), generator=torch.Generator().manual_seed(4))
+    mel = prepare.normalise_mel(prepare.log_mel(tokenizer.decode(prompt)), meta)
+    batch, audio, _, _ = sample.generate(model, tokenizer, meta, prompt, mel, 40, sample_args(top_p=0.95, seed=10))
+    for i in range(3):  # sample i draws from a generator seeded seed + i
+        alone, alone_audio, _, _ = sample.generate(model, tokenizer, meta, prompt[i:i + 1], mel[i:i + 1], 40,
+                                                   sample_args(top_p=0.95, seed=10 + i))
+        assert torch.equal(alone[0], batch[i])
+        assert torch.allclose(alone_audio[0], audio[i], atol=1e-5)
+
+
+def test_bench_prints_tokens_per_second_and_realtime_factor(tiny_run, tmp_path, capsys):
+    sample.main(["--out_dir", tiny_run["hybrid"], "--seconds", "0.2", "--prompt_seconds", "0.2", "--bench",
+                 "--sample_dir", str(tmp_path)])
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("bench"))
+    tok_s = float(line.split(" tokens/s")[0].split("| ")[-1])
+    rtf = float(line.split("realtime factor ")[1].split()[0])
+    assert tok_s > 0 and rtf == pytest.approx(tok_s / 75, abs=0.006)  # both rounded when printed
