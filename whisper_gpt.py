@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -266,13 +267,15 @@ class WhisperGPT(nn.Module):
             raise ValueError(f"{start + T} positions exceed block_size {self.config.block_size}")
         x = self.wte(idx) + self.pos[start:start + T]  # (B, T, tok_width)
         if self.config.hybrid:
-            if mel is None or mel.shape[:2] != idx.shape:
+            if mel is None and cache is not None and cache.mel_last is not None and T == 1:
+                mel_in = cache.mel_last  # one new token: its input is the slice before it (generate's fast path)
+            elif mel is None or mel.shape[:2] != idx.shape:
                 raise ValueError("the hybrid needs mel (B, T, n_mel) aligned with idx (B, T)")
-            # shift the slices one step right: row t of the stack's input is slice t-1, row 0 is zeros
-            first = torch.zeros_like(mel[:, :1]) if cache is None or cache.mel_last is None else cache.mel_last
-            mel_in = torch.cat([first, mel[:, :-1]], dim=1)  # (B, T, n_mel)
-            if cache is not None:
-                cache.mel_last = mel[:, -1:]
+            else:  # shift the slices one step right: row t of the stack's input is slice t-1, row 0 is zeros
+                first = torch.zeros_like(mel[:, :1]) if cache is None or cache.mel_last is None else cache.mel_last
+                mel_in = torch.cat([first, mel[:, :-1]], dim=1)  # (B, T, n_mel)
+                if cache is not None:
+                    cache.mel_last = mel[:, -1:]
             x = torch.cat([x, self.mel(mel_in, cache, self.config.n_layer)], dim=-1)  # (B, T, n_embd)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
@@ -300,20 +303,26 @@ class WhisperGPT(nn.Module):
         c = self.config
         keep = c.block_size // 2
         start = max(0, idx.size(1) - c.block_size)  # first token of the window the model sees
-        cache = None
-        for step in range(max_new_tokens):
-            if idx.size(1) - start > c.block_size:
-                start, cache = idx.size(1) - keep, None
-            window_mel = mel[:, start:] if c.hybrid else None
-            if use_cache and cache is not None:  # only the newest token is new
-                logits, _ = self(idx[:, -1:], None if mel is None else mel[:, -1:], cache=cache)
-            else:  # prefill (or every step, uncached)
-                cache = self.new_cache() if use_cache else None
-                logits, _ = self(idx[:, start:], window_mel, cache=cache)
-            next_token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
-            idx = torch.cat([idx, next_token], dim=1)
-            if c.hybrid and step < max_new_tokens - 1:
-                mel = torch.cat([mel, mel_fn(idx).to(mel.dtype)[:, None, :]], dim=1)
+        cache, pending = None, None  # pending: the newest token's mel slice, on its way from mel_fn
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for step in range(max_new_tokens):
+                if idx.size(1) - start > c.block_size:
+                    start, cache = idx.size(1) - keep, None
+                if use_cache and cache is not None:
+                    # Only the newest token is new. Its own mel slice first matters at the next position (the
+                    # shift by 2), so mel_fn computes it on another thread while the model runs.
+                    logits, _ = self(idx[:, -1:], cache=cache)
+                    if pending is not None:
+                        mel = torch.cat([mel, pending.result().to(mel.dtype)[:, None, :]], dim=1)
+                        cache.mel_last = mel[:, -1:]
+                else:  # prefill (or every step, uncached): the window's tokens and all their slices
+                    if pending is not None:
+                        mel = torch.cat([mel, pending.result().to(mel.dtype)[:, None, :]], dim=1)
+                    cache = self.new_cache() if use_cache else None
+                    logits, _ = self(idx[:, start:], mel[:, start:] if c.hybrid else None, cache=cache)
+                next_token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
+                idx = torch.cat([idx, next_token], dim=1)
+                pending = pool.submit(mel_fn, idx) if c.hybrid and step < max_new_tokens - 1 else None
         return idx
 
 
