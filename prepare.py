@@ -14,6 +14,7 @@ progress lives in data/<name>/work/, one shard per group of files, so an interru
 the finished files are renamed into place only at the end.
 """
 import argparse
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -22,6 +23,7 @@ import json
 import multiprocessing
 import os
 import random
+import resource
 import shutil
 import sys
 import tarfile
@@ -58,7 +60,7 @@ SEGMENT = 10 * SAMPLE_RATE   # samples per encoder row: bounds memory (~0.4 GB) 
 CONTEXT = SAMPLE_RATE        # samples before a later segment that warm up its encoder state (frames dropped)
 GROUP_FILES = 16             # files per work shard, the unit of resumption ...
 GROUP_SECONDS = 300          # ... or fewer, once the group holds this much audio
-VAL_EVERY = 20               # file i (in seeded order) goes to val when i % 20 == 0: 5 %, at least one
+VAL_EVERY = 20               # 1 usable file in 20 goes to val (the first, the 21st, ...): 5 %, at least one
 FIT_FRAMES = 50_000          # train embeddings the offline codebook is fitted on (about 11 min of audio)
 KMEANS_ITERS = 20
 PREFETCH = 4                 # files loaded ahead of the encoder, per worker process
@@ -83,11 +85,6 @@ TRANSPOSE = 3                # semitones up or down, drawn per piece
 VELOCITY = (60, 110)         # MIDI velocity, drawn per piece ...
 VELOCITY_JITTER = 8          # ... then varied per note by up to this much
 RENDER_PEAK = 0.7            # rendered pieces are peak-normalised to -3 dBFS (the soundfont renders quietly)
-
-# EnCodec's LSTM state decays into denormal floats, which run ~16x slower on the CPU. The flush flag is per thread
-# and torch's worker threads copy it when they are created, at the first parallel op: so it is set here, on import,
-# which must come before any torch computation in the importing program.
-torch.set_flush_denormal(True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,6 +142,23 @@ def nearest(x: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) -> torch
     return out.reshape(x.shape[:-1])
 
 
+@contextlib.contextmanager
+def fast_cpu(device="cpu"):
+    """How EnCodec runs fast on a CPU (nothing changes on a GPU):
+    - one torch thread: torch's threads meet at each of the LSTM's 1,500 small steps per 10 s of audio and stall
+      there whenever another process holds a core (30x slower, seen here); worker processes give the parallelism;
+    - denormal floats flushed to zero (left on afterwards): the LSTM state decays into them, 16x slower. The flag
+      belongs to the calling thread, which is why it is set here and not once for the program."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+        torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.inference_mode()
 def embed(encoder, wavs: list, batch_size: int = 1) -> list:
     """EnCodec encoder latents: wavs, a list of (S_i,) float tensors at 24 kHz with S_i % HOP == 0
@@ -156,6 +170,11 @@ def embed(encoder, wavs: list, batch_size: int = 1) -> list:
     the longest in their batch: the encoder is causal, so padding changes no frame before it.
     """
     device = next(encoder.parameters()).device
+    with fast_cpu(device):
+        return embed_rows(encoder, wavs, batch_size, device)
+
+
+def embed_rows(encoder, wavs: list, batch_size: int, device) -> list:
     rows = []                                                            # (file, segment, first sample, end, context)
     for i, wav in enumerate(wavs):
         for k, start in enumerate(range(0, len(wav), SEGMENT)):
@@ -200,7 +219,8 @@ class Tokenizer:
         """tokens (B, T) int64 -> (B, T * HOP) float32 audio at 24 kHz, from codebook 0 alone (so coarse; and
         noise for the offline tokenizer, whose decoder is random)."""
         emb = self.codebook[tokens.to(self.codebook.device)].transpose(1, 2)          # (B, EMB_DIM, T)
-        return self.model.decoder(emb.to(self.device))[:, 0, :tokens.shape[1] * HOP].float()
+        with fast_cpu(self.device):
+            return self.model.decoder(emb.to(self.device))[:, 0, :tokens.shape[1] * HOP].float()
 
     def fingerprint(self) -> str:
         """A hash of everything that decides the tokens: shards made by another tokenizer are not reused."""
@@ -410,12 +430,13 @@ class BadAudio(Exception):
     pass
 
 
-def file_sources(folders: list, seed: int) -> list:
-    """Every audio file under `folders`, in a seeded order; the key changes when a file does."""
+def file_sources(folders: list, base: Path, seed: int) -> list:
+    """Every audio file under `folders`, in a seeded order, named relative to `base`; the key changes when a
+    file does."""
     for folder in folders:
         if not Path(folder).is_dir():
             raise SystemExit(f"audio folder {folder} does not exist")
-    base = Path(os.path.commonpath([Path(f).resolve() for f in folders]))
+    base = Path(base).resolve()
     paths = sorted(p for f in folders for p in Path(f).resolve().rglob("*")
                    if p.suffix.lower() in AUDIO_EXTS and not p.is_dir())
     if not paths:
@@ -433,7 +454,8 @@ def file_sources(folders: list, seed: int) -> list:
 
 def music_sources(seed: int) -> list:
     """Every piece in the music21 corpus (each tune of a multi-tune ABC file on its own), in a seeded order, each
-    with its instrument and variation drawn from the seed and its name."""
+    with its instrument and variation drawn from the seed and its name. (music21, pretty_midi and midirenderer are
+    imported where they are used, so that importing prepare for log_mel or the tokenizer stays light.)"""
     from music21 import corpus
     bundle = corpus.corpora.CoreCorpus().metadataBundle[:]  # a slice: iterating the bundle itself is O(n^2)
     entries = [(str(e.sourcePath), str(e.number or "")) for e in bundle]
@@ -535,7 +557,7 @@ _encoder = None  # in a worker process that also encodes (runs on the CPU): the 
 
 def _worker_init(encoder_state):
     global _encoder
-    torch.set_num_threads(1)  # torch's threads meet at every LSTM step, and stall there when a core is busy
+    torch.set_num_threads(1)  # one process per core (see fast_cpu)
     if encoder_state is not None:
         _encoder = encodec_skeleton().encoder.eval()
         _encoder.load_state_dict(encoder_state)
@@ -609,6 +631,19 @@ def write_shard(path: Path, group: list, tokens: list):
 def shard_members(path: Path) -> list:
     with np.load(path) as shard:
         return json.loads(str(shard["members"]))
+
+
+def job_id(sources: list, args) -> str:
+    """What a work folder was made for: the files, hours, seed and tokenizer asked."""
+    job = [FORMAT_VERSION, [s.key for s in sources], args.hours, args.seed, args.tokenizer, args.encodec_ckpt]
+    return hashlib.sha1(json.dumps(job).encode()).hexdigest()
+
+
+def clear_other_work(work: Path, job: str):
+    """Remove a work folder left by a different job, so that an offline codebook fitted on other audio is never
+    reused; an interrupted run of this very job is kept, to resume."""
+    if work.exists() and (not (work / "job").is_file() or (work / "job").read_text() != job):
+        shutil.rmtree(work)
 
 
 def progress(done_s: float, total_s: float, files: int, t0: float):
@@ -696,12 +731,10 @@ def fit_offline(tok: Tokenizer, waiting: list, work: Path, seed: int):
     t0 = time.time()
     tok.codebook = fit_codebook(emb, seed).to(tok.device)
     print(f"fitted the offline codebook on {len(emb):,} train latents in {time.time() - t0:.1f} s", file=sys.stderr)
-    work.mkdir(parents=True, exist_ok=True)
     tok.save(work / TOKENIZER_FILE)
 
 
 def flush(work: Path, tok: Tokenizer, group: list) -> Path:
-    work.mkdir(parents=True, exist_ok=True)
     path = shard_path(work, tok, group[0].src)
     write_shard(path, group, [tok.quantise(item.emb) for item in group if item.reason is None])
     return path
@@ -821,11 +854,12 @@ def list_sources(args) -> tuple:
         return music_sources(args.seed), args.hours * 3600, describe
     if args.dataset == "speech":
         folders = fetch_libritts(args.subsets, args.url_base, Path(args.data_root) / "downloads")
+        base = Path(args.data_root) / "downloads" / "LibriTTS"
         describe = {"dataset": "speech", "corpus": "LibriTTS " + " ".join(args.subsets)}
     else:
-        folders = [Path(args.audio_dir)]
-        describe = {"dataset": "audio_dir", "corpus": str(Path(args.audio_dir).resolve())}
-    sources = file_sources(folders, args.seed)
+        folders = [base := Path(args.audio_dir)]
+        describe = {"dataset": "audio_dir", "corpus": str(base.resolve())}
+    sources = file_sources(folders, base, args.seed)
     return sources, sum(duration(s.path) for s in sources), describe
 
 
@@ -842,11 +876,16 @@ def main(argv=None):
     sources, total_s, describe = list_sources(args)
     data_dir = Path(args.data_root) / args.name
     work = data_dir / "work"
+    job = job_id(sources, args)
+    clear_other_work(work, job)
     tok = choose_tokenizer(args, work)
     existed = data_dir.exists()
     print(f"{len(sources):,} sources -> {data_dir} with tokenizer {tok.name} on {args.device}", file=sys.stderr)
     try:
-        shards = encode_corpus(sources, work, tok, args, total_s)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "job").write_text(job)
+        with fast_cpu(args.device):  # the cores belong to the workers
+            shards = encode_corpus(sources, work, tok, args, total_s)
         meta = assemble(shards, data_dir, tok, {**describe, "seed": args.seed, "hours_asked": args.hours})
     except SystemExit:
         shutil.rmtree(work, ignore_errors=True)  # nothing usable: leave no files behind
@@ -854,10 +893,10 @@ def main(argv=None):
             shutil.rmtree(data_dir, ignore_errors=True)
         raise
     shutil.rmtree(work)
-    summarise(meta, data_dir, time.time() - t0)
+    summarise(meta, data_dir, time.time() - t0, args.workers)
 
 
-def summarise(meta: dict, data_dir: Path, seconds: float):
+def summarise(meta: dict, data_dir: Path, seconds: float, workers: int):
     hours = {s: meta[f"n_{s}"] / FRAME_RATE / 3600 for s in ("train", "val")}
     n_files = {s: sum(f["split"] == s for f in meta["files"]) for s in ("train", "val")}
     label = " (OFFLINE stand-in: random EnCodec weights + k-means codebook)" if meta["tokenizer_offline"] else ""
@@ -869,6 +908,10 @@ def summarise(meta: dict, data_dir: Path, seconds: float):
                                                            for s in meta["skipped"]))
     for f in sorted(data_dir.glob("*.bin")) + [data_dir / "meta.json"]:
         print(f"  {f.name}: {f.stat().st_size / 1e6:.1f} MB")
+    main_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+    worker_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+    print(f"  peak memory (RSS): {main_gb:.2f} GB here" + (f" + {workers} workers of at most {worker_gb:.2f} GB"
+                                                           if workers else ""))
     total_h = hours["train"] + hours["val"]
     print(f"{total_h:.3f} h of audio in {seconds:.0f} s = {total_h * 3600 / seconds:.1f}x realtime")
 

@@ -1,7 +1,6 @@
 """Tests for prepare.py: alignment, mel, tokenizer, bad input, resume, determinism, downloads. CPU, seconds of audio."""
 import http.server
 import io
-import json
 import os
 import tarfile
 import threading
@@ -63,7 +62,7 @@ def model_rate(path):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def audio_corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
     make_corpus(folder)
     bad = make_bad_files(folder)
@@ -71,8 +70,8 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prepared(corpus, tmp_path_factory):
-    folder, _ = corpus
+def prepared_dir(audio_corpus, tmp_path_factory):
+    folder, _ = audio_corpus
     root = tmp_path_factory.mktemp("data")
     run_prepare(root, "--audio_dir", str(folder), "--name", "tiny", "--tokenizer", "offline")
     return root / "tiny"
@@ -118,39 +117,40 @@ def test_log_mel_puts_a_tone_in_the_right_band():
 # ---------------------------------------------------------------------------------------------------------------
 # a prepared folder
 
-def test_counts_alignment_and_token_range(prepared, corpus):
-    folder, bad = corpus
-    meta = prepare.read_meta(prepared)
+def test_counts_alignment_and_token_range(prepared_dir, audio_corpus):
+    folder, bad = audio_corpus
+    meta = prepare.read_meta(prepared_dir)
     assert {f["path"] for f in meta["files"]} == {str(p.relative_to(folder)) for p in folder.rglob("good*")}
-    assert not list(prepared.parent.rglob("*.tmp")) and not (prepared / "work").exists()
+    assert not list(prepared_dir.parent.rglob("*.tmp")) and not (prepared_dir / "work").exists()
     for split in ("train", "val"):
-        tokens, mel = read_split(prepared, split)
+        tokens, mel = read_split(prepared_dir, split)
         files = [f for f in meta["files"] if f["split"] == split]
         assert len(tokens) == len(mel) == meta[f"n_{split}"] == sum(f["frames"] for f in files) > 0
         assert int(tokens.max()) < prepare.VOCAB
         for f in files:  # each file: one token and one mel row per whole 320 samples at 24 kHz
             assert f["frames"] == len(model_rate(folder / f["path"])) // prepare.HOP
-    assert len(np.unique(read_split(prepared, "train")[0])) > 10
+    assert len(np.unique(read_split(prepared_dir, "train")[0])) > 10
 
 
-def test_mel_is_normalised_with_train_statistics(prepared):
-    meta = prepare.read_meta(prepared)
-    _, mel = read_split(prepared, "train")
-    assert mel.dtype == np.float16 and mel.shape[1] == 64
+def test_mel_is_normalised_with_train_statistics(prepared_dir):
+    meta = prepare.read_meta(prepared_dir)
+    _, mel = read_split(prepared_dir, "train")
+    assert (prepared_dir / "train_mel.bin").stat().st_size == meta["n_train"] * 64 * 2  # float16 [N, 64]
+    assert (prepared_dir / "train_tokens.bin").stat().st_size == meta["n_train"] * 2    # uint16 [N]
     mel = mel.astype(np.float64)
     assert np.abs(mel.mean(0)).max() < 0.01
     assert np.abs(mel.std(0) - 1).max() < 0.01
     assert len(meta["mel_mean"]) == len(meta["mel_std"]) == 64
 
 
-def test_stored_rows_are_the_files_own_tokens_and_mels(prepared, corpus):
+def test_stored_rows_are_the_files_own_tokens_and_mels(prepared_dir, audio_corpus):
     """The rebuilt tokenizer (load_tokenizer) gives the stored tokens; log_mel + normalise_mel the stored mels."""
-    folder, _ = corpus
-    meta = prepare.read_meta(prepared)
-    tok = prepare.load_tokenizer(prepared)
+    folder, _ = audio_corpus
+    meta = prepare.read_meta(prepared_dir)
+    tok = prepare.load_tokenizer(prepared_dir)
     assert tok.offline and tok.name == meta["tokenizer"] == prepare.OFFLINE_NAME and meta["tokenizer_offline"]
     for f in meta["files"][:2] + [f for f in meta["files"] if f["split"] == "val"]:
-        tokens, mel = read_split(prepared, f["split"])
+        tokens, mel = read_split(prepared_dir, f["split"])
         rows = slice(f["offset"], f["offset"] + f["frames"])
         wav = model_rate(folder / f["path"])
         assert torch.equal(tok.encode(wav[None])[0], torch.from_numpy(tokens[rows].astype(np.int64)))
@@ -160,14 +160,14 @@ def test_stored_rows_are_the_files_own_tokens_and_mels(prepared, corpus):
     assert audio.shape == (1, 75 * prepare.HOP) and audio.dtype == torch.float32
 
 
-def test_bad_files_are_skipped_with_their_reason(prepared, corpus):
-    _, bad = corpus
-    meta = prepare.read_meta(prepared)
+def test_bad_files_are_skipped_with_their_reason(prepared_dir, audio_corpus):
+    _, bad = audio_corpus
+    meta = prepare.read_meta(prepared_dir)
     reasons = {s["path"]: s["reason"] for s in meta["skipped"]}
     assert set(reasons) == set(bad)
     for name, words in bad.items():
         assert words in reasons[name], (name, reasons[name])
-    assert sorted(p.name for p in prepared.iterdir()) == sorted(
+    assert sorted(p.name for p in prepared_dir.iterdir()) == sorted(
         ["meta.json", "tokenizer.pt", "train_mel.bin", "train_tokens.bin", "val_mel.bin", "val_tokens.bin"])
 
 
@@ -183,13 +183,15 @@ def test_no_usable_input_is_one_clear_error_and_writes_nothing(tmp_path, kind):
                                           "nothing usable": "no usable audio"}[kind]):
         run_prepare(root, "--audio_dir", str(folder), "--name", "x", "--tokenizer", "offline")
     assert not (root / "x").exists()
+    with pytest.raises(FileNotFoundError, match="prepare.py"):
+        prepare.read_meta(root / "x")
 
 
-def test_output_is_deterministic_for_a_seed(prepared, corpus, tmp_path):
-    again = run_prepare(tmp_path, "--audio_dir", str(corpus[0]), "--name", "tiny", "--tokenizer", "offline") / "tiny"
+def test_output_is_deterministic_for_a_seed(prepared_dir, audio_corpus, tmp_path):
+    again = run_prepare(tmp_path, "--audio_dir", str(audio_corpus[0]), "--name", "tiny", "--tokenizer", "offline") / "tiny"
     for name in ("train_tokens.bin", "train_mel.bin", "val_tokens.bin", "val_mel.bin", "meta.json"):
-        assert (again / name).read_bytes() == (prepared / name).read_bytes(), name
-    a, b = (torch.load(d / "tokenizer.pt") for d in (again, prepared))
+        assert (again / name).read_bytes() == (prepared_dir / name).read_bytes(), name
+    a, b = (torch.load(d / "tokenizer.pt") for d in (again, prepared_dir))
     assert torch.equal(a["codebook"], b["codebook"]) and a["seed"] == b["seed"] == SEED
 
 
@@ -224,6 +226,29 @@ def test_resume_after_interruption_redoes_nothing_finished(tmp_path, monkeypatch
     assert not (cut / "work").exists()
 
 
+def test_a_different_job_never_reuses_an_interrupted_one(tmp_path, monkeypatch):
+    """Work left by an interrupted run is reused only by the same job: new files, new start (a codebook fitted on
+    other audio must not leak in)."""
+    folder = tmp_path / "audio"
+    make_corpus(folder, n=4)
+    monkeypatch.setattr(prepare, "GROUP_FILES", 2)
+    monkeypatch.setattr(prepare, "FIT_FRAMES", 1)
+    monkeypatch.setattr(prepare, "write_shard", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    args = ["--audio_dir", str(folder), "--name", "j", "--tokenizer", "offline"]
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare(tmp_path, *args)
+    assert (tmp_path / "j" / "work" / "tokenizer.pt").exists()
+    monkeypatch.undo()
+    sf.write(folder / "new.wav", tone(1.0, 24000, 500), 24000)
+    load_source, loaded = prepare.load_source, []
+    monkeypatch.setattr(prepare, "load_source", lambda src: loaded.append(src.name) or load_source(src))
+    run_prepare(tmp_path, *args)
+    fresh = run_prepare(tmp_path / "fresh", *args) / "j"
+    assert len(loaded) == 2 * 5
+    for name in ("train_tokens.bin", "val_tokens.bin", "train_mel.bin"):
+        assert (tmp_path / "j" / name).read_bytes() == (fresh / name).read_bytes()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the tokenizer
 
@@ -233,7 +258,8 @@ def test_long_files_are_encoded_in_segments_with_warm_context(monkeypatch):
     long, short = (torch.from_numpy(tone(s, 24000, 300, seed=int(s)).astype(np.float32)) for s in (5.0, 1.0))
     alone = tok.embed_many([long])[0]
     assert alone.shape == (5 * 75, prepare.EMB_DIM)
-    whole = tok.model.encoder(long[None, None]).transpose(1, 2)[0]
+    with torch.no_grad(), prepare.fast_cpu():
+        whole = tok.model.encoder(long[None, None]).transpose(1, 2)[0]
     assert torch.allclose(alone[:150], whole[:150], atol=1e-5)  # the first segment is the plain encoding
     assert torch.allclose(alone, whole, atol=0.05 * whole.abs().max().item())  # later ones start warm
     batched = tok.embed_many([short, long], batch_size=3)  # rows padded to the longest: causal, so no change
@@ -242,8 +268,9 @@ def test_long_files_are_encoded_in_segments_with_warm_context(monkeypatch):
 
 def test_fit_codebook_is_a_deterministic_kmeans():
     centres = torch.randn(8, prepare.EMB_DIM) * 10
-    points = (centres[:, None] + torch.randn(8, 300, prepare.EMB_DIM)).reshape(-1, prepare.EMB_DIM)
-    codebook = prepare.fit_codebook(points, SEED)
+    points = (centres[:, None] + torch.randn(8, 100, prepare.EMB_DIM)).reshape(-1, prepare.EMB_DIM)
+    with prepare.fast_cpu():
+        codebook = prepare.fit_codebook(points, SEED)
     assert codebook.shape == (prepare.VOCAB, prepare.EMB_DIM) and torch.equal(codebook, prepare.fit_codebook(points, SEED))
     codes = prepare.nearest(points, codebook)
     error = (points - codebook[codes]).pow(2).sum(1).mean()
@@ -269,7 +296,7 @@ def test_pretrained_path_takes_codebook_zero_of_encodec(tmp_path):
     model.set_target_bandwidth(1.5)
     for f in meta["files"]:
         wav = model_rate(folder / f["path"])
-        with torch.no_grad():
+        with torch.no_grad(), prepare.fast_cpu():
             codes = model.encode(wav[None, None])[0][0]  # (B, n_q, T)
         tokens, _ = read_split(data, f["split"])
         stored = torch.from_numpy(tokens[f["offset"]:f["offset"] + f["frames"]].astype(np.int64))
@@ -296,7 +323,7 @@ def test_encodec_without_weights_fails_clearly_and_auto_falls_back_loudly(tmp_pa
 # downloads
 
 @pytest.fixture
-def server():
+def archive_server():
     """A real local HTTP server in a thread serving `files`; honours Range requests while `ranges` is true."""
     class Handler(http.server.BaseHTTPRequestHandler):
         files, ranges, short, requests = {}, True, False, []
@@ -329,8 +356,8 @@ def server():
 
 
 @pytest.mark.parametrize("case", ["resume", "server ignores ranges", "part too long"])
-def test_download_resumes_or_restarts_a_partial_file(tmp_path, server, case):
-    url, handler = server
+def test_download_resumes_or_restarts_a_partial_file(tmp_path, archive_server, case):
+    url, handler = archive_server
     body = os.urandom(300_000)
     handler.files["/x.bin"] = body
     handler.ranges = case != "server ignores ranges"
@@ -342,8 +369,8 @@ def test_download_resumes_or_restarts_a_partial_file(tmp_path, server, case):
     assert len(handler.requests) == (2 if case == "part too long" else 1)  # a 416 starts over, once
 
 
-def test_download_refuses_a_short_file_and_keeps_the_part(tmp_path, server):
-    url, handler = server
+def test_download_refuses_a_short_file_and_keeps_the_part(tmp_path, archive_server):
+    url, handler = archive_server
     handler.files["/x.bin"] = os.urandom(10_000)
     handler.short = True
     with pytest.raises(OSError, match="run again to resume"):
@@ -351,9 +378,9 @@ def test_download_refuses_a_short_file_and_keeps_the_part(tmp_path, server):
     assert not (tmp_path / "x.bin").exists() and (tmp_path / "x.bin.part").stat().st_size == 5_000
 
 
-def test_libritts_download_extract_and_tokenise(tmp_path, server):
+def test_libritts_download_extract_and_tokenise(tmp_path, archive_server):
     """A tiny archive with LibriTTS's layout (LibriTTS/<subset>/<speaker>/<chapter>/*.wav), half downloaded."""
-    url, handler = server
+    url, handler = archive_server
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w:gz") as tar:
         for speaker, chapter, utt in [(19, 198, 0), (19, 198, 1), (26, 495, 0), (26, 495, 1), (32, 21625, 0)]:
@@ -378,8 +405,8 @@ def test_libritts_download_extract_and_tokenise(tmp_path, server):
     assert len(handler.requests) == 1  # extracted once: no second download
 
 
-def test_corrupt_archive_is_deleted_with_a_clear_error(tmp_path, server):
-    url, handler = server
+def test_corrupt_archive_is_deleted_with_a_clear_error(tmp_path, archive_server):
+    url, handler = archive_server
     handler.files["/dev-clean.tar.gz"] = b"not a tarball" * 50
     with pytest.raises(SystemExit, match="corrupt"):
         run_prepare(tmp_path, "--dataset", "speech", "--subsets", "dev-clean", "--url_base", url)
@@ -408,11 +435,13 @@ def test_music_dataset_renders_short_pieces_in_a_worker(tmp_path, monkeypatch):
     prepare.main(["--dataset", "music", "--hours", "0.01", "--tokenizer", "offline", "--data_root", str(tmp_path),
                   "--workers", "1", "--seed", str(SEED)])
     meta = prepare.read_meta(tmp_path / "music")
-    assert [f["path"] for f in meta["files"]] == SHORT_PIECES and meta["n_val"] > 0 and not meta["skipped"]
+    assert sorted(f["path"] for f in meta["files"]) == sorted(SHORT_PIECES) and not meta["skipped"]
+    assert [f["path"] for f in meta["files"] if f["split"] == "val"] == SHORT_PIECES[:1]  # the first usable file
     wav, mel = prepare.load_source(pieces[0])
-    assert wav.dtype == np.float32 and len(wav) % prepare.HOP == 0 and len(mel) == meta["files"][0]["frames"]
+    frames = {f["path"]: f["frames"] for f in meta["files"]}
+    assert wav.dtype == np.float32 and len(wav) % prepare.HOP == 0 and len(mel) == frames[SHORT_PIECES[0]]
     assert abs(np.abs(wav).max() - prepare.RENDER_PEAK) < 1e-5
-    assert meta["files"][0]["rendering"]["program"] in prepare.INSTRUMENTS
+    assert all(f["rendering"]["program"] in prepare.INSTRUMENTS for f in meta["files"])
     assert np.array_equal(prepare.load_source(pieces[0])[0], wav)  # rendering is deterministic
     program = 73 if pieces[0].music["program"] != 73 else 0
     flute = prepare.load_source(pieces[0]._replace(music={**pieces[0].music, "program": program}))[0]
