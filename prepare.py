@@ -86,6 +86,11 @@ VELOCITY = (60, 110)         # MIDI velocity, drawn per piece ...
 VELOCITY_JITTER = 8          # ... then varied per note by up to this much
 RENDER_PEAK = 0.7            # rendered pieces are peak-normalised to -3 dBFS (the soundfont renders quietly)
 
+# EnCodec's LSTM state decays into denormal floats, which run ~16x slower on the CPU. The flush flag belongs to a
+# thread, and threads copy it from the thread that creates them: set on import, before torch makes its worker
+# threads, it covers every EnCodec call of a program that imports prepare first (fast_cpu sets it again per call).
+torch.set_flush_denormal(True)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # the audio front end
@@ -147,8 +152,8 @@ def fast_cpu(device="cpu"):
     """How EnCodec runs fast on a CPU (nothing changes on a GPU):
     - one torch thread: torch's threads meet at each of the LSTM's 1,500 small steps per 10 s of audio and stall
       there whenever another process holds a core (30x slower, seen here); worker processes give the parallelism;
-    - denormal floats flushed to zero (left on afterwards): the LSTM state decays into them, 16x slower. The flag
-      belongs to the calling thread, which is why it is set here and not once for the program."""
+    - denormal floats flushed to zero (left on afterwards): the LSTM state decays into them, 16x slower; the flag
+      belongs to the calling thread, so it is set here again in case this thread did not inherit it."""
     threads = torch.get_num_threads()
     if torch.device(device).type == "cpu":
         torch.set_num_threads(1)
@@ -219,8 +224,8 @@ class Tokenizer:
         """tokens (B, T) int64 -> (B, T * HOP) float32 audio at 24 kHz, from codebook 0 alone (so coarse; and
         noise for the offline tokenizer, whose decoder is random)."""
         emb = self.codebook[tokens.to(self.codebook.device)].transpose(1, 2)          # (B, EMB_DIM, T)
-        with fast_cpu(self.device):
-            return self.model.decoder(emb.to(self.device))[:, 0, :tokens.shape[1] * HOP].float()
+        torch.set_flush_denormal(True)  # for this thread (the decoder has an LSTM too); thread count: the caller's
+        return self.model.decoder(emb.to(self.device))[:, 0, :tokens.shape[1] * HOP].float()
 
     def fingerprint(self) -> str:
         """A hash of everything that decides the tokens: shards made by another tokenizer are not reused."""
