@@ -106,11 +106,19 @@ def log_mel(wav: torch.Tensor) -> torch.Tensor:
     if wav.shape[-1] % HOP:
         raise ValueError(f"log_mel needs a multiple of {HOP} samples, got {wav.shape[-1]}")
     wav = wav.float()
+    window, fbank = mel_basis(wav.device)
     frames = F.pad(wav, (WIN - HOP, 0)).unfold(-1, WIN, HOP)                      # (..., T, WIN)
-    power = torch.fft.rfft(frames * torch.hann_window(WIN, device=wav.device)).abs().pow(2)  # (..., T, WIN//2+1)
+    power = torch.fft.rfft(frames * window).abs().pow(2)                           # (..., T, WIN//2+1)
+    return torch.log(torch.clamp(power @ fbank, min=LOG_FLOOR))
+
+
+@functools.lru_cache(maxsize=None)
+def mel_basis(device):
+    """The periodic Hann window (WIN,) and the Slaney mel filterbank (WIN//2+1, N_MELS), made once per device:
+    sample.py calls log_mel once per generated token."""
     fbank = torchaudio.functional.melscale_fbanks(WIN // 2 + 1, 0.0, SAMPLE_RATE / 2, N_MELS, SAMPLE_RATE,
                                                   norm="slaney", mel_scale="slaney")  # (WIN//2+1, N_MELS)
-    return torch.log(torch.clamp(power @ fbank.to(wav.device), min=LOG_FLOOR))
+    return torch.hann_window(WIN, device=device), fbank.to(device)
 
 
 def normalise_mel(mel: torch.Tensor, meta: dict) -> torch.Tensor:

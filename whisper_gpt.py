@@ -288,7 +288,7 @@ class WhisperGPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, idx, max_new_tokens, mel=None, mel_fn=None, temperature=1.0, top_k=None, top_p=None,
                  use_cache=True, generator=None):
         """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
