@@ -13,6 +13,7 @@ reads the slice. --mel_window W instead decodes the newest W tokens from scratch
 approximation. Every hybrid run prints how far its slices are from those of the whole output decoded at once.
 """
 import argparse
+import multiprocessing
 import os
 import time
 
@@ -23,6 +24,7 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchaudio.functional as AF
 from encodec.modules.conv import SConv1d, SConvTranspose1d, pad1d
 from encodec.modules.lstm import SLSTM
@@ -46,8 +48,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1337, help="sample i draws from a generator seeded seed + i")
     p.add_argument("--mel_window", type=int, default=0, help="hybrid: 0 = stream the decoder (exact); W = decode "
                    "the newest W tokens from scratch each step (an approximation, for comparison)")
+    p.add_argument("--mel_worker", choices=("process", "thread"), default="process", help="hybrid: decode for "
+                   "the mel slices in a process of its own (on its own core) or in a thread beside the model")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's "
+                   "choice, less the one the hybrid's mel worker process takes)")
     p.add_argument("--sample_dir", default=None, help="where to write (default: --out_dir)")
     p.add_argument("--bench", action="store_true", help="print tokens/s and realtime factor, decoding included")
     args = p.parse_args(argv)
@@ -120,61 +125,97 @@ def decoded_mel(tokenizer, meta, tokens):
 class StreamingDecoder:
     """EnCodec's causal SEANet decoder run incrementally, exactly: each layer keeps the past it needs (a causal
     conv its last (k-1)*d inputs, a transposed conv the tail of its overlap-add, the LSTM its state), so feeding
-    tokens in pieces gives the audio that tokenizer.decode gives for all of them at once, at one token's cost."""
+    tokens in pieces gives the audio that tokenizer.decode gives for all of them at once, at one token's cost.
+    The layers are wrapped once, here; a step then calls torch directly, with no per-call dispatch on types."""
 
     def __init__(self, tokenizer):
         self.codebook = tokenizer.codebook  # (VOCAB, 128): token -> the latent the decoder reads
-        self.decoder = prepare.encodec_skeleton().decoder.to(tokenizer.device).eval()  # a copy to change:
-        self.decoder.load_state_dict(tokenizer.model.decoder.state_dict())
-        for m in self.decoder.modules():  # fold weight norm into the weights once, not at every call
+        decoder = prepare.encodec_skeleton().decoder.to(tokenizer.device).eval()  # a copy to change:
+        decoder.load_state_dict(tokenizer.model.decoder.state_dict())
+        for m in decoder.modules():  # fold weight norm into the weights once, not at every call
             if hasattr(m, "weight_g"):
                 torch.nn.utils.remove_weight_norm(m)
-        self.state = {}
+        self.layers = [streamed(m) for m in decoder.model]
 
     @torch.inference_mode()
     def __call__(self, tokens):
         """tokens (B, n) that follow the ones fed before -> their audio (B, n * HOP)."""
         x = self.codebook[tokens].transpose(1, 2)  # (B, 128, n)
-        return self.run(list(self.decoder.model), x)[:, 0]
+        for layer in self.layers:
+            x = layer(x)
+        return x[:, 0]
 
-    def run(self, layers, x):
-        for m in layers:
-            x = self.step(m, x)
-        return x
 
-    def step(self, m, x):
-        """One layer on the new frames x (B, C, L), using and updating its state."""
-        if isinstance(m, SConv1d):
-            k, d = m.conv.conv.kernel_size[0], m.conv.conv.dilation[0]
-            if k == 1:
-                return m.conv(x)
-            past = self.state.get(m)  # the first call pads as SConv1d does (reflection at the very start)
-            x = pad1d(x, ((k - 1) * d, 0), mode=m.pad_mode) if past is None else torch.cat([past, x], dim=-1)
-            self.state[m] = x[..., -(k - 1) * d:]
-            return m.conv(x)
-        if isinstance(m, SConvTranspose1d):
-            conv = m.convtr.convtr
-            k, s = conv.kernel_size[0], conv.stride[0]
-            y = m.convtr(x)  # (B, C, (L - 1) * s + k): the last k - s samples overlap the next frames' output
-            tail = self.state.get(m)
-            if tail is not None:  # add the previous call's overlap (its bias is already in y once)
-                y = torch.cat([y[..., :k - s] + tail - conv.bias[:, None], y[..., k - s:]], dim=-1)
-            self.state[m] = y[..., x.size(-1) * s:]
-            return y[..., :x.size(-1) * s]
-        if isinstance(m, SLSTM):
-            seq = x.permute(2, 0, 1)  # (L, B, C)
-            onednn = torch.backends.mkldnn.enabled
-            torch.backends.mkldnn.enabled = False  # oneDNN's LSTM takes ~9 ms for one step on a CPU, plain ~1 ms
-            try:
-                y, self.state[m] = m.lstm(seq, self.state.get(m))
-            finally:
-                torch.backends.mkldnn.enabled = onednn
-            return (y + seq).permute(1, 2, 0) if m.skip else y.permute(1, 2, 0)
-        if isinstance(m, SEANetResnetBlock):
-            return self.step(m.shortcut, x) + self.run(list(m.block), x)
-        if isinstance(m, (nn.ELU, nn.Identity)):
-            return m(x)
-        raise TypeError(f"no streaming rule for {type(m).__name__}: a decoder this file does not know")
+def streamed(m):
+    """A decoder layer as a function of its new frames x (B, C, L) that keeps the past it needs."""
+    if isinstance(m, SConv1d):
+        return StreamedConv(m.conv.conv, m.pad_mode)
+    if isinstance(m, SConvTranspose1d):
+        return StreamedConvTranspose(m.convtr.convtr)
+    if isinstance(m, SLSTM):
+        return StreamedLSTM(m.lstm, m.skip)
+    if isinstance(m, SEANetResnetBlock):
+        shortcut, block = streamed(m.shortcut), [streamed(b) for b in m.block]
+        def residual(x):
+            y = x
+            for layer in block:
+                y = layer(y)
+            return shortcut(x) + y
+        return residual
+    if isinstance(m, (nn.ELU, nn.Identity)):
+        return m
+    raise TypeError(f"no streaming rule for {type(m).__name__}: a decoder this file does not know")
+
+
+class StreamedConv:
+    """A causal conv (stride 1): each call sees the last (k-1)*d frames of the one before."""
+
+    def __init__(self, conv, pad_mode):
+        assert conv.stride[0] == 1, "the SEANet decoder's convs have stride 1"
+        self.weight, self.bias, self.dilation = conv.weight, conv.bias, conv.dilation[0]
+        self.context = (conv.kernel_size[0] - 1) * self.dilation
+        self.pad_mode, self.past = pad_mode, None
+
+    def __call__(self, x):
+        if self.context:  # the first call pads as SConv1d does (reflection at the very start)
+            x = pad1d(x, (self.context, 0), mode=self.pad_mode) if self.past is None else torch.cat([self.past, x], -1)
+            self.past = x[..., -self.context:]
+        return F.conv1d(x, self.weight, self.bias, dilation=self.dilation)
+
+
+class StreamedConvTranspose:
+    """A transposed conv (kernel k, stride s): the last k - s samples of a call's output overlap the next
+    call's first ones, so they are held back and added in then (their bias counted once)."""
+
+    def __init__(self, conv):
+        self.weight, self.bias, self.stride = conv.weight, conv.bias, conv.stride[0]
+        self.overlap = conv.kernel_size[0] - self.stride
+        self.tail = None
+
+    def __call__(self, x):
+        y = F.conv_transpose1d(x, self.weight, self.bias, stride=self.stride)  # (B, C, (L - 1) * s + k)
+        if self.tail is not None:
+            y = torch.cat([y[..., :self.overlap] + self.tail - self.bias[:, None], y[..., self.overlap:]], dim=-1)
+        n = x.size(-1) * self.stride
+        self.tail = y[..., n:]
+        return y[..., :n]
+
+
+class StreamedLSTM:
+    """SLSTM (an LSTM over time, plus its input when skip) carrying its state from call to call."""
+
+    def __init__(self, lstm, skip):
+        self.lstm, self.skip, self.state = lstm, skip, None
+
+    def __call__(self, x):
+        seq = x.permute(2, 0, 1)  # (L, B, C)
+        onednn = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False  # oneDNN's LSTM takes ~9 ms for one step on a CPU, plain ~1 ms
+        try:
+            y, self.state = self.lstm(seq, self.state)
+        finally:
+            torch.backends.mkldnn.enabled = onednn
+        return (y + seq).permute(1, 2, 0) if self.skip else y.permute(1, 2, 0)
 
 
 class DecodedMel:
@@ -218,6 +259,88 @@ class DecodedMel:
             return float("nan"), float("nan")
         diff = torch.stack([(s - reference[:, t]).abs() for t, s in sorted(self.slices.items())])
         return diff.mean().item(), diff.max().item()
+
+
+def serve_mel(conn, data_dir, meta, window, threads, device):
+    """The mel worker process: a DecodedMel of its own, answering ("method", args) requests until None comes."""
+    try:
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(True)
+        mel_fn = DecodedMel(prepare.load_tokenizer(data_dir, device), meta, window)
+        conn.send((True, mel_fn.tokenizer.name))
+    except Exception as e:  # the parent raises it: a worker that cannot start must not hang the run
+        conn.send((False, f"{type(e).__name__}: {e}"))
+        return
+    while (request := conn.recv()) is not None:
+        method, args = request
+        try:
+            result = getattr(mel_fn, method)(*[torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in args])
+            conn.send((True, result.cpu().numpy() if torch.is_tensor(result) else result))
+        except Exception as e:
+            conn.send((False, f"{type(e).__name__}: {e}"))
+
+
+class MelProcess:
+    """DecodedMel in a process of its own, so that decoding runs on one core while the model runs on another.
+    In a thread the two mostly take turns: both are hundreds of small torch ops a token, and the Python side of
+    every op holds the GIL. Same methods and same results as DecodedMel; the worker loads the tokenizer itself
+    (prepare.load_tokenizer on the run's data folder), so it decodes with the model that made the data."""
+
+    def __init__(self, data_dir, meta, window=0, threads=1, device="cpu"):
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: forking a process that has run torch's
+        self.conn, child = ctx.Pipe()                # thread pools is unsafe
+        self.process = ctx.Process(target=serve_mel, daemon=True,
+                                   args=(child, data_dir, meta, window, threads, device))
+        self.process.start()
+        child.close()
+        self.receive()  # the worker is ready (or raises why not)
+
+    def receive(self):
+        try:
+            ok, result = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the mel worker process died (exit code {self.process.exitcode})") from None
+        if not ok:
+            raise RuntimeError(f"mel worker: {result}")
+        return torch.from_numpy(result) if isinstance(result, np.ndarray) else result
+
+    def send(self, method, *args):  # tensors travel as numpy arrays: pickling those is ~10x cheaper
+        self.conn.send((method, [a.cpu().numpy() if torch.is_tensor(a) else a for a in args]))
+
+    def call(self, method, *args):
+        self.send(method, *args)
+        return self.receive()
+
+    def __call__(self, tokens):
+        return self.call("__call__", tokens)
+
+    def submit(self, tokens):
+        """Start the slice of the newest token and return at once; .result() of what comes back waits for it.
+        generate() uses this instead of a thread: the pipe is the queue, and the model keeps the GIL to itself."""
+        self.send("__call__", tokens)
+        return self  # one request is in flight at a time, so its answer is the next reply
+
+    def result(self):
+        return self.receive()
+
+    def feed(self, tokens):
+        return self.call("feed", tokens)
+
+    def audio(self):
+        return self.call("audio")
+
+    def error_against(self, reference):
+        return self.call("error_against", reference)
+
+    @property
+    def slices(self):
+        return self.call("__getattribute__", "slices")
+
+    def close(self):
+        if self.process.is_alive():
+            self.conn.send(None)
+        self.process.join(timeout=10)
+        self.conn.close()
 
 
 # -----------------------------------------------------------------------------
@@ -270,11 +393,13 @@ def write_samples(sample_dir, idx, audio, n_prompt, title):
 
 # -----------------------------------------------------------------------------
 
-def generate(model, tokenizer, meta, tokens, mel, n_new, args):
+def generate(model, tokenizer, meta, tokens, mel, n_new, args, mel_fn=None):
     """Continue tokens (B, T) by n_new tokens and decode to audio. Returns idx (B, T + n_new), audio
-    (B, (T + n_new) * HOP), the hybrid's mel_fn (None for GPT) and the seconds it all took."""
+    (B, (T + n_new) * HOP), the hybrid's mel_fn (None for GPT) and the seconds it all took. The hybrid's
+    mel_fn: a DecodedMel in this process unless one (or a MelProcess) is given."""
     hybrid = model.config.hybrid
-    mel_fn = DecodedMel(tokenizer, meta, args.mel_window) if hybrid else None
+    if hybrid and mel_fn is None:
+        mel_fn = DecodedMel(tokenizer, meta, args.mel_window)
     generators = [torch.Generator(tokens.device).manual_seed(args.seed + i) for i in range(len(tokens))]
     t0 = time.perf_counter()
     idx = model.generate(tokens, n_new, mel=mel if hybrid else None, mel_fn=mel_fn, temperature=args.temperature,
@@ -295,6 +420,19 @@ def main(argv=None):
     torch.set_flush_denormal(True)  # EnCodec's decoder runs many times slower on denormal floats on a CPU
     model, config, data_dir, tokenizer, meta = load_run(args.out_dir, args.ckpt, args.device)
     run = os.path.basename(os.path.normpath(args.out_dir))
+    mel_fn = None
+    if config.hybrid and args.mel_worker == "process":
+        mel_fn = MelProcess(data_dir, meta, args.mel_window, threads=1, device=args.device)
+        if not args.threads:  # one core is the worker's: more threads than cores stall each other at every op
+            torch.set_num_threads(max(1, torch.get_num_threads() - 1))
+    try:
+        continue_prompt(args, model, config, data_dir, tokenizer, meta, run, mel_fn)
+    finally:
+        if mel_fn is not None:
+            mel_fn.close()
+
+
+def continue_prompt(args, model, config, data_dir, tokenizer, meta, run, mel_fn):
     if tokenizer.offline:
         print(f"note: tokenizer {tokenizer.name} is the offline stand-in (random-weight EnCodec): its decoder "
               "makes noise-like audio, so what you hear is NOT meaningful without the real EnCodec weights.")
@@ -305,10 +443,11 @@ def main(argv=None):
         tokens, mel = prompt_from_val(data_dir, meta, args.prompt_seconds, args.device, config.hybrid)
     B, n_prompt, n_new = args.num_samples, tokens.size(1), round(args.seconds * prepare.FRAME_RATE)
     tokens, mel = tokens.expand(B, -1), None if mel is None else mel.expand(B, -1, -1)
-    idx, audio, mel_fn, seconds = generate(model, tokenizer, meta, tokens, mel, n_new, args)
+    idx, audio, mel_fn, seconds = generate(model, tokenizer, meta, tokens, mel, n_new, args, mel_fn)
     if args.bench:
+        where = f", mel worker: {args.mel_worker}" if config.hybrid else ""
         print(f"bench {run}: {B} x {n_new} tokens in {seconds:.2f} s, audio decoding included, "
-              f"{torch.get_num_threads()} threads | {B * n_new / seconds:.1f} tokens/s | realtime factor "
+              f"{torch.get_num_threads()} model threads{where} | {B * n_new / seconds:.1f} tokens/s | realtime factor "
               f"{B * n_new / prepare.FRAME_RATE / seconds:.2f} (above 1 is faster than realtime)")
     if mel_fn is not None:
         mean, worst = mel_fn.error_against(decoded_mel(tokenizer, meta, idx))

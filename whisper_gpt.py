@@ -132,12 +132,26 @@ def sinusoids(length, dim):
 
 
 class KVCache:
-    """Keys and values of every attention layer (both stacks of the hybrid) for incremental decoding."""
+    """Keys and values of every attention layer (both stacks of the hybrid) for incremental decoding. Each
+    layer's buffers hold a whole window (size positions), allocated at first use and written in place: growing
+    them with torch.cat every step would copy the whole past once per token."""
 
-    def __init__(self, n_layers):
-        self.kv = [None] * n_layers  # per layer: (k, v), each (B, n_head, T_cached, head_dim)
+    def __init__(self, n_layers, size):
+        self.k = [None] * n_layers  # per layer: (B, n_head, size, head_dim); positions 0..pos-1 are filled
+        self.v = [None] * n_layers
+        self.size = size
         self.pos = 0  # tokens already in the cache = the position of the next token
         self.mel_last = None  # (B, 1, n_mel): the newest mel slice, the mel stack's input at the next position
+
+    def update(self, layer, k, v):
+        """Store k, v (B, n_head, T, head_dim) of the T new positions; return those of all positions so far."""
+        if self.k[layer] is None:
+            self.k[layer] = k.new_empty(*k.shape[:2], self.size, k.size(3))
+            self.v[layer] = v.new_empty(*v.shape[:2], self.size, v.size(3))
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, n_head, end, head_dim)
 
 
 class CausalSelfAttention(nn.Module):
@@ -158,14 +172,13 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_dim)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_dim)
         if cache is not None:
-            if cache.kv[layer] is not None:
-                k = torch.cat([cache.kv[layer][0], k], dim=2)  # (B, n_head, T_past + T, head_dim)
-                v = torch.cat([cache.kv[layer][1], v], dim=2)
-            cache.kv[layer] = (k, v)
+            k, v = cache.update(layer, k, v)  # (B, n_head, T_past + T, head_dim)
         past = k.size(2) - T
         dropout = self.dropout if self.training else 0.0
         if past == 0:  # the usual case: fused causal attention (flash attention on a GPU)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif T == 1:  # one new position after cached ones (generation): it sees them all, no mask needed
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         else:  # new positions after cached ones: each sees all the past and the new ones up to itself
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
@@ -253,7 +266,7 @@ class WhisperGPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def new_cache(self):
-        return KVCache(self.config.n_layer + (self.config.mel_layer if self.config.hybrid else 0))
+        return KVCache(self.config.n_layer + (self.config.mel_layer if self.config.hybrid else 0), self.config.block_size)
 
     def forward(self, idx, mel=None, targets=None, cache=None):
         """idx (B, T) tokens; mel (B, T, n_mel) slices aligned with idx (slice t covers token t's audio);
@@ -294,7 +307,8 @@ class WhisperGPT(nn.Module):
         """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
 
         Hybrid: mel (B, T, n_mel) holds the prompt's slices and mel_fn(tokens (B, n)) -> (B, n_mel) gives the
-        slice of the newest token, from audio the model itself made. generator: one torch.Generator, or a list
+        slice of the newest token, from audio the model itself made. It runs on a worker thread while the model
+        runs, unless mel_fn has its own submit(tokens) -> a future (sample.py's MelProcess: another process). generator: one torch.Generator, or a list
         of one per row, so that a batch draws exactly what its rows would draw one by one.
 
         The model was trained on windows of block_size tokens starting at position 0. When the output outgrows
@@ -305,6 +319,7 @@ class WhisperGPT(nn.Module):
         start = max(0, idx.size(1) - c.block_size)  # first token of the window the model sees
         cache, pending = None, None  # pending: the newest token's mel slice, on its way from mel_fn
         with ThreadPoolExecutor(max_workers=1) as pool:
+            submit = getattr(mel_fn, "submit", None) or (lambda tokens: pool.submit(mel_fn, tokens))
             for step in range(max_new_tokens):
                 if idx.size(1) - start > c.block_size:
                     start, cache = idx.size(1) - keep, None
@@ -313,16 +328,16 @@ class WhisperGPT(nn.Module):
                     # shift by 2), so mel_fn computes it on another thread while the model runs.
                     logits, _ = self(idx[:, -1:], cache=cache)
                     if pending is not None:
-                        mel = torch.cat([mel, pending.result().to(mel.dtype)[:, None, :]], dim=1)
+                        mel = torch.cat([mel, pending.result().to(mel)[:, None, :]], dim=1)
                         cache.mel_last = mel[:, -1:]
                 else:  # prefill (or every step, uncached): the window's tokens and all their slices
                     if pending is not None:
-                        mel = torch.cat([mel, pending.result().to(mel.dtype)[:, None, :]], dim=1)
+                        mel = torch.cat([mel, pending.result().to(mel)[:, None, :]], dim=1)
                     cache = self.new_cache() if use_cache else None
                     logits, _ = self(idx[:, start:], mel[:, start:] if c.hybrid else None, cache=cache)
                 next_token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
                 idx = torch.cat([idx, next_token], dim=1)
-                pending = pool.submit(mel_fn, idx) if c.hybrid and step < max_new_tokens - 1 else None
+                pending = submit(idx) if c.hybrid and step < max_new_tokens - 1 else None
         return idx
 
 
