@@ -11,6 +11,8 @@ is decoded to audio by the decoder of the tokenizer that made the data, run incr
 one token's work per step, and exactly the audio a decode of the whole output gives), and prepare.log_mel
 reads the slice. --mel_window W instead decodes the newest W tokens from scratch every step: slower, and an
 approximation. Every hybrid run prints how far its slices are from those of the whole output decoded at once.
+The decoding runs in a process of its own (MelProcess), on one core while the model runs on another: the shift by
+2 means a token's own slice is first needed one step later, so the two overlap fully.
 """
 import argparse
 import multiprocessing

@@ -564,6 +564,21 @@ def test_cached_generation_equals_uncached_past_the_window(hybrid):
     assert torch.equal(cached[:, :20], idx)
 
 
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_a_forward_in_cached_pieces_equals_the_whole(hybrid):
+    """The KV cache written in place: pieces of 5, 3 and then single positions (the masked path, then the
+    unmasked one-token path) give the logits of one forward over all 12 positions."""
+    torch.manual_seed(0)
+    model = WhisperGPT(tiny(hybrid=hybrid)).eval()
+    idx, mel = torch.randint(0, 1024, (2, 12)), torch.randn(2, 12, 64) if hybrid else None
+    whole, _ = model(idx, mel)
+    cache, pieces = model.new_cache(), []
+    for a, b in [(0, 5), (5, 8)] + [(t, t + 1) for t in range(8, 12)]:
+        pieces.append(model(idx[:, a:b], None if mel is None else mel[:, a:b], cache=cache)[0])
+    assert cache.pos == 12 and cache.k[0].shape == (2, 2, 32, 8)  # one buffer of block_size positions
+    assert torch.allclose(torch.cat(pieces, dim=1), whole, atol=1e-5)
+
+
 def test_batched_generation_equals_one_by_one():
     torch.manual_seed(0)
     model = WhisperGPT(tiny(hybrid=True)).eval()
@@ -1019,6 +1034,23 @@ def test_a_batch_of_samples_equals_the_samples_one_by_one(tiny_run):
                                                    sample_args(top_p=0.95, seed=10 + i))
         assert torch.equal(alone[0], batch[i])
         assert torch.allclose(alone_audio[0], audio[i], atol=1e-5)
+
+
+def test_the_mel_worker_process_gives_what_the_thread_gives(tiny_run, tmp_path, capsys):
+    for worker in ("process", "thread"):
+        sample.main(["--out_dir", tiny_run["hybrid"], "--seconds", "0.3", "--prompt_seconds", "0.2",
+                     "--num_samples", "2", "--mel_worker", worker, "--sample_dir", str(tmp_path / worker)])
+    for i in range(2):
+        tokens = [np.load(tmp_path / worker / f"sample_{i}.npy") for worker in ("process", "thread")]
+        audio = [sf.read(tmp_path / worker / f"sample_{i}.wav")[0] for worker in ("process", "thread")]
+        assert np.array_equal(*tokens) and np.allclose(*audio, atol=1e-6)
+    assert capsys.readouterr().out.count("against the whole output decoded at once: mean |diff|") == 2
+
+
+def test_a_mel_worker_that_cannot_start_says_why(tmp_path):
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(RuntimeError, match="mel worker: .*meta.json"):
+        sample.MelProcess(str(tmp_path / "empty"), meta={})
 
 
 def test_bench_prints_tokens_per_second_and_realtime_factor(tiny_run, tmp_path, capsys):

@@ -363,7 +363,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 def load_checkpoint(path, device="cpu"):
     """Rebuild the model from a checkpoint alone. Returns (model, config, checkpoint dict)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: train one first (python whisper_gpt.py --out_dir ...)")
+        raise FileNotFoundError(f"no checkpoint at {path}: train into that folder first "
+                                f"(python whisper_gpt.py --out_dir {os.path.dirname(path) or '.'})")
     ckpt = torch.load(path, map_location=device, weights_only=False)
     config = Config(**ckpt["config"])
     model = WhisperGPT(config).to(device)
@@ -525,17 +526,14 @@ def train(c):
     ckpt = None
     if c.init_from == "resume" or c.eval_only:  # the model is the checkpoint's; flags may change the schedule only
         path = os.path.join(c.out_dir, "ckpt_best.pt" if c.eval_only else "ckpt_latest.pt")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False) if os.path.isfile(path) else None
-        if ckpt is None:
-            raise FileNotFoundError(f"no checkpoint at {path}: train into --out_dir {c.out_dir} first")
+        model, saved, ckpt = load_checkpoint(path, c.device)
         for name in MODEL_FIELDS:
-            setattr(c, name, ckpt["config"][name])
+            setattr(c, name, getattr(saved, name))
     meta = check_data(c)
     ctx = autocast_context(c)
-    model = WhisperGPT(c).to(c.device)
+    if ckpt is None:
+        model = WhisperGPT(c).to(c.device)
     raw_model = model  # the plain module: what checkpoints hold, whatever wraps it below
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
     if c.eval_only:
         return eval_only(model, c, meta, ctx, ckpt["iter"], master)
     n_train = len(open_split(c.data_dir, "train", False)[0])
