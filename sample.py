@@ -256,11 +256,12 @@ class DecodedMel:
         return torch.cat(self.pieces, dim=1)
 
     def error_against(self, reference):
-        """Mean and max |slice returned - reference slice|; reference (B, T, 64) from decoded_mel."""
+        """Mean and max |slice returned - reference slice|, and how many slices; reference (B, T, 64) from
+        decoded_mel."""
         if not self.slices:
-            return float("nan"), float("nan")
+            return float("nan"), float("nan"), 0
         diff = torch.stack([(s - reference[:, t]).abs() for t, s in sorted(self.slices.items())])
-        return diff.mean().item(), diff.max().item()
+        return diff.mean().item(), diff.max().item(), len(self.slices)
 
 
 def serve_mel(conn, data_dir, meta, window, threads, device):
@@ -333,10 +334,6 @@ class MelProcess:
 
     def error_against(self, reference):
         return self.call("error_against", reference)
-
-    @property
-    def slices(self):
-        return self.call("__getattribute__", "slices")
 
     def close(self):
         if self.process.is_alive():
@@ -452,10 +449,10 @@ def continue_prompt(args, model, config, data_dir, tokenizer, meta, run, mel_fn)
               f"{torch.get_num_threads()} model threads{where} | {B * n_new / seconds:.1f} tokens/s | realtime factor "
               f"{B * n_new / prepare.FRAME_RATE / seconds:.2f} (above 1 is faster than realtime)")
     if mel_fn is not None:
-        mean, worst = mel_fn.error_against(decoded_mel(tokenizer, meta, idx))
+        mean, worst, n = mel_fn.error_against(decoded_mel(tokenizer, meta, idx))
         how = f"last {args.mel_window} tokens decoded per step" if args.mel_window else "streamed decoder"
         print(f"hybrid mel slices ({how}) against the whole output decoded at once: mean |diff| {mean:.2e}, "
-              f"max {worst:.2e} (normalised units, {len(mel_fn.slices)} generated slices)")
+              f"max {worst:.2e} (normalised units, {n} generated slices)")
     title = (f"{run}: {n_prompt / prepare.FRAME_RATE:.2f} s prompt + {n_new / prepare.FRAME_RATE:.2f} s generated "
              f"(tokenizer {tokenizer.name})")
     write_samples(args.sample_dir or args.out_dir, idx, audio, n_prompt, title)
