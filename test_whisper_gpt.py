@@ -744,7 +744,8 @@ def test_two_process_ddp_trains_with_gloo(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(HERE, "whisper_gpt.py"), "--data_dir", data, "--out_dir", out, "--device", "cpu",
            "--dtype", "float32", "--block_size", "32", "--n_layer", "1", "--n_head", "2", "--n_embd", "16",
-           "--dense", "32", "--batch_size", "2", "--lr", "1e-2", "--max_iters", "4", "--eval_interval", "2", "--eval_windows", "6"]
+           "--dense", "32", "--batch_size", "2", "--lr", "1e-2", "--max_iters", "4", "--eval_interval", "2",
+           "--eval_windows", "6"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

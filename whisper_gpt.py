@@ -266,7 +266,8 @@ class WhisperGPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def new_cache(self):
-        return KVCache(self.config.n_layer + (self.config.mel_layer if self.config.hybrid else 0), self.config.block_size)
+        c = self.config
+        return KVCache(c.n_layer + (c.mel_layer if c.hybrid else 0), c.block_size)
 
     def forward(self, idx, mel=None, targets=None, cache=None):
         """idx (B, T) tokens; mel (B, T, n_mel) slices aligned with idx (slice t covers token t's audio);
@@ -308,8 +309,9 @@ class WhisperGPT(nn.Module):
 
         Hybrid: mel (B, T, n_mel) holds the prompt's slices and mel_fn(tokens (B, n)) -> (B, n_mel) gives the
         slice of the newest token, from audio the model itself made. It runs on a worker thread while the model
-        runs, unless mel_fn has its own submit(tokens) -> a future (sample.py's MelProcess: another process). generator: one torch.Generator, or a list
-        of one per row, so that a batch draws exactly what its rows would draw one by one.
+        runs, unless mel_fn has its own submit(tokens) -> a future (sample.py's MelProcess: another process).
+        generator: one torch.Generator, or a list of one per row, so that a batch draws exactly what its rows
+        would draw one by one.
 
         The model was trained on windows of block_size tokens starting at position 0. When the output outgrows
         that, the window slides: it restarts on the newest block_size // 2 tokens (the paper is silent). The
@@ -325,7 +327,7 @@ class WhisperGPT(nn.Module):
                     start, cache = idx.size(1) - keep, None
                 if use_cache and cache is not None:
                     # Only the newest token is new. Its own mel slice first matters at the next position (the
-                    # shift by 2), so mel_fn computes it on another thread while the model runs.
+                    # shift by 2), so mel_fn computes it meanwhile, on another thread or process.
                     logits, _ = self(idx[:, -1:], cache=cache)
                     if pending is not None:
                         mel = torch.cat([mel, pending.result().to(mel)[:, None, :]], dim=1)
