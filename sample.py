@@ -15,6 +15,7 @@ The decoding runs in a process of its own (MelProcess), on one core while the mo
 2 means a token's own slice is first needed one step later, so the two overlap fully.
 """
 import argparse
+import contextlib
 import multiprocessing
 import os
 import time
@@ -169,6 +170,17 @@ def streamed(m):
     raise TypeError(f"no streaming rule for {type(m).__name__}: a decoder this file does not know")
 
 
+@contextlib.contextmanager
+def without_onednn():
+    """Plain CPU kernels instead of oneDNN's, which set each call up: worth it for big inputs, not for one token."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
 class StreamedConv:
     """A causal conv (stride 1): each call sees the last (k-1)*d frames of the one before."""
 
@@ -211,12 +223,8 @@ class StreamedLSTM:
 
     def __call__(self, x):
         seq = x.permute(2, 0, 1)  # (L, B, C)
-        onednn = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = False  # oneDNN's LSTM takes ~9 ms for one step on a CPU, plain ~1 ms
-        try:
+        with without_onednn():  # oneDNN's LSTM takes ~9 ms for one step on a CPU, plain ~1 ms
             y, self.state = self.lstm(seq, self.state)
-        finally:
-            torch.backends.mkldnn.enabled = onednn
         return (y + seq).permute(1, 2, 0) if self.skip else y.permute(1, 2, 0)
 
 
@@ -403,7 +411,7 @@ def generate(model, tokenizer, meta, tokens, mel, n_new, args, mel_fn=None):
     t0 = time.perf_counter()
     # oneDNN sets each call up (~15 us for the GELU of 256 numbers): at one token a step that costs more than the
     # arithmetic, and the one-token step runs ~10% faster on the plain CPU kernels
-    with torch.backends.mkldnn.flags(enabled=False):
+    with without_onednn():
         idx = model.generate(tokens, n_new, mel=mel if hybrid else None, mel_fn=mel_fn,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generators)
     if hybrid and not args.mel_window:
