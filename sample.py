@@ -285,7 +285,8 @@ def serve_mel(conn, data_dir, meta, window, threads, device):
     while (request := conn.recv()) is not None:
         method, args = request
         try:
-            result = getattr(mel_fn, method)(*[torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in args])
+            args = [torch.from_numpy(a).to(device) if isinstance(a, np.ndarray) else a for a in args]
+            result = getattr(mel_fn, method)(*args)
             conn.send((True, result.cpu().numpy() if torch.is_tensor(result) else result))
         except Exception as e:
             conn.send((False, f"{type(e).__name__}: {e}"))
