@@ -504,12 +504,16 @@ def test_paper_architectures():
     assert [wg.model_name(m.config) for m in (gpt_s, gpt_l, hybrid)] == ["GPT-S", "GPT-L", "hybrid"]
 
 
-@pytest.mark.parametrize("hybrid", [False, True])
-def test_no_future_token_or_mel_leaks(hybrid):
+def tiny_model_and_inputs(hybrid, T):
+    """A seeded tiny model (eval mode), random tokens (2, T) and, for the hybrid, random mel (2, T, 64)."""
     torch.manual_seed(0)
     model = WhisperGPT(tiny(hybrid=hybrid)).eval()
-    idx = torch.randint(0, 1024, (2, 24))
-    mel = torch.randn(2, 24, 64) if hybrid else None
+    return model, torch.randint(0, 1024, (2, T)), torch.randn(2, T, 64) if hybrid else None
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_no_future_token_or_mel_leaks(hybrid):
+    model, idx, mel = tiny_model_and_inputs(hybrid, 24)
     logits, _ = model(idx, mel)
     for i in (0, 5, 23):
         later_tokens = idx.clone()
@@ -551,10 +555,7 @@ def toy_mel_fn():
 
 @pytest.mark.parametrize("hybrid", [False, True])
 def test_cached_generation_equals_uncached_past_the_window(hybrid):
-    torch.manual_seed(0)
-    model = WhisperGPT(tiny(hybrid=hybrid)).eval()
-    idx = torch.randint(0, 1024, (2, 20))
-    mel = torch.randn(2, 20, 64) if hybrid else None
+    model, idx, mel = tiny_model_and_inputs(hybrid, 20)
     kw = dict(mel=mel, mel_fn=toy_mel_fn(), temperature=1.0, top_k=50)
     # 60 new tokens after 20: the 32-token window slides twice
     cached = model.generate(idx, 60, use_cache=True, generator=torch.Generator().manual_seed(7), **kw)
@@ -568,9 +569,7 @@ def test_cached_generation_equals_uncached_past_the_window(hybrid):
 def test_a_forward_in_cached_pieces_equals_the_whole(hybrid):
     """The KV cache written in place: pieces of 5, 3 and then single positions (the masked path, then the
     unmasked one-token path) give the logits of one forward over all 12 positions."""
-    torch.manual_seed(0)
-    model = WhisperGPT(tiny(hybrid=hybrid)).eval()
-    idx, mel = torch.randint(0, 1024, (2, 12)), torch.randn(2, 12, 64) if hybrid else None
+    model, idx, mel = tiny_model_and_inputs(hybrid, 12)
     whole, _ = model(idx, mel)
     cache, pieces = model.new_cache(), []
     for a, b in [(0, 5), (5, 8)] + [(t, t + 1) for t in range(8, 12)]:
@@ -1035,6 +1034,15 @@ def test_a_batch_of_samples_equals_the_samples_one_by_one(tiny_run):
                                                    sample_args(top_p=0.95, seed=10 + i))
         assert torch.equal(alone[0], batch[i])
         assert torch.allclose(alone_audio[0], audio[i], atol=1e-5)
+
+
+def test_without_onednn_turns_it_off_and_restores_it_even_on_error():
+    before = torch.backends.mkldnn.enabled
+    with pytest.raises(KeyError):
+        with sample.without_onednn():
+            assert torch.backends.mkldnn.enabled is False
+            raise KeyError("boom")
+    assert torch.backends.mkldnn.enabled == before
 
 
 def test_the_mel_worker_process_gives_what_the_thread_gives(tiny_run, tmp_path, capsys):
