@@ -2,7 +2,7 @@
 Prepare an audio corpus for whisper-gpt: EnCodec codebook-0 tokens and causal log-mel slices, one of each per
 320 samples (75 per second), written as memmaps.
 
-    python prepare.py --dataset music                # renders 0.5 h from the music21 corpus: no download
+    python prepare.py --dataset music                # renders 1 h from the music21 corpus: no download
     python prepare.py --dataset music --hours 200    # the paper's scale (the whole corpus)
     python prepare.py --dataset speech               # downloads LibriTTS train-clean-100
     python prepare.py --audio_dir DIR --name NAME    # any folder tree of wav/flac/ogg/mp3
@@ -60,7 +60,11 @@ SEGMENT = 10 * SAMPLE_RATE   # samples per encoder row: bounds memory (~0.4 GB) 
 CONTEXT = SAMPLE_RATE        # samples before a later segment that warm up its encoder state (frames dropped)
 GROUP_FILES = 16             # files per work shard, the unit of resumption ...
 GROUP_SECONDS = 300          # ... or fewer, once the group holds this much audio
-VAL_EVERY = 20               # 1 usable file in 20 goes to val (the first, the 21st, ...): 5 %, at least one
+VAL_EVERY = 8                # 1 usable file in 8 goes to val (the first, the 9th, ...): 12.5 %, at least one.
+                             # On the default 1 h that is about 7 min, 40-odd windows of 10 s: enough for a
+                             # standard error that tells models apart (5 % of 0.5 h was one minute, 6 windows).
+MUSIC_HOURS = 1.0            # default corpus: rendered and encoded in under 10 min on 2 CPU cores, and enough
+                             # that GPT-S does not overfit before the default run ends (0.5 h did, by epoch 11)
 FIT_FRAMES = 50_000          # train embeddings the offline codebook is fitted on (about 11 min of audio)
 KMEANS_ITERS = 20
 PREFETCH = 4                 # files loaded ahead of the encoder, per worker process
@@ -264,7 +268,7 @@ def encodec_weights(ckpt=None) -> tuple:
         path = Path(ckpt) / ENCODEC_CKPT if Path(ckpt).is_dir() else Path(ckpt)
         if not path.is_file():
             raise WeightsUnavailable(f"--encodec_ckpt {ckpt}: no such file")
-        return torch.load(path, map_location="cpu"), str(path)
+        return torch.load(path, map_location="cpu", weights_only=True), str(path)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / ENCODEC_CKPT
     if not cached.is_file():
         try:
@@ -274,7 +278,7 @@ def encodec_weights(ckpt=None) -> tuple:
     with open(cached, "rb") as f:
         if not hashlib.file_digest(f, "sha256").hexdigest().startswith(ENCODEC_SHA256):
             raise WeightsUnavailable(f"{cached} is corrupt (sha256 mismatch): delete it")
-    return torch.load(cached, map_location="cpu"), str(cached)
+    return torch.load(cached, map_location="cpu", weights_only=True), str(cached)
 
 
 def encodec_tokenizer(ckpt=None, device="cpu") -> Tokenizer:
@@ -321,7 +325,7 @@ def load_tokenizer(data_dir, device="cpu") -> Tokenizer:
     weights it was made with (or the hub cache / a download when that path is gone)."""
     meta = read_meta(data_dir)
     if meta["tokenizer_offline"]:
-        saved = torch.load(Path(data_dir) / TOKENIZER_FILE, map_location="cpu")
+        saved = torch.load(Path(data_dir) / TOKENIZER_FILE, map_location="cpu", weights_only=True)
         return offline_tokenizer(saved["seed"], device, saved)
     ckpt = meta.get("tokenizer_weights")
     try:
@@ -353,7 +357,7 @@ def choose_tokenizer(args, work: Path) -> Tokenizer:
                   f"paper's.\n{bar}", file=sys.stderr)
     saved = work / TOKENIZER_FILE
     if saved.is_file():
-        state = torch.load(saved, map_location="cpu")
+        state = torch.load(saved, map_location="cpu", weights_only=True)
         if state["seed"] == args.seed:
             return offline_tokenizer(args.seed, args.device, state)
     return offline_tokenizer(args.seed, args.device)
@@ -708,7 +712,7 @@ def encode_corpus(sources: list, work: Path, tok: Tokenizer, args, total_s: floa
 
 def assign_splits(group: list, usable_files: int) -> tuple:
     """Split by file: the k-th usable file (counting from 0, in source order) goes to val when k % VAL_EVERY == 0,
-    so val holds 1 in 20 files and is never empty while two files are usable."""
+    so val holds 1 in 8 files and is never empty while two files are usable."""
     out = []
     for item in group:
         if item.reason is None:
@@ -762,6 +766,19 @@ def no_usable(split: str, skipped: list) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # assembling the memmaps
 
+def count_baselines(train: np.ndarray, val: np.ndarray, vocab: int = VOCAB) -> dict:
+    """The references every model must beat: mean NLL (nats/token) of the val tokens under a unigram and a bigram
+    counted on the train tokens, add-one smoothed. Pairs run over the concatenated memmap, as the models' crops
+    do; the unigram scores every val token, the bigram every val token after the first."""
+    train, val = train.astype(np.int64), val.astype(np.int64)
+    unigram = np.bincount(train, minlength=vocab) + 1.0                                  # (vocab,)
+    pairs = np.bincount(train[:-1] * vocab + train[1:], minlength=vocab * vocab).reshape(vocab, vocab) + 1.0
+    bigram = pairs / pairs.sum(1, keepdims=True)                                          # (vocab, vocab): P(b | a)
+    return {"unigram_nll": float(-np.log(unigram[val] / unigram.sum()).mean()),
+            "bigram_nll": float(-np.log(bigram[val[:-1], val[1:]]).mean()),
+            "counted_on": "train tokens, add-one smoothing", "scored_on": "all val tokens"}
+
+
 def assemble(shards: list, data_dir: Path, tok: Tokenizer, extra: dict) -> dict:
     """Concatenate the shards into {train,val}_{tokens,mel}.bin (mel normalised with the train per-bin mean and
     std, summed in float64 in a first pass), streaming file by file; everything is written under temporary names
@@ -793,6 +810,9 @@ def assemble(shards: list, data_dir: Path, tok: Tokenizer, extra: dict) -> dict:
         tokens.flush()
         mels.flush()
         del tokens, mels
+    split_tokens = [np.memmap(data_dir / f"{split}_tokens.bin.tmp", np.uint16, "r") for split in ("train", "val")]
+    extra = {**extra, "baselines": count_baselines(*split_tokens, VOCAB)}
+    del split_tokens
     meta = {"version": FORMAT_VERSION, "tokenizer": tok.name, "tokenizer_offline": tok.offline,
             "tokenizer_weights": tok.weights, "tokenizer_seed": tok.seed, "sample_rate": SAMPLE_RATE,
             "frame_rate": FRAME_RATE, "hop": HOP, "win": WIN, "n_mels": N_MELS, "vocab_size": VOCAB,
@@ -830,7 +850,7 @@ def parse_args(argv=None):
     what.add_argument("--dataset", choices=["music", "speech"], help="the built-in music corpus or LibriTTS")
     what.add_argument("--audio_dir", help="a folder tree of wav/flac/ogg/mp3 (needs --name)")
     p.add_argument("--name", help="writes data/<name>/ (default: the dataset's name)")
-    p.add_argument("--hours", type=float, help="stop after this much usable audio (default: 0.5 for music, all "
+    p.add_argument("--hours", type=float, help="stop after this much usable audio (default: 1.0 for music, all "
                                                "for the others)")
     p.add_argument("--seed", type=int, default=1337, help="order, split, music variation, offline tokenizer")
     p.add_argument("--subsets", nargs="+", default=["train-clean-100"], help="LibriTTS subsets for --dataset speech")
@@ -849,7 +869,7 @@ def parse_args(argv=None):
         p.error("--audio_dir needs --name")
     args.name = args.name or args.dataset
     if args.dataset == "music" and args.hours is None:
-        args.hours = 0.5
+        args.hours = MUSIC_HOURS
     if args.hours is not None and args.hours <= 0:
         p.error("--hours must be positive")
     args.batch_size = args.batch_size or (1 if args.device == "cpu" else 32)
@@ -917,6 +937,8 @@ def summarise(meta: dict, data_dir: Path, seconds: float, workers: int):
     for s in ("train", "val"):
         print(f"  {s}: {n_files[s]} files, {hours[s]:.3f} h, {meta[f'n_{s}']:,} tokens")
     print(f"  tokenizer: {meta['tokenizer']}{label}")
+    print(f"  val NLL of the count baselines (train counts, add-one): unigram {meta['baselines']['unigram_nll']:.3f}, "
+          f"bigram {meta['baselines']['bigram_nll']:.3f} nats/token")
     print(f"  skipped {len(meta['skipped'])} files" + "".join(f"\n    {s['path']}: {s['reason']}"
                                                            for s in meta["skipped"]))
     for f in sorted(data_dir.glob("*.bin")) + [data_dir / "meta.json"]:

@@ -48,15 +48,21 @@ class Config:
     dataset: str = "music"
     data_dir: str = ""  # default: data/<dataset>
     out_dir: str = ""  # default: out-<model>-<dataset>, e.g. out-gpt-s-music
-    # the paper's recipe (section 3): Adam, 2e-4 dropped to 1e-4 after epoch 10, 25 epochs
-    batch_size: int = 16  # crops per step per process; the paper is silent
-    epochs: int = 25
-    lr: float = 2e-4
-    lr_after_drop: float = 1e-4
-    lr_drop_epoch: int = 10
+    # The recipe. The paper (section 3) trains with Adam at 2e-4, halved to 1e-4 after epoch 10 of 25, on about
+    # 200 h, i.e. some hundred thousand steps; it is silent on the batch size. The defaults keep the schedule's
+    # shape (constant, then halved 40 % of the way in) and scale the rest to the default 1 h corpus on a 2-core
+    # CPU: 10 epochs of 8 crops a step are about 400 steps (2.4 M tokens), and at 2e-4 a model barely leaves
+    # the unigram in 400 steps, so the learning rate is 1e-3 (5x). The same recipe trains all three models.
+    # The paper's recipe is: --epochs 25 --lr 2e-4 --batch_size 16 (on prepare.py --hours 200).
+    batch_size: int = 8  # crops per optimizer step in all, whatever the number of processes
+    micro_batch: int = 0  # crops per forward pass per process (gradient accumulation); 0 = the process's share
+    epochs: int = 10
+    lr: float = 1e-3
+    lr_drop_at: float = 0.4  # the learning rate is halved after this fraction of the epochs (paper: 10 of 25)
     max_iters: int = 0  # stop after this many steps (a budget for short runs); 0 = the whole recipe
     # evaluation and checkpoints
     eval_interval: int = 0  # steps between evals; 0 = once per epoch
+    log_interval: int = 10  # steps between progress lines (loss, lr, ms/step, tokens/s, ETA); 0 = none
     eval_windows: int = 200  # fixed val windows per eval during training (evenly spaced); 0 = all
     final_windows: int = 0  # val windows for --eval_only; 0 = all
     eval_only: bool = False
@@ -99,8 +105,13 @@ def validate(c):
     for name in ("block_size", "n_layer", "batch_size", "epochs", "vocab_size", "bench_steps"):
         if getattr(c, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(c, name)}")
-    if c.lr <= 0 or c.lr_after_drop <= 0:
-        raise ValueError("--lr and --lr_after_drop must be positive")
+    for name in ("micro_batch", "log_interval", "eval_interval", "max_iters", "eval_windows", "final_windows"):
+        if getattr(c, name) < 0:
+            raise ValueError(f"--{name} must be 0 or more, got {getattr(c, name)}")
+    if c.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {c.lr}")
+    if not 0 <= c.lr_drop_at <= 1:
+        raise ValueError(f"--lr_drop_at is a fraction of the run, between 0 and 1; got {c.lr_drop_at}")
 
 
 def parse_args(argv=None):
@@ -255,6 +266,20 @@ class WhisperGPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
             if name.endswith((".attn.c_proj.weight", ".mlp.c_proj.weight")):
                 p.data.normal_(0.0, 0.02 / math.sqrt(2 * (c.n_layer + (c.mel_layer if c.hybrid else 0))))
+        # Inputs on equal footing. Each residual stream starts as a sum (or concatenation) of inputs: token
+        # embedding + sinusoids (amplitude 1, RMS 0.71 per component); per-slice MLP + sinusoids in the mel stack;
+        # token half | mel half (a LayerNorm's output, RMS 1) in the hybrid. Each input must start on the scale
+        # of the others, or the weak one is noise to the blocks until training has grown it: GPT-2's 0.02-std
+        # token embedding beside unit sinusoids hid the token ~35x, and the token-only models sat at the unigram
+        # for hundreds of steps while the hybrid, its mel half at unit scale, did not. So the two input layers
+        # start at unit RMS: the token embedding N(0, 1) (PyTorch's default for nn.Embedding; Vaswani et al. get
+        # the same by multiplying a small one by sqrt(width)), and the per-slice MLP with fan-in (LeCun, then He)
+        # init, which keeps a normalised mel slice at unit scale through its GELU.
+        nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
+        if self.mel is not None:
+            mlp = self.mel.slice_mlp
+            nn.init.normal_(mlp.c_fc.weight, mean=0.0, std=1.0 / math.sqrt(c.n_mel))  # pre-activations: RMS 1
+            nn.init.normal_(mlp.c_proj.weight, mean=0.0, std=math.sqrt(2.0 / c.mel_hidden))  # out: RMS ~0.9
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -367,7 +392,7 @@ def load_checkpoint(path, device="cpu"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}: train into that folder first "
                                 f"(python whisper_gpt.py --out_dir {os.path.dirname(path) or '.'})")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    ckpt = torch.load(path, map_location=device, weights_only=True)  # tensors and plain types only: no code runs
     config = Config(**ckpt["config"])
     model = WhisperGPT(config).to(device)
     model.load_state_dict(ckpt["model"])
@@ -425,13 +450,15 @@ def to_device(arrays, device):
     return out
 
 
-def get_batch(c, it, rank=0):
-    """Random crops of block_size + 1 tokens: x (B, T), y (B, T) shifted by one, mel (B, T, 64) or None.
-    The offsets come from a generator seeded by (seed, rank, step), so a resumed run draws the same data.
-    Crops may straddle two files of the concatenated memmap, as nanoGPT's do across documents."""
+def get_batch(c, it, rank=0, world=1):
+    """This process's share of step it's random crops: x (B, T), y (B, T) shifted by one, mel (B, T, 64) or None,
+    with B = batch_size // world. The batch_size offsets of a step come from a generator seeded by (seed, step)
+    and process r takes the r-th slice of them, so a run draws the same crops at any world size, and a resumed
+    run the same crops as an unbroken one. Crops may straddle two files of the memmap, as nanoGPT's do."""
     tokens, mel = open_split(c.data_dir, "train", c.hybrid)
-    rng = np.random.default_rng([c.seed, rank, it])
-    ix = rng.integers(0, len(tokens) - c.block_size, size=c.batch_size)
+    share = c.batch_size // world
+    ix = np.random.default_rng([c.seed, it]).integers(0, len(tokens) - c.block_size, size=c.batch_size)
+    ix = ix[rank * share:(rank + 1) * share]
     x = np.stack([tokens[i:i + c.block_size] for i in ix]).astype(np.int64)
     y = np.stack([tokens[i + 1:i + 1 + c.block_size] for i in ix]).astype(np.int64)
     if not c.hybrid:
@@ -449,16 +476,31 @@ def val_windows(n_tokens, block_size, limit=0):
     return starts
 
 
+@dataclass
+class EvalResult:
+    nll: float  # mean NLL over all predicted positions (nats/token)
+    acc: float  # top-1 accuracy
+    tokens: int  # predicted positions
+    windows: int
+    se: float  # standard error of nll over windows (std of the per-window means / sqrt(windows)); nan for one
+
+
 @torch.no_grad()
 def evaluate(model, c, limit, ctx, rank=0, world=1):
-    """Mean NLL (nats/token) and top-1 accuracy over all predicted positions of the fixed val windows.
-    Under DDP each process takes every world-th window and the sums are all-reduced."""
+    """NLL, accuracy and the NLL's standard error over the fixed val windows. model is the plain (or compiled)
+    module, never the DDP wrapper: DDP's forward makes collectives of its own, and a process with fewer windows
+    than another would meet them at a different one (a hang). Process r takes windows r, r + world, ...; each
+    window's sums go into its own row of one table, and a single all_reduce of that table (made by every
+    process, whatever its share) gives every process the same numbers as one process."""
     tokens, mel = open_split(c.data_dir, "val", c.hybrid)
-    starts = val_windows(len(tokens), c.block_size, limit)[rank::world]
-    sums = torch.zeros(3, device=c.device, dtype=torch.float64)  # nll sum, correct, count
+    starts = val_windows(len(tokens), c.block_size, limit)
+    sums = torch.zeros(len(starts), 3, device=c.device, dtype=torch.float64)  # per window: nll sum, correct, count
+    mine = np.arange(rank, len(starts), world)
+    was_training = model.training
     model.eval()
-    for b in range(0, len(starts), c.batch_size):
-        ix = starts[b:b + c.batch_size]
+    for b in range(0, len(mine), c.batch_size):
+        rows = mine[b:b + c.batch_size]
+        ix = starts[rows]
         x = np.stack([tokens[i:i + c.block_size] for i in ix]).astype(np.int64)
         y = np.stack([tokens[i + 1:i + 1 + c.block_size] for i in ix]).astype(np.int64)
         arrays = [x, y] + ([np.stack([mel[i:i + c.block_size] for i in ix]).astype(np.float32)] if c.hybrid else [])
@@ -466,29 +508,35 @@ def evaluate(model, c, limit, ctx, rank=0, world=1):
         with ctx:
             logits, _ = model(x, m[0] if m else None)
         logits = logits.float()
-        sums[0] += F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="sum")
-        sums[1] += (logits.argmax(-1) == y).sum()
-        sums[2] += y.numel()
-    model.train()
+        nll = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (B, T)
+        rows = torch.from_numpy(rows).to(c.device)
+        sums[rows, 0] = nll.sum(1).double()
+        sums[rows, 1] = (logits.argmax(-1) == y).sum(1).double()
+        sums[rows, 2] = float(y.size(1))
+    model.train(was_training)
     if world > 1:
         torch.distributed.all_reduce(sums)
-    nll, correct, count = sums.tolist()  # a CPU-GPU sync point, once per eval
-    return nll / count, correct / count, int(count)
+    sums = sums.cpu().numpy()  # a CPU-GPU sync point, once per eval
+    per_window = sums[:, 0] / sums[:, 2]
+    se = per_window.std(ddof=1) / math.sqrt(len(per_window)) if len(per_window) > 1 else float("nan")
+    count = sums[:, 2].sum()
+    return EvalResult(sums[:, 0].sum() / count, sums[:, 1].sum() / count, int(count), len(starts), float(se))
 
 
 # -----------------------------------------------------------------------------
 # Training: the paper's recipe in one flat loop.
 
 
-def steps_per_epoch(c, n_train, world=1):
-    """One epoch = as many crops as it takes to cover the train tokens once (paper, section 3)."""
+def steps_per_epoch(c, n_train):
+    """One epoch = as many crops as it takes to cover the train tokens once (paper, section 3), in steps of
+    batch_size crops: the same at any world size."""
     crops = math.ceil(n_train / c.block_size)
-    return max(1, math.ceil(crops / (c.batch_size * world)))
+    return max(1, math.ceil(crops / c.batch_size))
 
 
 def get_lr(c, it, spe):
-    """2e-4 for epochs 0..9, 1e-4 from epoch 10 on (epoch = it // steps_per_epoch)."""
-    return c.lr if it // spe < c.lr_drop_epoch else c.lr_after_drop
+    """c.lr, halved after lr_drop_at of the epochs (the paper: 2e-4 for epochs 0..9 of 25, then 1e-4)."""
+    return c.lr if it // spe < round(c.lr_drop_at * c.epochs) else c.lr / 2
 
 
 def log_event(out_dir, record):
@@ -509,14 +557,33 @@ def setup_distributed(c):
     return rank, local_rank, world
 
 
+def micro_batches(c, world):
+    """(crops per forward pass, forward passes per step) of one process; one clear error when they do not fit."""
+    if c.batch_size % world:
+        raise ValueError(f"--batch_size {c.batch_size} (crops per step in all) does not divide among {world} "
+                         f"processes: use a multiple of {world}")
+    share = c.batch_size // world
+    micro = c.micro_batch or share
+    if share % micro:
+        raise ValueError(f"--micro_batch {micro} does not divide a process's {share} crops: use a divisor of {share}")
+    return micro, share // micro
+
+
 def autocast_context(c):
-    if "cuda" not in c.device or c.dtype == "float32":
+    """bf16 (or fp16) autocast on the device in use, the CPU included, so the mixed-precision path runs in tests."""
+    if c.dtype == "float32":
         return nullcontext()
-    return torch.autocast(device_type="cuda", dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[c.dtype])
+    device_type = "cuda" if c.device.startswith("cuda") else "cpu"
+    return torch.autocast(device_type=device_type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[c.dtype])
+
+
+def say(*args):
+    """print, flushed at once: a log followed through nohup or a redirect shows every line as it is made."""
+    print(*args, flush=True)
 
 
 def train(c):
-    rank, _, world = setup_distributed(c)
+    rank, local_rank, world = setup_distributed(c)
     master = rank == 0
     torch.manual_seed(c.seed + rank)
     if c.device.startswith("cuda"):
@@ -525,6 +592,7 @@ def train(c):
     if c.init_from == "scratch" and not c.eval_only and os.path.isfile(os.path.join(c.out_dir, "ckpt_latest.pt")):
         raise FileExistsError(f"{c.out_dir} already holds a run: continue it with --init_from resume, or pass "
                               "another --out_dir (nothing was overwritten)")
+    micro, accum = micro_batches(c, world)
     ckpt = None
     if c.init_from == "resume" or c.eval_only:  # the model is the checkpoint's; flags may change the schedule only
         path = os.path.join(c.out_dir, "ckpt_best.pt" if c.eval_only else "ckpt_latest.pt")
@@ -537,71 +605,99 @@ def train(c):
         model = WhisperGPT(c).to(c.device)
     raw_model = model  # the plain module: what checkpoints hold, whatever wraps it below
     if c.eval_only:
-        return eval_only(model, c, meta, ctx, ckpt["iter"], master)
+        return eval_only(model, c, meta, ctx, ckpt["iter"], rank, world)
     n_train = len(open_split(c.data_dir, "train", False)[0])
-    spe = steps_per_epoch(c, n_train, world)
+    spe = steps_per_epoch(c, n_train)
     max_iters = c.max_iters or c.epochs * spe
-    optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, fused=c.device.startswith("cuda"))
+    fused = c.device.startswith("cuda")
+    optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, fused=fused)
+    # fp16 needs its loss scaled (its range is narrow); bf16 and fp32 do not, and the scaler is then a no-op
+    scaler = torch.amp.GradScaler("cuda" if fused else "cpu", enabled=c.dtype == "float16")
     start_iter, best_val = 0, float("inf")
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # a GPU run's fused Adam state resumes on a CPU, and the other way
+            group["fused"], group["foreach"] = fused, None
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
         start_iter, best_val = ckpt["iter"], ckpt["best_val_nll"]
         ckpt = None  # free the memory
     name, params = model_name(c), raw_model.num_params()
     if master:
         os.makedirs(c.out_dir, exist_ok=True)
-        print(f"{name}: {params:,} parameters | {n_train:,} train tokens, {spe} steps/epoch, {max_iters} steps "
-              f"| tokenizer {meta.get('tokenizer')} | {c.device} {c.dtype} | DDP world {world}")
+        say(f"{name}: {params:,} parameters | {n_train:,} train tokens, {spe} steps/epoch of {c.batch_size} crops, "
+            f"{max_iters} steps | tokenizer {meta.get('tokenizer')} | {c.device} {c.dtype} | DDP world {world}, "
+            f"{accum} x {micro} crops per process and step")
         if c.init_from == "scratch":
             log_event(c.out_dir, {"event": "start", "model": name, "params": params, "dataset": c.dataset,
-                                  "tokenizer": meta.get("tokenizer"), "config": dataclasses.asdict(c)})
+                                  "tokenizer": meta.get("tokenizer"), "baselines": meta.get("baselines"),
+                                  "config": dataclasses.asdict(c)})
     if c.compile:
         model = torch.compile(model)
+    eval_model = model  # evaluate() runs the plain or compiled module, never through DDP's collectives
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if "cuda" in c.device else None)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if fused else None)
 
     eval_every = c.eval_interval or spe
+    tokens_per_step = c.batch_size * c.block_size
     train_sum = torch.zeros((), device=c.device)  # summed on the device: no CPU-GPU sync per step
-    train_steps, t0 = 0, time.time()
-    t_mark = t0
-    x, y, mel = get_batch(c, start_iter, rank)
+    train_steps, log_steps, t0 = 0, 0, time.time()
+    t_eval = t_log = t0
+    x, y, mel = get_batch(c, start_iter, rank, world)
     for it in range(start_iter, max_iters + 1):
         lr = get_lr(c, it, spe)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if (it % eval_every == 0 or it == max_iters) and not (it == start_iter and c.init_from == "resume"):
             # (a resumed run skips its first eval: the checkpoint it started from already logged it)
-            train_nll = train_sum.item() / train_steps if train_steps else None  # sync: the steps are done
-            tok_s = train_steps * c.batch_size * c.block_size * world / (time.time() - t_mark) if train_steps else None
-            val_nll, val_acc, _ = evaluate(model, c, c.eval_windows, ctx, rank, world)
+            if world > 1:
+                torch.distributed.all_reduce(train_sum)  # every process reaches this line at the same steps
+            train_nll = train_sum.item() / world / train_steps if train_steps else None  # sync: the steps are done
+            tok_s = train_steps * tokens_per_step / (time.time() - t_eval) if train_steps else None
+            result = evaluate(eval_model, c, c.eval_windows, ctx, rank, world)
             if master:
-                record = {"event": "eval", "iter": it, "epoch": it / spe, "tokens": it * c.batch_size *
-                          c.block_size * world, "lr": lr, "train_nll": train_nll, "val_nll": val_nll,
-                          "val_acc": val_acc, "val_ppl": math.exp(val_nll), "tokens_per_s": tok_s,
+                record = {"event": "eval", "iter": it, "epoch": it / spe, "tokens": it * tokens_per_step, "lr": lr,
+                          "train_nll": train_nll, "val_nll": result.nll, "val_nll_se": result.se,
+                          "val_acc": result.acc, "val_ppl": math.exp(result.nll), "tokens_per_s": tok_s,
                           "elapsed_s": time.time() - t0}
-                print(f"epoch {it / spe:6.2f} | step {it:6d} | train {fmt(train_nll, '.4f')} | val {val_nll:.4f} | "
-                      f"acc {val_acc:6.2%} | ppl {math.exp(val_nll):7.2f} | {fmt(tok_s, ',.0f')} tok/s | "
-                      f"{time.time() - t0:6.0f} s")
+                say(f"epoch {it / spe:6.2f} | step {it:6d} | train {fmt(train_nll, '.4f')} | val {result.nll:.4f} "
+                    f"± {result.se:.4f} | acc {result.acc:6.2%} | ppl {math.exp(result.nll):7.2f} | "
+                    f"{fmt(tok_s, ',.0f')} tok/s | {time.time() - t0:6.0f} s")
                 log_event(c.out_dir, record)
-                best_val = min(best_val, val_nll)
+                best_val = min(best_val, result.nll)
                 state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "config": dataclasses.asdict(c), "iter": it, "epoch": it / spe,
-                         "val_nll": val_nll, "best_val_nll": best_val}
+                         "scaler": scaler.state_dict(), "config": dataclasses.asdict(c), "iter": it,
+                         "epoch": it / spe, "val_nll": result.nll, "best_val_nll": best_val}
                 save_checkpoint(os.path.join(c.out_dir, "ckpt_latest.pt"), state)
-                if val_nll == best_val:
+                if result.nll == best_val:
                     save_checkpoint(os.path.join(c.out_dir, "ckpt_best.pt"), state)
             train_sum.zero_()
-            train_steps, t_mark = 0, time.time()
+            train_steps, t_eval = 0, time.time()
+            log_steps, t_log = 0, t_eval  # the eval's time is not a step's
         if it == max_iters:
             break
-        with ctx:
-            _, loss = model(x, mel, y)
-        x, y, mel = get_batch(c, it + 1, rank)  # fetch the next batch while the GPU works on this one
-        loss.backward()
-        optimizer.step()
+        for k in range(accum):  # gradient accumulation: a process's share of the step in micro-batches
+            part = slice(k * micro, (k + 1) * micro)
+            # under DDP, gradients are averaged across processes once, on the step's last backward
+            sync = model.no_sync() if world > 1 and k < accum - 1 else nullcontext()
+            with sync:
+                with ctx:
+                    _, loss = model(x[part], None if mel is None else mel[part], y[part])
+                if k == accum - 1:
+                    batch = get_batch(c, it + 1, rank, world)  # fetch the next batch while the GPU works
+                scaler.scale(loss / accum).backward()
+            train_sum += loss.detach() / accum
+        x, y, mel = batch
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        train_sum += loss.detach()
         train_steps += 1
+        log_steps += 1
+        if master and c.log_interval and (it + 1) % c.log_interval == 0 and log_steps:
+            dt = (time.time() - t_log) / log_steps  # s/step since the last line or eval (loss.item() syncs)
+            say(f"step {it + 1:6d}/{max_iters} | loss {loss.item():.4f} | lr {lr:.2e} | {dt * 1000:6.0f} ms/step | "
+                f"{tokens_per_step / dt:9,.0f} tok/s | ETA {(max_iters - it - 1) * dt / 60:5.1f} min")
+            log_steps, t_log = 0, time.time()
     if world > 1:
         torch.distributed.destroy_process_group()
 
@@ -610,17 +706,25 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def eval_only(model, c, meta, ctx, step, master):
-    """The paper's table row for the best checkpoint: params, NLL, accuracy, PPL on the fixed val windows."""
-    nll, acc, count = evaluate(model, c, c.final_windows, ctx)
-    n_windows = len(val_windows(len(open_split(c.data_dir, "val", False)[0]), c.block_size, c.final_windows))
-    record = {"event": "eval_only", "params": model.num_params(), "val_nll": nll, "val_acc": acc,
-              "val_ppl": math.exp(nll), "n_windows": n_windows, "tokens": count, "iter": step}
-    if master:
-        print(f"| model | params | NLL | accuracy | PPL |   ({n_windows} val windows, {count:,} tokens, "
-              f"tokenizer {meta.get('tokenizer')}, checkpoint of step {step})")
-        print(f"| {model_name(c)} | {model.num_params() / 1e6:.2f} M | {nll:.3f} | {acc:.2%} | {math.exp(nll):.2f} |")
+def eval_only(model, c, meta, ctx, step, rank=0, world=1):
+    """The paper's table row for the best checkpoint: params, NLL ± its standard error, accuracy, PPL on the
+    fixed val windows, beside the count baselines of the same split."""
+    result = evaluate(model, c, c.final_windows, ctx, rank, world)
+    record = {"event": "eval_only", "params": model.num_params(), "val_nll": result.nll, "val_nll_se": result.se,
+              "val_acc": result.acc, "val_ppl": math.exp(result.nll), "n_windows": result.windows,
+              "tokens": result.tokens, "iter": step}
+    if rank == 0:
+        say(f"| model | params | NLL ± SE | accuracy | PPL |   ({result.windows} val windows, {result.tokens:,} "
+            f"tokens, tokenizer {meta.get('tokenizer')}, checkpoint of step {step})")
+        say(f"| {model_name(c)} | {model.num_params() / 1e6:.2f} M | {result.nll:.3f} ± {result.se:.3f} | "
+            f"{result.acc:.2%} | {math.exp(result.nll):.2f} |")
+        refs = meta.get("baselines")
+        if refs:
+            say(f"count baselines of this val split (all val tokens, train counts, add-one): unigram "
+                f"{refs['unigram_nll']:.3f}, bigram {refs['bigram_nll']:.3f}")
         log_event(c.out_dir, record)
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return record
 
 
