@@ -65,7 +65,7 @@ def read_log(path):
         rec = parse_record(path, lineno, line)
         if rec["event"] == "start":
             run = {"dir": os.path.dirname(path) or ".", "log": path, "evals": [], "final": None,
-                   **{k: rec[k] for k in REQUIRED["start"]}}
+                   "baselines": rec.get("baselines"), **{k: rec[k] for k in REQUIRED["start"]}}
         elif run is None:
             raise LogError(f"{path}:{lineno}: '{rec['event']}' record before any 'start' record")
         elif rec["event"] == "eval":
@@ -145,6 +145,8 @@ def plot_dataset(dataset, group, missing, path):
             nlls = [e["val_nll"] for e in run["evals"]]
             ax.plot(epochs, nlls, marker="o", markersize=3, color=COLORS.get(label),
                     label=f"{label} ({params_label(run['params'])})")
+    for (kind, nll), style in zip(baselines(group).items(), ("--", ":")):
+        ax.axhline(nll, color="gray", linestyle=style, linewidth=1, label=f"count {kind} of this val split")
     title = f"{fig_name}: {name}, validation loss (tokenizer: {tokenizers(group)})"
     if missing:
         title += f"\nmissing: {', '.join(missing)}"
@@ -161,6 +163,32 @@ def plot_dataset(dataset, group, missing, path):
     plt.close(fig)
     os.replace(tmp, path)
     return labels
+
+
+def baselines(group):
+    """{"unigram": nll, "bigram": nll} of the val split the runs share (prepare.py puts them in meta.json and
+    the run in its start record); empty when no run has them, an error when runs disagree (other data)."""
+    found = {json.dumps(run["baselines"], sort_keys=True) for run in group.values() if run.get("baselines")}
+    if len(found) > 1:
+        raise ValueError("the runs' count baselines differ: they were trained on different data folders")
+    refs = json.loads(found.pop()) if found else {}
+    return {kind: refs[f"{kind}_nll"] for kind in ("unigram", "bigram") if f"{kind}_nll" in refs}
+
+
+def paired_difference(a, b):
+    """Mean and standard error of a's NLL minus b's over the same val windows (paired: the spread between
+    windows, which both models share, drops out), from their eval_only records; None without them."""
+    if not (a and b and a.get("window_nll") and b.get("window_nll")) or len(a["window_nll"]) != len(b["window_nll"]):
+        return None
+    d = [x - y for x, y in zip(a["window_nll"], b["window_nll"])]
+    mean = sum(d) / len(d)
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("nan")
+    return mean, se, len(d)
+
+
+def train_time(run):
+    """Wall time of the training run, from its last eval's elapsed seconds."""
+    return f"{run['evals'][-1]['elapsed_s'] / 60:.1f} min" if run["evals"] and "elapsed_s" in run["evals"][-1] else "-"
 
 
 def tokenizers(group):
@@ -190,22 +218,37 @@ def table_markdown(dataset, group, missing):
     if len({run["tokenizer"] for run in group.values()}) > 1:
         caption += " The runs used different tokenizers: their rows are not comparable with each other."
     lines = [caption, "",
-             "| Model | # params (ours) | # params (paper) | NLL (ours) | NLL (paper) | Accuracy (ours) "
-             "| Accuracy (paper) | PPL (ours) | PPL (paper) | our row from |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| Model | # params (ours) | # params (paper) | NLL ± SE (ours) | NLL (paper) | Accuracy (ours) "
+             "| Accuracy (paper) | PPL (ours) | PPL (paper) | training time | our row from |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label in list(MODELS) + [k for k in group if k not in MODELS]:
         p = paper.get(label)
         theirs = [f"{p[0]} M", f"{p[1]:.2f}", f"{p[2]:.2f} %", f"{p[3]:.2f}"] if p else ["-"] * 4
         run = group.get(label)
         rec, source = result_row(run) if run else (None, "**not run**")
-        ours = ([params_label(run["params"]), f"{rec['val_nll']:.3f}", f"{100 * rec['val_acc']:.2f} %",
+        se = f" ± {rec['val_nll_se']:.3f}" if rec and rec.get("val_nll_se") is not None else ""
+        ours = ([params_label(run["params"]), f"{rec['val_nll']:.3f}{se}", f"{100 * rec['val_acc']:.2f} %",
                  f"{rec['val_ppl']:.2f}"] if rec else
                 [params_label(run["params"]) if run else "-", "-", "-", "-"])
-        cells = [label] + [c for pair in zip(ours, theirs) for c in pair] + [source]
+        cells = [label] + [c for pair in zip(ours, theirs) for c in pair] + [train_time(run) if run else "-", source]
         lines.append("| " + " | ".join(cells) + " |")
+    for kind, nll in baselines(group).items():
+        lines.append(f"| count {kind} (train counts, add-one) | - | - | {nll:.3f} | - | - | - | {math.exp(nll):.2f} "
+                     "| - | - | meta.json |")
+    finals = {label: run["final"] for label, run in group.items()}
+    diffs = [(a, b, paired_difference(finals.get(a), finals.get(b)))
+             for a, b in (("hybrid", "GPT-S"), ("hybrid", "GPT-L"), ("GPT-L", "GPT-S"))]
+    diffs = [f"{a} − {b}: {d[0]:+.3f} ± {d[1]:.3f}" for a, b, d in diffs if d]
+    if diffs:
+        lines += ["", f"Paired differences in NLL over the same {paired_count(finals)} val windows (mean ± SE): "
+                  + "; ".join(diffs) + "."]
     if missing:
         lines += ["", f"Missing: {', '.join(missing)}."]
     return "\n".join(lines)
+
+
+def paired_count(finals):
+    return max(len(rec.get("window_nll") or []) for rec in finals.values() if rec)
 
 
 def write_atomic(path, text):

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import multiprocessing
 import os
+import sys
 import time
 
 import matplotlib
@@ -38,31 +39,51 @@ from whisper_gpt import load_checkpoint, open_split
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", required=True, help="run folder holding ckpt_best.pt / ckpt_latest.pt")
-    p.add_argument("--ckpt", choices=("best", "latest"), default="best")
+    p = prepare.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", required=True, help="run folder holding ckpt_best.pt / ckpt_latest.pt (required)")
+    p.add_argument("--ckpt", choices=("best", "latest"), default="best", help="which checkpoint of the run "
+                   "(default: %(default)s)")
     p.add_argument("--prompt", default=None, help="audio file to continue (default: a crop of the val split)")
-    p.add_argument("--prompt_seconds", type=float, default=3.0, help="seconds of prompt (at most)")
-    p.add_argument("--seconds", type=float, default=10.0, help="seconds of audio to generate")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--num_samples", type=int, default=1, help="samples, generated as one batch")
-    p.add_argument("--seed", type=int, default=1337, help="sample i draws from a generator seeded seed + i")
+    p.add_argument("--prompt_seconds", type=float, default=3.0, help="seconds of prompt, at most "
+                   "(default: %(default)s)")
+    p.add_argument("--seconds", type=float, default=10.0, help="seconds of audio to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, help="divides the logits; 0 = always the likeliest "
+                   "token (default: %(default)s)")
+    p.add_argument("--top_k", type=int, default=None, help="sample among the k likeliest tokens only "
+                   "(default: all)")
+    p.add_argument("--top_p", type=float, default=None, help="sample among the fewest tokens whose probability "
+                   "sums to p (default: all)")
+    p.add_argument("--num_samples", type=int, default=1, help="samples, generated as one batch "
+                   "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1337, help="sample i draws from a generator seeded seed + i "
+                   "(default: %(default)s)")
     p.add_argument("--mel_window", type=int, default=0, help="hybrid: 0 = stream the decoder (exact); W = decode "
-                   "the newest W tokens from scratch each step (an approximation, for comparison)")
+                   "the newest W tokens from scratch each step (an approximation, for comparison) "
+                   "(default: %(default)s)")
     p.add_argument("--mel_worker", choices=("process", "thread"), default="process", help="hybrid: decode for "
-                   "the mel slices in a process of its own (on its own core) or in a thread beside the model")
-    p.add_argument("--device", default="cpu")
+                   "the mel slices in a process of its own (on its own core) or in a thread beside the model "
+                   "(default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="where the model and the tokenizer run (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's "
                    "choice, less the one the hybrid's mel worker process takes)")
     p.add_argument("--sample_dir", default=None, help="where to write (default: --out_dir)")
-    p.add_argument("--bench", action="store_true", help="print tokens/s and realtime factor, decoding included")
+    p.add_argument("--bench", action="store_true", help="print tokens/s and realtime factor, decoding included "
+                   "(default: off)")
     args = p.parse_args(argv)
     if args.seconds <= 0 or args.prompt_seconds <= 0 or args.num_samples < 1:
         p.error("--seconds and --prompt_seconds must be positive and --num_samples at least 1")
     if args.mel_window and args.mel_window < prepare.WIN // prepare.HOP:
         p.error(f"--mel_window must be 0 or at least {prepare.WIN // prepare.HOP} tokens (one mel window)")
+    if args.temperature < 0:
+        p.error(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"--top_k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}, but torch sees no GPU here: use --device cpu")
     return args
 
 
@@ -71,7 +92,14 @@ def parse_args(argv=None):
 
 def load_run(out_dir, ckpt, device):
     """(model, config, data_dir, tokenizer, meta) from a run folder: the checkpoint names its data."""
-    model, config, _ = load_checkpoint(os.path.join(out_dir, f"ckpt_{ckpt}.pt"), device)
+    path = os.path.join(out_dir, f"ckpt_{ckpt}.pt")
+    if not os.path.isfile(path):
+        other = "latest" if ckpt == "best" else "best"
+        has_other = os.path.isfile(os.path.join(out_dir, f"ckpt_{other}.pt"))
+        raise prepare.MissingInput(f"no checkpoint at {path}: " + (
+            f"the run has ckpt_{other}.pt, so pass --ckpt {other}" if has_other else
+            f"train one first (python whisper_gpt.py --out_dir {out_dir}) or pass the --out_dir of a run"))
+    model, config, _ = load_checkpoint(path, device)
     model.eval()
     data_dir = config.data_dir or os.path.join("data", config.dataset)
     meta = prepare.read_meta(data_dir)
@@ -81,19 +109,26 @@ def load_run(out_dir, ckpt, device):
 
 def read_audio(path, max_seconds):
     """An audio file -> (S,) float32 mono at 24 kHz, at most max_seconds, S a multiple of HOP."""
-    wav, sr = sf.read(path, dtype="float32", always_2d=True)  # (S, channels)
+    if not os.path.isfile(path):
+        raise prepare.MissingInput(f"--prompt {path}: no such file")
+    try:
+        wav, sr = sf.read(path, dtype="float32", always_2d=True)  # (S, channels)
+    except sf.LibsndfileError as e:
+        raise prepare.BadInput(f"--prompt {path} is not audio that soundfile can read "
+                               f"({e.error_string.rstrip('.')}): give a wav, flac, ogg or mp3 file") from None
     wav = torch.from_numpy(wav).mean(dim=1)  # (S,) mono
     if sr != prepare.SAMPLE_RATE:
         wav = AF.resample(wav, sr, prepare.SAMPLE_RATE)
     n = min(len(wav), int(max_seconds * prepare.SAMPLE_RATE)) // prepare.HOP * prepare.HOP
     if n == 0:
-        raise ValueError(f"{path}: shorter than one token ({prepare.HOP} samples at 24 kHz)")
+        raise prepare.BadInput(f"{path}: shorter than one token ({prepare.HOP} samples at 24 kHz): give a "
+                               f"longer --prompt")
     return wav[:n].contiguous()
 
 
-def prompt_from_audio(path, max_seconds, tokenizer, meta, device):
-    """tokens (1, T) and normalised mel (1, T, 64) of an audio file, as prepare.py would have made them."""
-    wav = read_audio(path, max_seconds).to(device)[None]  # (1, S)
+def prompt_from_audio(wav, tokenizer, meta, device):
+    """tokens (1, T) and normalised mel (1, T, 64) of read_audio's wav (S,), as prepare.py would have made them."""
+    wav = wav.to(device)[None]  # (1, S)
     tokens = tokenizer.encode(wav)  # (1, T)
     mel = prepare.normalise_mel(prepare.log_mel(wav), meta)  # (1, T, 64)
     return tokens, mel.float()
@@ -105,7 +140,7 @@ def prompt_from_val(data_dir, meta, max_seconds, device, hybrid):
     n = int(max_seconds * prepare.FRAME_RATE)
     files = [f for f in meta["files"] if f["split"] == "val"]
     if not files:
-        raise ValueError(f"{data_dir}/meta.json lists no val files: pass --prompt some.wav")
+        raise prepare.BadInput(f"{data_dir}/meta.json lists no val files: pass --prompt some.wav")
     f = next((f for f in files if f["frames"] >= n), max(files, key=lambda f: f["frames"]))
     n = min(n, f["frames"])
     start = f["offset"] + (f["frames"] - n) // 2
@@ -113,7 +148,8 @@ def prompt_from_val(data_dir, meta, max_seconds, device, hybrid):
     tokens = torch.from_numpy(tokens[start:start + n].astype(np.int64))[None].to(device)  # (1, T)
     if hybrid:
         mel = torch.from_numpy(mel[start:start + n].astype(np.float32))[None].to(device)  # (1, T, 64)
-    print(f"prompt: {n / prepare.FRAME_RATE:.2f} s from val file {f['path']} (tokens {start}..{start + n})")
+    print(f"prompt: {n / prepare.FRAME_RATE:.2f} s from val file {f['path']} (tokens {start}..{start + n})",
+          flush=True)
     return tokens, mel
 
 
@@ -396,7 +432,7 @@ def write_samples(sample_dir, idx, audio, n_prompt, title):
         write_npy(stem + ".npy", idx[i].cpu().numpy().astype(np.uint16))  # as the memmaps
         write_spectrogram(stem + ".png", mels[i], boundary_s, title)
         print(f"sample {i}: {stem}.wav ({audio.size(1) / prepare.SAMPLE_RATE:.2f} s; prompt ends at "
-              f"{boundary_s:.2f} s = token {n_prompt}), {stem}.npy, {stem}.png")
+              f"{boundary_s:.2f} s = token {n_prompt}), {stem}.npy, {stem}.png", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -429,6 +465,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     torch.set_flush_denormal(True)  # EnCodec's decoder runs many times slower on denormal floats on a CPU
+    prompt = read_audio(args.prompt, args.prompt_seconds) if args.prompt else None  # a bad one fails before loading
     model, config, data_dir, tokenizer, meta = load_run(args.out_dir, args.ckpt, args.device)
     run = os.path.basename(os.path.normpath(args.out_dir))
     mel_fn = None
@@ -437,19 +474,20 @@ def main(argv=None):
         if not args.threads:  # one core is the worker's: more threads than cores stall each other at every op
             torch.set_num_threads(max(1, torch.get_num_threads() - 1))
     try:
-        continue_prompt(args, model, config, data_dir, tokenizer, meta, run, mel_fn)
+        continue_prompt(args, prompt, model, config, data_dir, tokenizer, meta, run, mel_fn)
     finally:
         if mel_fn is not None:
             mel_fn.close()
 
 
-def continue_prompt(args, model, config, data_dir, tokenizer, meta, run, mel_fn):
+def continue_prompt(args, prompt, model, config, data_dir, tokenizer, meta, run, mel_fn):
     if tokenizer.offline:
         print(f"note: tokenizer {tokenizer.name} is the offline stand-in (random-weight EnCodec): its decoder "
-              "makes noise-like audio, so what you hear is NOT meaningful without the real EnCodec weights.")
-    if args.prompt:
-        tokens, mel = prompt_from_audio(args.prompt, args.prompt_seconds, tokenizer, meta, args.device)
-        print(f"prompt: {tokens.size(1) / prepare.FRAME_RATE:.2f} s of {args.prompt}")
+              "makes noise-like audio, so what you hear is NOT meaningful without the real EnCodec weights.",
+              flush=True)
+    if prompt is not None:
+        tokens, mel = prompt_from_audio(prompt, tokenizer, meta, args.device)
+        print(f"prompt: {tokens.size(1) / prepare.FRAME_RATE:.2f} s of {args.prompt}", flush=True)
     else:
         tokens, mel = prompt_from_val(data_dir, meta, args.prompt_seconds, args.device, config.hybrid)
     B, n_prompt, n_new = args.num_samples, tokens.size(1), round(args.seconds * prepare.FRAME_RATE)
@@ -459,16 +497,19 @@ def continue_prompt(args, model, config, data_dir, tokenizer, meta, run, mel_fn)
         where = f", mel worker: {args.mel_worker}" if config.hybrid else ""
         print(f"bench {run}: {B} x {n_new} tokens in {seconds:.2f} s, audio decoding included, "
               f"{torch.get_num_threads()} model threads{where} | {B * n_new / seconds:.1f} tokens/s | realtime factor "
-              f"{B * n_new / prepare.FRAME_RATE / seconds:.2f} (above 1 is faster than realtime)")
+              f"{B * n_new / prepare.FRAME_RATE / seconds:.2f} (above 1 is faster than realtime)", flush=True)
     if mel_fn is not None:
         mean, worst, n = mel_fn.error_against(decoded_mel(tokenizer, meta, idx))
         how = f"last {args.mel_window} tokens decoded per step" if args.mel_window else "streamed decoder"
         print(f"hybrid mel slices ({how}) against the whole output decoded at once: mean |diff| {mean:.2e}, "
-              f"max {worst:.2e} (normalised units, {n} generated slices)")
+              f"max {worst:.2e} (normalised units, {n} generated slices)", flush=True)
     title = (f"{run}: {n_prompt / prepare.FRAME_RATE:.2f} s prompt + {n_new / prepare.FRAME_RATE:.2f} s generated "
              f"(tokenizer {tokenizer.name})")
     write_samples(args.sample_dir or args.out_dir, idx, audio, n_prompt, title)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except prepare.UserError as e:  # a user's mistake: one line saying what to do, no traceback (bugs keep theirs)
+        sys.exit(f"sample.py: error: {e}")

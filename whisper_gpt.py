@@ -12,9 +12,12 @@ Importing this file has no side effects: tests and sample.py import the model fr
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -34,18 +37,18 @@ class Config:
     # model (the defaults are the paper's baseline GPT-S, section 3.1)
     vocab_size: int = 1024  # EnCodec 24 kHz codebook 0
     block_size: int = 750  # context in tokens: 10 s at 75 tokens/s
-    n_layer: int = 8
-    n_head: int = 8
-    n_embd: int = 64  # hybrid: total width, half token embedding and half mel stack
+    n_layer: int = 8  # decoder blocks of the main stack
+    n_head: int = 8  # attention heads per block (GPT-L: 16)
+    n_embd: int = 64  # width of the main stack (GPT-L: 256); hybrid: half token embedding, half mel stack
     dense: int = 2048  # the dense layer between the last block and the 1024-way output
     dropout: float = 0.0  # the paper is silent; none
-    hybrid: bool = False
+    hybrid: bool = False  # add the causal mel stack beside the token embedding (the paper's hybrid)
     n_mel: int = 64  # mel bins per slice
     mel_hidden: int = 2048  # per-slice MLP: n_mel -> mel_hidden -> n_embd // 2
     mel_layer: int = 6  # causal layers of the "Whisper-decoder" mel stack
     mel_head: int = 4  # the paper is silent; 4 heads keep GPT-S's head size of 8
     # data and output
-    dataset: str = "music"
+    dataset: str = "music"  # the name prepare.py gave the data (data/<dataset>)
     data_dir: str = ""  # default: data/<dataset>
     out_dir: str = ""  # default: out-<model>-<dataset>, e.g. out-gpt-s-music
     # The recipe. The paper (section 3) trains with Adam at 2e-4, halved to 1e-4 after epoch 10 of 25, on about
@@ -56,8 +59,8 @@ class Config:
     # The paper's recipe is: --epochs 25 --lr 2e-4 --batch_size 16 (on prepare.py --hours 200).
     batch_size: int = 8  # crops per optimizer step in all, whatever the number of processes
     micro_batch: int = 0  # crops per forward pass per process (gradient accumulation); 0 = the process's share
-    epochs: int = 10
-    lr: float = 1e-3
+    epochs: int = 10  # passes over the train tokens (paper: 25)
+    lr: float = 1e-3  # Adam's learning rate before it is halved (paper: 2e-4)
     lr_drop_at: float = 0.4  # the learning rate is halved after this fraction of the epochs (paper: 10 of 25)
     max_iters: int = 0  # stop after this many steps (a budget for short runs); 0 = the whole recipe
     # evaluation and checkpoints
@@ -65,15 +68,15 @@ class Config:
     log_interval: int = 10  # steps between progress lines (loss, lr, ms/step, tokens/s, ETA); 0 = none
     eval_windows: int = 200  # fixed val windows per eval during training (evenly spaced); 0 = all
     final_windows: int = 0  # val windows for --eval_only; 0 = all
-    eval_only: bool = False
+    eval_only: bool = False  # print the table row (NLL ± SE, accuracy, PPL) of <out_dir>/ckpt_best.pt, then stop
     init_from: str = "scratch"  # 'scratch' or 'resume' (from <out_dir>/ckpt_latest.pt)
     # system
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-    compile: bool = False
-    seed: int = 1337
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cuda, cuda:1, cpu, ...
+    dtype: str = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # autocast
+    compile: bool = False  # torch.compile the model (checkpoints still hold the plain module)
+    seed: int = 1337  # model init and the crops of every step
     bench: bool = False  # time bench_steps steps on random data and print tokens/s (and MFU on a GPU)
-    bench_steps: int = 20
+    bench_steps: int = 20  # steps timed by --bench, after 3 warm-up steps
     bench_reference: bool = False  # with --bench: time the textbook nn.TransformerEncoder GPT instead
 
 
@@ -92,37 +95,60 @@ def model_name(c):
 def validate(c):
     """Raise one clear error for an impossible combination of flags."""
     if c.n_embd % c.n_head:
-        raise ValueError(f"--n_embd {c.n_embd} is not divisible by --n_head {c.n_head}: pick a width that is")
+        raise ConfigError(f"--n_embd {c.n_embd} is not divisible by --n_head {c.n_head}: pick a width that is")
     if c.hybrid:
         if c.n_embd % 2:
-            raise ValueError(f"--hybrid needs an even --n_embd (half token, half mel); got {c.n_embd}")
+            raise ConfigError(f"--hybrid needs an even --n_embd (half token, half mel); got {c.n_embd}")
         if (c.n_embd // 2) % c.mel_head:
-            raise ValueError(f"the mel stack width {c.n_embd // 2} is not divisible by --mel_head {c.mel_head}")
+            raise ConfigError(f"the mel stack width {c.n_embd // 2} is not divisible by --mel_head {c.mel_head}")
     if c.init_from not in ("scratch", "resume"):
-        raise ValueError(f"--init_from must be 'scratch' or 'resume', not {c.init_from!r}")
+        raise ConfigError(f"--init_from must be 'scratch' or 'resume', not {c.init_from!r}")
     if c.dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype must be float32, bfloat16 or float16, not {c.dtype!r}")
+        raise ConfigError(f"--dtype must be float32, bfloat16 or float16, not {c.dtype!r}")
     for name in ("block_size", "n_layer", "batch_size", "epochs", "vocab_size", "bench_steps"):
         if getattr(c, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(c, name)}")
+            raise ConfigError(f"--{name} must be at least 1, got {getattr(c, name)}")
     for name in ("micro_batch", "log_interval", "eval_interval", "max_iters", "eval_windows", "final_windows"):
         if getattr(c, name) < 0:
-            raise ValueError(f"--{name} must be 0 or more, got {getattr(c, name)}")
+            raise ConfigError(f"--{name} must be 0 or more, got {getattr(c, name)}")
     if c.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {c.lr}")
+        raise ConfigError(f"--lr must be positive, got {c.lr}")
     if not 0 <= c.lr_drop_at <= 1:
-        raise ValueError(f"--lr_drop_at is a fraction of the run, between 0 and 1; got {c.lr_drop_at}")
+        raise ConfigError(f"--lr_drop_at is a fraction of the run, between 0 and 1; got {c.lr_drop_at}")
+
+
+class UserError(Exception):
+    """A user's mistake (a flag, a missing file): the command line prints it as one line, with no traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    pass
+
+
+class MissingFile(UserError, FileNotFoundError):
+    pass
+
+
+class RunExists(UserError, FileExistsError):
+    pass
+
+
+def field_help():
+    """{field: the comment beside it in Config}: each flag's --help text, written once, next to its default."""
+    return dict(re.findall(r"^ {4}(\w+): [^\n]*?#\s*(.+)$", inspect.getsource(Config), re.MULTILINE))
 
 
 def parse_args(argv=None):
     """Config from the command line: one flag per field of Config, e.g. --n_embd 64 --hybrid."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = field_help()
     for f in dataclasses.fields(Config):
         if f.type is bool or isinstance(f.default, bool):
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                                help=helps[f.name])
         else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=helps[f.name])
     c = Config(**vars(parser.parse_args(argv)))
     c.data_dir = c.data_dir or os.path.join("data", c.dataset)
     c.out_dir = c.out_dir or f"out-{model_name(c).lower()}-{c.dataset}"
@@ -390,7 +416,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 def load_checkpoint(path, device="cpu"):
     """Rebuild the model from a checkpoint alone. Returns (model, config, checkpoint dict)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: train into that folder first "
+        raise MissingFile(f"no checkpoint at {path}: train into that folder first "
                                 f"(python whisper_gpt.py --out_dir {os.path.dirname(path) or '.'})")
     ckpt = torch.load(path, map_location=device, weights_only=True)  # tensors and plain types only: no code runs
     config = Config(**ckpt["config"])
@@ -424,19 +450,19 @@ def open_split(data_dir, split, hybrid):
 def check_data(c):
     """Fail at once, with what to do, when the data folder cannot serve this config."""
     if not os.path.isfile(os.path.join(c.data_dir, "meta.json")):
-        raise FileNotFoundError(f"no prepared data in {c.data_dir}: run python prepare.py --dataset {c.dataset}")
+        raise MissingFile(f"no prepared data in {c.data_dir}: run python prepare.py --dataset {c.dataset}")
     for split in ("train", "val"):
         names = [f"{split}_tokens.bin"] + ([f"{split}_mel.bin"] if c.hybrid else [])
         for name in names:
             if not os.path.isfile(os.path.join(c.data_dir, name)):
-                raise FileNotFoundError(f"{c.data_dir} has no {name}" +
+                raise MissingFile(f"{c.data_dir} has no {name}" +
                                         (": --hybrid needs the mel memmaps of prepare.py" if "mel" in name else ""))
         tokens, mel = open_split(c.data_dir, split, c.hybrid)
         if len(tokens) < c.block_size + 1:
-            raise ValueError(f"the {split} split has {len(tokens)} tokens, fewer than a crop of --block_size "
+            raise ConfigError(f"the {split} split has {len(tokens)} tokens, fewer than a crop of --block_size "
                              f"{c.block_size} + 1: use a smaller --block_size or prepare more audio")
         if mel is not None and len(mel) != len(tokens):
-            raise ValueError(f"{split}: {len(tokens)} tokens but {len(mel)} mel rows; re-run prepare.py")
+            raise ConfigError(f"{split}: {len(tokens)} tokens but {len(mel)} mel rows; re-run prepare.py")
     with open(os.path.join(c.data_dir, "meta.json")) as f:
         return json.load(f)
 
@@ -483,6 +509,7 @@ class EvalResult:
     tokens: int  # predicted positions
     windows: int
     se: float  # standard error of nll over windows (std of the per-window means / sqrt(windows)); nan for one
+    window_nll: list  # mean NLL of each window, in order: two models' differences can be paired window by window
 
 
 @torch.no_grad()
@@ -519,8 +546,9 @@ def evaluate(model, c, limit, ctx, rank=0, world=1):
     sums = sums.cpu().numpy()  # a CPU-GPU sync point, once per eval
     per_window = sums[:, 0] / sums[:, 2]
     se = per_window.std(ddof=1) / math.sqrt(len(per_window)) if len(per_window) > 1 else float("nan")
-    count = sums[:, 2].sum()
-    return EvalResult(sums[:, 0].sum() / count, sums[:, 1].sum() / count, int(count), len(starts), float(se))
+    count = sums[:, 2].sum()  # python floats below, not numpy's: checkpoints hold them and load weights_only
+    return EvalResult(float(sums[:, 0].sum() / count), float(sums[:, 1].sum() / count), int(count), len(starts),
+                      float(se), per_window.tolist())
 
 
 # -----------------------------------------------------------------------------
@@ -560,12 +588,12 @@ def setup_distributed(c):
 def micro_batches(c, world):
     """(crops per forward pass, forward passes per step) of one process; one clear error when they do not fit."""
     if c.batch_size % world:
-        raise ValueError(f"--batch_size {c.batch_size} (crops per step in all) does not divide among {world} "
+        raise ConfigError(f"--batch_size {c.batch_size} (crops per step in all) does not divide among {world} "
                          f"processes: use a multiple of {world}")
     share = c.batch_size // world
     micro = c.micro_batch or share
     if share % micro:
-        raise ValueError(f"--micro_batch {micro} does not divide a process's {share} crops: use a divisor of {share}")
+        raise ConfigError(f"--micro_batch {micro} does not divide a process's {share} crops: use a divisor of {share}")
     return micro, share // micro
 
 
@@ -590,7 +618,7 @@ def train(c):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if c.init_from == "scratch" and not c.eval_only and os.path.isfile(os.path.join(c.out_dir, "ckpt_latest.pt")):
-        raise FileExistsError(f"{c.out_dir} already holds a run: continue it with --init_from resume, or pass "
+        raise RunExists(f"{c.out_dir} already holds a run: continue it with --init_from resume, or pass "
                               "another --out_dir (nothing was overwritten)")
     micro, accum = micro_batches(c, world)
     ckpt = None
@@ -712,7 +740,7 @@ def eval_only(model, c, meta, ctx, step, rank=0, world=1):
     result = evaluate(model, c, c.final_windows, ctx, rank, world)
     record = {"event": "eval_only", "params": model.num_params(), "val_nll": result.nll, "val_nll_se": result.se,
               "val_acc": result.acc, "val_ppl": math.exp(result.nll), "n_windows": result.windows,
-              "tokens": result.tokens, "iter": step}
+              "tokens": result.tokens, "iter": step, "window_nll": result.window_nll}
     if rank == 0:
         say(f"| model | params | NLL ± SE | accuracy | PPL |   ({result.windows} val windows, {result.tokens:,} "
             f"tokens, tokenizer {meta.get('tokenizer')}, checkpoint of step {step})")
@@ -764,7 +792,7 @@ def flops_per_token(c, params):
 def bench(c):
     """Time c.bench_steps training steps (after 3 warm-up steps) on random tokens and mel; print tokens/s."""
     if c.bench_reference and c.hybrid:
-        raise ValueError("--bench_reference times the textbook token-only GPT; drop --hybrid")
+        raise ConfigError("--bench_reference times the textbook token-only GPT; drop --hybrid")
     torch.manual_seed(c.seed)
     model = (textbook_gpt(c) if c.bench_reference else WhisperGPT(c)).to(c.device)
     params = sum(p.numel() for p in model.parameters())
@@ -798,9 +826,16 @@ def bench(c):
     return tok_s
 
 
-if __name__ == "__main__":
-    config = parse_args()
+def main(argv=None):
+    config = parse_args(argv)
     if config.bench:
         bench(config)
     else:
         train(config)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:  # a user's mistake: one line naming it and the fix; a bug keeps its traceback
+        sys.exit(f"whisper_gpt.py: error: {e}")
