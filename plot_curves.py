@@ -275,17 +275,17 @@ def main(argv=None):
         missing = [m for m in MODELS if m not in group]
         missing += [f"{k} (no eval yet)" for k, run in group.items() if result_row(run)[0] is None]
         if missing:
-            print(f"{name}: missing: {', '.join(missing)}")
+            print(f"{name}: missing: {', '.join(missing)}", flush=True)
         tables += [table_markdown(dataset, group, missing), ""]
         if not group:
-            print(f"{name}: no runs, so no {fig_name}")
+            print(f"{name}: no runs, so no {fig_name}", flush=True)
             continue
         path = os.path.join(args.out_dir, png)
         plot_dataset(dataset, group, missing, path)
-        print(f"{name}: {fig_name} -> {path}")
+        print(f"{name}: {fig_name} -> {path}", flush=True)
     table_path = os.path.join(args.out_dir, "tables.md")
     write_atomic(table_path, "\n".join(tables))
-    print(f"tables -> {table_path}")
+    print(f"tables -> {table_path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from encodec.modules.lstm import SLSTM
 from encodec.modules.seanet import SEANetResnetBlock
 
 import prepare
-from whisper_gpt import load_checkpoint, open_split
+from whisper_gpt import UserError, load_checkpoint, open_split
 
 
 def parse_args(argv=None):
@@ -511,5 +511,5 @@ def continue_prompt(args, prompt, model, config, data_dir, tokenizer, meta, run,
 if __name__ == "__main__":
     try:
         main()
-    except prepare.UserError as e:  # a user's mistake: one line saying what to do, no traceback (bugs keep theirs)
+    except (prepare.UserError, UserError) as e:  # a user's mistake: one line, no traceback (bugs keep theirs)
         sys.exit(f"sample.py: error: {e}")

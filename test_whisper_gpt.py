@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import matplotlib.image
@@ -1395,8 +1396,32 @@ def test_help_gives_every_flag_its_meaning_and_default(module, capsys):
         assert re.search(r"\((default|required)", meaning) and len(meaning) > len(name) + 20, block
 
 
+def test_training_progress_reaches_a_redirected_log_at_once(tmp_path):
+    """stdout to a pipe or file is block-buffered: unflushed, the first lines would arrive as one 8 kB block, once
+    dozens of progress lines had piled up behind them. Flushed, the first read holds a line or two."""
+    data = make_data(tmp_path / "data")
+    cmd = [sys.executable, os.path.join(HERE, "whisper_gpt.py"), *DDP_FLAGS, "--data_dir", data, "--out_dir",
+           str(tmp_path / "out"), "--batch_size", "2", "--max_iters", "100000", "--log_interval", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as for most users
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=dict(env, OMP_NUM_THREADS="1"))
+    try:
+        first = os.read(proc.stdout.fileno(), 65536).decode()  # blocks until something arrives
+        text = first
+        while "step      2/" not in text and proc.poll() is None:
+            text += os.read(proc.stdout.fileno(), 65536).decode()
+        assert proc.poll() is None  # still training: what arrived was flushed, not written at exit
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "parameters" in first and len(first) < 1000, first[:2000]
+    progress = next(line for line in text.splitlines() if line.startswith("step      2/"))
+    assert "epoch   0.00 | step      0" in text
+    for field in ("loss", "lr", "ms/step", "tok/s", "ETA"):
+        assert field in progress
+
+
 def test_every_progress_and_summary_line_is_flushed():
-    for name in ("prepare.py", "sample.py"):
+    for name in ("prepare.py", "sample.py", "whisper_gpt.py", "plot_curves.py"):
         tree = ast.parse(open(os.path.join(HERE, name)).read())
         prints = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"]
         assert prints and all(any(k.arg == "flush" for k in p.keywords) for p in prints), name

@@ -417,7 +417,7 @@ def load_checkpoint(path, device="cpu"):
     """Rebuild the model from a checkpoint alone. Returns (model, config, checkpoint dict)."""
     if not os.path.isfile(path):
         raise MissingFile(f"no checkpoint at {path}: train into that folder first "
-                                f"(python whisper_gpt.py --out_dir {os.path.dirname(path) or '.'})")
+                          f"(python whisper_gpt.py --out_dir {os.path.dirname(path) or '.'})")
     ckpt = torch.load(path, map_location=device, weights_only=True)  # tensors and plain types only: no code runs
     config = Config(**ckpt["config"])
     model = WhisperGPT(config).to(device)
@@ -456,11 +456,11 @@ def check_data(c):
         for name in names:
             if not os.path.isfile(os.path.join(c.data_dir, name)):
                 raise MissingFile(f"{c.data_dir} has no {name}" +
-                                        (": --hybrid needs the mel memmaps of prepare.py" if "mel" in name else ""))
+                                  (": --hybrid needs the mel memmaps of prepare.py" if "mel" in name else ""))
         tokens, mel = open_split(c.data_dir, split, c.hybrid)
         if len(tokens) < c.block_size + 1:
             raise ConfigError(f"the {split} split has {len(tokens)} tokens, fewer than a crop of --block_size "
-                             f"{c.block_size} + 1: use a smaller --block_size or prepare more audio")
+                              f"{c.block_size} + 1: use a smaller --block_size or prepare more audio")
         if mel is not None and len(mel) != len(tokens):
             raise ConfigError(f"{split}: {len(tokens)} tokens but {len(mel)} mel rows; re-run prepare.py")
     with open(os.path.join(c.data_dir, "meta.json")) as f:
@@ -589,7 +589,7 @@ def micro_batches(c, world):
     """(crops per forward pass, forward passes per step) of one process; one clear error when they do not fit."""
     if c.batch_size % world:
         raise ConfigError(f"--batch_size {c.batch_size} (crops per step in all) does not divide among {world} "
-                         f"processes: use a multiple of {world}")
+                          f"processes: use a multiple of {world}")
     share = c.batch_size // world
     micro = c.micro_batch or share
     if share % micro:
@@ -619,7 +619,7 @@ def train(c):
         torch.backends.cudnn.allow_tf32 = True
     if c.init_from == "scratch" and not c.eval_only and os.path.isfile(os.path.join(c.out_dir, "ckpt_latest.pt")):
         raise RunExists(f"{c.out_dir} already holds a run: continue it with --init_from resume, or pass "
-                              "another --out_dir (nothing was overwritten)")
+                        "another --out_dir (nothing was overwritten)")
     micro, accum = micro_batches(c, world)
     ckpt = None
     if c.init_from == "resume" or c.eval_only:  # the model is the checkpoint's; flags may change the schedule only
@@ -822,7 +822,7 @@ def bench(c):
     if c.device.startswith("cuda"):
         peak = 989e12  # H100 SXM dense bf16 FLOP/s
         line += f" | MFU {flops_per_token(c, params) * tok_s / peak:.1%} of H100 bf16 peak"
-    print(line)
+    say(line)
     return tok_s
 
 
