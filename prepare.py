@@ -48,6 +48,8 @@ import torch.nn.functional as F
 import torchaudio
 from encodec import EncodecModel
 
+from whisper_gpt import Parser, UserError
+
 SAMPLE_RATE = 24000   # Hz, EnCodec 24 kHz model
 HOP = 320             # samples per token = 75 tokens per second
 FRAME_RATE = 75       # tokens per second
@@ -107,11 +109,8 @@ PASS_MARGIN = 1.1            # passes are listed for 10 % more than --hours (ski
 torch.set_flush_denormal(True)
 
 
-class UserError(Exception):
-    """A problem the user can act on (a missing file, input that is not audio, too little disk, a worker killed for
-    memory), with a message that says what to do: the command line prints it as one line, without a traceback."""
-
-
+# UserError: a problem the user can act on (a missing file, input that is not audio, too little disk, a worker killed
+# for memory), with a message that says what to do: the command line prints it as one line, without a traceback.
 class MissingInput(UserError, FileNotFoundError):
     pass
 
@@ -997,13 +996,6 @@ def split_files(shards: list, split: str):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (what is wrong, and where the help is), not usage + error."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
 
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("  ")[0], formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -35,11 +35,11 @@ from encodec.modules.lstm import SLSTM
 from encodec.modules.seanet import SEANetResnetBlock
 
 import prepare
-from whisper_gpt import UserError, load_checkpoint, open_split
+from whisper_gpt import Parser, UserError, load_checkpoint, open_split
 
 
 def parse_args(argv=None):
-    p = prepare.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", required=True, help="run folder holding ckpt_best.pt / ckpt_latest.pt (required)")
     p.add_argument("--ckpt", choices=("best", "latest"), default="best", help="which checkpoint of the run "
                    "(default: %(default)s)")
@@ -511,5 +511,5 @@ def continue_prompt(args, prompt, model, config, data_dir, tokenizer, meta, run,
 if __name__ == "__main__":
     try:
         main()
-    except (prepare.UserError, UserError) as e:  # a user's mistake: one line, no traceback (bugs keep theirs)
+    except UserError as e:  # a user's mistake: one line saying what to do, no traceback (bugs keep theirs)
         sys.exit(f"sample.py: error: {e}")

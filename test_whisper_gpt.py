@@ -1381,9 +1381,9 @@ def test_corpus_hours_come_from_the_metadata_cache(first_pass, capsys):
 
 
 # -----------------------------------------------------------------------------
-# prepare.py and sample.py: flags explain themselves, mistakes read as one line, lines are flushed
+# prepare.py, sample.py and whisper_gpt.py: flags explain themselves, mistakes read as one line, lines are flushed
 
-@pytest.mark.parametrize("module", [prepare, sample])
+@pytest.mark.parametrize("module", [prepare, sample, wg])
 def test_help_gives_every_flag_its_meaning_and_default(module, capsys):
     with pytest.raises(SystemExit) as e:
         module.parse_args(["--help"])
@@ -1452,12 +1452,17 @@ def mistakes(tmp_path_factory):
     ("prepare.py", ["--audio_dir", "{root}/nothing", "--name", "x"], "audio folder {root}/nothing does not exist"),
     ("prepare.py", ["--dataset", "music", "--hours", "-1"], "--hours must be positive"),
     ("prepare.py", ["--dataset", "speech", "--workers", "-2"], "--workers must be 0"),
+    ("whisper_gpt.py", ["--out_dir", "{root}/nothing", "--eval_only"], "no checkpoint at {root}/nothing/ckpt_best.pt"),
+    ("whisper_gpt.py", ["--data_dir", "{root}/gone", "--out_dir", "{root}/new"], "no prepared data in {root}/gone: run"),
+    ("whisper_gpt.py", ["--n_embd", "63"], "--n_embd 63 is not divisible by --n_head 8"),
+    ("whisper_gpt.py", ["--batch_size", "eight"], "invalid int value: 'eight'"),
 ])
 def test_a_users_mistake_is_one_line_without_a_traceback(mistakes, script, args, message):
     args = [a.format(root=mistakes) for a in args]
-    r = subprocess.run([sys.executable, os.path.join(HERE, script), *args, "--data_root" if script == "prepare.py"
-                        else "--sample_dir", str(mistakes / "out")], capture_output=True, text=True, cwd=HERE,
-                       timeout=120)
+    writes_to = {"prepare.py": ["--data_root", str(mistakes / "out")], "sample.py": ["--sample_dir",
+                                                                                    str(mistakes / "out")]}
+    r = subprocess.run([sys.executable, os.path.join(HERE, script), *args, *writes_to.get(script, [])],
+                       capture_output=True, text=True, cwd=HERE, timeout=120)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode != 0 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert message.format(root=mistakes) in lines[0], lines[0]

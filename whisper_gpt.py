@@ -118,7 +118,8 @@ def validate(c):
 
 
 class UserError(Exception):
-    """A user's mistake (a flag, a missing file): the command line prints it as one line, with no traceback."""
+    """A user's mistake (a flag, a missing file): the command line prints it as one line, with no traceback.
+    prepare.py and sample.py raise it too."""
 
 
 class ConfigError(UserError, ValueError):
@@ -133,6 +134,13 @@ class RunExists(UserError, FileExistsError):
     pass
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (what is wrong, and where the help is), not usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def field_help():
     """{field: the comment beside it in Config}: each flag's --help text, written once, next to its default."""
     return dict(re.findall(r"^ {4}(\w+): [^\n]*?#\s*(.+)$", inspect.getsource(Config), re.MULTILINE))
@@ -140,8 +148,7 @@ def field_help():
 
 def parse_args(argv=None):
     """Config from the command line: one flag per field of Config, e.g. --n_embd 64 --hybrid."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = field_help()
     for f in dataclasses.fields(Config):
         if f.type is bool or isinstance(f.default, bool):
