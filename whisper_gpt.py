@@ -608,8 +608,8 @@ def autocast_context(c):
     """bf16 (or fp16) autocast on the device in use, the CPU included, so the mixed-precision path runs in tests."""
     if c.dtype == "float32":
         return nullcontext()
-    device_type = "cuda" if c.device.startswith("cuda") else "cpu"
-    return torch.autocast(device_type=device_type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[c.dtype])
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[c.dtype]
+    return torch.autocast(device_type="cuda" if c.device.startswith("cuda") else "cpu", dtype=dtype)
 
 
 def say(*args):
