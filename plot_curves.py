@@ -238,17 +238,13 @@ def table_markdown(dataset, group, missing):
     finals = {label: run["final"] for label, run in group.items()}
     diffs = [(a, b, paired_difference(finals.get(a), finals.get(b)))
              for a, b in (("hybrid", "GPT-S"), ("hybrid", "GPT-L"), ("GPT-L", "GPT-S"))]
-    diffs = [f"{a} − {b}: {d[0]:+.3f} ± {d[1]:.3f}" for a, b, d in diffs if d]
+    diffs = [(f"{a} − {b}: {d[0]:+.3f} ± {d[1]:.3f}", d[2]) for a, b, d in diffs if d]
     if diffs:
-        lines += ["", f"Paired differences in NLL over the same {paired_count(finals)} val windows (mean ± SE): "
-                  + "; ".join(diffs) + "."]
+        lines += ["", f"Paired differences in NLL over the same {diffs[0][1]} val windows (mean ± SE): "
+                  + "; ".join(text for text, _ in diffs) + "."]
     if missing:
         lines += ["", f"Missing: {', '.join(missing)}."]
     return "\n".join(lines)
-
-
-def paired_count(finals):
-    return max(len(rec.get("window_nll") or []) for rec in finals.values() if rec)
 
 
 def write_atomic(path, text):

@@ -791,11 +791,6 @@ def shard_members(path: Path) -> list:
         return json.loads(str(shard["members"]))
 
 
-def shard_passes(path: Path) -> int:
-    """The last rendering pass over the music corpus that a shard holds a piece of."""
-    return max((m["music"] or {}).get("pass", 1) for m in shard_members(path))
-
-
 def job_id(sources: list, args) -> str:
     """What a work folder was made for: the files, hours, seed and tokenizer asked."""
     job = [FORMAT_VERSION, [s.key for s in sources], args.hours, args.seed, args.tokenizer, args.encodec_ckpt]
@@ -937,6 +932,8 @@ def assemble(shards: list, data_dir: Path, tok: Tokenizer, extra: dict) -> dict:
     std, summed in float64 in a first pass), streaming file by file; everything is written under temporary names
     and renamed into place at the end, meta.json last, so a folder with meta.json is complete."""
     members = [m for path in shards for m in shard_members(path)]
+    if any(m["music"] for m in members):  # rendered music: how many passes over the corpus it took
+        extra = {**extra, "passes": max((m["music"] or {}).get("pass", 1) for m in members)}
     skipped = [(m["path"], m["skipped"]) for m in members if m["skipped"]]
     counts = {split: sum(m["frames"] for m in members if m["split"] == split and not m["skipped"])
               for split in ("train", "val")}
@@ -1112,8 +1109,6 @@ def main(argv=None):
         (work / "job").write_text(job)
         with fast_cpu(args.device):  # the cores belong to the workers
             shards = encode_corpus(sources, work, tok, args, total_s)
-        if describe["dataset"] == "music":
-            describe["passes"] = max(shard_passes(path) for path in shards)
         meta = assemble(shards, data_dir, tok, {**describe, "seed": args.seed, "hours_asked": args.hours})
     except SystemExit:
         shutil.rmtree(work, ignore_errors=True)  # nothing usable: leave no files behind

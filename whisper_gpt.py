@@ -528,7 +528,7 @@ def evaluate(model, c, limit, ctx, rank=0, world=1):
     process, whatever its share) gives every process the same numbers as one process."""
     tokens, mel = open_split(c.data_dir, "val", c.hybrid)
     starts = val_windows(len(tokens), c.block_size, limit)
-    sums = torch.zeros(len(starts), 3, device=c.device, dtype=torch.float64)  # per window: nll sum, correct, count
+    sums = torch.zeros(len(starts), 2, device=c.device, dtype=torch.float64)  # per window: nll sum, correct
     mine = np.arange(rank, len(starts), world)
     was_training = model.training
     model.eval()
@@ -546,16 +546,15 @@ def evaluate(model, c, limit, ctx, rank=0, world=1):
         rows = torch.from_numpy(rows).to(c.device)
         sums[rows, 0] = nll.sum(1).double()
         sums[rows, 1] = (logits.argmax(-1) == y).sum(1).double()
-        sums[rows, 2] = float(y.size(1))
     model.train(was_training)
     if world > 1:
         torch.distributed.all_reduce(sums)
-    sums = sums.cpu().numpy()  # a CPU-GPU sync point, once per eval
-    per_window = sums[:, 0] / sums[:, 2]
-    se = per_window.std(ddof=1) / math.sqrt(len(per_window)) if len(per_window) > 1 else float("nan")
-    count = sums[:, 2].sum()  # python floats below, not numpy's: checkpoints hold them and load weights_only
-    return EvalResult(float(sums[:, 0].sum() / count), float(sums[:, 1].sum() / count), int(count), len(starts),
-                      float(se), per_window.tolist())
+    per_window = sums.cpu().numpy() / c.block_size  # (windows, 2): every window predicts block_size tokens; a sync
+    nll = per_window[:, 0]
+    se = nll.std(ddof=1) / math.sqrt(len(nll)) if len(nll) > 1 else float("nan")
+    # python floats, not numpy's: checkpoints hold them and load weights_only
+    return EvalResult(float(nll.mean()), float(per_window[:, 1].mean()), len(starts) * c.block_size, len(starts),
+                      float(se), nll.tolist())
 
 
 # -----------------------------------------------------------------------------
@@ -728,7 +727,7 @@ def train(c):
         optimizer.zero_grad(set_to_none=True)
         train_steps += 1
         log_steps += 1
-        if master and c.log_interval and (it + 1) % c.log_interval == 0 and log_steps:
+        if master and c.log_interval and (it + 1) % c.log_interval == 0:
             dt = (time.time() - t_log) / log_steps  # s/step since the last line or eval (loss.item() syncs)
             say(f"step {it + 1:6d}/{max_iters} | loss {loss.item():.4f} | lr {lr:.2e} | {dt * 1000:6.0f} ms/step | "
                 f"{tokens_per_step / dt:9,.0f} tok/s | ETA {(max_iters - it - 1) * dt / 60:5.1f} min")
