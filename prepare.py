@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import torchaudio
 from encodec import EncodecModel
 
-from whisper_gpt import Parser, UserError
+from whisper_gpt import Parser, UserError, load_torch_file
 
 SAMPLE_RATE = 24000   # Hz, EnCodec 24 kHz model
 HOP = 320             # samples per token = 75 tokens per second
@@ -291,7 +291,7 @@ def encodec_weights(ckpt=None) -> tuple:
         path = Path(ckpt) / ENCODEC_CKPT if Path(ckpt).is_dir() else Path(ckpt)
         if not path.is_file():
             raise WeightsUnavailable(f"--encodec_ckpt {ckpt}: no such file")
-        return torch.load(path, map_location="cpu", weights_only=True), str(path)
+        return load_torch_file(path), str(path)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / ENCODEC_CKPT
     if not cached.is_file():
         try:
@@ -351,7 +351,7 @@ def load_tokenizer(data_dir, device="cpu") -> Tokenizer:
         if not (Path(data_dir) / TOKENIZER_FILE).is_file():
             raise MissingInput(f"{Path(data_dir) / TOKENIZER_FILE} not found: the offline tokenizer that made "
                                f"{data_dir} is gone; make the data again with `python prepare.py`")
-        saved = torch.load(Path(data_dir) / TOKENIZER_FILE, map_location="cpu", weights_only=True)
+        saved = load_torch_file(Path(data_dir) / TOKENIZER_FILE)
         return offline_tokenizer(saved["seed"], device, saved)
     ckpt = meta.get("tokenizer_weights")
     try:
@@ -383,7 +383,7 @@ def choose_tokenizer(args, work: Path) -> Tokenizer:
                   f"paper's.\n{bar}", file=sys.stderr, flush=True)
     saved = work / TOKENIZER_FILE
     if saved.is_file():
-        state = torch.load(saved, map_location="cpu", weights_only=True)
+        state = load_torch_file(saved)
         if state["seed"] == args.seed:
             return offline_tokenizer(args.seed, args.device, state)
     return offline_tokenizer(args.seed, args.device)

@@ -934,6 +934,13 @@ def test_checkpoints_load_weights_only(tmp_path):
     assert Exploit.ran == []
 
 
+def test_a_corrupt_tokenizer_file_is_one_clear_error(tmp_path):
+    data = make_data(tmp_path / "data")
+    (tmp_path / "data" / "tokenizer.pt").write_bytes(b"not a tokenizer")
+    with pytest.raises(wg.CorruptFile, match="tokenizer.pt is not a whole torch file"):
+        prepare.load_tokenizer(data)
+
+
 def test_a_gpu_runs_fused_adam_state_resumes_on_the_cpu(tmp_path):
     """A GPU run saves fused Adam's options in the optimizer state; a CPU run takes its own."""
     make_data(tmp_path / "data")
@@ -1429,15 +1436,20 @@ def test_every_progress_and_summary_line_is_flushed():
 
 @pytest.fixture(scope="module")
 def mistakes(tmp_path_factory):
-    """Folders for the user mistakes: a text file, a run whose data is gone, a broken checkpoint."""
+    """Folders for the user mistakes: a text file, a run whose data is gone, a truncated checkpoint (a copy cut
+    short), and one whose weights do not fit its model (a bug-like failure, not a user's mistake)."""
     root = tmp_path_factory.mktemp("mistakes")
     (root / "notes.txt").write_text("not audio\n")
     config = wg.Config(**TINY, dataset="gone", data_dir=str(root / "gone"), device="cpu")
-    for run in ("run", "broken"):
+    for run in ("run", "truncated", "broken"):
         os.makedirs(root / run)
-        wg.save_checkpoint(str(root / run / "ckpt_best.pt"), {"model": wg.WhisperGPT(config).state_dict(),
-                                                             "config": dataclasses.asdict(config), "iter": 0})
-    (root / "broken" / "ckpt_best.pt").write_bytes(b"not a checkpoint")  # a bug-like failure, not a user's mistake
+        state = wg.WhisperGPT(config).state_dict()
+        if run == "broken":
+            state.pop("head.c_proj.bias")
+        wg.save_checkpoint(str(root / run / "ckpt_best.pt"), {"model": state, "config": dataclasses.asdict(config),
+                                                             "iter": 0})
+    whole = (root / "truncated" / "ckpt_best.pt").read_bytes()
+    (root / "truncated" / "ckpt_best.pt").write_bytes(whole[:len(whole) // 2])
     return root
 
 
@@ -1446,6 +1458,7 @@ def mistakes(tmp_path_factory):
     ("sample.py", ["--out_dir", "{root}/run", "--prompt", "{root}/missing.wav"], "missing.wav: no such file"),
     ("sample.py", ["--out_dir", "{root}/nothing"], "no checkpoint at {root}/nothing/ckpt_best.pt: train one"),
     ("sample.py", ["--out_dir", "{root}/run", "--ckpt", "latest"], "pass --ckpt best"),
+    ("sample.py", ["--out_dir", "{root}/truncated"], "{root}/truncated/ckpt_best.pt is not a whole torch file"),
     ("sample.py", ["--out_dir", "{root}/run"], "{root}/gone/meta.json not found: make it with `python prepare.py`"),
     ("sample.py", ["--out_dir", "{root}/run", "--top_p", "1.5"], "--top_p must be in (0, 1]"),
     ("sample.py", ["--out_dir", "{root}/run", "--seconds", "ten"], "invalid float value: 'ten'"),
@@ -1453,6 +1466,7 @@ def mistakes(tmp_path_factory):
     ("prepare.py", ["--dataset", "music", "--hours", "-1"], "--hours must be positive"),
     ("prepare.py", ["--dataset", "speech", "--workers", "-2"], "--workers must be 0"),
     ("whisper_gpt.py", ["--out_dir", "{root}/nothing", "--eval_only"], "no checkpoint at {root}/nothing/ckpt_best.pt"),
+    ("whisper_gpt.py", ["--out_dir", "{root}/truncated", "--eval_only"], "ckpt_best.pt is not a whole torch file"),
     ("whisper_gpt.py", ["--data_dir", "{root}/gone", "--out_dir", "{root}/new"], "no prepared data in {root}/gone: run"),
     ("whisper_gpt.py", ["--n_embd", "63"], "--n_embd 63 is not divisible by --n_head 8"),
     ("whisper_gpt.py", ["--batch_size", "eight"], "invalid int value: 'eight'"),

@@ -16,6 +16,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import time
@@ -132,6 +133,20 @@ class MissingFile(UserError, FileNotFoundError):
 
 class RunExists(UserError, FileExistsError):
     pass
+
+
+class CorruptFile(UserError):
+    pass
+
+
+def load_torch_file(path, device="cpu"):
+    """torch.load with weights_only=True: tensors and plain types only, so no code in the file ever runs. A file
+    that is not a whole torch file (a truncated copy, another format, a pickle holding code) is one clear error."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
+        reason = re.split(r"\.\s", str(e).strip())[0][:150] or type(e).__name__  # torch's first sentence
+        raise CorruptFile(f"{path} is not a whole torch file of tensors ({reason}): copy or make it again") from e
 
 
 class Parser(argparse.ArgumentParser):
@@ -425,7 +440,7 @@ def load_checkpoint(path, device="cpu"):
     if not os.path.isfile(path):
         raise MissingFile(f"no checkpoint at {path}: train into that folder first "
                           f"(python whisper_gpt.py --out_dir {os.path.dirname(path) or '.'})")
-    ckpt = torch.load(path, map_location=device, weights_only=True)  # tensors and plain types only: no code runs
+    ckpt = load_torch_file(path, device)
     config = Config(**ckpt["config"])
     model = WhisperGPT(config).to(device)
     model.load_state_dict(ckpt["model"])
@@ -591,6 +606,16 @@ def setup_distributed(c):
     return rank, local_rank, world
 
 
+def leave_distributed(c, local_rank):
+    """End DDP with every process together: a barrier, then the process group's teardown. Without the barrier a
+    process that had finished (rank 0 is still writing its checkpoint) went straight on to exit, and gloo's worker
+    thread, releasing the tensors of the last all_reduce a moment after it returned, found the interpreter shut
+    down and aborted the process ("terminate called without an active exception", about 1 run in 25 of three
+    processes on 2 cores). The barrier holds no tensors of ours, and waiting on it gives that thread its moment."""
+    torch.distributed.barrier(device_ids=[local_rank] if c.device.startswith("cuda") else None)
+    torch.distributed.destroy_process_group()
+
+
 def micro_batches(c, world):
     """(crops per forward pass, forward passes per step) of one process; one clear error when they do not fit."""
     if c.batch_size % world:
@@ -639,7 +664,7 @@ def train(c):
         model = WhisperGPT(c).to(c.device)
     raw_model = model  # the plain module: what checkpoints hold, whatever wraps it below
     if c.eval_only:
-        return eval_only(model, c, meta, ctx, ckpt["iter"], rank, world)
+        return eval_only(model, c, meta, ctx, ckpt["iter"], rank, world, local_rank)
     n_train = len(open_split(c.data_dir, "train", False)[0])
     spe = steps_per_epoch(c, n_train)
     max_iters = c.max_iters or c.epochs * spe
@@ -733,14 +758,14 @@ def train(c):
                 f"{tokens_per_step / dt:9,.0f} tok/s | ETA {(max_iters - it - 1) * dt / 60:5.1f} min")
             log_steps, t_log = 0, time.time()
     if world > 1:
-        torch.distributed.destroy_process_group()
+        leave_distributed(c, local_rank)
 
 
 def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def eval_only(model, c, meta, ctx, step, rank=0, world=1):
+def eval_only(model, c, meta, ctx, step, rank=0, world=1, local_rank=0):
     """The paper's table row for the best checkpoint: params, NLL ± its standard error, accuracy, PPL on the
     fixed val windows, beside the count baselines of the same split."""
     result = evaluate(model, c, c.final_windows, ctx, rank, world)
@@ -758,7 +783,7 @@ def eval_only(model, c, meta, ctx, step, rank=0, world=1):
                 f"{refs['unigram_nll']:.3f}, bigram {refs['bigram_nll']:.3f}")
         log_event(c.out_dir, record)
     if world > 1:
-        torch.distributed.destroy_process_group()
+        leave_distributed(c, local_rank)
     return record
 
 
