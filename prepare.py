@@ -408,11 +408,17 @@ def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT):
             raise
         part.unlink()  # 416: the .part is no prefix of this file; start over
         return download(url, dest, timeout)
-    with response, open(part, "ab" if response.status == 206 else "wb") as f:
-        if response.status == 206:
-            total = response.headers["Content-Range"].rsplit("/", 1)[1]
-        else:
-            have, total = 0, response.headers.get("Content-Length", "*")
+    resume = response.status == 206
+    if resume:
+        total = response.headers["Content-Range"].rsplit("/", 1)[1]
+    else:
+        have, total = 0, response.headers.get("Content-Length", "*")
+    free = shutil.disk_usage(dest.parent).free
+    if total != "*" and int(total) - have > free:  # checked before a byte is written (or a .part truncated)
+        response.close()
+        raise OSError(f"{dest.name} needs {(int(total) - have) / 1e6:,.1f} MB more and {dest.parent} has "
+                      f"{free / 1e6:,.1f} MB free: free some space or pass another --data_root")
+    with response, open(part, "ab" if resume else "wb") as f:
         of = f"{int(total) / 1e6:,.0f}" if total != "*" else "?"
         last_print = time.time()
         while chunk := response.read(1 << 20):
@@ -440,6 +446,10 @@ def fetch_libritts(subsets: list, url_base: str, root: Path) -> list:
                 except OSError as e:
                     raise SystemExit(f"could not download LibriTTS {subset}: {e}")
             shutil.rmtree(scratch, ignore_errors=True)
+            size, free = archive.stat().st_size, shutil.disk_usage(root).free
+            if size > free:  # the extracted audio takes at least the archive's size
+                raise SystemExit(f"extracting {archive} needs more than {size / 1e6:,.0f} MB and {root} has "
+                                 f"{free / 1e6:,.0f} MB free: free some space or pass another --data_root")
             try:
                 with tarfile.open(archive) as tar:
                     tar.extractall(scratch, filter="data")

@@ -14,6 +14,7 @@ import sys
 import tarfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import matplotlib.image
@@ -407,6 +408,15 @@ def test_download_refuses_a_short_file_and_keeps_the_part(tmp_path, archive_serv
     with pytest.raises(OSError, match="run again to resume"):
         prepare.download(f"{url}/x.bin", tmp_path / "x.bin")
     assert not (tmp_path / "x.bin").exists() and (tmp_path / "x.bin.part").stat().st_size == 5_000
+
+
+def test_a_download_that_cannot_fit_on_the_disk_stops_before_writing(tmp_path, archive_server, monkeypatch):
+    url, handler = archive_server
+    handler.files["/x.bin"] = os.urandom(300_000)
+    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=100_000))
+    with pytest.raises(OSError, match="x.bin needs 0.3 MB more and .* has 0.1 MB free: free some space"):
+        prepare.download(f"{url}/x.bin", tmp_path / "x.bin")
+    assert not list(tmp_path.iterdir())
 
 
 def test_libritts_download_extract_and_tokenise(tmp_path, archive_server):
