@@ -301,7 +301,7 @@ def encodec_weights(ckpt=None) -> tuple:
     with open(cached, "rb") as f:
         if not hashlib.file_digest(f, "sha256").hexdigest().startswith(ENCODEC_SHA256):
             raise WeightsUnavailable(f"{cached} is corrupt (sha256 mismatch): delete it")
-    return torch.load(cached, map_location="cpu", weights_only=True), str(cached)
+    return load_torch_file(cached), str(cached)
 
 
 def encodec_tokenizer(ckpt=None, device="cpu") -> Tokenizer:

@@ -593,9 +593,13 @@ def log_event(out_dir, record):
         f.write(json.dumps(record) + "\n")
 
 
+def launched_by_torchrun():
+    return "RANK" in os.environ  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each process
+
+
 def setup_distributed(c):
-    """DDP when launched by torchrun (it sets RANK); a single process otherwise, with nothing changed."""
-    if int(os.environ.get("RANK", -1)) == -1:
+    """DDP when launched by torchrun; a single process otherwise, with nothing changed."""
+    if not launched_by_torchrun():
         return 0, 0, 1
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     backend = "nccl" if c.device.startswith("cuda") else "gloo"
@@ -860,7 +864,7 @@ if __name__ == "__main__":
         main()
     except UserError as e:  # a user's mistake: one line naming it and the fix; a bug keeps its traceback
         sys.exit(f"whisper_gpt.py: error: {e}")
-    if "RANK" in os.environ:  # launched by torchrun: leave without the interpreter's shutdown
+    if launched_by_torchrun():  # leave without the interpreter's shutdown
         # gloo's worker threads let go of the last all_reduce's tensors a moment after it returns. When that moment
         # comes after the interpreter has begun to shut down, the thread cannot take the GIL and the process aborts
         # ("terminate called without an active exception": 5 runs in 155 of three processes on 2 cores, and still
