@@ -1,23 +1,30 @@
 """
-Redraw the paper's Figs. 2-3 (val NLL against epoch for GPT-S, GPT-L and the hybrid) and its Tables 1-2
-from the runs' log.jsonl files, with the paper's own numbers beside ours.
+Redraw the paper's Figs. 2-3 (val NLL against epoch for GPT-S, GPT-L and the hybrid) and its Tables 1-2 from the
+runs' log.jsonl files, with the paper's own numbers beside ours; and Fig. 4, which the paper lacks: val NLL against
+parameters and training FLOPs for a size sweep of the token-only GPT, with the hybrid beside it.
 
-    python plot_curves.py                      # every out*/log.jsonl under the current folder
-    python plot_curves.py out-gpts out-hybrid --out_dir figures
+    python plot_curves.py                      # every runs/*/log.jsonl (sweep.py's runs, committed)
+    python plot_curves.py out-gpt-s-music out-hybrid-music --out_dir figures
 
-Writes <out_dir>/fig2_music.png, <out_dir>/fig3_libritts.png (one figure per dataset that has runs) and
-<out_dir>/tables.md. Missing runs are printed and marked in the table, never skipped in silence.
+Writes <out_dir>/fig2_music.png, <out_dir>/fig3_libritts.png (one figure per dataset that has runs),
+<out_dir>/fig4_size_music.png (where a dataset has a size sweep) and <out_dir>/tables.md. Runs of one model with
+several seeds are reported as their mean ± the standard error over seeds. Missing runs are printed and marked in
+the table, never skipped in silence.
 """
 import argparse
+import dataclasses
 import glob
 import json
 import math
 import os
 import sys
+from types import SimpleNamespace
 
 import matplotlib
 matplotlib.use("Agg")  # no display: write files only
 import matplotlib.pyplot as plt
+
+from whisper_gpt import Config, UserError, flops_per_token
 
 MODELS = ("GPT-S", "GPT-L", "hybrid")  # the paper's three models, in its row order
 COLORS = {"GPT-S": "C0", "GPT-L": "C1", "hybrid": "C2"}  # one colour per model in every figure
@@ -39,9 +46,11 @@ REQUIRED = {
     "eval": ("iter", "epoch", "val_nll", "val_acc", "val_ppl"),
     "eval_only": ("params", "val_nll", "val_acc", "val_ppl"),
 }
+# the recipe: runs compared in one figure or table must agree on these (where their logs record them)
+RECIPE = ("block_size", "batch_size", "epochs", "lr", "lr_drop_at", "max_iters", "dropout", "dtype")
 
 
-class LogError(ValueError):
+class LogError(UserError, ValueError):
     """A log.jsonl that cannot be read: the message names the file and the line."""
 
 
@@ -65,7 +74,8 @@ def read_log(path):
         rec = parse_record(path, lineno, line)
         if rec["event"] == "start":
             run = {"dir": os.path.dirname(path) or ".", "log": path, "evals": [], "final": None,
-                   "baselines": rec.get("baselines"), **{k: rec[k] for k in REQUIRED["start"]}}
+                   "baselines": rec.get("baselines"), "config": rec.get("config") or {},
+                   **{k: rec[k] for k in REQUIRED["start"]}}
         elif run is None:
             raise LogError(f"{path}:{lineno}: '{rec['event']}' record before any 'start' record")
         elif rec["event"] == "eval":
@@ -95,35 +105,193 @@ def parse_record(path, lineno, line):
 
 
 def find_logs(run_dirs):
-    """The log.jsonl of each run folder given, or of every out*/ folder when none are given."""
+    """The log.jsonl of each run folder given; by default those of runs/*/ (sweep.py's), or of out*/ without them."""
     if not run_dirs:
-        logs = sorted(glob.glob("out*/log.jsonl"))
+        logs = sorted(glob.glob(os.path.join("runs", "*", "log.jsonl"))) or sorted(glob.glob("out*/log.jsonl"))
         if not logs:
-            raise FileNotFoundError("no out*/log.jsonl here: train a model first or name the run folders")
+            raise LogError("no runs/*/log.jsonl or out*/log.jsonl here: train a model first or name the run folders")
         return logs
     logs = [os.path.join(d, "log.jsonl") for d in run_dirs]
     for log in logs:
         if not os.path.isfile(log):
-            raise FileNotFoundError(f"{log}: no such file (is {os.path.dirname(log)} a run folder?)")
+            raise LogError(f"{log}: no such file (is {os.path.dirname(log)} a run folder?)")
     return logs
 
 
+def label_of(run):
+    """The paper's name for the paper's three models (the hybrid at its width of 64 only), else model and width."""
+    width = run["config"].get("n_embd")
+    if run["model"] in ("GPT-S", "GPT-L") or (run["model"] == "hybrid" and width in (None, 64)):
+        return run["model"]
+    if width is not None:
+        return f"{'hybrid' if run['model'] == 'hybrid' else 'GPT'} w{width}"
+    return f"{run['model']} ({os.path.basename(run['dir'])})"
+
+
 def group_runs(runs):
-    """{dataset as the paper names it: {label: run}}; GPT-S/GPT-L/hybrid label themselves, custom runs by folder.
-    Two runs of one model on one dataset is an error: which one belongs in the table is the user's call."""
+    """{dataset as the paper names it: {label: [runs, one per seed]}}. Two runs of one model with one seed is an
+    error (which belongs in the table is the user's call), and so are runs of one dataset with other recipes."""
     groups = {}
     for run in runs:
-        label = run["model"] if run["model"] in MODELS else f"{run['model']} ({os.path.basename(run['dir'])})"
         group = groups.setdefault(paper_names(run["dataset"])[2], {})  # "speech" and "LibriTTS" are one
-        if label in group:
-            raise ValueError(f"two {label} runs on {run['dataset']}: {group[label]['dir']} and {run['dir']}; "
-                             "name the run folders to use on the command line")
-        group[label] = run
+        seeds = group.setdefault(label_of(run), [])
+        twin = [r for r in seeds if r["config"].get("seed") == run["config"].get("seed")]
+        if twin:
+            raise LogError(f"two {label_of(run)} runs on {run['dataset']} with one seed: {twin[0]['dir']} and "
+                           f"{run['dir']}; name the run folders to use on the command line")
+        for other in (r for g in group.values() for r in g):
+            for key in RECIPE:
+                a, b = run["config"].get(key), other["config"].get(key)
+                if a is not None and b is not None and a != b:
+                    raise LogError(f"{run['dir']} and {other['dir']} were trained with other recipes ({key} "
+                                   f"{a} and {b}): a figure compares runs of one recipe; plot them apart")
+        seeds.append(run)
+        seeds.sort(key=lambda r: r["config"].get("seed", 0))
     return groups
 
 
 # -----------------------------------------------------------------------------
-# the figure and the table
+# the numbers: per run, then over seeds
+
+def result_row(run):
+    """(record, where it came from): the eval_only record if the run has one, else its best eval."""
+    if run["final"] is not None:
+        return run["final"], "eval_only"
+    if not run["evals"]:
+        return None, "started, no eval yet"
+    best = min(run["evals"], key=lambda e: e["val_nll"])
+    return best, f"best eval (epoch {best['epoch']:.2f})"
+
+
+def train_seconds(run):
+    """Wall time of the training run: its last eval's elapsed seconds (0 when it has none)."""
+    return run["evals"][-1].get("elapsed_s", 0.0) if run["evals"] else 0.0
+
+
+def mean_se(values):
+    """Mean and standard error of the mean (nan for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def summary(runs):
+    """One model's numbers over its seeds: {seeds, params, nll, se, se_over, acc, ppl, train_s, source}; None
+    when no run has a result yet. se is over seeds where there are several, else the run's own over val windows."""
+    rows = [(run, *result_row(run)) for run in runs]
+    done = [(run, rec, source) for run, rec, source in rows if rec is not None]
+    if not done:
+        return None
+    nll, se = mean_se([rec["val_nll"] for _, rec, _ in done])
+    se_over = "seeds"
+    if len(done) == 1:
+        se, se_over = done[0][1].get("val_nll_se"), "windows"
+    sources = sorted({source for _, _, source in done})
+    return {"seeds": len(done), "params": done[0][0]["params"], "nll": nll, "se": se, "se_over": se_over,
+            "acc": mean_se([rec["val_acc"] for _, rec, _ in done])[0], "ppl": math.exp(nll),
+            "train_s": mean_se([train_seconds(run) for run, _, _ in done])[0], "config": done[0][0]["config"],
+            "source": sources[0] if len(sources) == 1 else "; ".join(sources)}
+
+
+def paired_difference(a, b):
+    """Mean and standard error of a's NLL minus b's over the same val windows (paired: the spread between
+    windows, which both models share, drops out), from their eval_only records; None without them."""
+    if not (a and b and a.get("window_nll") and b.get("window_nll")) or len(a["window_nll"]) != len(b["window_nll"]):
+        return None
+    mean, se = mean_se([x - y for x, y in zip(a["window_nll"], b["window_nll"])])
+    return mean, se, len(a["window_nll"])
+
+
+def paired_over_seeds(runs_a, runs_b):
+    """a − b paired window by window within each seed both have; (mean, se, seeds, windows): with several seeds,
+    the mean and standard error over seeds of each seed's paired mean (what a second training run would vary);
+    with one, that seed's mean and its standard error over windows. None when no seed has both."""
+    b_by_seed = {run["config"].get("seed"): run for run in runs_b}
+    pairs = [paired_difference(run["final"], b_by_seed[run["config"].get("seed")]["final"])
+             for run in runs_a if run["config"].get("seed") in b_by_seed]
+    pairs = [p for p in pairs if p]
+    if not pairs:
+        return None
+    if len(pairs) == 1:
+        return pairs[0][0], pairs[0][1], 1, pairs[0][2]
+    return (*mean_se([p[0] for p in pairs]), len(pairs), pairs[0][2])
+
+
+def baselines(group):
+    """{"unigram": nll, "bigram": nll} of the val split the runs share (prepare.py puts them in meta.json and
+    the run in its start record); empty when no run has them, an error when runs disagree (other data)."""
+    found = {json.dumps(run["baselines"], sort_keys=True) for runs in group.values() for run in runs
+             if run.get("baselines")}
+    if len(found) > 1:
+        raise LogError("the runs' count baselines differ: they were trained on different data folders")
+    refs = json.loads(found.pop()) if found else {}
+    return {kind: refs[f"{kind}_nll"] for kind in ("unigram", "bigram") if f"{kind}_nll" in refs}
+
+
+def tokenizers(group):
+    return ", ".join(sorted({run["tokenizer"] for runs in group.values() for run in runs}))
+
+
+def flops(s):
+    """Training FLOPs per token of a summarised model, from its config (the defaults where the log lacks a field)
+    and its parameter count."""
+    return flops_per_token(SimpleNamespace(**{**dataclasses.asdict(Config()), **s["config"]}), s["params"])
+
+
+def matching_size(curve, target):
+    """The parameter count at which the token-only curve [(params, nll)], interpolated linearly in log
+    parameters, first comes down to target NLL; None when no size in the curve reaches it."""
+    if curve and curve[0][1] <= target:
+        return curve[0][0]
+    for (p0, y0), (p1, y1) in zip(curve, curve[1:]):
+        if y0 > target >= y1:
+            return math.exp(math.log(p0) + (y0 - target) / (y0 - y1) * (math.log(p1) - math.log(p0)))
+    return None
+
+
+def size_sweep(group):
+    """The token-only curve and the hybrid's match on it: {curve: [(label, summary)], hybrids: [...], match,
+    low, high} or None when the dataset has fewer than three token-only sizes (the paper's two are not a curve)
+    or no hybrid. The range is where
+    the curve, moved by its standard error over seeds (none where a size has one seed), meets the hybrid's NLL
+    moved by its own: the sizes the seeds' spread allows."""
+    done = {label: s for label, s in ((label, summary(runs)) for label, runs in group.items()) if s}
+    curve = sorted(((label, s) for label, s in done.items() if not s["config"].get("hybrid", label == "hybrid")),
+                   key=lambda item: item[1]["params"])
+    hybrids = sorted(((label, s) for label, s in done.items() if s["config"].get("hybrid", label == "hybrid")),
+                     key=lambda item: item[1]["params"])
+    if len(curve) < 3 or "hybrid" not in done:
+        return None
+    h = done["hybrid"]
+    h_se = h["se"] if h["se_over"] == "seeds" else 0.0
+
+    def moved(sign):
+        return [(s["params"], s["nll"] + sign * (s["se"] if s["se_over"] == "seeds" else 0.0)) for _, s in curve]
+
+    return {"curve": curve, "hybrids": hybrids, "hybrid": h, "match": matching_size(moved(0), h["nll"]),
+            "low": matching_size(moved(-1), h["nll"] + h_se), "high": matching_size(moved(+1), h["nll"] - h_se)}
+
+
+def match_sentence(sweep):
+    """tables.md's and the README's one sentence: the token-only size that matches the hybrid."""
+    h, curve = sweep["hybrid"], sweep["curve"]
+    spread = f"{h['seeds']} seeds" if h["se_over"] == "seeds" else "1 seed"
+    largest = curve[-1][1]["params"]
+    if sweep["match"] is None:
+        return (f"No token-only size in the sweep reached the hybrid ({h['params'] / 1e6:.2f} M parameters, "
+                f"val NLL {h['nll']:.3f}, {spread}): the largest, {largest / 1e6:.1f} M parameters "
+                f"({largest / h['params']:.1f} times its size), ended at {curve[-1][1]['nll']:.3f}.")
+    low, high = sweep["low"], sweep["high"]
+    within = (f"{low / 1e6:.1f} to {high / 1e6:.1f} M" if high is not None else
+              f"{low / 1e6:.1f} M to beyond the sweep's largest ({largest / 1e6:.1f} M)")
+    return (f"The hybrid ({h['params'] / 1e6:.2f} M parameters, val NLL {h['nll']:.3f}, {spread}) matches a "
+            f"token-only GPT of {sweep['match'] / 1e6:.1f} M parameters, {sweep['match'] / h['params']:.1f} times "
+            f"its size (interpolated in log parameters; {within} within the standard errors over seeds).")
+
+
+# -----------------------------------------------------------------------------
+# the figures
 
 def paper_names(dataset):
     """(figure, table, paper's dataset name, PNG name); datasets the paper lacks get their own names."""
@@ -135,16 +303,32 @@ def params_label(n):
     return f"{n / 1e6:.1f} M"
 
 
+def save(fig, path):
+    """Write a figure atomically: a PNG that has its final name is complete."""
+    tmp = path + ".tmp.png"  # matplotlib picks the format from the suffix
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def plot_dataset(dataset, group, missing, path):
-    """Val NLL against epoch, one line per run labelled with its measured parameter count; returns the labels."""
+    """Val NLL against epoch for the paper's three models, labelled with the measured parameter count; the mean
+    over seeds, with the seeds' range shaded. Returns the labels."""
     fig_name, _, name, _ = paper_names(dataset)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for label, run in group.items():
-        if run["evals"]:
-            epochs = [e["epoch"] for e in run["evals"]]
-            nlls = [e["val_nll"] for e in run["evals"]]
-            ax.plot(epochs, nlls, marker="o", markersize=3, color=COLORS.get(label),
-                    label=f"{label} ({params_label(run['params'])})")
+    for label in MODELS:
+        runs = [run for run in group.get(label, []) if run["evals"]]
+        if not runs:
+            continue
+        epochs = sorted(set.intersection(*({e["epoch"] for e in run["evals"]} for run in runs)))
+        curves = [[{e["epoch"]: e["val_nll"] for e in run["evals"]}[x] for x in epochs] for run in runs]
+        mean = [sum(values) / len(values) for values in zip(*curves)]
+        seeds = f", mean of {len(runs)} seeds" if len(runs) > 1 else ""
+        ax.plot(epochs, mean, marker="o", markersize=3, color=COLORS[label],
+                label=f"{label} ({params_label(runs[0]['params'])}{seeds})")
+        if len(runs) > 1:
+            ax.fill_between(epochs, [min(v) for v in zip(*curves)], [max(v) for v in zip(*curves)],
+                            color=COLORS[label], alpha=0.2, linewidth=0)
     for (kind, nll), style in zip(baselines(group).items(), ("--", ":")):
         ax.axhline(nll, color="gray", linestyle=style, linewidth=1, label=f"count {kind} of this val split")
     title = f"{fig_name}: {name}, validation loss (tokenizer: {tokenizers(group)})"
@@ -158,51 +342,56 @@ def plot_dataset(dataset, group, missing, path):
         ax.legend()
     fig.tight_layout()
     labels = [line.get_label() for line in ax.lines]
-    tmp = path + ".tmp.png"  # matplotlib picks the format from the suffix
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save(fig, path)
     return labels
 
 
-def baselines(group):
-    """{"unigram": nll, "bigram": nll} of the val split the runs share (prepare.py puts them in meta.json and
-    the run in its start record); empty when no run has them, an error when runs disagree (other data)."""
-    found = {json.dumps(run["baselines"], sort_keys=True) for run in group.values() if run.get("baselines")}
-    if len(found) > 1:
-        raise ValueError("the runs' count baselines differ: they were trained on different data folders")
-    refs = json.loads(found.pop()) if found else {}
-    return {kind: refs[f"{kind}_nll"] for kind in ("unigram", "bigram") if f"{kind}_nll" in refs}
+def plot_size(dataset, group, sweep, path):
+    """Fig. 4: val NLL against parameters and against training FLOPs per token (log axes): the token-only sweep
+    as a curve (mean ± SE over seeds, every seed a dot), the hybrids as stars, the count bigram as a line."""
+    name = paper_names(dataset)[2]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120, sharey=True)
+    for ax, x_of, xlabel in ((axes[0], lambda s: s["params"], "parameters"),
+                             (axes[1], flops, "training FLOPs per token")):
+        curve = sweep["curve"]
+        ax.errorbar([x_of(s) for _, s in curve], [s["nll"] for _, s in curve], color="C0", marker="o",
+                    markersize=4, capsize=3, label="token-only GPT, 8 layers",
+                    yerr=[s["se"] if s["se_over"] == "seeds" else 0.0 for _, s in curve])
+        for label, s in curve:
+            ax.plot([x_of(s)] * s["seeds"], [result_row(run)[0]["val_nll"] for run in group[label]
+                                             if result_row(run)[0]][:s["seeds"]], ".", color="C0", alpha=0.4)
+            ax.annotate(label.replace("GPT w", "w"), (x_of(s), s["nll"]), textcoords="offset points",
+                        xytext=(4, 6), fontsize=7)
+        for i, (label, s) in enumerate(sweep["hybrids"]):
+            ax.errorbar([x_of(s)], [s["nll"]], yerr=[s["se"] if s["se_over"] == "seeds" else 0.0], marker="*",
+                        markersize=12, capsize=3, linestyle="none", color=f"C{2 + i}",
+                        label=f"{label} ({params_label(s['params'])})")
+        for kind, nll in baselines(group).items():
+            if kind == "bigram":
+                ax.axhline(nll, color="gray", linestyle="--", linewidth=1, label="count bigram of this val split")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3, which="both")
+    if sweep["match"] is not None:
+        axes[0].axvline(sweep["match"], color="C2", linestyle=":", linewidth=1,
+                        label=f"token-only size matching the hybrid: {params_label(sweep['match'])}")
+    axes[0].set_ylabel("val NLL (nats/token)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Fig. 4: {name}, how large must a token-only GPT be? (tokenizer: {tokenizers(group)})", fontsize=9)
+    fig.tight_layout()
+    save(fig, path)
 
 
-def paired_difference(a, b):
-    """Mean and standard error of a's NLL minus b's over the same val windows (paired: the spread between
-    windows, which both models share, drops out), from their eval_only records; None without them."""
-    if not (a and b and a.get("window_nll") and b.get("window_nll")) or len(a["window_nll"]) != len(b["window_nll"]):
-        return None
-    d = [x - y for x, y in zip(a["window_nll"], b["window_nll"])]
-    mean = sum(d) / len(d)
-    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("nan")
-    return mean, se, len(d)
+# -----------------------------------------------------------------------------
+# the tables
+
+def fmt_time(seconds):
+    return f"{seconds / 60:.1f} min" if seconds else "-"
 
 
-def train_time(run):
-    """Wall time of the training run, from its last eval's elapsed seconds."""
-    return f"{run['evals'][-1]['elapsed_s'] / 60:.1f} min" if run["evals"] and "elapsed_s" in run["evals"][-1] else "-"
-
-
-def tokenizers(group):
-    return ", ".join(sorted({run["tokenizer"] for run in group.values()}))
-
-
-def result_row(run):
-    """(record, where it came from): the eval_only record if the run has one, else its best eval."""
-    if run["final"] is not None:
-        return run["final"], "eval_only"
-    if not run["evals"]:
-        return None, "started, no eval yet"
-    best = min(run["evals"], key=lambda e: e["val_nll"])
-    return best, f"best eval (epoch {best['epoch']:.2f})"
+def nll_cell(s):
+    se = s["se"]
+    return f"{s['nll']:.3f}" + ("" if se is None or math.isnan(se) else f" ± {se:.3f}")
 
 
 def table_markdown(dataset, group, missing):
@@ -211,40 +400,60 @@ def table_markdown(dataset, group, missing):
     paper = PAPER_NUMBERS.get(name, {})
     tok = tokenizers(group) if group else "none"
     caption = (f"**{table_name}** ({name}): val NLL (nats/token), top-1 accuracy and PPL = exp(NLL); "
-               f"ours with tokenizer `{tok}`, the paper's with EnCodec 24 kHz codebook 0.")
-    if any("offline" in run["tokenizer"].lower() for run in group.values()):
+               f"ours with tokenizer `{tok}`, the paper's with EnCodec 24 kHz codebook 0. Ours are the mean over "
+               "the seeds run, ± the standard error over seeds (over val windows where a model has one seed).")
+    if any("offline" in run["tokenizer"].lower() for runs in group.values() for run in runs):
         caption += (" The offline tokenizer (random-weight EnCodec, k-means codebook) makes different tokens "
                     "from the real EnCodec: our numbers are NOT comparable with the paper's.")
-    if len({run["tokenizer"] for run in group.values()}) > 1:
+    if len({run["tokenizer"] for runs in group.values() for run in runs}) > 1:
         caption += " The runs used different tokenizers: their rows are not comparable with each other."
     lines = [caption, "",
-             "| Model | # params (ours) | # params (paper) | NLL ± SE (ours) | NLL (paper) | Accuracy (ours) "
+             "| Model | seeds | # params (ours) | # params (paper) | NLL ± SE (ours) | NLL (paper) | Accuracy (ours) "
              "| Accuracy (paper) | PPL (ours) | PPL (paper) | training time | our row from |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for label in list(MODELS) + [k for k in group if k not in MODELS]:
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label in MODELS:
         p = paper.get(label)
         theirs = [f"{p[0]} M", f"{p[1]:.2f}", f"{p[2]:.2f} %", f"{p[3]:.2f}"] if p else ["-"] * 4
-        run = group.get(label)
-        rec, source = result_row(run) if run else (None, "**not run**")
-        se = f" ± {rec['val_nll_se']:.3f}" if rec and rec.get("val_nll_se") is not None else ""
-        ours = ([params_label(run["params"]), f"{rec['val_nll']:.3f}{se}", f"{100 * rec['val_acc']:.2f} %",
-                 f"{rec['val_ppl']:.2f}"] if rec else
-                [params_label(run["params"]) if run else "-", "-", "-", "-"])
-        cells = [label] + [c for pair in zip(ours, theirs) for c in pair] + [train_time(run) if run else "-", source]
+        runs = group.get(label, [])
+        s = summary(runs) if runs else None
+        ours = ([params_label(s["params"]), nll_cell(s), f"{100 * s['acc']:.2f} %", f"{s['ppl']:.2f}"] if s else
+                [params_label(runs[0]["params"]) if runs else "-", "-", "-", "-"])
+        source = s["source"] if s else ("started, no eval yet" if runs else "**not run**")
+        cells = ([label, str(s["seeds"]) if s else "-"] + [c for pair in zip(ours, theirs) for c in pair]
+                 + [fmt_time(s["train_s"]) if s else "-", source])
         lines.append("| " + " | ".join(cells) + " |")
     for kind, nll in baselines(group).items():
-        lines.append(f"| count {kind} (train counts, add-one) | - | - | {nll:.3f} | - | - | - | {math.exp(nll):.2f} "
-                     "| - | - | meta.json |")
-    finals = {label: run["final"] for label, run in group.items()}
-    diffs = [(a, b, paired_difference(finals.get(a), finals.get(b)))
+        lines.append(f"| count {kind} (train counts, add-one) | - | - | - | {nll:.3f} | - | - | - | "
+                     f"{math.exp(nll):.2f} | - | - | meta.json |")
+    diffs = [(a, b, paired_over_seeds(group.get(a, []), group.get(b, [])))
              for a, b in (("hybrid", "GPT-S"), ("hybrid", "GPT-L"), ("GPT-L", "GPT-S"))]
-    diffs = [(f"{a} − {b}: {d[0]:+.3f} ± {d[1]:.3f}", d[2]) for a, b, d in diffs if d]
+    diffs = [(a, b, d) for a, b, d in diffs if d]
     if diffs:
-        lines += ["", f"Paired differences in NLL over the same {diffs[0][1]} val windows (mean ± SE): "
-                  + "; ".join(text for text, _ in diffs) + "."]
+        n_seeds, windows = diffs[0][2][2], diffs[0][2][3]
+        how = (f"over the same {windows} val windows (mean ± SE)" if n_seeds == 1 else
+               f"(mean ± SE over {n_seeds} seeds of each seed's mean difference over the same {windows} val windows)")
+        lines += ["", f"Paired differences in NLL {how}: "
+                  + "; ".join(f"{a} − {b}: {d[0]:+.3f} ± {d[1]:.3f}" for a, b, d in diffs) + "."]
     if missing:
         lines += ["", f"Missing: {', '.join(missing)}."]
     return "\n".join(lines)
+
+
+def sweep_markdown(dataset, group, sweep):
+    """The size sweep behind Fig. 4: every size's parameters, FLOPs, seeds and NLL, and the matching size."""
+    name = paper_names(dataset)[2]
+    lines = [f"**Size sweep** ({name}, Fig. 4): the same recipe and data for every model; 8 layers, "
+             "8 heads or width / 16 when that is more. NLL ± SE over seeds (over val windows for one seed).", "",
+             "| Model | width | heads | # params | training FLOPs / token | seeds | NLL ± SE | Accuracy | training time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label, s in sweep["curve"] + sweep["hybrids"]:
+        c = s["config"]
+        lines.append(f"| {label} | {c.get('n_embd', '-')} | {c.get('n_head', '-')} | {params_label(s['params'])} | "
+                     f"{flops(s) / 1e6:.1f} M | {s['seeds']} | {nll_cell(s)} | {100 * s['acc']:.2f} % | "
+                     f"{fmt_time(s['train_s'])} |")
+    for kind, nll in baselines(group).items():
+        lines.append(f"| count {kind} | - | - | - | - | - | {nll:.3f} | - | - |")
+    return "\n".join(lines + ["", match_sentence(sweep)])
 
 
 def write_atomic(path, text):
@@ -256,7 +465,7 @@ def write_atomic(path, text):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="*", help="run folders with a log.jsonl (default: out*/)")
+    parser.add_argument("run_dirs", nargs="*", help="run folders with a log.jsonl (default: runs/*/, else out*/)")
     parser.add_argument("--out_dir", default="figures", help="where the PNGs and tables.md go")
     args = parser.parse_args(argv)
 
@@ -269,16 +478,23 @@ def main(argv=None):
         group = groups[dataset]
         fig_name, _, name, png = paper_names(dataset)
         missing = [m for m in MODELS if m not in group]
-        missing += [f"{k} (no eval yet)" for k, run in group.items() if result_row(run)[0] is None]
+        missing += [f"{k} (no eval yet)" for k in MODELS if k in group and summary(group[k]) is None]
         if missing:
             print(f"{name}: missing: {', '.join(missing)}", flush=True)
         tables += [table_markdown(dataset, group, missing), ""]
-        if not group:
-            print(f"{name}: no runs, so no {fig_name}", flush=True)
-            continue
-        path = os.path.join(args.out_dir, png)
-        plot_dataset(dataset, group, missing, path)
-        print(f"{name}: {fig_name} -> {path}", flush=True)
+        if not any(m in group for m in MODELS):
+            what = "runs of the paper's models" if group else "runs"
+            print(f"{name}: no {what}, so no {fig_name}", flush=True)
+        else:
+            path = os.path.join(args.out_dir, png)
+            plot_dataset(dataset, group, missing, path)
+            print(f"{name}: {fig_name} -> {path}", flush=True)
+        sweep = size_sweep(group)
+        if sweep:
+            path = os.path.join(args.out_dir, f"fig4_size_{os.path.splitext(png)[0].split('_', 1)[1]}.png")
+            plot_size(dataset, group, sweep, path)
+            tables += [sweep_markdown(dataset, group, sweep), ""]
+            print(f"{name}: Fig. 4 -> {path}\n{match_sentence(sweep)}", flush=True)
     table_path = os.path.join(args.out_dir, "tables.md")
     write_atomic(table_path, "\n".join(tables))
     print(f"tables -> {table_path}", flush=True)
@@ -287,5 +503,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (LogError, FileNotFoundError, ValueError) as e:  # a user's mistake: one line, no traceback
+    except UserError as e:  # a user's mistake: one line naming the file and line; a bug keeps its traceback
         sys.exit(f"plot_curves.py: error: {e}")

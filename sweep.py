@@ -125,7 +125,7 @@ def main(argv=None):
     todo = [(name, flags) for name, flags in todo if not args.names or name in args.names]
     if args.list:
         for name, flags in todo:
-            print(f"{name:18s} {state(os.path.join(args.runs_dir, name)):7s} {' '.join(flags)}")
+            print(f"{name:18s} {state(os.path.join(args.runs_dir, name)):7s} {' '.join(flags)}", flush=True)
         return
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     left = [name for name, _ in todo if state(os.path.join(args.runs_dir, name)) != "done"]

@@ -981,12 +981,12 @@ BASELINES = {"unigram_nll": 6.4, "bigram_nll": 3.9}
 
 
 def write_log(run_dir, model, dataset, params, nlls, final_nll=None, tokenizer="offline-random-encodec-kmeans",
-              windows=None, baselines=BASELINES):
+              windows=None, baselines=BASELINES, config=None):
     """A log.jsonl as whisper_gpt.py writes it: a start line, one eval per val NLL (two per epoch, a minute
     apart), and an eval_only line when final_nll is given (with its per-window NLLs, when windows are)."""
     os.makedirs(run_dir, exist_ok=True)
     records = [{"event": "start", "model": model, "params": params, "dataset": dataset, "tokenizer": tokenizer,
-                "baselines": baselines, "config": {}}]
+                "baselines": baselines, "config": config or {}}]
     for i, nll in enumerate(nlls):
         records.append({"event": "eval", "iter": 10 * i, "epoch": i / 2, "tokens": 7500 * i, "lr": 2e-4,
                         "train_nll": nll, "val_nll": nll, "val_acc": 0.5 - nll / 20, "val_ppl": math.exp(nll),
@@ -1029,14 +1029,14 @@ def test_plot_curves_makes_both_figures_and_the_table(tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["fig2_music.png", "fig3_libritts.png", "tables.md"]  # no temp files left
     markdown = (out / "tables.md").read_text()
     music, speech = table_rows(markdown)  # Fig. 2 / Table 2 (music) first, as the figures are numbered
-    assert music["GPT-S"][1:5] == ["3.3 M", "3.7 M", "3.123 ± 0.010", "2.78"]  # eval_only row beats the evals
-    assert music["GPT-S"][9:] == ["2.0 min", "eval_only"]  # training time: the last eval's elapsed seconds
-    assert music["hybrid"][3:9] == ["3.200", "2.52", "34.00 %", "38.47 %", f"{math.exp(3.2):.2f}", "12.43"]
-    assert music["hybrid"][10] == "best eval (epoch 0.50)"  # the lowest val NLL, not the last
-    assert music["GPT-L"][2] == "40 M" and music["GPT-L"][3] == "-" and "not run" in music["GPT-L"][10]
-    assert music["count bigram (train counts, add-one)"][3] == "3.900"  # the references, as rows
-    assert music["count unigram (train counts, add-one)"][3] == "6.400"
-    assert speech["GPT-L"][1:5] == ["39.0 M", "40 M", "2.900", "1.94"]
+    assert music["GPT-S"][1:6] == ["1", "3.3 M", "3.7 M", "3.123 ± 0.010", "2.78"]  # eval_only beats the evals
+    assert music["GPT-S"][10:] == ["2.0 min", "eval_only"]  # training time: the last eval's elapsed seconds
+    assert music["hybrid"][4:10] == ["3.200", "2.52", "34.00 %", "38.47 %", f"{math.exp(3.2):.2f}", "12.43"]
+    assert music["hybrid"][11] == "best eval (epoch 0.50)"  # the lowest val NLL, not the last
+    assert music["GPT-L"][3] == "40 M" and music["GPT-L"][4] == "-" and "not run" in music["GPT-L"][11]
+    assert music["count bigram (train counts, add-one)"][4] == "3.900"  # the references, as rows
+    assert music["count unigram (train counts, add-one)"][4] == "6.400"
+    assert speech["GPT-L"][2:6] == ["39.0 M", "40 M", "2.900", "1.94"]
     assert "Table 1" in markdown and "Table 2" in markdown and "NOT comparable" in markdown
     assert "offline-random-encodec-kmeans" in markdown and "Missing: GPT-L." in markdown
 
@@ -1060,10 +1060,10 @@ def test_plot_curves_pairs_the_models_window_by_window_and_draws_the_baselines(t
 
 
 def test_plot_curves_labels_each_curve_with_its_parameter_count(tmp_path):
-    group = {"GPT-S": plot_curves.read_log(write_log(tmp_path / "a", "GPT-S", "music", 3_312_000, [4, 3]) +
-                                           "/log.jsonl"),
-             "hybrid": plot_curves.read_log(write_log(tmp_path / "b", "hybrid", "music", 3_712_000, [4, 2]) +
-                                            "/log.jsonl")}
+    group = {"GPT-S": [plot_curves.read_log(write_log(tmp_path / "a", "GPT-S", "music", 3_312_000, [4, 3]) +
+                                            "/log.jsonl")],
+             "hybrid": [plot_curves.read_log(write_log(tmp_path / "b", "hybrid", "music", 3_712_000, [4, 2]) +
+                                             "/log.jsonl")]}
     labels = plot_curves.plot_dataset("music", group, ["GPT-L"], str(tmp_path / "fig.png"))
     assert labels[:2] == ["GPT-S (3.3 M)", "hybrid (3.7 M)"]
 
@@ -1074,7 +1074,7 @@ def test_plot_curves_reports_a_dataset_with_no_runs(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "LibriTTS: no runs, so no Fig. 3" in printed and "music: missing: GPT-L, hybrid" in printed
     music, speech = table_rows((tmp_path / "fig" / "tables.md").read_text())
-    assert all("not run" in speech[m][10] for m in ("GPT-S", "GPT-L", "hybrid"))
+    assert all("not run" in speech[m][11] for m in ("GPT-S", "GPT-L", "hybrid"))
     assert not (tmp_path / "fig" / "fig3_libritts.png").exists()
 
 
@@ -1438,7 +1438,7 @@ def test_training_progress_reaches_a_redirected_log_at_once(tmp_path):
 
 
 def test_every_progress_and_summary_line_is_flushed():
-    for name in ("prepare.py", "sample.py", "whisper_gpt.py", "plot_curves.py"):
+    for name in ("prepare.py", "sample.py", "whisper_gpt.py", "plot_curves.py", "sweep.py"):
         tree = ast.parse(open(os.path.join(HERE, name)).read())
         prints = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"]
         assert prints and all(any(k.arg == "flush" for k in p.keywords) for p in prints), name
@@ -1496,3 +1496,126 @@ def test_a_bug_still_shows_its_traceback(mistakes):
     r = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--out_dir", str(mistakes / "broken")],
                        capture_output=True, text=True, cwd=HERE, timeout=120)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# sweep.py and Fig. 4: seeds, the size sweep, the token-only size that matches the hybrid
+
+
+def test_a_sweep_resumes_a_cut_run_skips_finished_ones_and_leaves_a_busy_one_alone(tmp_path, monkeypatch, capsys):
+    import fcntl
+    import sweep
+    data = make_data(tmp_path / "data", n_train=1000, n_val=200)
+    monkeypatch.setattr(sweep, "COMMON", ["--data_dir", data, "--block_size", "32", "--n_layer", "1", "--dense", "32",
+                                          "--batch_size", "4", "--epochs", "2", "--eval_interval", "4",
+                                          "--eval_windows", "4", "--device", "cpu", "--dtype", "float32"])
+    flags = ["--n_embd", "16", "--n_head", "2", "--seed", "7"]
+    monkeypatch.setattr(sweep, "runs", lambda: [("cut", flags), ("whole", flags)])
+    runs = tmp_path / "runs"
+    # "cut": a run stopped after its checkpoint of step 4, as a killed process leaves it
+    wg.train(wg.parse_args(sweep.COMMON + flags + ["--out_dir", str(runs / "cut"), "--max_iters", "4"]))
+    assert sweep.state(str(runs / "cut")) == "resume" and sweep.state(str(runs / "whole")) == "new"
+    os.makedirs(runs / "whole")
+    with open(runs / "whole" / "lock", "w") as busy:  # another sweep's process is training "whole"
+        fcntl.flock(busy, fcntl.LOCK_EX)
+        with pytest.raises(wg.UserError, match="1 run.s. failed: whole"):
+            sweep.main(["--runs_dir", str(runs), "--threads", "1"])  # one thread, as this process
+    assert "whole: another process is training" in capsys.readouterr().out
+    assert sweep.state(str(runs / "cut")) == "done" and sweep.state(str(runs / "whole")) == "new"
+    cut_log = (runs / "cut" / "log.jsonl").read_text()
+    sweep.main(["--runs_dir", str(runs), "--threads", "1"])  # "cut" is skipped, "whole" trains from scratch
+    assert (runs / "cut" / "log.jsonl").read_text() == cut_log
+    assert "2 runs, 1 done; 1 to train" in capsys.readouterr().out
+    cut, whole = read_log(runs / "cut"), read_log(runs / "whole")
+    evals = [[(r["iter"], r["val_nll"]) for r in log if r["event"] == "eval"] for log in (cut, whole)]
+    assert evals[0] == evals[1] and evals[0][-1][0] == sweep_steps(data)  # resumed = unbroken, to the last step
+    assert cut[-1]["event"] == whole[-1]["event"] == "eval_only" and cut[-1]["val_nll"] == whole[-1]["val_nll"]
+    sweep.main(["--runs_dir", str(runs), "--list"])
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["done", "done"]
+    with pytest.raises(wg.UserError, match="no run named nope"):
+        sweep.main(["nope"])
+
+
+def sweep_steps(data):
+    """The steps of the sweep test's recipe: 2 epochs of crops of 32 over the train tokens, 4 crops a step."""
+    return 2 * math.ceil(math.ceil(len(np.fromfile(os.path.join(data, "train_tokens.bin"), np.uint16)) / 32) / 4)
+
+
+def test_the_sweep_has_three_seeds_of_each_paper_model_and_one_head_rule():
+    import sweep
+    runs = dict(sweep.runs())
+    for model, flags in (("gpt-s", ["--n_embd", "64", "--n_head", "8"]), ("hybrid", ["--hybrid", "--n_embd", "64"]),
+                         ("gpt-l", ["--n_embd", "256", "--n_head", "16"])):
+        assert [runs[f"{model}-s{seed}"] for seed in sweep.SEEDS] == [flags + ["--seed", str(s)] for s in sweep.SEEDS]
+    widths = sorted(int(name[5:].split("-")[0]) for name in runs if name.startswith("gpt-w"))
+    assert len(widths) + 2 >= 8 and widths[0] < 64 and widths[-1] > 256
+    assert all(runs[f"gpt-w{w}-s1337"][3] == str(max(8, w // 16)) for w in widths)
+    params = wg.WhisperGPT(Config(n_embd=widths[-1], n_head=sweep.heads(widths[-1]))).num_params()
+    assert 25e6 < params < 35e6  # the sweep reaches about 30 M parameters
+    assert list(runs)[:3] == ["gpt-s-s1337", "hybrid-s1337", "gpt-l-s1337"]  # Fig. 2's runs first
+
+
+def seeded_logs(root, model, params, seed_nlls, width, hybrid=False, windows=None, **kw):
+    """One log per seed of one model; the eval_only NLL and its windows per seed."""
+    return [write_log(root / f"{model}-w{width}-s{seed}", model, "music", params, [5.0, nll + 0.5], final_nll=nll,
+                      windows=(windows or {}).get(seed),
+                      config={"seed": seed, "n_embd": width, "n_head": max(8, width // 16), "n_layer": 8,
+                              "hybrid": hybrid, "block_size": 750, "mel_layer": 6, "lr": 1e-3, **kw})
+            for seed, nll in seed_nlls.items()]
+
+
+def test_tables_report_the_mean_and_se_over_seeds_and_differences_paired_within_each_seed(tmp_path):
+    win = {s: [2.0 + s, 3.0, 4.0] for s in (1, 2, 3)}
+    runs = (seeded_logs(tmp_path, "GPT-S", 2_700_000, {1: 2.2, 2: 2.1, 3: 2.3}, 64, windows=win)
+            + seeded_logs(tmp_path, "hybrid", 2_900_000, {1: 1.8, 2: 1.7, 3: 1.75}, 64, hybrid=True,
+                          windows={s: [w - 0.1 * s for w in ws] for s, ws in win.items()}))
+    plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
+    markdown = (tmp_path / "fig" / "tables.md").read_text()
+    music = table_rows(markdown)[0]
+    assert music["GPT-S"][1] == "3" and music["GPT-S"][4] == f"2.200 ± {0.1 / math.sqrt(3):.3f}"
+    assert music["hybrid"][4] == f"1.750 ± {math.sqrt(0.0025 / 3):.3f}"
+    # per seed, hybrid − GPT-S over the windows is -0.1 s exactly: the mean -0.2, its SE over seeds 0.1 / sqrt(3)
+    assert (f"over 3 seeds of each seed's mean difference over the same 3 val windows): hybrid − GPT-S: -0.200 ± "
+            f"{0.1 / math.sqrt(3):.3f}.") in markdown
+    labels = plot_curves.plot_dataset("music", plot_curves.group_runs(
+        [plot_curves.read_log(os.path.join(r, "log.jsonl")) for r in runs])["music"], [], str(tmp_path / "f.png"))
+    assert labels[:2] == ["GPT-S (2.7 M, mean of 3 seeds)", "hybrid (2.9 M, mean of 3 seeds)"]
+
+
+def test_the_matching_size_is_interpolated_in_log_parameters():
+    curve = [(1e6, 3.0), (4e6, 2.0), (16e6, 1.5)]
+    assert plot_curves.matching_size(curve, 1.75) == pytest.approx(8e6)  # halfway in log between 4 M and 16 M
+    assert plot_curves.matching_size(curve, 2.5) == pytest.approx(2e6)
+    assert plot_curves.matching_size(curve, 1.4) is None  # no size in the sweep reaches it
+    assert plot_curves.matching_size(curve, 3.5) == 1e6  # the smallest already does
+
+
+def test_fig4_and_the_sweep_table_state_the_matching_size_with_its_range(tmp_path, capsys):
+    runs = (seeded_logs(tmp_path, "GPT-S", 1_000_000, {1: 2.9, 2: 3.1}, 64)
+            + seeded_logs(tmp_path, "custom", 4_000_000, {1: 2.0}, 128)
+            + seeded_logs(tmp_path, "GPT-L", 16_000_000, {1: 1.4, 2: 1.6}, 256)
+            + seeded_logs(tmp_path, "hybrid", 1_100_000, {1: 1.7, 2: 1.8}, 64, hybrid=True)
+            + seeded_logs(tmp_path, "hybrid", 4_400_000, {1: 1.5}, 128, hybrid=True))
+    plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
+    image = matplotlib.image.imread(tmp_path / "fig" / "fig4_size_music.png")
+    assert image.shape[1] > 1000 and image.std() > 0.05
+    markdown = (tmp_path / "fig" / "tables.md").read_text()
+    sweep = table_rows(markdown)[1]  # Table 2, the sweep on the same data, then Table 1
+    assert list(sweep) == ["GPT-S", "GPT w128", "GPT-L", "hybrid", "hybrid w128", "count unigram", "count bigram"]
+    assert sweep["GPT w128"][1:3] == ["128", "8"] and sweep["GPT-L"][1:3] == ["256", "16"]
+    assert sweep["GPT-S"][6] == "3.000 ± 0.100" and sweep["GPT w128"][6] == "2.000 ± 0.010"  # one seed: windows
+    # the hybrid's 1.75 lies halfway (in NLL) from 2.0 at 4 M to 1.5 at 16 M: 8 M in log parameters; moved by the
+    # standard errors (curve ± 0.1 at 16 M only; hybrid ± 0.05) the crossings are 4 M * 4 ** (0.2 / 0.5) ...
+    low = 4e6 * 4 ** (0.2 / 0.6)
+    high = 4e6 * 4 ** (0.3 / 0.4)
+    sentence = (f"matches a token-only GPT of 8.0 M parameters, {8e6 / 1.1e6:.1f} times its size (interpolated in "
+                f"log parameters; {low / 1e6:.1f} to {high / 1e6:.1f} M within the standard errors over seeds).")
+    assert sentence in markdown and sentence in capsys.readouterr().out
+    assert plot_curves.flops_per_token(Config(n_embd=64), 1_000_000) == 6_000_000 + 12 * 8 * 64 * 750
+
+
+def test_runs_of_other_recipes_are_not_compared(tmp_path):
+    runs = (seeded_logs(tmp_path, "GPT-S", 1_000_000, {1: 2.9}, 64)
+            + seeded_logs(tmp_path / "b", "hybrid", 1_100_000, {1: 1.7}, 64, hybrid=True, lr=2e-4))
+    with pytest.raises(plot_curves.LogError, match="other recipes .lr 0.0002 and 0.001"):
+        plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
