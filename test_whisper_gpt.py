@@ -18,6 +18,7 @@ import types
 from pathlib import Path
 
 import matplotlib.image
+import matplotlib.pyplot
 import numpy as np
 import pytest
 import soundfile as sf
@@ -1619,3 +1620,15 @@ def test_runs_of_other_recipes_are_not_compared(tmp_path):
             + seeded_logs(tmp_path / "b", "hybrid", 1_100_000, {1: 1.7}, 64, hybrid=True, lr=2e-4))
     with pytest.raises(plot_curves.LogError, match="other recipes .lr 0.0002 and 0.001"):
         plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
+
+
+def test_plot_curves_keeps_a_bugs_traceback_and_makes_a_users_mistake_one_line(tmp_path, monkeypatch):
+    import runpy
+    run = write_log(tmp_path / "out-s", "GPT-S", "music", 100, [3.0])
+    monkeypatch.setattr(sys, "argv", ["plot_curves.py", run, "--out_dir", str(tmp_path / "fig")])
+    monkeypatch.setattr(matplotlib.pyplot, "subplots", lambda *a, **k: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):  # not caught as if it were the user's mistake
+        runpy.run_path(os.path.join(HERE, "plot_curves.py"), run_name="__main__")
+    monkeypatch.setattr(sys, "argv", ["plot_curves.py", str(tmp_path / "nothing")])
+    with pytest.raises(SystemExit, match="plot_curves.py: error: .*nothing/log.jsonl: no such file"):
+        runpy.run_path(os.path.join(HERE, "plot_curves.py"), run_name="__main__")
