@@ -123,8 +123,8 @@ def fast_cpu(device="cpu"):
     """How EnCodec runs fast on a CPU (nothing changes on a GPU):
     - one torch thread: torch's threads meet at each of the LSTM's 1,500 small steps per 10 s of audio and stall
       there whenever another process holds a core (30x slower, seen here); worker processes give the parallelism;
-    - denormal floats flushed to zero (left on afterwards): the LSTM state decays into them, 16x slower; the flag
-      belongs to the calling thread, so it is set here again in case this thread did not inherit it."""
+    - denormal floats flushed to zero (left on afterwards) in the calling thread, whose flag it is: the LSTM state
+      decays into them, 16x slower."""
     threads = torch.get_num_threads()
     if torch.device(device).type == "cpu":
         torch.set_num_threads(1)

@@ -12,7 +12,7 @@ Writes data/<name>/: {train,val}_tokens.bin (uint16 [N]), {train,val}_mel.bin (f
 the train split's per-bin mean and std), meta.json, and tokenizer.pt for the offline tokenizer. Token t of a file
 covers samples [320t, 320(t+1)); mel slice t is the 960-sample window that ENDS at sample 320(t+1). Work in
 progress lives in data/<name>/work/, one shard per group of files, so an interrupted run resumes where it stopped;
-the finished files are renamed into place only at the end.
+the finished files are renamed into place only at the end. The audio itself (the mel, the tokenizer) is audio.py's.
 """
 import argparse
 import functools
@@ -203,7 +203,7 @@ def file_sources(folders: list, base: Path, seed: int) -> list:
 def music_sources(seed: int) -> list:
     """Every piece in the music21 corpus (each tune of a multi-tune ABC file on its own), in a seeded order, each
     with its instrument and variation drawn from the seed and its name. (music21, pretty_midi and midirenderer are
-    imported where they are used, so that importing prepare for log_mel or the tokenizer stays light.)"""
+    imported where they are used, so that importing prepare stays light.)"""
     from music21 import corpus
     bundle = corpus.corpora.CoreCorpus().metadataBundle[:]  # a slice: iterating the bundle itself is O(n^2)
     entries = [(str(e.sourcePath), str(e.number or "")) for e in bundle]

@@ -1499,3 +1499,79 @@ def test_a_bug_still_shows_its_traceback(mistakes):
     r = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--out_dir", str(mistakes / "broken")],
                        capture_output=True, text=True, cwd=HERE, timeout=120)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# whisper_gpt.py: the data contract checked at the door, and a resumed run naming the flags it ignored
+
+def damage(data_dir, case):
+    """One fault of a prepared folder, as found in the wild: a file cut short, a stray byte, a meta.json that is
+    not JSON, token ids from another vocabulary."""
+    data_dir = Path(data_dir)
+    if case == "val_mel.bin cut short":
+        (data_dir / "val_mel.bin").write_bytes((data_dir / "val_mel.bin").read_bytes()[:1000])
+    elif case == "a stray byte after train_tokens.bin":
+        with open(data_dir / "train_tokens.bin", "ab") as f:
+            f.write(b"\0")
+    elif case == "meta.json not JSON":
+        (data_dir / "meta.json").write_text("{'vocab_size': 1024")
+    elif case == "meta.json without n_mels":
+        meta = json.loads((data_dir / "meta.json").read_text())
+        del meta["n_mels"]
+        (data_dir / "meta.json").write_text(json.dumps(meta))
+    elif case == "fewer mel rows than tokens":
+        (data_dir / "val_mel.bin").write_bytes((data_dir / "val_mel.bin").read_bytes()[:-128])
+    else:  # token ids of 5000 (vocabulary 1024) in one split
+        split = case.split()[-2]
+        tokens = np.fromfile(data_dir / f"{split}_tokens.bin", dtype=np.uint16)
+        tokens[len(tokens) // 2] = 5000
+        tokens.tofile(data_dir / f"{split}_tokens.bin")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("val_mel.bin cut short", "val_mel.bin: 1,000 bytes is not a whole number of 64-bin float16 mel rows"),
+    ("a stray byte after train_tokens.bin", "train_tokens.bin: 8,001 bytes is not a whole number of uint16 tokens"),
+    ("meta.json not JSON", "meta.json is not JSON"),
+    ("meta.json without n_mels", "meta.json lacks n_mels"),
+    ("fewer mel rows than tokens", "val_mel.bin holds 999 64-bin float16 mel rows but meta.json says the val split "
+                                   "has 1,000 tokens"),
+    ("token ids beyond the vocabulary in val split", "val_tokens.bin holds token id 5000, not below the model's "
+                                                     "vocabulary of 1024"),
+    ("token ids beyond the vocabulary in train split", "train_tokens.bin holds token id 5000"),
+])
+def test_bad_data_is_one_line_naming_the_file_before_the_first_step(tmp_path, case, message):
+    damage(make_data(tmp_path / "data"), case)
+    with pytest.raises(wg.UserError, match=re.escape(message)) as e:
+        wg.train(train_config(tmp_path, hybrid=True, max_iters=2))
+    assert "\n" not in str(e.value) and "prepare.py" in str(e.value)
+    assert not (tmp_path / "out").exists()  # refused before a step, a log line or a checkpoint
+
+
+def test_bad_data_from_the_command_line_is_one_line_without_a_traceback(tmp_path):
+    damage(make_data(tmp_path / "data"), "val_mel.bin cut short")
+    r = run_cli("--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out"), "--hybrid")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith(f"whisper_gpt.py: error: {tmp_path / 'data' / 'val_mel.bin'}: 1,000 bytes")
+
+
+def test_the_vocabulary_and_mel_bins_come_from_meta_json(tmp_path):
+    data = make_data(tmp_path / "data")
+    write_meta(data, 4000, 1000, vocab=300)
+    wg.train(train_config(tmp_path, hybrid=True, max_iters=1))
+    _, config, ckpt = wg.load_checkpoint(str(tmp_path / "out" / "ckpt_latest.pt"))
+    assert config.vocab_size == 300 and config.n_mel == 64 and ckpt["model"]["wte.weight"].shape[0] == 300
+    for flag in ("--vocab_size", "--n_mel"):  # fixed by the data, so not flags
+        with pytest.raises(SystemExit):
+            wg.parse_args([flag, "64"])
+
+
+def test_a_resumed_run_names_the_model_flags_it_ignored(tmp_path, capsys):
+    make_data(tmp_path / "data")
+    wg.train(train_config(tmp_path, max_iters=2, eval_interval=2))
+    capsys.readouterr()
+    wg.train(train_config(tmp_path, max_iters=4, eval_interval=2, init_from="resume", n_embd=32, n_head=4))
+    line = next(line for line in capsys.readouterr().out.splitlines() if "ignored" in line)
+    assert "fixes the model" in line and "--n_embd 32 (the checkpoint's: 16)" in line
+    assert "--n_head 4 (the checkpoint's: 2)" in line and "--n_layer" not in line  # as the checkpoint: not named
+    _, config, _ = wg.load_checkpoint(str(tmp_path / "out" / "ckpt_latest.pt"))
+    assert (config.n_embd, config.n_head) == (16, 2) and [r["iter"] for r in evals_of(tmp_path / "out")] == [0, 2, 4]

@@ -372,9 +372,9 @@ def check_data(c):
     except (ValueError, UnicodeDecodeError) as e:  # json's errors are ValueErrors
         raise UserError(f"{path} is not JSON ({e}): {fix}") from None
     missing = [k for k in ("vocab_size", "n_mels", "n_train", "n_val")
-               if not isinstance(meta, dict) or not isinstance(meta.get(k), int)]
+               if not isinstance(meta, dict) or not isinstance(meta.get(k), int) or meta[k] < 1]
     if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)} (whole numbers): {fix}")
+        raise UserError(f"{path} lacks {', '.join(missing)} (positive whole numbers): {fix}")
     if c.init_from == "scratch" and not c.eval_only:
         c.vocab_size, c.n_mel = meta["vocab_size"], meta["n_mels"]
     elif c.hybrid and c.n_mel != meta["n_mels"]:
@@ -417,30 +417,27 @@ def open_split(data_dir, split, n_mel=0):
     return tokens, mel
 
 
-def to_device(arrays, device):
-    """numpy arrays -> tensors on device; pinned memory and non-blocking copies on a GPU."""
-    out = []
-    for a in arrays:
-        t = torch.from_numpy(a)
-        out.append(t.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else t.to(device))
-    return out
-
-
 def get_batch(c, it, rank=0, world=1):
-    """This process's share of step it's random crops: x (B, T), y (B, T) shifted by one, mel (B, T, n_mel) or None,
-    with B = batch_size // world. The batch_size offsets of a step come from a generator seeded by (seed, step)
-    and process r takes the r-th slice of them, so a run draws the same crops at any world size, and a resumed
-    run the same crops as an unbroken one. Crops may straddle two files of the memmap, as nanoGPT's do."""
+    """This process's share of step it's random crops, as crops() makes them, batch_size // world of them. The
+    batch_size offsets of a step come from a generator seeded by (seed, step) and process r takes the r-th slice
+    of them, so a run draws the same crops at any world size, and a resumed run the same crops as an unbroken
+    one. Crops may straddle two files of the memmap, as nanoGPT's do."""
     tokens, mel = open_split(c.data_dir, "train", c.n_mel if c.hybrid else 0)
     share = c.batch_size // world
     ix = np.random.default_rng([c.seed, it]).integers(0, len(tokens) - c.block_size, size=c.batch_size)
-    ix = ix[rank * share:(rank + 1) * share]
+    return crops(c, tokens, mel, ix[rank * share:(rank + 1) * share])
+
+
+def crops(c, tokens, mel, ix):
+    """The crops at offsets ix: x (B, T) int64, y (B, T) = x shifted by one, and mel (B, T, n_mel) float32 or
+    None, on the device (through pinned memory, without waiting, on a GPU)."""
     x = np.stack([tokens[i:i + c.block_size] for i in ix]).astype(np.int64)
     y = np.stack([tokens[i + 1:i + 1 + c.block_size] for i in ix]).astype(np.int64)
-    if not c.hybrid:
-        return (*to_device([x, y], c.device), None)
-    m = np.stack([mel[i:i + c.block_size] for i in ix]).astype(np.float32)
-    return to_device([x, y, m], c.device)
+    m = None if mel is None else np.stack([mel[i:i + c.block_size] for i in ix]).astype(np.float32)
+    if c.device.startswith("cuda"):
+        return [None if a is None else torch.from_numpy(a).pin_memory().to(c.device, non_blocking=True)
+                for a in (x, y, m)]
+    return [None if a is None else torch.from_numpy(a).to(c.device) for a in (x, y, m)]
 
 
 def val_windows(n_tokens, block_size, limit=0):
@@ -477,13 +474,9 @@ def evaluate(model, c, limit, ctx, rank=0, world=1):
     model.eval()
     for b in range(0, len(mine), c.batch_size):
         rows = mine[b:b + c.batch_size]
-        ix = starts[rows]
-        x = np.stack([tokens[i:i + c.block_size] for i in ix]).astype(np.int64)
-        y = np.stack([tokens[i + 1:i + 1 + c.block_size] for i in ix]).astype(np.int64)
-        arrays = [x, y] + ([np.stack([mel[i:i + c.block_size] for i in ix]).astype(np.float32)] if c.hybrid else [])
-        x, y, *m = to_device(arrays, c.device)
+        x, y, m = crops(c, tokens, mel, starts[rows])
         with ctx:
-            logits, _ = model(x, m[0] if m else None)
+            logits, _ = model(x, m)
         logits = logits.float()
         nll = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (B, T)
         rows = torch.from_numpy(rows).to(c.device)
@@ -809,11 +802,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     run_script(main)
-    if launched_by_torchrun():  # leave without the interpreter's shutdown
-        # gloo's worker threads let go of the last all_reduce's tensors a moment after it returns. When that moment
-        # comes after the interpreter has begun to shut down, the thread cannot take the GIL and the process aborts
-        # ("terminate called without an active exception": 5 runs in 155 of three processes on 2 cores, and still
-        # 1 in 210 with a barrier before the teardown). Everything is written and flushed by now, and the process
-        # group is destroyed, so there is nothing left for the shutdown to do.
+    if launched_by_torchrun():  # all is written and the group destroyed: leave without the interpreter's shutdown,
+        # during which gloo's threads, still letting go of the last all_reduce, abort the process (1 in 210 runs)
         sys.stdout.flush()
         os._exit(0)
