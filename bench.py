@@ -8,7 +8,7 @@ is how much this project's model code gains over the plain way of writing it.
     python bench.py --steps 5 --batch_size 16 --hybrid           # the hybrid
     python bench.py --steps 5 --batch_size 16 --n_embd 256 --n_head 16   # GPT-L
 
-The model flags are whisper_gpt.py's.
+Its other flags are whisper_gpt.py's.
 """
 import argparse
 import time
@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from whisper_gpt import MLP, Parser, UserError, WhisperGPT, add_config_flags, autocast_context, config_from, \
-    model_name, run_script, say
+from whisper_gpt import (MLP, MODEL_FIELDS, Parser, UserError, WhisperGPT, add_config_flags, autocast_context,
+                         config_from, model_name, run_script, say)
 
 H100_BF16_PEAK = 989e12  # FLOP/s, dense, H100 SXM
 
@@ -94,7 +94,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="steps timed, after 3 warm-up steps")
     parser.add_argument("--reference", action="store_true", help="time the textbook nn.TransformerEncoder GPT "
                         "of the same shape instead")
-    add_config_flags(parser)
+    add_config_flags(parser, MODEL_FIELDS + ("batch_size", "lr", "device", "dtype", "compile", "seed"))
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")

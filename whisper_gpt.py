@@ -766,12 +766,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def add_config_flags(parser):
-    """One flag per field of Config (but those the data fixes), e.g. --n_embd 64 --hybrid; the comment beside
-    each field in Config is its --help text, written once, next to its default."""
+def add_config_flags(parser, names=None):
+    """One flag per field of Config (or of those named), but those the data fixes, e.g. --n_embd 64 --hybrid;
+    the comment beside each field in Config is its --help text, written once, next to its default."""
     helps = dict(re.findall(r"^ {4}(\w+): [^\n]*?#\s*(.+)$", inspect.getsource(Config), re.MULTILINE))
     for f in dataclasses.fields(Config):
-        if f.name in FROM_DATA:
+        if f.name in FROM_DATA or names is not None and f.name not in names:
             continue
         if f.type is bool or isinstance(f.default, bool):
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
@@ -781,7 +781,7 @@ def add_config_flags(parser):
 
 
 def config_from(args):
-    """The Config of parsed flags (others, such as bench.py's own, are left out), with its defaults filled in."""
+    """The Config of parsed flags (others, such as bench.py's own, are left out), its defaults filled in."""
     fields = {f.name for f in dataclasses.fields(Config)}
     c = Config(**{k: v for k, v in vars(args).items() if k in fields})
     c.data_dir = c.data_dir or os.path.join("data", c.dataset)
