@@ -355,55 +355,8 @@ def save_checkpoint(path, obj):
 
 
 # -----------------------------------------------------------------------------
-# Data: the folder prepare.py made, checked at the door; random crops; the fixed validation windows.
-
-
-def check_data(c):
-    """The data contract, checked before the first step, so that bad data is one line naming the file, not a
-    traceback hours in: meta.json parses and has what training needs; every memmap holds whole rows, as many as
-    meta.json says; the mel has one row per token; every token id is below the vocabulary. A new model takes
-    its vocabulary and mel bins from meta.json (a resumed one has them from its checkpoint). Returns meta."""
-    path, fix = os.path.join(c.data_dir, "meta.json"), f"make {c.data_dir} again with python prepare.py"
-    if not os.path.isfile(path):
-        raise UserError(f"no prepared data in {c.data_dir}: run python prepare.py --dataset {c.dataset}")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:  # json's errors are ValueErrors
-        raise UserError(f"{path} is not JSON ({e}): {fix}") from None
-    missing = [k for k in ("vocab_size", "n_mels", "n_train", "n_val")
-               if not isinstance(meta, dict) or not isinstance(meta.get(k), int) or meta[k] < 1]
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)} (positive whole numbers): {fix}")
-    if c.init_from == "scratch" and not c.eval_only:
-        c.vocab_size, c.n_mel = meta["vocab_size"], meta["n_mels"]
-    elif c.hybrid and c.n_mel != meta["n_mels"]:
-        raise UserError(f"{path} has {meta['n_mels']} mel bins and the checkpoint's model reads {c.n_mel}: "
-                        f"train a new run on this data")
-    for split in ("train", "val"):
-        n = meta[f"n_{split}"]
-        for name, row, what in [(f"{split}_tokens.bin", 2, "uint16 tokens")] + (
-                [(f"{split}_mel.bin", 2 * c.n_mel, f"{c.n_mel}-bin float16 mel rows")] if c.hybrid else []):
-            file = os.path.join(c.data_dir, name)
-            if not os.path.isfile(file):
-                raise UserError(f"{c.data_dir} has no {name}: " + (
-                    "--hybrid needs the mel memmaps of prepare.py" if "mel" in name else fix))
-            size = os.path.getsize(file)
-            if size % row:
-                raise UserError(f"{file}: {size:,} bytes is not a whole number of {what} ({row} bytes each), so it "
-                                f"is cut short or not prepare.py's: {fix}")
-            if size // row != n:
-                raise UserError(f"{file} holds {size // row:,} {what} but meta.json says the {split} split has "
-                                f"{n:,} tokens (one mel row per token): {fix}")
-        if n < c.block_size + 1:
-            raise UserError(f"the {split} split has {n} tokens, fewer than a crop of --block_size {c.block_size} "
-                            f"+ 1: use a smaller --block_size or prepare more audio")
-        top = int(open_split(c.data_dir, split)[0].max())
-        if top >= c.vocab_size:
-            raise UserError(f"{os.path.join(c.data_dir, split + '_tokens.bin')} holds token id {top}, not below the "
-                            f"model's vocabulary of {c.vocab_size}: the file is damaged or made by another "
-                            f"tokenizer; {fix}")
-    return meta
+# Data: random crops of the memmaps prepare.py made (check_data, at the bottom, checks them first); the fixed
+# validation windows.
 
 
 def open_split(data_dir, split, n_mel=0):
@@ -707,7 +660,8 @@ def eval_only(model, c, meta, ctx, step, rank=0, world=1):
 
 
 # -----------------------------------------------------------------------------
-# The command line, and a user's mistakes: one line saying what to do, while a bug keeps its traceback.
+# The command line, and a user's mistakes (a flag, a file, the data folder) refused before the first step: one
+# line saying what to do, while a bug keeps its traceback.
 
 
 class UserError(Exception):
@@ -757,6 +711,54 @@ def validate(c):
         raise UserError(f"--lr must be positive, got {c.lr}")
     if not 0 <= c.lr_drop_at <= 1:
         raise UserError(f"--lr_drop_at is a fraction of the run, between 0 and 1; got {c.lr_drop_at}")
+
+
+def check_data(c):
+    """The data contract, checked before the first step, so that bad data is one line naming the file, not a
+    traceback hours in: meta.json parses and has what training needs; every memmap holds whole rows, as many as
+    meta.json says; the mel has one row per token; every token id is below the vocabulary. A new model takes
+    its vocabulary and mel bins from meta.json (a resumed one has them from its checkpoint). Returns meta."""
+    path, fix = os.path.join(c.data_dir, "meta.json"), f"make {c.data_dir} again with python prepare.py"
+    if not os.path.isfile(path):
+        raise UserError(f"no prepared data in {c.data_dir}: run python prepare.py --dataset {c.dataset}")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # json's errors are ValueErrors
+        raise UserError(f"{path} is not JSON ({e}): {fix}") from None
+    missing = [k for k in ("vocab_size", "n_mels", "n_train", "n_val")
+               if not isinstance(meta, dict) or not isinstance(meta.get(k), int) or meta[k] < 1]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)} (positive whole numbers): {fix}")
+    if c.init_from == "scratch" and not c.eval_only:
+        c.vocab_size, c.n_mel = meta["vocab_size"], meta["n_mels"]
+    elif c.hybrid and c.n_mel != meta["n_mels"]:
+        raise UserError(f"{path} has {meta['n_mels']} mel bins and the checkpoint's model reads {c.n_mel}: "
+                        f"train a new run on this data")
+    for split in ("train", "val"):
+        n = meta[f"n_{split}"]
+        for name, row, what in [(f"{split}_tokens.bin", 2, "uint16 tokens")] + (
+                [(f"{split}_mel.bin", 2 * c.n_mel, f"{c.n_mel}-bin float16 mel rows")] if c.hybrid else []):
+            file = os.path.join(c.data_dir, name)
+            if not os.path.isfile(file):
+                raise UserError(f"{c.data_dir} has no {name}: " + (
+                    "--hybrid needs the mel memmaps of prepare.py" if "mel" in name else fix))
+            size = os.path.getsize(file)
+            if size % row:
+                raise UserError(f"{file}: {size:,} bytes is not a whole number of {what} ({row} bytes each), so it "
+                                f"is cut short or not prepare.py's: {fix}")
+            if size // row != n:
+                raise UserError(f"{file} holds {size // row:,} {what} but meta.json says the {split} split has "
+                                f"{n:,} tokens (one mel row per token): {fix}")
+        if n < c.block_size + 1:
+            raise UserError(f"the {split} split has {n} tokens, fewer than a crop of --block_size {c.block_size} "
+                            f"+ 1: use a smaller --block_size or prepare more audio")
+        top = int(open_split(c.data_dir, split)[0].max())
+        if top >= c.vocab_size:
+            raise UserError(f"{os.path.join(c.data_dir, split + '_tokens.bin')} holds token id {top}, not below the "
+                            f"model's vocabulary of {c.vocab_size}: the file is damaged or made by another "
+                            f"tokenizer; {fix}")
+    return meta
 
 
 class Parser(argparse.ArgumentParser):
