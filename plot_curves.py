@@ -17,14 +17,14 @@ import glob
 import json
 import math
 import os
-import sys
 from types import SimpleNamespace
 
 import matplotlib
 matplotlib.use("Agg")  # no display: write files only
 import matplotlib.pyplot as plt
 
-from whisper_gpt import Config, UserError, flops_per_token
+from bench import flops_per_token
+from whisper_gpt import Config, UserError, run_script
 
 MODELS = ("GPT-S", "GPT-L", "hybrid")  # the paper's three models, in its row order
 COLORS = {"GPT-S": "C0", "GPT-L": "C1", "hybrid": "C2"}  # one colour per model in every figure
@@ -501,7 +501,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:  # a user's mistake: one line naming the file and line; a bug keeps its traceback
-        sys.exit(f"plot_curves.py: error: {e}")
+    run_script(main)

@@ -12,10 +12,9 @@ Writes data/<name>/: {train,val}_tokens.bin (uint16 [N]), {train,val}_mel.bin (f
 the train split's per-bin mean and std), meta.json, and tokenizer.pt for the offline tokenizer. Token t of a file
 covers samples [320t, 320(t+1)); mel slice t is the 960-sample window that ENDS at sample 320(t+1). Work in
 progress lives in data/<name>/work/, one shard per group of files, so an interrupted run resumes where it stopped;
-the finished files are renamed into place only at the end.
+the finished files are renamed into place only at the end. The audio itself (the mel, the tokenizer) is audio.py's.
 """
 import argparse
-import contextlib
 import functools
 import gzip
 import hashlib
@@ -32,9 +31,6 @@ import signal
 import sys
 import tarfile
 import time
-import urllib.error
-import urllib.request
-import warnings
 import zlib
 from collections import deque
 from multiprocessing.connection import wait
@@ -44,27 +40,16 @@ from typing import NamedTuple
 import numpy as np
 import soundfile as sf
 import torch
-import torch.nn.functional as F
-import torchaudio
-from encodec import EncodecModel
 
-from whisper_gpt import Parser, UserError, load_torch_file
+from audio import (CONTEXT, ENCODEC_CKPT, FRAME_RATE, HOP, N_MELS, OFFLINE_NAME, SEGMENT, SAMPLE_RATE, TOKENIZER_FILE,
+                   VOCAB, WIN, Tokenizer, download, embed, encodec_skeleton, encodec_tokenizer, fast_cpu, log_mel,
+                   nearest, offline_tokenizer, to_model_rate, weights_help)
+from whisper_gpt import Parser, UserError, load_torch_file, run_script
 
-SAMPLE_RATE = 24000   # Hz, EnCodec 24 kHz model
-HOP = 320             # samples per token = 75 tokens per second
-FRAME_RATE = 75       # tokens per second
-WIN = 960             # samples in a mel window = 40 ms
-N_MELS = 64
-VOCAB = 1024          # codebook 0 of EnCodec 24 kHz
-EMB_DIM = 128         # width of the EnCodec latent that codebook 0 quantises
 FORMAT_VERSION = 1    # of meta.json and the work shards
-
-LOG_FLOOR = 1e-10     # mel power floor before the natural log
 MEL_STD_FLOOR = 0.1   # nats: a bin that hardly varies over the corpus is divided by this, not by ~0
 SILENCE_PEAK = 1e-4   # a file whose peak is below this (-80 dBFS) is silent
 
-SEGMENT = 10 * SAMPLE_RATE   # samples per encoder row: bounds memory (~0.4 GB) whatever the file length
-CONTEXT = SAMPLE_RATE        # samples before a later segment that warm up its encoder state (frames dropped)
 GROUP_FILES = 16             # files per work shard, the unit of resumption ...
 GROUP_SECONDS = 300          # ... or fewer, once the group holds this much audio
 VAL_EVERY = 8                # 1 usable file in 8 goes to val (the first, the 9th, ...): 12.5 %, at least one.
@@ -77,14 +62,7 @@ KMEANS_ITERS = 20
 PREFETCH = 4                 # files loaded ahead of the encoder, per worker process
 BYTES_PER_TOKEN = (2 + 2 * N_MELS) + (2 + 4 * N_MELS)  # the memmaps (uint16 token, float16 mel row), and the work
                              # shards (float32 mel), which stay until the memmaps are whole: 29 kB/s, 105 MB/h
-
-ENCODEC_CKPT = "encodec_24khz-d7cc33bc.th"
-ENCODEC_URL = "https://dl.fbaipublicfiles.com/encodec/v0/" + ENCODEC_CKPT
-ENCODEC_SHA256 = "d7cc33bc"  # prefix of the checkpoint's sha256, as torch.hub checks it
 LIBRITTS_URL = "https://www.openslr.org/resources/60"
-DOWNLOAD_TIMEOUT = 10        # seconds without a byte before a download gives up
-OFFLINE_NAME = "offline-random-encodec-kmeans"
-TOKENIZER_FILE = "tokenizer.pt"
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3"}
 
 # The built-in music corpus: music21's public-domain scores, each played on one General MIDI instrument.
@@ -103,228 +81,8 @@ MUSIC_PASS_HOURS = 176.0     # one rendering pass of the corpus (14,941 pieces, 
 PASS_MARGIN = 1.1            # passes are listed for 10 % more than --hours (skipped pieces, the estimate's error);
                              # a pass is only rendered as far as --hours needs it
 
-# EnCodec's LSTM state decays into denormal floats, which run ~16x slower on the CPU. The flush flag belongs to a
-# thread, and threads copy it from the thread that creates them: set on import, before torch makes its worker
-# threads, it covers every EnCodec call of a program that imports prepare first (fast_cpu sets it again per call).
-torch.set_flush_denormal(True)
-
-
-# UserError: a problem the user can act on (a missing file, input that is not audio, too little disk, a worker killed
-# for memory), with a message that says what to do: the command line prints it as one line, without a traceback.
-class MissingInput(UserError, FileNotFoundError):
-    pass
-
-
-class BadInput(UserError, ValueError):
-    pass
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# the audio front end
-
-def log_mel(wav: torch.Tensor) -> torch.Tensor:
-    """Causal 64-bin log-mel, one slice per token: wav (..., S) float at 24 kHz, S a multiple of HOP
-    -> (..., S // HOP, N_MELS) float32, natural log, not normalised.
-
-    Slice t is the power spectrum of the 960-sample periodic Hann window that ENDS at sample 320(t+1) (the wav is
-    left-padded with 640 zeros and framed with hop 320, never centred), mapped to 64 Slaney mel bands over
-    0-12 kHz and logged with a floor of 1e-10. No per-clip statistics: a slice depends on its own window only.
-    """
-    if wav.shape[-1] % HOP:
-        raise ValueError(f"log_mel needs a multiple of {HOP} samples, got {wav.shape[-1]}")
-    wav = wav.float()
-    window, fbank = mel_basis(wav.device)
-    frames = F.pad(wav, (WIN - HOP, 0)).unfold(-1, WIN, HOP)                      # (..., T, WIN)
-    power = torch.fft.rfft(frames * window).abs().pow(2)                           # (..., T, WIN//2+1)
-    return torch.log(torch.clamp(power @ fbank, min=LOG_FLOOR))
-
-
-@functools.lru_cache(maxsize=None)
-def mel_basis(device):
-    """The periodic Hann window (WIN,) and the Slaney mel filterbank (WIN//2+1, N_MELS), made once per device:
-    sample.py calls log_mel once per generated token."""
-    fbank = torchaudio.functional.melscale_fbanks(WIN // 2 + 1, 0.0, SAMPLE_RATE / 2, N_MELS, SAMPLE_RATE,
-                                                  norm="slaney", mel_scale="slaney")  # (WIN//2+1, N_MELS)
-    return torch.hann_window(WIN, device=device), fbank.to(device)
-
-
-def normalise_mel(mel: torch.Tensor, meta: dict) -> torch.Tensor:
-    """(mel - train mean) / train std, per bin, with the statistics stored in meta.json."""
-    mean = torch.tensor(meta["mel_mean"], dtype=mel.dtype, device=mel.device)
-    std = torch.tensor(meta["mel_std"], dtype=mel.dtype, device=mel.device)
-    return (mel - mean) / std
-
-
-def read_meta(data_dir) -> dict:
-    path = Path(data_dir) / "meta.json"
-    if not path.is_file():
-        raise MissingInput(f"{path} not found: make it with `python prepare.py` (an unfinished run has none)")
-    return json.loads(path.read_text())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the tokenizer: EnCodec 24 kHz encoder + codebook 0, real weights or the offline stand-in
-
-class WeightsUnavailable(UserError):
-    pass
-
-
-def nearest(x: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """x (..., D), codebook (K, D) -> (...) int64 index of the nearest row, with the distance written exactly as
-    EnCodec's quantizer writes it (so the codes equal its codes[:, 0]), chunked to keep memory at chunk x K."""
-    flat = x.reshape(-1, x.shape[-1])                                    # (N, D)
-    embed = codebook.t()                                                 # (D, K)
-    out = torch.empty(len(flat), dtype=torch.long, device=x.device)
-    for i in range(0, len(flat), chunk):
-        xi = flat[i:i + chunk]
-        dist = -(xi.pow(2).sum(1, keepdim=True) - 2 * xi @ embed + embed.pow(2).sum(0, keepdim=True))  # (chunk, K)
-        out[i:i + chunk] = dist.max(-1).indices
-    return out.reshape(x.shape[:-1])
-
-
-@contextlib.contextmanager
-def fast_cpu(device="cpu"):
-    """How EnCodec runs fast on a CPU (nothing changes on a GPU):
-    - one torch thread: torch's threads meet at each of the LSTM's 1,500 small steps per 10 s of audio and stall
-      there whenever another process holds a core (30x slower, seen here); worker processes give the parallelism;
-    - denormal floats flushed to zero (left on afterwards): the LSTM state decays into them, 16x slower; the flag
-      belongs to the calling thread, so it is set here again in case this thread did not inherit it."""
-    threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(1)
-        torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@torch.inference_mode()
-def embed(encoder, wavs: list, batch_size: int = 1) -> list:
-    """EnCodec encoder latents: wavs, a list of (S_i,) float tensors at 24 kHz with S_i % HOP == 0
-    -> a list of (S_i // HOP, EMB_DIM) float32 tensors on the CPU.
-
-    Each file is cut into rows of at most SEGMENT samples; a row after the first also gets the CONTEXT samples
-    before it, whose frames are dropped, so its encoder state starts warm. That bounds memory for any file
-    length and lets rows of many files share an encoder call. Rows are sorted by length and right-padded to
-    the longest in their batch: the encoder is causal, so padding changes no frame before it.
-    """
-    device = next(encoder.parameters()).device
-    with fast_cpu(device):
-        return embed_rows(encoder, wavs, batch_size, device)
-
-
-def embed_rows(encoder, wavs: list, batch_size: int, device) -> list:
-    rows = []                                                            # (file, segment, first sample, end, context)
-    for i, wav in enumerate(wavs):
-        for k, start in enumerate(range(0, len(wav), SEGMENT)):
-            context = min(start, CONTEXT)
-            rows.append((i, k, start - context, min(start + SEGMENT, len(wav)), context))
-    rows.sort(key=lambda row: row[3] - row[2])
-    parts = [[None] * -(-len(wav) // SEGMENT) for wav in wavs]
-    for b in range(0, len(rows), batch_size):
-        batch = rows[b:b + batch_size]
-        x = torch.zeros(len(batch), 1, max(end - lo for _, _, lo, end, _ in batch))  # (rows, 1, samples)
-        for j, (i, _, lo, end, _) in enumerate(batch):
-            x[j, 0, :end - lo] = wavs[i][lo:end]
-        emb = encoder(x.to(device)).transpose(1, 2).float().cpu()        # (rows, frames, EMB_DIM)
-        for j, (i, k, lo, end, context) in enumerate(batch):
-            parts[i][k] = emb[j, context // HOP:(end - lo) // HOP]
-    return [torch.cat(p) for p in parts]
-
-
-class Tokenizer:
-    """Audio <-> codebook-0 tokens. `model` is an EncodecModel (its quantizer is unused); `codebook` (VOCAB, EMB_DIM)
-    is the real model's first codebook, or, for the offline tokenizer, a k-means fit (None until fitted)."""
-
-    def __init__(self, model, codebook, name, offline, weights, seed=None):
-        self.model = model.eval()
-        self.device = next(model.parameters()).device
-        self.codebook = codebook
-        self.name, self.offline, self.weights, self.seed = name, offline, weights, seed
-
-    def embed_many(self, wavs: list, batch_size: int = 1) -> list:
-        return embed(self.model.encoder, wavs, batch_size)
-
-    def quantise(self, emb: torch.Tensor) -> torch.Tensor:
-        """emb (..., T, EMB_DIM) -> (..., T) int64 tokens in [0, VOCAB)."""
-        return nearest(emb.to(self.codebook.device), self.codebook).cpu()
-
-    def encode(self, wav: torch.Tensor) -> torch.Tensor:
-        """wav (B, S) float at 24 kHz, S % HOP == 0 -> (B, S // HOP) int64 tokens in [0, VOCAB)."""
-        return torch.stack([self.quantise(e) for e in self.embed_many(list(wav))]).to(wav.device)
-
-    @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) int64 -> (B, T * HOP) float32 audio at 24 kHz, from codebook 0 alone (so coarse; and
-        noise for the offline tokenizer, whose decoder is random)."""
-        emb = self.codebook[tokens.to(self.codebook.device)].transpose(1, 2)          # (B, EMB_DIM, T)
-        torch.set_flush_denormal(True)  # for this thread (the decoder has an LSTM too); thread count: the caller's
-        return self.model.decoder(emb.to(self.device))[:, 0, :tokens.shape[1] * HOP].float()
-
-    def fingerprint(self) -> str:
-        """A hash of everything that decides the tokens: shards made by another tokenizer are not reused."""
-        h = hashlib.sha1(self.name.encode())
-        for tensor in [self.codebook, *self.model.encoder.state_dict().values()]:
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
-
-    def save(self, path):
-        """Everything load_tokenizer needs to rebuild the offline tokenizer exactly (weights kept as well as the
-        seed, since torch's random streams may change between versions)."""
-        state = {"name": self.name, "seed": self.seed, "codebook": self.codebook.cpu(),
-                 "encoder": self.model.encoder.state_dict(), "decoder": self.model.decoder.state_dict()}
-        torch.save(state, f"{path}.tmp")
-        os.replace(f"{path}.tmp", path)
-
-
-def encodec_skeleton() -> EncodecModel:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*weight_norm.*")
-        return EncodecModel.encodec_model_24khz(pretrained=False)
-
-
-def encodec_weights(ckpt=None) -> tuple:
-    """The pretrained EnCodec 24 kHz state dict and where it came from: `ckpt` (a file or a folder holding it),
-    else the torch hub cache, else a download into that cache. Raises WeightsUnavailable saying what failed."""
-    if ckpt:
-        path = Path(ckpt) / ENCODEC_CKPT if Path(ckpt).is_dir() else Path(ckpt)
-        if not path.is_file():
-            raise WeightsUnavailable(f"--encodec_ckpt {ckpt}: no such file")
-        return load_torch_file(path), str(path)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / ENCODEC_CKPT
-    if not cached.is_file():
-        try:
-            download(ENCODEC_URL, cached)
-        except OSError as e:
-            raise WeightsUnavailable(f"not in the torch hub cache ({cached}) and the download failed ({e})") from e
-    with open(cached, "rb") as f:
-        if not hashlib.file_digest(f, "sha256").hexdigest().startswith(ENCODEC_SHA256):
-            raise WeightsUnavailable(f"{cached} is corrupt (sha256 mismatch): delete it")
-    return load_torch_file(cached), str(cached)
-
-
-def encodec_tokenizer(ckpt=None, device="cpu") -> Tokenizer:
-    state, where = encodec_weights(ckpt)
-    model = encodec_skeleton()
-    model.load_state_dict(state)
-    codebook = model.quantizer.vq.layers[0]._codebook.embed.detach().clone()  # (VOCAB, EMB_DIM)
-    return Tokenizer(model.to(device), codebook.to(device), "encodec_24khz", False, where)
-
-
-def offline_tokenizer(seed, device="cpu", saved=None) -> Tokenizer:
-    """EnCodec 24 kHz with random weights drawn from `seed` (or restored from a saved state); its codebook is
-    fitted later by fit_codebook, unless restored too."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = encodec_skeleton()
-    codebook = None
-    if saved is not None:
-        model.encoder.load_state_dict(saved["encoder"])
-        model.decoder.load_state_dict(saved["decoder"])
-        codebook = saved["codebook"].to(device)
-    return Tokenizer(model.to(device), codebook, OFFLINE_NAME, True, f"random, seed {seed}", seed)
-
+# the offline tokenizer's codebook, and the choice of tokenizer
 
 def fit_codebook(emb: torch.Tensor, seed: int) -> torch.Tensor:
     """Lloyd k-means of emb (N, EMB_DIM) into (VOCAB, EMB_DIM), distances by matrix product (EnCodec's own kmeans
@@ -343,29 +101,6 @@ def fit_codebook(emb: torch.Tensor, seed: int) -> torch.Tensor:
     return centroids
 
 
-def load_tokenizer(data_dir, device="cpu") -> Tokenizer:
-    """Rebuild the tokenizer that made data_dir: the offline one from its tokenizer.pt, the real one from the
-    weights it was made with (or the hub cache / a download when that path is gone)."""
-    meta = read_meta(data_dir)
-    if meta["tokenizer_offline"]:
-        if not (Path(data_dir) / TOKENIZER_FILE).is_file():
-            raise MissingInput(f"{Path(data_dir) / TOKENIZER_FILE} not found: the offline tokenizer that made "
-                               f"{data_dir} is gone; make the data again with `python prepare.py`")
-        saved = load_torch_file(Path(data_dir) / TOKENIZER_FILE)
-        return offline_tokenizer(saved["seed"], device, saved)
-    ckpt = meta.get("tokenizer_weights")
-    try:
-        return encodec_tokenizer(ckpt if ckpt and Path(ckpt).is_file() else None, device)
-    except WeightsUnavailable as e:
-        raise WeightsUnavailable(weights_help(str(e))) from e
-
-
-def weights_help(reason: str) -> str:
-    return (f"pretrained EnCodec 24 kHz weights unavailable: {reason}. Supply them one of three ways: (1) run "
-            f"with internet access once (they download from {ENCODEC_URL}); (2) copy {ENCODEC_CKPT} into "
-            f"{Path(torch.hub.get_dir()) / 'checkpoints'}/; (3) pass --encodec_ckpt PATH (the file, or its folder).")
-
-
 def choose_tokenizer(args, work: Path) -> Tokenizer:
     """--tokenizer encodec: the real weights or a clear error; auto: the real ones, else the offline tokenizer
     with a warning that cannot be missed; offline: the offline one. An interrupted run's fitted offline codebook
@@ -373,9 +108,9 @@ def choose_tokenizer(args, work: Path) -> Tokenizer:
     if args.tokenizer != "offline":
         try:
             return encodec_tokenizer(args.encodec_ckpt, args.device)
-        except WeightsUnavailable as e:
+        except UserError as e:
             if args.tokenizer == "encodec" or args.encodec_ckpt:
-                raise SystemExit(weights_help(str(e)))
+                raise UserError(weights_help(str(e))) from None
             bar = "!" * 100
             print(f"{bar}\nWARNING: {weights_help(str(e))}\nFalling back to the OFFLINE tokenizer "
                   f"'{OFFLINE_NAME}': EnCodec's architecture with RANDOM weights and a codebook fitted by k-means on "
@@ -390,49 +125,9 @@ def choose_tokenizer(args, work: Path) -> Tokenizer:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# downloads (EnCodec weights, LibriTTS)
+# LibriTTS
 
-def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT):
-    """Fetch url into dest through dest.part: an existing .part is resumed with an HTTP Range request (restarted
-    when the server ignores ranges or refuses the one asked); the size is checked against the server's, and the
-    file renamed into place only when whole."""
-    dest = Path(dest)
-    part = dest.with_name(dest.name + ".part")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code != 416 or not have:
-            raise
-        part.unlink()  # 416: the .part is no prefix of this file; start over
-        return download(url, dest, timeout)
-    resume = response.status == 206
-    if resume:
-        total = response.headers["Content-Range"].rsplit("/", 1)[1]
-    else:
-        have, total = 0, response.headers.get("Content-Length", "*")
-    free = shutil.disk_usage(dest.parent).free
-    if total != "*" and int(total) - have > free:  # checked before a byte is written (or a .part truncated)
-        response.close()
-        raise OSError(f"{dest.name} needs {(int(total) - have) / 1e6:,.1f} MB more and {dest.parent} has "
-                      f"{free / 1e6:,.1f} MB free: free some space or pass another --data_root")
-    with response, open(part, "ab" if resume else "wb") as f:
-        of = f"{int(total) / 1e6:,.0f}" if total != "*" else "?"
-        last_print = time.time()
-        while chunk := response.read(1 << 20):
-            f.write(chunk)
-            have += len(chunk)
-            if time.time() - last_print > 1:
-                last_print = time.time()
-                print(f"\r{dest.name}: {have / 1e6:,.0f} of {of} MB", end="", file=sys.stderr, flush=True)
-    if total != "*" and part.stat().st_size != int(total):
-        raise OSError(f"{url}: got {part.stat().st_size} of {total} bytes; run again to resume")
-    os.replace(part, dest)
-
-
-def fetch_libritts(subsets: list, url_base: str, root: Path) -> list:
+def fetch_libritts(subsets: list, root: Path) -> list:
     """Download, verify and extract LibriTTS subsets into root/LibriTTS/<subset>/ (a marker file says a subset is
     whole; its archive is then deleted). Returns the subset folders."""
     folders = []
@@ -442,22 +137,22 @@ def fetch_libritts(subsets: list, url_base: str, root: Path) -> list:
             archive, scratch = root / f"{subset}.tar.gz", root / f"{subset}.extracting"
             if not archive.exists():
                 try:
-                    download(f"{url_base}/{subset}.tar.gz", archive)
+                    download(f"{LIBRITTS_URL}/{subset}.tar.gz", archive)
                 except OSError as e:
-                    raise SystemExit(f"could not download LibriTTS {subset}: {e}")
+                    raise UserError(f"could not download LibriTTS {subset}: {e}")
             shutil.rmtree(scratch, ignore_errors=True)
             size, free = archive.stat().st_size, shutil.disk_usage(root).free
             if size > free:  # the extracted audio takes at least the archive's size
-                raise SystemExit(f"extracting {archive} needs more than {size / 1e6:,.0f} MB and {root} has "
-                                 f"{free / 1e6:,.0f} MB free: free some space or pass another --data_root")
+                raise UserError(f"extracting {archive} needs more than {size / 1e6:,.0f} MB and {root} has "
+                                f"{free / 1e6:,.0f} MB free: free some space or pass another --data_root")
             try:
                 with tarfile.open(archive) as tar:
                     tar.extractall(scratch, filter="data")
             except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
                 archive.unlink()
-                raise SystemExit(f"{archive} is corrupt ({e}): deleted it; run again to download it afresh")
+                raise UserError(f"{archive} is corrupt ({e}): deleted it; run again to download it afresh")
             if not (scratch / "LibriTTS" / subset).is_dir():
-                raise SystemExit(f"{archive} holds no LibriTTS/{subset}/ folder")
+                raise UserError(f"{archive} holds no LibriTTS/{subset}/ folder")
             shutil.rmtree(out, ignore_errors=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             os.replace(scratch / "LibriTTS" / subset, out)
@@ -488,12 +183,12 @@ def file_sources(folders: list, base: Path, seed: int) -> list:
     file does."""
     for folder in folders:
         if not Path(folder).is_dir():
-            raise SystemExit(f"audio folder {folder} does not exist")
+            raise UserError(f"audio folder {folder} does not exist")
     base = Path(base).resolve()
     paths = sorted(p for f in folders for p in Path(f).resolve().rglob("*")
                    if p.suffix.lower() in AUDIO_EXTS and not p.is_dir())
     if not paths:
-        raise SystemExit(f"no audio files ({', '.join(sorted(AUDIO_EXTS))}) under {', '.join(map(str, folders))}")
+        raise UserError(f"no audio files ({', '.join(sorted(AUDIO_EXTS))}) under {', '.join(map(str, folders))}")
     random.Random(seed).shuffle(paths)
     sources = []
     for p in paths:
@@ -508,7 +203,7 @@ def file_sources(folders: list, base: Path, seed: int) -> list:
 def music_sources(seed: int) -> list:
     """Every piece in the music21 corpus (each tune of a multi-tune ABC file on its own), in a seeded order, each
     with its instrument and variation drawn from the seed and its name. (music21, pretty_midi and midirenderer are
-    imported where they are used, so that importing prepare for log_mel or the tokenizer stays light.)"""
+    imported where they are used, so that importing prepare stays light.)"""
     from music21 import corpus
     bundle = corpus.corpora.CoreCorpus().metadataBundle[:]  # a slice: iterating the bundle itself is O(n^2)
     entries = [(str(e.sourcePath), str(e.number or "")) for e in bundle]
@@ -630,14 +325,6 @@ def soundfont() -> bytes:
     return (Path(pretty_midi.__file__).parent / "TimGM6mb.sf2").read_bytes()
 
 
-def to_model_rate(audio: np.ndarray, rate: int) -> torch.Tensor:
-    """audio (S, channels) at any rate -> (S',) float32 mono at 24 kHz, trimmed to a multiple of HOP."""
-    wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).mean(1)
-    if rate != SAMPLE_RATE:
-        wav = torchaudio.functional.resample(wav, rate, SAMPLE_RATE)
-    return wav[:len(wav) - len(wav) % HOP]
-
-
 def render_piece(src: Source) -> torch.Tensor:
     """Parse a corpus score, play it through the TimGM6mb General MIDI soundfont -> (S,) float32 at 24 kHz."""
     import midirenderer
@@ -698,10 +385,6 @@ def try_load(src: Source) -> Loaded:
     return Loaded(src, emb=embed(_encoder, [torch.from_numpy(wav)])[0], mel=mel)
 
 
-class WorkerDied(UserError):
-    pass
-
-
 def serve(conn, load, encoder_state):
     """A worker process: load each source that comes down the pipe, send back what load made, until None comes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which then stops its workers
@@ -715,7 +398,7 @@ def loaded(sources, workers: int, encoder_state=None, load=try_load):
     j % workers, a few files ahead of the consumer (bounded, so memory stays flat); given encoder_state, the workers
     also encode, one thread each: on the CPU that beats one process with many threads. Each worker has a pipe of its
     own, so when one dies (killed, out of memory, crashed) the parent knows the file it was on and raises
-    WorkerDied naming it; a pool would wait for that file's result forever."""
+    a UserError naming it; a pool would wait for that file's result forever."""
     if workers == 0:
         yield from map(load, sources)
         return
@@ -745,7 +428,7 @@ def loaded(sources, workers: int, encoder_state=None, load=try_load):
 
 
 def receive(proc, conn, src: Source) -> Loaded:
-    """The worker's result for src, its oldest file in flight; WorkerDied if the worker exits before sending it."""
+    """The worker's result for src, its oldest file in flight; a UserError if the worker exits before sending it."""
     wait([conn, proc.sentinel])
     try:
         if conn.poll():
@@ -755,9 +438,9 @@ def receive(proc, conn, src: Source) -> Loaded:
     proc.join()
     code = proc.exitcode
     how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-    raise WorkerDied(f"a worker process died ({how}) while loading {src.name}: SIGKILL usually means out of memory, "
-                     f"so run again with fewer --workers (finished shards are kept: the run resumes); if it dies on "
-                     f"this file again, the file crashes the audio reader, so remove it")
+    raise UserError(f"a worker process died ({how}) while loading {src.name}: SIGKILL usually means out of memory, "
+                    f"so run again with fewer --workers (finished shards are kept: the run resumes); if it dies on "
+                    f"this file again, the file crashes the audio reader, so remove it")
 
 
 def groups(items):
@@ -898,7 +581,7 @@ def fit_offline(tok: Tokenizer, waiting: list, work: Path, seed: int):
     `work`, so that a resumed run quantises with the very same codebook."""
     emb = train_embeddings(waiting)
     if not emb:
-        raise SystemExit(no_usable("train", [(it.src.name, it.reason) for g in waiting for it in g if it.reason]))
+        raise UserError(no_usable("train", [(it.src.name, it.reason) for g in waiting for it in g if it.reason]))
     emb = torch.cat(emb)                                                  # (N, EMB_DIM)
     if len(emb) > FIT_FRAMES:
         emb = emb[torch.randperm(len(emb), generator=torch.Generator().manual_seed(seed))[:FIT_FRAMES]]
@@ -949,7 +632,7 @@ def assemble(shards: list, data_dir: Path, tok: Tokenizer, extra: dict) -> dict:
               for split in ("train", "val")}
     for split, n in counts.items():
         if n == 0:
-            raise SystemExit(no_usable(split, skipped))
+            raise UserError(no_usable(split, skipped))
     total, total_sq = np.zeros(N_MELS), np.zeros(N_MELS)
     for _, _, mel in split_files(shards, "train"):
         total += mel.sum(0, dtype=np.float64)
@@ -1021,8 +704,6 @@ def parse_args(argv=None):
                                                           "(default: %(default)s)")
     p.add_argument("--subsets", nargs="+", default=["train-clean-100"], help="LibriTTS subsets for --dataset speech "
                                                                              "(default: train-clean-100)")
-    p.add_argument("--url_base", default=LIBRITTS_URL, help="where the LibriTTS <subset>.tar.gz files are "
-                                                            "(default: %(default)s)")
     p.add_argument("--tokenizer", choices=["auto", "encodec", "offline"], default="auto",
                    help="auto: pretrained EnCodec if its weights can be had, else the offline tokenizer; encodec: "
                         "the pretrained one or an error; offline: random EnCodec weights + k-means codebook "
@@ -1059,7 +740,7 @@ def parse_args(argv=None):
 
 
 def list_sources(args) -> tuple:
-    """-> (sources, estimated seconds of audio, a description for meta.json); raises SystemExit when there is
+    """-> (sources, estimated seconds of audio, a description for meta.json); raises a UserError when there is
     nothing to read."""
     if args.dataset == "music":
         describe = {"dataset": "music", "corpus": "music21 corpus scores rendered with the TimGM6mb.sf2 General "
@@ -1067,7 +748,7 @@ def list_sources(args) -> tuple:
         passes = max(1, math.ceil(args.hours * PASS_MARGIN / MUSIC_PASS_HOURS))
         return music_passes(music_sources(args.seed), args.seed, passes), args.hours * 3600, describe
     if args.dataset == "speech":
-        folders = fetch_libritts(args.subsets, args.url_base, Path(args.data_root) / "downloads")
+        folders = fetch_libritts(args.subsets, Path(args.data_root) / "downloads")
         base = Path(args.data_root) / "downloads" / "LibriTTS"
         describe = {"dataset": "speech", "corpus": "LibriTTS " + " ".join(args.subsets)}
     else:
@@ -1120,7 +801,7 @@ def main(argv=None):
         with fast_cpu(args.device):  # the cores belong to the workers
             shards = encode_corpus(sources, work, tok, args, total_s)
         meta = assemble(shards, data_dir, tok, {**describe, "seed": args.seed, "hours_asked": args.hours})
-    except SystemExit:
+    except UserError:
         shutil.rmtree(work, ignore_errors=True)  # nothing usable: leave no files behind
         if not existed:
             shutil.rmtree(data_dir, ignore_errors=True)
@@ -1159,7 +840,4 @@ def summarise(meta: dict, data_dir: Path, seconds: float, workers: int):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:  # a user's mistake or the machine's limits: one line, no traceback (bugs keep theirs)
-        sys.exit(f"prepare.py: error: {e}")
+    run_script(main)

@@ -8,18 +8,17 @@ the tokens (.npy) and a PNG of the log-mel spectrogram with the prompt boundary 
 
 The hybrid needs the mel slice of every token it makes. They come from the model's own output: each new token
 is decoded to audio by the decoder of the tokenizer that made the data, run incrementally (StreamingDecoder:
-one token's work per step, and exactly the audio a decode of the whole output gives), and prepare.log_mel
+one token's work per step, and exactly the audio a decode of the whole output gives), and audio.log_mel
 reads the slice. --mel_window W instead decodes the newest W tokens from scratch every step: slower, and an
 approximation. Every hybrid run prints how far its slices are from those of the whole output decoded at once.
 The decoding runs in a process of its own (MelProcess), on one core while the model runs on another: the shift by
-2 means a token's own slice is first needed one step later, so the two overlap fully.
+2 means a token's own slice is first needed one step later, so the two overlap fully (generate below).
 """
 import argparse
-import contextlib
 import multiprocessing
 import os
-import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import matplotlib
 matplotlib.use("Agg")  # no display: write files only
@@ -27,15 +26,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import soundfile as sf
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import torchaudio.functional as AF
-from encodec.modules.conv import SConv1d, SConvTranspose1d, pad1d
-from encodec.modules.lstm import SLSTM
-from encodec.modules.seanet import SEANetResnetBlock
 
-import prepare
-from whisper_gpt import Parser, UserError, load_checkpoint, open_split
+from audio import (FRAME_RATE, HOP, SAMPLE_RATE, WIN, StreamingDecoder, load_tokenizer, log_mel, normalise_mel,
+                   read_meta, to_model_rate, without_onednn)
+from whisper_gpt import Parser, UserError, load_checkpoint, open_split, run_script
 
 
 def parse_args(argv=None):
@@ -72,8 +66,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.seconds <= 0 or args.prompt_seconds <= 0 or args.num_samples < 1:
         p.error("--seconds and --prompt_seconds must be positive and --num_samples at least 1")
-    if args.mel_window and args.mel_window < prepare.WIN // prepare.HOP:
-        p.error(f"--mel_window must be 0 or at least {prepare.WIN // prepare.HOP} tokens (one mel window)")
+    if args.mel_window and args.mel_window < WIN // HOP:
+        p.error(f"--mel_window must be 0 or at least {WIN // HOP} tokens (one mel window)")
     if args.temperature < 0:
         p.error(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
@@ -96,33 +90,30 @@ def load_run(out_dir, ckpt, device):
     if not os.path.isfile(path):
         other = "latest" if ckpt == "best" else "best"
         has_other = os.path.isfile(os.path.join(out_dir, f"ckpt_{other}.pt"))
-        raise prepare.MissingInput(f"no checkpoint at {path}: " + (
+        raise UserError(f"no checkpoint at {path}: " + (
             f"the run has ckpt_{other}.pt, so pass --ckpt {other}" if has_other else
             f"train one first (python whisper_gpt.py --out_dir {out_dir}) or pass the --out_dir of a run"))
     model, config, _ = load_checkpoint(path, device)
     model.eval()
     data_dir = config.data_dir or os.path.join("data", config.dataset)
-    meta = prepare.read_meta(data_dir)
-    tokenizer = prepare.load_tokenizer(data_dir, device)
+    meta = read_meta(data_dir)
+    tokenizer = load_tokenizer(data_dir, device)
     return model, config, data_dir, tokenizer, meta
 
 
 def read_audio(path, max_seconds):
     """An audio file -> (S,) float32 mono at 24 kHz, at most max_seconds, S a multiple of HOP."""
     if not os.path.isfile(path):
-        raise prepare.MissingInput(f"--prompt {path}: no such file")
+        raise UserError(f"--prompt {path}: no such file")
     try:
         wav, sr = sf.read(path, dtype="float32", always_2d=True)  # (S, channels)
     except sf.LibsndfileError as e:
-        raise prepare.BadInput(f"--prompt {path} is not audio that soundfile can read "
-                               f"({e.error_string.rstrip('.')}): give a wav, flac, ogg or mp3 file") from None
-    wav = torch.from_numpy(wav).mean(dim=1)  # (S,) mono
-    if sr != prepare.SAMPLE_RATE:
-        wav = AF.resample(wav, sr, prepare.SAMPLE_RATE)
-    n = min(len(wav), int(max_seconds * prepare.SAMPLE_RATE)) // prepare.HOP * prepare.HOP
+        raise UserError(f"--prompt {path} is not audio that soundfile can read "
+                        f"({e.error_string.rstrip('.')}): give a wav, flac, ogg or mp3 file") from None
+    wav = to_model_rate(wav, sr)  # (S,) mono at 24 kHz, whole tokens
+    n = min(len(wav), int(max_seconds * SAMPLE_RATE)) // HOP * HOP
     if n == 0:
-        raise prepare.BadInput(f"{path}: shorter than one token ({prepare.HOP} samples at 24 kHz): give a "
-                               f"longer --prompt")
+        raise UserError(f"{path}: shorter than one token ({HOP} samples at 24 kHz): give a longer --prompt")
     return wav[:n].contiguous()
 
 
@@ -130,25 +121,25 @@ def prompt_from_audio(wav, tokenizer, meta, device):
     """tokens (1, T) and normalised mel (1, T, 64) of read_audio's wav (S,), as prepare.py would have made them."""
     wav = wav.to(device)[None]  # (1, S)
     tokens = tokenizer.encode(wav)  # (1, T)
-    mel = prepare.normalise_mel(prepare.log_mel(wav), meta)  # (1, T, 64)
+    mel = normalise_mel(log_mel(wav), meta)  # (1, T, 64)
     return tokens, mel.float()
 
 
 def prompt_from_val(data_dir, meta, max_seconds, device, hybrid):
     """tokens (1, T) and mel (1, T, 64) (None unless hybrid) of a fixed crop of the val split: the middle of
     the first val file long enough (else the longest one): a crop never spans two files, every run gets it."""
-    n = int(max_seconds * prepare.FRAME_RATE)
+    n = int(max_seconds * FRAME_RATE)
     files = [f for f in meta["files"] if f["split"] == "val"]
     if not files:
-        raise prepare.BadInput(f"{data_dir}/meta.json lists no val files: pass --prompt some.wav")
+        raise UserError(f"{data_dir}/meta.json lists no val files: pass --prompt some.wav")
     f = next((f for f in files if f["frames"] >= n), max(files, key=lambda f: f["frames"]))
     n = min(n, f["frames"])
     start = f["offset"] + (f["frames"] - n) // 2
-    tokens, mel = open_split(data_dir, "val", hybrid)
+    tokens, mel = open_split(data_dir, "val", meta["n_mels"] if hybrid else 0)
     tokens = torch.from_numpy(tokens[start:start + n].astype(np.int64))[None].to(device)  # (1, T)
     if hybrid:
         mel = torch.from_numpy(mel[start:start + n].astype(np.float32))[None].to(device)  # (1, T, 64)
-    print(f"prompt: {n / prepare.FRAME_RATE:.2f} s from val file {f['path']} (tokens {start}..{start + n})",
+    print(f"prompt: {n / FRAME_RATE:.2f} s from val file {f['path']} (tokens {start}..{start + n})",
           flush=True)
     return tokens, mel
 
@@ -158,110 +149,7 @@ def prompt_from_val(data_dir, meta, max_seconds, device, hybrid):
 
 def decoded_mel(tokenizer, meta, tokens):
     """Normalised log-mel (B, T, 64) of the audio the tokenizer decodes tokens (B, T) to: the reference path."""
-    return prepare.normalise_mel(prepare.log_mel(tokenizer.decode(tokens)), meta).float()
-
-
-class StreamingDecoder:
-    """EnCodec's causal SEANet decoder run incrementally, exactly: each layer keeps the past it needs (a causal
-    conv its last (k-1)*d inputs, a transposed conv the tail of its overlap-add, the LSTM its state), so feeding
-    tokens in pieces gives the audio that tokenizer.decode gives for all of them at once, at one token's cost.
-    The layers are wrapped once, here; a step then calls torch directly, with no per-call dispatch on types."""
-
-    def __init__(self, tokenizer):
-        self.codebook = tokenizer.codebook  # (VOCAB, 128): token -> the latent the decoder reads
-        decoder = prepare.encodec_skeleton().decoder.to(tokenizer.device).eval()  # a copy to change:
-        decoder.load_state_dict(tokenizer.model.decoder.state_dict())
-        for m in decoder.modules():  # fold weight norm into the weights once, not at every call
-            if hasattr(m, "weight_g"):
-                torch.nn.utils.remove_weight_norm(m)
-        self.layers = [streamed(m) for m in decoder.model]
-
-    @torch.inference_mode()
-    def __call__(self, tokens):
-        """tokens (B, n) that follow the ones fed before -> their audio (B, n * HOP)."""
-        x = self.codebook[tokens].transpose(1, 2)  # (B, 128, n)
-        for layer in self.layers:
-            x = layer(x)
-        return x[:, 0]
-
-
-def streamed(m):
-    """A decoder layer as a function of its new frames x (B, C, L) that keeps the past it needs."""
-    if isinstance(m, SConv1d):
-        return StreamedConv(m.conv.conv, m.pad_mode)
-    if isinstance(m, SConvTranspose1d):
-        return StreamedConvTranspose(m.convtr.convtr)
-    if isinstance(m, SLSTM):
-        return StreamedLSTM(m.lstm, m.skip)
-    if isinstance(m, SEANetResnetBlock):
-        shortcut, block = streamed(m.shortcut), [streamed(b) for b in m.block]
-        def residual(x):
-            y = x
-            for layer in block:
-                y = layer(y)
-            return shortcut(x) + y
-        return residual
-    if isinstance(m, (nn.ELU, nn.Identity)):
-        return m
-    raise TypeError(f"no streaming rule for {type(m).__name__}: a decoder this file does not know")
-
-
-@contextlib.contextmanager
-def without_onednn():
-    """Plain CPU kernels instead of oneDNN's, which set each call up: worth it for big inputs, not for one token."""
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled
-
-
-class StreamedConv:
-    """A causal conv (stride 1): each call sees the last (k-1)*d frames of the one before."""
-
-    def __init__(self, conv, pad_mode):
-        assert conv.stride[0] == 1, "the SEANet decoder's convs have stride 1"
-        self.weight, self.bias, self.dilation = conv.weight, conv.bias, conv.dilation[0]
-        self.context = (conv.kernel_size[0] - 1) * self.dilation
-        self.pad_mode, self.past = pad_mode, None
-
-    def __call__(self, x):
-        if self.context:  # the first call pads as SConv1d does (reflection at the very start)
-            x = pad1d(x, (self.context, 0), mode=self.pad_mode) if self.past is None else torch.cat([self.past, x], -1)
-            self.past = x[..., -self.context:]
-        return F.conv1d(x, self.weight, self.bias, dilation=self.dilation)
-
-
-class StreamedConvTranspose:
-    """A transposed conv (kernel k, stride s): the last k - s samples of a call's output overlap the next
-    call's first ones, so they are held back and added in then (their bias counted once)."""
-
-    def __init__(self, conv):
-        self.weight, self.bias, self.stride = conv.weight, conv.bias, conv.stride[0]
-        self.overlap = conv.kernel_size[0] - self.stride
-        self.tail = None
-
-    def __call__(self, x):
-        y = F.conv_transpose1d(x, self.weight, self.bias, stride=self.stride)  # (B, C, (L - 1) * s + k)
-        if self.tail is not None:
-            y = torch.cat([y[..., :self.overlap] + self.tail - self.bias[:, None], y[..., self.overlap:]], dim=-1)
-        n = x.size(-1) * self.stride
-        self.tail = y[..., n:]
-        return y[..., :n]
-
-
-class StreamedLSTM:
-    """SLSTM (an LSTM over time, plus its input when skip) carrying its state from call to call."""
-
-    def __init__(self, lstm, skip):
-        self.lstm, self.skip, self.state = lstm, skip, None
-
-    def __call__(self, x):
-        seq = x.permute(2, 0, 1)  # (L, B, C)
-        with without_onednn():  # oneDNN's LSTM takes ~9 ms for one step on a CPU, plain ~1 ms
-            y, self.state = self.lstm(seq, self.state)
-        return (y + seq).permute(1, 2, 0) if self.skip else y.permute(1, 2, 0)
+    return normalise_mel(log_mel(tokenizer.decode(tokens)), meta).float()
 
 
 class DecodedMel:
@@ -280,10 +168,10 @@ class DecodedMel:
             recent = self.tokenizer.decode(tokens[:, -self.window:])  # (B, W * HOP)
         else:
             self.feed(tokens)
-            recent = torch.cat(self.pieces[-prepare.WIN // prepare.HOP:], dim=1)  # (B, >= WIN) past the start
+            recent = torch.cat(self.pieces[-WIN // HOP:], dim=1)  # (B, >= WIN) past the start
         # only the last WIN samples enter the last slice: the mel of those alone, its last row
-        mel = prepare.log_mel(recent[:, -prepare.WIN:])  # (B, <= 3, 64)
-        last = prepare.normalise_mel(mel[:, -1], self.meta).float()  # (B, 64)
+        mel = log_mel(recent[:, -WIN:])  # (B, <= 3, 64)
+        last = normalise_mel(mel[:, -1], self.meta).float()  # (B, 64)
         self.slices[tokens.size(1) - 1] = last
         return last
 
@@ -313,7 +201,7 @@ def serve_mel(conn, data_dir, meta, window, threads, device):
     try:
         torch.set_num_threads(threads)
         torch.set_flush_denormal(True)
-        mel_fn = DecodedMel(prepare.load_tokenizer(data_dir, device), meta, window)
+        mel_fn = DecodedMel(load_tokenizer(data_dir, device), meta, window)
         conn.send((True, mel_fn.tokenizer.name))
     except Exception as e:  # the parent raises it: a worker that cannot start must not hang the run
         conn.send((False, f"{type(e).__name__}: {e}"))
@@ -332,7 +220,7 @@ class MelProcess:
     """DecodedMel in a process of its own, so that decoding runs on one core while the model runs on another.
     In a thread the two mostly take turns: both are hundreds of small torch ops a token, and the Python side of
     every op holds the GIL. Same methods and same results as DecodedMel; the worker loads the tokenizer itself
-    (prepare.load_tokenizer on the run's data folder), so it decodes with the model that made the data."""
+    (load_tokenizer on the run's data folder), so it decodes with the model that made the data."""
 
     def __init__(self, data_dir, meta, window=0, threads=1, device="cpu"):
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: forking a process that has run torch's
@@ -364,7 +252,7 @@ class MelProcess:
 
     def submit(self, tokens):
         """Start the slice of the newest token and return at once; .result() of what comes back waits for it.
-        generate() uses this instead of a thread: the pipe is the queue, and the model keeps the GIL to itself."""
+        generate uses this instead of a thread: the pipe is the queue, and the model keeps the GIL to itself."""
         self.send("__call__", tokens)
         return self  # one request is in flight at a time, so its answer is the next reply
 
@@ -392,7 +280,7 @@ class MelProcess:
 
 def write_wav(path, audio):
     tmp = path + ".tmp.wav"  # soundfile picks the format from the suffix
-    sf.write(tmp, audio, prepare.SAMPLE_RATE, subtype="FLOAT")
+    sf.write(tmp, audio, SAMPLE_RATE, subtype="FLOAT")
     os.replace(tmp, path)
 
 
@@ -405,7 +293,7 @@ def write_npy(path, array):
 def write_spectrogram(path, mel, boundary_s, title):
     """mel (T, 64) log-mel, not normalised -> PNG with time in seconds and the prompt boundary drawn."""
     fig, ax = plt.subplots(figsize=(10, 3.2), dpi=100)
-    seconds = mel.shape[0] / prepare.FRAME_RATE
+    seconds = mel.shape[0] / FRAME_RATE
     im = ax.imshow(mel.T, origin="lower", aspect="auto", extent=(0, seconds, 0, mel.shape[1]), cmap="magma")
     ax.axvline(boundary_s, color="cyan", linewidth=1.5, label=f"prompt ends ({boundary_s:.2f} s)")
     ax.set_xlabel("time (s)")
@@ -424,14 +312,14 @@ def write_samples(sample_dir, idx, audio, n_prompt, title):
     """Per sample i: sample_i.wav (prompt + continuation), sample_i.npy (all tokens; the first n_prompt are
     the prompt's) and sample_i.png."""
     os.makedirs(sample_dir, exist_ok=True)
-    boundary_s = n_prompt / prepare.FRAME_RATE
-    mels = prepare.log_mel(audio).cpu().numpy()  # (B, T, 64)
+    boundary_s = n_prompt / FRAME_RATE
+    mels = log_mel(audio).cpu().numpy()  # (B, T, 64)
     for i in range(idx.size(0)):
         stem = os.path.join(sample_dir, f"sample_{i}")
         write_wav(stem + ".wav", audio[i].cpu().numpy())
         write_npy(stem + ".npy", idx[i].cpu().numpy().astype(np.uint16))  # as the memmaps
         write_spectrogram(stem + ".png", mels[i], boundary_s, title)
-        print(f"sample {i}: {stem}.wav ({audio.size(1) / prepare.SAMPLE_RATE:.2f} s; prompt ends at "
+        print(f"sample {i}: {stem}.wav ({audio.size(1) / SAMPLE_RATE:.2f} s; prompt ends at "
               f"{boundary_s:.2f} s = token {n_prompt}), {stem}.npy, {stem}.png", flush=True)
 
 
@@ -448,8 +336,11 @@ def generate(model, tokenizer, meta, tokens, mel, n_new, args, mel_fn=None):
     t0 = time.perf_counter()
     # oneDNN sets each call up (~15 us for the GELU of 256 numbers): at one token a step that costs more than the
     # arithmetic, and the one-token step runs ~10% faster on the plain CPU kernels
-    with without_onednn():
-        idx = model.generate(tokens, n_new, mel=mel if hybrid else None, mel_fn=mel_fn,
+    with without_onednn(), ThreadPoolExecutor(max_workers=1) as pool:
+        # The newest token's slice is first read one step later (the shift by 2), so it is made while the model
+        # runs: by the worker process (MelProcess.submit) or else on a thread (started only when first used)
+        submit = getattr(mel_fn, "submit", None) or (lambda idx: pool.submit(mel_fn, idx))
+        idx = model.generate(tokens, n_new, mel=mel if hybrid else None, mel_fn=submit if hybrid else None,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generators)
     if hybrid and not args.mel_window:
         mel_fn.feed(idx)  # the stream has decoded all but the last token already
@@ -461,10 +352,12 @@ def generate(model, tokenizer, meta, tokens, mel, n_new, args, mel_fn=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    # EnCodec's decoder runs many times slower on denormal floats on a CPU. The flag belongs to a thread, and the
+    # threads torch makes from now on copy it.
+    torch.set_flush_denormal(True)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    torch.set_flush_denormal(True)  # EnCodec's decoder runs many times slower on denormal floats on a CPU
     prompt = read_audio(args.prompt, args.prompt_seconds) if args.prompt else None  # a bad one fails before loading
     model, config, data_dir, tokenizer, meta = load_run(args.out_dir, args.ckpt, args.device)
     run = os.path.basename(os.path.normpath(args.out_dir))
@@ -487,29 +380,26 @@ def continue_prompt(args, prompt, model, config, data_dir, tokenizer, meta, run,
               flush=True)
     if prompt is not None:
         tokens, mel = prompt_from_audio(prompt, tokenizer, meta, args.device)
-        print(f"prompt: {tokens.size(1) / prepare.FRAME_RATE:.2f} s of {args.prompt}", flush=True)
+        print(f"prompt: {tokens.size(1) / FRAME_RATE:.2f} s of {args.prompt}", flush=True)
     else:
         tokens, mel = prompt_from_val(data_dir, meta, args.prompt_seconds, args.device, config.hybrid)
-    B, n_prompt, n_new = args.num_samples, tokens.size(1), round(args.seconds * prepare.FRAME_RATE)
+    B, n_prompt, n_new = args.num_samples, tokens.size(1), round(args.seconds * FRAME_RATE)
     tokens, mel = tokens.expand(B, -1), None if mel is None else mel.expand(B, -1, -1)
     idx, audio, mel_fn, seconds = generate(model, tokenizer, meta, tokens, mel, n_new, args, mel_fn)
     if args.bench:
         where = f", mel worker: {args.mel_worker}" if config.hybrid else ""
         print(f"bench {run}: {B} x {n_new} tokens in {seconds:.2f} s, audio decoding included, "
               f"{torch.get_num_threads()} model threads{where} | {B * n_new / seconds:.1f} tokens/s | realtime factor "
-              f"{B * n_new / prepare.FRAME_RATE / seconds:.2f} (above 1 is faster than realtime)", flush=True)
+              f"{B * n_new / FRAME_RATE / seconds:.2f} (above 1 is faster than realtime)", flush=True)
     if mel_fn is not None:
         mean, worst, n = mel_fn.error_against(decoded_mel(tokenizer, meta, idx))
         how = f"last {args.mel_window} tokens decoded per step" if args.mel_window else "streamed decoder"
         print(f"hybrid mel slices ({how}) against the whole output decoded at once: mean |diff| {mean:.2e}, "
               f"max {worst:.2e} (normalised units, {n} generated slices)", flush=True)
-    title = (f"{run}: {n_prompt / prepare.FRAME_RATE:.2f} s prompt + {n_new / prepare.FRAME_RATE:.2f} s generated "
+    title = (f"{run}: {n_prompt / FRAME_RATE:.2f} s prompt + {n_new / FRAME_RATE:.2f} s generated "
              f"(tokenizer {tokenizer.name})")
     write_samples(args.sample_dir or args.out_dir, idx, audio, n_prompt, title)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:  # a user's mistake: one line saying what to do, no traceback (bugs keep theirs)
-        sys.exit(f"sample.py: error: {e}")
+    run_script(main)

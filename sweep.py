@@ -22,7 +22,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from whisper_gpt import UserError
+from whisper_gpt import UserError, run_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEEDS = (1337, 1338, 1339)  # the default seed and two more: --seed sets the initialisation and the crops
@@ -147,7 +147,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:  # a user's mistake: one line naming it; a bug keeps its traceback
-        sys.exit(f"sweep.py: error: {e}")
+    run_script(main)

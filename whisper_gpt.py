@@ -1,14 +1,15 @@
 """
 Whisper-GPT (Verma, 2024) in one file: the token-only GPT baselines (GPT-S, GPT-L), the hybrid that feeds a
 causal mel-spectrogram stack beside the EnCodec token embedding, and the training loop that trains them by the
-paper's recipe.
+paper's recipe. The model comes first, then the data, the evaluation and the training loop; the command line
+and the handling of a user's mistakes are at the bottom.
 
     python whisper_gpt.py --dataset music                     # GPT-S, the paper's baseline (the defaults)
     python whisper_gpt.py --dataset music --hybrid --n_embd 64 # the hybrid: 32 token + 32 mel
     python whisper_gpt.py --dataset music --n_embd 256 --n_head 16   # GPT-L
     torchrun --nproc_per_node 8 whisper_gpt.py ...            # DDP, one process per GPU
 
-Importing this file has no side effects: tests and sample.py import the model from it.
+Importing this file has no side effects: tests, sample.py and bench.py import the model from it.
 """
 import argparse
 import dataclasses
@@ -20,7 +21,6 @@ import pickle
 import re
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 @dataclass
 class Config:
     # model (the defaults are the paper's baseline GPT-S, section 3.1)
-    vocab_size: int = 1024  # EnCodec 24 kHz codebook 0
+    vocab_size: int = 1024  # EnCodec 24 kHz codebook 0; read from the data's meta.json, not a flag
     block_size: int = 750  # context in tokens: 10 s at 75 tokens/s
     n_layer: int = 8  # decoder blocks of the main stack
     n_head: int = 8  # attention heads per block (GPT-L: 16)
@@ -44,7 +44,7 @@ class Config:
     dense: int = 2048  # the dense layer between the last block and the 1024-way output
     dropout: float = 0.0  # the paper is silent; none
     hybrid: bool = False  # add the causal mel stack beside the token embedding (the paper's hybrid)
-    n_mel: int = 64  # mel bins per slice
+    n_mel: int = 64  # mel bins per slice; read from the data's meta.json, not a flag
     mel_hidden: int = 2048  # per-slice MLP: n_mel -> mel_hidden -> n_embd // 2
     mel_layer: int = 6  # causal layers of the "Whisper-decoder" mel stack
     mel_head: int = 4  # the paper is silent; 4 heads keep GPT-S's head size of 8
@@ -76,13 +76,11 @@ class Config:
     dtype: str = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # autocast
     compile: bool = False  # torch.compile the model (checkpoints still hold the plain module)
     seed: int = 1337  # model init and the crops of every step
-    bench: bool = False  # time bench_steps steps on random data and print tokens/s (and MFU on a GPU)
-    bench_steps: int = 20  # steps timed by --bench, after 3 warm-up steps
-    bench_reference: bool = False  # with --bench: time the textbook nn.TransformerEncoder GPT instead
 
 
 MODEL_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dense", "dropout", "hybrid",
                 "n_mel", "mel_hidden", "mel_layer", "mel_head")
+FROM_DATA = ("vocab_size", "n_mel")  # fixed by the data (meta.json), so no flags
 
 
 def model_name(c):
@@ -91,91 +89,6 @@ def model_name(c):
         return "hybrid"
     shape = (c.n_layer, c.n_head, c.n_embd)
     return {(8, 8, 64): "GPT-S", (8, 16, 256): "GPT-L"}.get(shape, "custom")
-
-
-def validate(c):
-    """Raise one clear error for an impossible combination of flags."""
-    if c.n_embd % c.n_head:
-        raise ConfigError(f"--n_embd {c.n_embd} is not divisible by --n_head {c.n_head}: pick a width that is")
-    if c.hybrid:
-        if c.n_embd % 2:
-            raise ConfigError(f"--hybrid needs an even --n_embd (half token, half mel); got {c.n_embd}")
-        if (c.n_embd // 2) % c.mel_head:
-            raise ConfigError(f"the mel stack width {c.n_embd // 2} is not divisible by --mel_head {c.mel_head}")
-    if c.init_from not in ("scratch", "resume"):
-        raise ConfigError(f"--init_from must be 'scratch' or 'resume', not {c.init_from!r}")
-    if c.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"--dtype must be float32, bfloat16 or float16, not {c.dtype!r}")
-    for name in ("block_size", "n_layer", "batch_size", "epochs", "vocab_size", "bench_steps"):
-        if getattr(c, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1, got {getattr(c, name)}")
-    for name in ("micro_batch", "log_interval", "eval_interval", "max_iters", "eval_windows", "final_windows"):
-        if getattr(c, name) < 0:
-            raise ConfigError(f"--{name} must be 0 or more, got {getattr(c, name)}")
-    if c.lr <= 0:
-        raise ConfigError(f"--lr must be positive, got {c.lr}")
-    if not 0 <= c.lr_drop_at <= 1:
-        raise ConfigError(f"--lr_drop_at is a fraction of the run, between 0 and 1; got {c.lr_drop_at}")
-
-
-class UserError(Exception):
-    """A user's mistake (a flag, a missing file): the command line prints it as one line, with no traceback.
-    prepare.py and sample.py raise it too."""
-
-
-class ConfigError(UserError, ValueError):
-    pass
-
-
-class MissingFile(UserError, FileNotFoundError):
-    pass
-
-
-class RunExists(UserError, FileExistsError):
-    pass
-
-
-class CorruptFile(UserError):
-    pass
-
-
-def load_torch_file(path, device="cpu"):
-    """torch.load with weights_only=True: tensors and plain types only, so no code in the file ever runs. A file
-    that is not a whole torch file (a truncated copy, another format, a pickle holding code) is one clear error."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
-        reason = re.split(r"\.\s", str(e).strip())[0][:150] or type(e).__name__  # torch's first sentence
-        raise CorruptFile(f"{path} is not a whole torch file of tensors ({reason}): copy or make it again") from e
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (what is wrong, and where the help is), not usage + error."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def field_help():
-    """{field: the comment beside it in Config}: each flag's --help text, written once, next to its default."""
-    return dict(re.findall(r"^ {4}(\w+): [^\n]*?#\s*(.+)$", inspect.getsource(Config), re.MULTILINE))
-
-
-def parse_args(argv=None):
-    """Config from the command line: one flag per field of Config, e.g. --n_embd 64 --hybrid."""
-    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    helps = field_help()
-    for f in dataclasses.fields(Config):
-        if f.type is bool or isinstance(f.default, bool):
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
-                                help=helps[f.name])
-        else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=helps[f.name])
-    c = Config(**vars(parser.parse_args(argv)))
-    c.data_dir = c.data_dir or os.path.join("data", c.dataset)
-    c.out_dir = c.out_dir or f"out-{model_name(c).lower()}-{c.dataset}"
-    validate(c)
-    return c
 
 
 # -----------------------------------------------------------------------------
@@ -200,7 +113,6 @@ class KVCache:
         self.v = [None] * n_layers
         self.size = size
         self.pos = 0  # tokens already in the cache = the position of the next token
-        self.mel_last = None  # (B, 1, n_mel): the newest mel slice, the mel stack's input at the next position
 
     def update(self, layer, k, v):
         """Store k, v (B, n_head, T, head_dim) of the T new positions; return those of all positions so far."""
@@ -345,25 +257,20 @@ class WhisperGPT(nn.Module):
     def forward(self, idx, mel=None, targets=None, cache=None):
         """idx (B, T) tokens; mel (B, T, n_mel) slices aligned with idx (slice t covers token t's audio);
         targets (B, T) = idx shifted by one. Returns logits (B, T, vocab) and the mean NLL (or None).
-
-        Position t sees tokens 0..t and mel slices 0..t-1 and predicts token t+1: the paper's "shift by 2"
-        (the newest two slices, t and t+1, are never seen). With a cache, idx and mel hold only new positions."""
+        With a cache, idx holds only the positions after the cached ones and mel the slices of all positions
+        from the first; the newest slice may be missing, as it is never read."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"{start + T} positions exceed block_size {self.config.block_size}")
-        x = self.wte(idx) + self.pos[start:start + T]  # (B, T, tok_width)
+        x = self.wte(idx) + self.pos[start:start + T]  # (B, T, tok_width): the token half
         if self.config.hybrid:
-            if mel is None and cache is not None and cache.mel_last is not None and T == 1:
-                mel_in = cache.mel_last  # one new token: its input is the slice before it (generate's fast path)
-            elif mel is None or mel.shape[:2] != idx.shape:
+            if mel is None or mel.size(0) != B or mel.size(1) < start + T - 1:
                 raise ValueError("the hybrid needs mel (B, T, n_mel) aligned with idx (B, T)")
-            else:  # shift the slices one step right: row t of the stack's input is slice t-1, row 0 is zeros
-                first = torch.zeros_like(mel[:, :1]) if cache is None or cache.mel_last is None else cache.mel_last
-                mel_in = torch.cat([first, mel[:, :-1]], dim=1)  # (B, T, n_mel)
-                if cache is not None:
-                    cache.mel_last = mel[:, -1:]
-            x = torch.cat([x, self.mel(mel_in, cache, self.config.n_layer)], dim=-1)  # (B, T, n_embd)
+            # The paper's "shift by 2": position t predicts token t+1 and sees mel slices 0..t-1, never slice t
+            # or later. So the mel stack reads the slices one step late, behind a zero slice at position 0.
+            mel_in = F.pad(mel, (0, 0, 1, 0))[:, start:start + T]  # (B, T, n_mel): row t is slice t-1
+            x = torch.cat([x, self.mel(mel_in, cache, self.config.n_layer)], dim=-1)  # (B, T, n_embd): token | mel
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
@@ -380,39 +287,31 @@ class WhisperGPT(nn.Module):
                  use_cache=True, generator=None):
         """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
 
-        Hybrid: mel (B, T, n_mel) holds the prompt's slices and mel_fn(tokens (B, n)) -> (B, n_mel) gives the
-        slice of the newest token, from audio the model itself made. It runs on a worker thread while the model
-        runs, unless mel_fn has its own submit(tokens) -> a future (sample.py's MelProcess: another process).
-        generator: one torch.Generator, or a list of one per row, so that a batch draws exactly what its rows
-        would draw one by one.
+        Hybrid: mel (B, T, n_mel) holds the prompt's slices, and mel_fn(idx) gives the newest token's slice
+        (B, n_mel), from audio the model itself made, or a future of it (anything with .result()). By the
+        shift by 2 that slice is first read one step later, so it can be made while the model runs (sample.py
+        does so). generator: one torch.Generator, or a list of one per row, so that a batch draws exactly what
+        its rows would draw one by one.
 
         The model was trained on windows of block_size tokens starting at position 0. When the output outgrows
         that, the window slides: it restarts on the newest block_size // 2 tokens (the paper is silent). The
         cached and uncached paths see exactly the same window, so they give the same tokens."""
         c = self.config
-        keep = c.block_size // 2
         start = max(0, idx.size(1) - c.block_size)  # first token of the window the model sees
-        cache, pending = None, None  # pending: the newest token's mel slice, on its way from mel_fn
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            submit = getattr(mel_fn, "submit", None) or (lambda tokens: pool.submit(mel_fn, tokens))
-            for step in range(max_new_tokens):
-                if idx.size(1) - start > c.block_size:
-                    start, cache = idx.size(1) - keep, None
-                if use_cache and cache is not None:
-                    # Only the newest token is new. Its own mel slice first matters at the next position (the
-                    # shift by 2), so mel_fn computes it meanwhile, on another thread or process.
-                    logits, _ = self(idx[:, -1:], cache=cache)
-                    if pending is not None:
-                        mel = torch.cat([mel, pending.result().to(mel)[:, None, :]], dim=1)
-                        cache.mel_last = mel[:, -1:]
-                else:  # prefill (or every step, uncached): the window's tokens and all their slices
-                    if pending is not None:
-                        mel = torch.cat([mel, pending.result().to(mel)[:, None, :]], dim=1)
-                    cache = self.new_cache() if use_cache else None
-                    logits, _ = self(idx[:, start:], mel[:, start:] if c.hybrid else None, cache=cache)
-                next_token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
-                idx = torch.cat([idx, next_token], dim=1)
-                pending = submit(idx) if c.hybrid and step < max_new_tokens - 1 else None
+        cache, pending = None, None  # pending: the newest token's slice, on its way from mel_fn
+        for step in range(max_new_tokens):
+            if idx.size(1) - start > c.block_size:
+                start, cache = idx.size(1) - c.block_size // 2, None
+            if use_cache and cache is None:
+                cache = self.new_cache()
+            done = cache.pos if cache is not None else 0  # window positions already in the cache
+            logits, _ = self(idx[:, start + done:], mel[:, start:] if c.hybrid else None, cache=cache)
+            if pending is not None:
+                new = pending.result() if hasattr(pending, "result") else pending  # (B, n_mel)
+                mel = torch.cat([mel, new.to(mel)[:, None, :]], dim=1)
+            next_token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
+            idx = torch.cat([idx, next_token], dim=1)
+            pending = mel_fn(idx) if c.hybrid and step < max_new_tokens - 1 else None
         return idx
 
 
@@ -438,10 +337,11 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 def load_checkpoint(path, device="cpu"):
     """Rebuild the model from a checkpoint alone. Returns (model, config, checkpoint dict)."""
     if not os.path.isfile(path):
-        raise MissingFile(f"no checkpoint at {path}: train into that folder first "
-                          f"(python whisper_gpt.py --out_dir {os.path.dirname(path) or '.'})")
+        raise UserError(f"no checkpoint at {path}: train into that folder first "
+                        f"(python whisper_gpt.py --out_dir {os.path.dirname(path) or '.'})")
     ckpt = load_torch_file(path, device)
-    config = Config(**ckpt["config"])
+    fields = {f.name for f in dataclasses.fields(Config)}  # a field this file does not know is dropped
+    config = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
     model = WhisperGPT(config).to(device)
     model.load_state_dict(ckpt["model"])
     return model, config, ckpt
@@ -455,64 +355,42 @@ def save_checkpoint(path, obj):
 
 
 # -----------------------------------------------------------------------------
-# Data: random crops from the memmaps of prepare.py, and the fixed validation windows.
+# Data: random crops of the memmaps prepare.py made (check_data, at the bottom, checks them first); the fixed
+# validation windows.
 
 
-def open_split(data_dir, split, hybrid):
-    """(tokens (N,) uint16, mel (N, 64) float16 or None) as memmaps. Opened anew per batch, as nanoGPT does,
-    because a long-lived np.memmap keeps every page it ever touched resident."""
+def open_split(data_dir, split, n_mel=0):
+    """(tokens (N,) uint16, mel (N, n_mel) float16, or None when n_mel is 0) of a split, as memmaps. Opened anew
+    per batch, as nanoGPT does, because a long-lived np.memmap keeps every page it ever touched resident."""
     tokens = np.memmap(os.path.join(data_dir, f"{split}_tokens.bin"), dtype=np.uint16, mode="r")
     mel = None
-    if hybrid:
+    if n_mel:
         mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16, mode="r")
-        mel = mel.reshape(-1, Config.n_mel)
+        mel = mel.reshape(-1, n_mel)  # (N, n_mel)
     return tokens, mel
 
 
-def check_data(c):
-    """Fail at once, with what to do, when the data folder cannot serve this config."""
-    if not os.path.isfile(os.path.join(c.data_dir, "meta.json")):
-        raise MissingFile(f"no prepared data in {c.data_dir}: run python prepare.py --dataset {c.dataset}")
-    for split in ("train", "val"):
-        names = [f"{split}_tokens.bin"] + ([f"{split}_mel.bin"] if c.hybrid else [])
-        for name in names:
-            if not os.path.isfile(os.path.join(c.data_dir, name)):
-                raise MissingFile(f"{c.data_dir} has no {name}" +
-                                  (": --hybrid needs the mel memmaps of prepare.py" if "mel" in name else ""))
-        tokens, mel = open_split(c.data_dir, split, c.hybrid)
-        if len(tokens) < c.block_size + 1:
-            raise ConfigError(f"the {split} split has {len(tokens)} tokens, fewer than a crop of --block_size "
-                              f"{c.block_size} + 1: use a smaller --block_size or prepare more audio")
-        if mel is not None and len(mel) != len(tokens):
-            raise ConfigError(f"{split}: {len(tokens)} tokens but {len(mel)} mel rows; re-run prepare.py")
-    with open(os.path.join(c.data_dir, "meta.json")) as f:
-        return json.load(f)
-
-
-def to_device(arrays, device):
-    """numpy arrays -> tensors on device; pinned memory and non-blocking copies on a GPU."""
-    out = []
-    for a in arrays:
-        t = torch.from_numpy(a)
-        out.append(t.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else t.to(device))
-    return out
-
-
 def get_batch(c, it, rank=0, world=1):
-    """This process's share of step it's random crops: x (B, T), y (B, T) shifted by one, mel (B, T, 64) or None,
-    with B = batch_size // world. The batch_size offsets of a step come from a generator seeded by (seed, step)
-    and process r takes the r-th slice of them, so a run draws the same crops at any world size, and a resumed
-    run the same crops as an unbroken one. Crops may straddle two files of the memmap, as nanoGPT's do."""
-    tokens, mel = open_split(c.data_dir, "train", c.hybrid)
+    """This process's share of step it's random crops, as crops() makes them, batch_size // world of them. The
+    batch_size offsets of a step come from a generator seeded by (seed, step) and process r takes the r-th slice
+    of them, so a run draws the same crops at any world size, and a resumed run the same crops as an unbroken
+    one. Crops may straddle two files of the memmap, as nanoGPT's do."""
+    tokens, mel = open_split(c.data_dir, "train", c.n_mel if c.hybrid else 0)
     share = c.batch_size // world
     ix = np.random.default_rng([c.seed, it]).integers(0, len(tokens) - c.block_size, size=c.batch_size)
-    ix = ix[rank * share:(rank + 1) * share]
+    return crops(c, tokens, mel, ix[rank * share:(rank + 1) * share])
+
+
+def crops(c, tokens, mel, ix):
+    """The crops at offsets ix: x (B, T) int64, y (B, T) = x shifted by one, and mel (B, T, n_mel) float32 or
+    None, on the device (through pinned memory, without waiting, on a GPU)."""
     x = np.stack([tokens[i:i + c.block_size] for i in ix]).astype(np.int64)
     y = np.stack([tokens[i + 1:i + 1 + c.block_size] for i in ix]).astype(np.int64)
-    if not c.hybrid:
-        return (*to_device([x, y], c.device), None)
-    m = np.stack([mel[i:i + c.block_size] for i in ix]).astype(np.float32)
-    return to_device([x, y, m], c.device)
+    m = None if mel is None else np.stack([mel[i:i + c.block_size] for i in ix]).astype(np.float32)
+    if c.device.startswith("cuda"):
+        return [None if a is None else torch.from_numpy(a).pin_memory().to(c.device, non_blocking=True)
+                for a in (x, y, m)]
+    return [None if a is None else torch.from_numpy(a).to(c.device) for a in (x, y, m)]
 
 
 def val_windows(n_tokens, block_size, limit=0):
@@ -541,7 +419,7 @@ def evaluate(model, c, limit, ctx, rank=0, world=1):
     than another would meet them at a different one (a hang). Process r takes windows r, r + world, ...; each
     window's sums go into its own row of one table, and a single all_reduce of that table (made by every
     process, whatever its share) gives every process the same numbers as one process."""
-    tokens, mel = open_split(c.data_dir, "val", c.hybrid)
+    tokens, mel = open_split(c.data_dir, "val", c.n_mel if c.hybrid else 0)
     starts = val_windows(len(tokens), c.block_size, limit)
     sums = torch.zeros(len(starts), 2, device=c.device, dtype=torch.float64)  # per window: nll sum, correct
     mine = np.arange(rank, len(starts), world)
@@ -549,13 +427,9 @@ def evaluate(model, c, limit, ctx, rank=0, world=1):
     model.eval()
     for b in range(0, len(mine), c.batch_size):
         rows = mine[b:b + c.batch_size]
-        ix = starts[rows]
-        x = np.stack([tokens[i:i + c.block_size] for i in ix]).astype(np.int64)
-        y = np.stack([tokens[i + 1:i + 1 + c.block_size] for i in ix]).astype(np.int64)
-        arrays = [x, y] + ([np.stack([mel[i:i + c.block_size] for i in ix]).astype(np.float32)] if c.hybrid else [])
-        x, y, *m = to_device(arrays, c.device)
+        x, y, m = crops(c, tokens, mel, starts[rows])
         with ctx:
-            logits, _ = model(x, m[0] if m else None)
+            logits, _ = model(x, m)
         logits = logits.float()
         nll = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (B, T)
         rows = torch.from_numpy(rows).to(c.device)
@@ -613,12 +487,12 @@ def setup_distributed(c):
 def micro_batches(c, world):
     """(crops per forward pass, forward passes per step) of one process; one clear error when they do not fit."""
     if c.batch_size % world:
-        raise ConfigError(f"--batch_size {c.batch_size} (crops per step in all) does not divide among {world} "
-                          f"processes: use a multiple of {world}")
+        raise UserError(f"--batch_size {c.batch_size} (crops per step in all) does not divide among {world} "
+                        f"processes: use a multiple of {world}")
     share = c.batch_size // world
     micro = c.micro_batch or share
     if share % micro:
-        raise ConfigError(f"--micro_batch {micro} does not divide a process's {share} crops: use a divisor of {share}")
+        raise UserError(f"--micro_batch {micro} does not divide a process's {share} crops: use a divisor of {share}")
     return micro, share // micro
 
 
@@ -643,13 +517,17 @@ def train(c):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if c.init_from == "scratch" and not c.eval_only and os.path.isfile(os.path.join(c.out_dir, "ckpt_latest.pt")):
-        raise RunExists(f"{c.out_dir} already holds a run: continue it with --init_from resume, or pass "
+        raise UserError(f"{c.out_dir} already holds a run: continue it with --init_from resume, or pass "
                         "another --out_dir (nothing was overwritten)")
     micro, accum = micro_batches(c, world)
     ckpt = None
     if c.init_from == "resume" or c.eval_only:  # the model is the checkpoint's; flags may change the schedule only
         path = os.path.join(c.out_dir, "ckpt_best.pt" if c.eval_only else "ckpt_latest.pt")
         model, saved, ckpt = load_checkpoint(path, c.device)
+        ignored = [f"--{name} {getattr(c, name)} (the checkpoint's: {getattr(saved, name)})" for name in MODEL_FIELDS
+                   if getattr(c, name) not in (getattr(saved, name), getattr(Config, name))]  # set, and ignored
+        if ignored and master:
+            say(f"{path} fixes the model, so these flags are ignored: {', '.join(ignored)}")
         for name in MODEL_FIELDS:
             setattr(c, name, getattr(saved, name))
     meta = check_data(c)
@@ -659,7 +537,7 @@ def train(c):
     raw_model = model  # the plain module: what checkpoints hold, whatever wraps it below
     if c.eval_only:
         return eval_only(model, c, meta, ctx, ckpt["iter"], rank, world)
-    n_train = len(open_split(c.data_dir, "train", False)[0])
+    n_train = meta["n_train"]
     spe = steps_per_epoch(c, n_train)
     max_iters = c.max_iters or c.epochs * spe
     fused = c.device.startswith("cuda")
@@ -782,93 +660,151 @@ def eval_only(model, c, meta, ctx, step, rank=0, world=1):
 
 
 # -----------------------------------------------------------------------------
-# Benchmark: tokens/s of training steps on random data.
+# The command line, and a user's mistakes (a flag, a file, the data folder) refused before the first step: one
+# line saying what to do, while a bug keeps its traceback.
 
 
-def textbook_gpt(c):
-    """The reference for --bench: the same token-only GPT built from PyTorch's own textbook layers
-    (nn.TransformerEncoderLayer with a causal mask, learned positions), with no care for speed."""
-    layer = nn.TransformerEncoderLayer(c.n_embd, c.n_head, 4 * c.n_embd, c.dropout, activation="gelu",
-                                       batch_first=True, norm_first=True)
-
-    class TextbookGPT(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.wte, self.wpe = nn.Embedding(c.vocab_size, c.n_embd), nn.Embedding(c.block_size, c.n_embd)
-            self.stack = nn.TransformerEncoder(layer, c.n_layer, enable_nested_tensor=False)
-            self.ln_f, self.head = nn.LayerNorm(c.n_embd), MLP(c.n_embd, c.dense, c.vocab_size)
-
-        def forward(self, idx, mel=None, targets=None):
-            T = idx.size(1)
-            mask = nn.Transformer.generate_square_subsequent_mask(T, device=idx.device)
-            x = self.stack(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)), mask=mask, is_causal=True)
-            logits = self.head(self.ln_f(x))
-            return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-
-    return TextbookGPT()
+class UserError(Exception):
+    """A user's mistake (a flag, a missing or damaged file, too little disk): run_script prints it as one line,
+    with no traceback. prepare.py, sample.py and bench.py raise it too."""
 
 
-def flops_per_token(c, params):
-    """Training FLOPs per token (PaLM appendix B, as nanoGPT): 6 per parameter plus attention's 12 L T d."""
-    attn = c.n_layer * c.n_embd + (c.mel_layer * c.n_embd // 2 if c.hybrid else 0)
-    return 6 * params + 12 * attn * c.block_size
+def run_script(main):
+    """Run a script's main(): a UserError ends the program with one line, `<script>: error: <message>`, and exit
+    status 1; any other exception is a bug and keeps its traceback."""
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
 
 
-def bench(c):
-    """Time c.bench_steps training steps (after 3 warm-up steps) on random tokens and mel; print tokens/s."""
-    if c.bench_reference and c.hybrid:
-        raise ConfigError("--bench_reference times the textbook token-only GPT; drop --hybrid")
-    torch.manual_seed(c.seed)
-    model = (textbook_gpt(c) if c.bench_reference else WhisperGPT(c)).to(c.device)
-    params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, fused=c.device.startswith("cuda"))
-    if c.compile:
-        model = torch.compile(model)
-    ctx = autocast_context(c)
-    x = torch.randint(0, c.vocab_size, (c.batch_size, c.block_size), device=c.device)
-    y = torch.randint(0, c.vocab_size, (c.batch_size, c.block_size), device=c.device)
-    mel = torch.randn(c.batch_size, c.block_size, c.n_mel, device=c.device) if c.hybrid else None
-    sync = torch.cuda.synchronize if c.device.startswith("cuda") else (lambda: None)
-    for i in range(3 + c.bench_steps):
-        if i == 3:
-            sync()
-            t0 = time.time()
-        with ctx:
-            _, loss = model(x, mel, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    sync()
-    dt = time.time() - t0
-    tok_s = c.bench_steps * c.batch_size * c.block_size / dt
-    name = "textbook nn.TransformerEncoder GPT" if c.bench_reference else model_name(c)
-    line = f"bench {name}: {params:,} params | batch {c.batch_size} x {c.block_size} | {c.device} {c.dtype}"
-    line += f" | {c.bench_steps} steps in {dt:.2f} s | {tok_s:,.0f} tokens/s"
-    if c.device.startswith("cuda"):
-        peak = 989e12  # H100 SXM dense bf16 FLOP/s
-        line += f" | MFU {flops_per_token(c, params) * tok_s / peak:.1%} of H100 bf16 peak"
-    say(line)
-    return tok_s
+def load_torch_file(path, device="cpu"):
+    """torch.load with weights_only=True: tensors and plain types only, so no code in the file ever runs. A file
+    that is not a whole torch file (a truncated copy, another format, a pickle holding code) is one clear error."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
+        reason = re.split(r"\.\s", str(e).strip())[0][:150] or type(e).__name__  # torch's first sentence
+        raise UserError(f"{path} is not a whole torch file of tensors ({reason}): copy or make it again") from e
+
+
+def validate(c):
+    """Raise one clear error for an impossible combination of flags."""
+    if c.n_embd % c.n_head:
+        raise UserError(f"--n_embd {c.n_embd} is not divisible by --n_head {c.n_head}: pick a width that is")
+    if c.hybrid:
+        if c.n_embd % 2:
+            raise UserError(f"--hybrid needs an even --n_embd (half token, half mel); got {c.n_embd}")
+        if (c.n_embd // 2) % c.mel_head:
+            raise UserError(f"the mel stack width {c.n_embd // 2} is not divisible by --mel_head {c.mel_head}")
+    if c.init_from not in ("scratch", "resume"):
+        raise UserError(f"--init_from must be 'scratch' or 'resume', not {c.init_from!r}")
+    if c.dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype must be float32, bfloat16 or float16, not {c.dtype!r}")
+    for name in ("block_size", "n_layer", "batch_size", "epochs", "vocab_size"):
+        if getattr(c, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(c, name)}")
+    for name in ("micro_batch", "log_interval", "eval_interval", "max_iters", "eval_windows", "final_windows"):
+        if getattr(c, name) < 0:
+            raise UserError(f"--{name} must be 0 or more, got {getattr(c, name)}")
+    if c.lr <= 0:
+        raise UserError(f"--lr must be positive, got {c.lr}")
+    if not 0 <= c.lr_drop_at <= 1:
+        raise UserError(f"--lr_drop_at is a fraction of the run, between 0 and 1; got {c.lr_drop_at}")
+
+
+def check_data(c):
+    """The data contract, checked before the first step, so that bad data is one line naming the file, not a
+    traceback hours in: meta.json parses and has what training needs; every memmap holds whole rows, as many as
+    meta.json says; the mel has one row per token; every token id is below the vocabulary. A new model takes
+    its vocabulary and mel bins from meta.json (a resumed one has them from its checkpoint). Returns meta."""
+    path, fix = os.path.join(c.data_dir, "meta.json"), f"make {c.data_dir} again with python prepare.py"
+    if not os.path.isfile(path):
+        raise UserError(f"no prepared data in {c.data_dir}: run python prepare.py --dataset {c.dataset}")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # json's errors are ValueErrors
+        raise UserError(f"{path} is not JSON ({e}): {fix}") from None
+    missing = [k for k in ("vocab_size", "n_mels", "n_train", "n_val")
+               if not isinstance(meta, dict) or not isinstance(meta.get(k), int) or meta[k] < 1]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)} (positive whole numbers): {fix}")
+    if c.init_from == "scratch" and not c.eval_only:
+        c.vocab_size, c.n_mel = meta["vocab_size"], meta["n_mels"]
+    elif c.hybrid and c.n_mel != meta["n_mels"]:
+        raise UserError(f"{path} has {meta['n_mels']} mel bins and the checkpoint's model reads {c.n_mel}: "
+                        f"train a new run on this data")
+    for split in ("train", "val"):
+        n = meta[f"n_{split}"]
+        for name, row, what in [(f"{split}_tokens.bin", 2, "uint16 tokens")] + (
+                [(f"{split}_mel.bin", 2 * c.n_mel, f"{c.n_mel}-bin float16 mel rows")] if c.hybrid else []):
+            file = os.path.join(c.data_dir, name)
+            if not os.path.isfile(file):
+                raise UserError(f"{c.data_dir} has no {name}: " + (
+                    "--hybrid needs the mel memmaps of prepare.py" if "mel" in name else fix))
+            size = os.path.getsize(file)
+            if size % row:
+                raise UserError(f"{file}: {size:,} bytes is not a whole number of {what} ({row} bytes each), so it "
+                                f"is cut short or not prepare.py's: {fix}")
+            if size // row != n:
+                raise UserError(f"{file} holds {size // row:,} {what} but meta.json says the {split} split has "
+                                f"{n:,} tokens (one mel row per token): {fix}")
+        if n < c.block_size + 1:
+            raise UserError(f"the {split} split has {n} tokens, fewer than a crop of --block_size {c.block_size} "
+                            f"+ 1: use a smaller --block_size or prepare more audio")
+        top = int(open_split(c.data_dir, split)[0].max())
+        if top >= c.vocab_size:
+            raise UserError(f"{os.path.join(c.data_dir, split + '_tokens.bin')} holds token id {top}, not below the "
+                            f"model's vocabulary of {c.vocab_size}: the file is damaged or made by another "
+                            f"tokenizer; {fix}")
+    return meta
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (what is wrong, and where the help is), not usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_config_flags(parser, names=None):
+    """One flag per field of Config (or of those named), but those the data fixes, e.g. --n_embd 64 --hybrid;
+    the comment beside each field in Config is its --help text, written once, next to its default."""
+    helps = dict(re.findall(r"^ {4}(\w+): [^\n]*?#\s*(.+)$", inspect.getsource(Config), re.MULTILINE))
+    for f in dataclasses.fields(Config):
+        if f.name in FROM_DATA or names is not None and f.name not in names:
+            continue
+        if f.type is bool or isinstance(f.default, bool):
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                                help=helps[f.name])
+        else:
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=helps[f.name])
+
+
+def config_from(args):
+    """The Config of parsed flags (others, such as bench.py's own, are left out), its defaults filled in."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    c = Config(**{k: v for k, v in vars(args).items() if k in fields})
+    c.data_dir = c.data_dir or os.path.join("data", c.dataset)
+    c.out_dir = c.out_dir or f"out-{model_name(c).lower()}-{c.dataset}"
+    validate(c)
+    return c
+
+
+def parse_args(argv=None):
+    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_flags(parser)
+    return config_from(parser.parse_args(argv))
 
 
 def main(argv=None):
-    config = parse_args(argv)
-    if config.bench:
-        bench(config)
-    else:
-        train(config)
+    train(parse_args(argv))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:  # a user's mistake: one line naming it and the fix; a bug keeps its traceback
-        sys.exit(f"whisper_gpt.py: error: {e}")
-    if launched_by_torchrun():  # leave without the interpreter's shutdown
-        # gloo's worker threads let go of the last all_reduce's tensors a moment after it returns. When that moment
-        # comes after the interpreter has begun to shut down, the thread cannot take the GIL and the process aborts
-        # ("terminate called without an active exception": 5 runs in 155 of three processes on 2 cores, and still
-        # 1 in 210 with a barrier before the teardown). Everything is written and flushed by now, and the process
-        # group is destroyed, so there is nothing left for the shutdown to do.
+    run_script(main)
+    if launched_by_torchrun():  # all is written and the group destroyed: leave without the interpreter's shutdown,
+        # during which gloo's threads, still letting go of the last all_reduce, abort the process (1 in 210 runs)
         sys.stdout.flush()
         os._exit(0)

@@ -1,0 +1,435 @@
+"""
+The audio side of whisper-gpt, shared by prepare.py (which makes the data) and sample.py (which continues a
+prompt): the constants, the causal log-mel and its normalisation, the tokenizer (EnCodec 24 kHz codebook 0,
+with the real weights or the named offline stand-in), its weights, and EnCodec's decoder run as a stream.
+
+Token t of a file covers samples [320t, 320(t+1)); mel slice t is the 960-sample window that ENDS at sample
+320(t+1), so it never hears a sample after the audio its token covers.
+"""
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchaudio
+from encodec import EncodecModel
+from encodec.modules.conv import SConv1d, SConvTranspose1d, pad1d
+from encodec.modules.lstm import SLSTM
+from encodec.modules.seanet import SEANetResnetBlock
+
+from whisper_gpt import UserError, load_torch_file
+
+SAMPLE_RATE = 24000   # Hz, EnCodec 24 kHz model
+HOP = 320             # samples per token = 75 tokens per second
+FRAME_RATE = 75       # tokens per second
+WIN = 960             # samples in a mel window = 40 ms
+N_MELS = 64           # mel bins per slice
+VOCAB = 1024          # codebook 0 of EnCodec 24 kHz
+EMB_DIM = 128         # width of the EnCodec latent that codebook 0 quantises
+LOG_FLOOR = 1e-10     # mel power floor before the natural log
+
+SEGMENT = 10 * SAMPLE_RATE   # samples per encoder row: bounds memory (~0.4 GB) whatever the file length
+CONTEXT = SAMPLE_RATE        # samples before a later segment that warm up its encoder state (frames dropped)
+
+ENCODEC_CKPT = "encodec_24khz-d7cc33bc.th"
+ENCODEC_URL = "https://dl.fbaipublicfiles.com/encodec/v0/" + ENCODEC_CKPT
+ENCODEC_SHA256 = "d7cc33bc"  # prefix of the checkpoint's sha256, as torch.hub checks it
+DOWNLOAD_TIMEOUT = 10        # seconds without a byte before a download gives up
+OFFLINE_NAME = "offline-random-encodec-kmeans"
+TOKENIZER_FILE = "tokenizer.pt"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading, and the mel
+
+def to_model_rate(audio: np.ndarray, rate: int) -> torch.Tensor:
+    """audio (S, channels) at any rate -> (S',) float32 mono at 24 kHz, trimmed to a multiple of HOP."""
+    wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).mean(1)
+    if rate != SAMPLE_RATE:
+        wav = torchaudio.functional.resample(wav, rate, SAMPLE_RATE)
+    return wav[:len(wav) - len(wav) % HOP]
+
+
+def log_mel(wav: torch.Tensor) -> torch.Tensor:
+    """Causal 64-bin log-mel, one slice per token: wav (..., S) float at 24 kHz, S a multiple of HOP
+    -> (..., S // HOP, N_MELS) float32, natural log, not normalised.
+
+    Slice t is the power spectrum of the 960-sample periodic Hann window that ENDS at sample 320(t+1) (the wav is
+    left-padded with 640 zeros and framed with hop 320, never centred), mapped to 64 Slaney mel bands over
+    0-12 kHz and logged with a floor of 1e-10. No per-clip statistics: a slice depends on its own window only.
+    """
+    if wav.shape[-1] % HOP:
+        raise ValueError(f"log_mel needs a multiple of {HOP} samples, got {wav.shape[-1]}")
+    wav = wav.float()
+    window, fbank = mel_basis(wav.device)
+    frames = F.pad(wav, (WIN - HOP, 0)).unfold(-1, WIN, HOP)                      # (..., T, WIN)
+    power = torch.fft.rfft(frames * window).abs().pow(2)                           # (..., T, WIN//2+1)
+    return torch.log(torch.clamp(power @ fbank, min=LOG_FLOOR))
+
+
+@functools.lru_cache(maxsize=None)
+def mel_basis(device):
+    """The periodic Hann window (WIN,) and the Slaney mel filterbank (WIN//2+1, N_MELS), made once per device:
+    sample.py calls log_mel once per generated token."""
+    fbank = torchaudio.functional.melscale_fbanks(WIN // 2 + 1, 0.0, SAMPLE_RATE / 2, N_MELS, SAMPLE_RATE,
+                                                  norm="slaney", mel_scale="slaney")  # (WIN//2+1, N_MELS)
+    return torch.hann_window(WIN, device=device), fbank.to(device)
+
+
+def normalise_mel(mel: torch.Tensor, meta: dict) -> torch.Tensor:
+    """(mel - train mean) / train std, per bin, with the statistics stored in meta.json."""
+    mean = torch.tensor(meta["mel_mean"], dtype=mel.dtype, device=mel.device)
+    std = torch.tensor(meta["mel_std"], dtype=mel.dtype, device=mel.device)
+    return (mel - mean) / std
+
+
+def read_meta(data_dir) -> dict:
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found: make it with `python prepare.py` (an unfinished run has none)")
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the tokenizer: EnCodec 24 kHz encoder + codebook 0, real weights or the offline stand-in
+
+def nearest(x: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """x (..., D), codebook (K, D) -> (...) int64 index of the nearest row, with the distance written exactly as
+    EnCodec's quantizer writes it (so the codes equal its codes[:, 0]), chunked to keep memory at chunk x K."""
+    flat = x.reshape(-1, x.shape[-1])                                    # (N, D)
+    embed = codebook.t()                                                 # (D, K)
+    out = torch.empty(len(flat), dtype=torch.long, device=x.device)
+    for i in range(0, len(flat), chunk):
+        xi = flat[i:i + chunk]
+        dist = -(xi.pow(2).sum(1, keepdim=True) - 2 * xi @ embed + embed.pow(2).sum(0, keepdim=True))  # (chunk, K)
+        out[i:i + chunk] = dist.max(-1).indices
+    return out.reshape(x.shape[:-1])
+
+
+@contextlib.contextmanager
+def fast_cpu(device="cpu"):
+    """How EnCodec runs fast on a CPU (nothing changes on a GPU):
+    - one torch thread: torch's threads meet at each of the LSTM's 1,500 small steps per 10 s of audio and stall
+      there whenever another process holds a core (30x slower, seen here); worker processes give the parallelism;
+    - denormal floats flushed to zero (left on afterwards) in the calling thread, whose flag it is: the LSTM state
+      decays into them, 16x slower."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+        torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@torch.inference_mode()
+def embed(encoder, wavs: list, batch_size: int = 1) -> list:
+    """EnCodec encoder latents: wavs, a list of (S_i,) float tensors at 24 kHz with S_i % HOP == 0
+    -> a list of (S_i // HOP, EMB_DIM) float32 tensors on the CPU.
+
+    Each file is cut into rows of at most SEGMENT samples; a row after the first also gets the CONTEXT samples
+    before it, whose frames are dropped, so its encoder state starts warm. That bounds memory for any file
+    length and lets rows of many files share an encoder call. Rows are sorted by length and right-padded to
+    the longest in their batch: the encoder is causal, so padding changes no frame before it.
+    """
+    device = next(encoder.parameters()).device
+    with fast_cpu(device):
+        return embed_rows(encoder, wavs, batch_size, device)
+
+
+def embed_rows(encoder, wavs: list, batch_size: int, device) -> list:
+    rows = []                                                            # (file, segment, first sample, end, context)
+    for i, wav in enumerate(wavs):
+        for k, start in enumerate(range(0, len(wav), SEGMENT)):
+            context = min(start, CONTEXT)
+            rows.append((i, k, start - context, min(start + SEGMENT, len(wav)), context))
+    rows.sort(key=lambda row: row[3] - row[2])
+    parts = [[None] * -(-len(wav) // SEGMENT) for wav in wavs]
+    for b in range(0, len(rows), batch_size):
+        batch = rows[b:b + batch_size]
+        x = torch.zeros(len(batch), 1, max(end - lo for _, _, lo, end, _ in batch))  # (rows, 1, samples)
+        for j, (i, _, lo, end, _) in enumerate(batch):
+            x[j, 0, :end - lo] = wavs[i][lo:end]
+        emb = encoder(x.to(device)).transpose(1, 2).float().cpu()        # (rows, frames, EMB_DIM)
+        for j, (i, k, lo, end, context) in enumerate(batch):
+            parts[i][k] = emb[j, context // HOP:(end - lo) // HOP]
+    return [torch.cat(p) for p in parts]
+
+
+class Tokenizer:
+    """Audio <-> codebook-0 tokens. `model` is an EncodecModel (its quantizer is unused); `codebook` (VOCAB, EMB_DIM)
+    is the real model's first codebook, or, for the offline tokenizer, a k-means fit (None until fitted)."""
+
+    def __init__(self, model, codebook, name, offline, weights, seed=None):
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.codebook = codebook
+        self.name, self.offline, self.weights, self.seed = name, offline, weights, seed
+
+    def embed_many(self, wavs: list, batch_size: int = 1) -> list:
+        return embed(self.model.encoder, wavs, batch_size)
+
+    def quantise(self, emb: torch.Tensor) -> torch.Tensor:
+        """emb (..., T, EMB_DIM) -> (..., T) int64 tokens in [0, VOCAB)."""
+        return nearest(emb.to(self.codebook.device), self.codebook).cpu()
+
+    def encode(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav (B, S) float at 24 kHz, S % HOP == 0 -> (B, S // HOP) int64 tokens in [0, VOCAB)."""
+        return torch.stack([self.quantise(e) for e in self.embed_many(list(wav))]).to(wav.device)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int64 -> (B, T * HOP) float32 audio at 24 kHz, from codebook 0 alone (so coarse; and
+        noise for the offline tokenizer, whose decoder is random)."""
+        emb = self.codebook[tokens.to(self.codebook.device)].transpose(1, 2)          # (B, EMB_DIM, T)
+        torch.set_flush_denormal(True)  # for this thread (the decoder has an LSTM too); thread count: the caller's
+        return self.model.decoder(emb.to(self.device))[:, 0, :tokens.shape[1] * HOP].float()
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides the tokens: shards made by another tokenizer are not reused."""
+        h = hashlib.sha1(self.name.encode())
+        for tensor in [self.codebook, *self.model.encoder.state_dict().values()]:
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def save(self, path):
+        """Everything load_tokenizer needs to rebuild the offline tokenizer exactly (weights kept as well as the
+        seed, since torch's random streams may change between versions)."""
+        state = {"name": self.name, "seed": self.seed, "codebook": self.codebook.cpu(),
+                 "encoder": self.model.encoder.state_dict(), "decoder": self.model.decoder.state_dict()}
+        torch.save(state, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+
+
+def encodec_skeleton() -> EncodecModel:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*weight_norm.*")
+        return EncodecModel.encodec_model_24khz(pretrained=False)
+
+
+def encodec_weights(ckpt=None) -> tuple:
+    """The pretrained EnCodec 24 kHz state dict and where it came from: `ckpt` (a file or a folder holding it),
+    else the torch hub cache, else a download into that cache. Raises UserError saying what failed."""
+    if ckpt:
+        path = Path(ckpt) / ENCODEC_CKPT if Path(ckpt).is_dir() else Path(ckpt)
+        if not path.is_file():
+            raise UserError(f"--encodec_ckpt {ckpt}: no such file")
+        return load_torch_file(path), str(path)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / ENCODEC_CKPT
+    if not cached.is_file():
+        try:
+            download(ENCODEC_URL, cached)
+        except OSError as e:
+            raise UserError(f"not in the torch hub cache ({cached}) and the download failed ({e})") from e
+    with open(cached, "rb") as f:
+        if not hashlib.file_digest(f, "sha256").hexdigest().startswith(ENCODEC_SHA256):
+            raise UserError(f"{cached} is corrupt (sha256 mismatch): delete it")
+    return load_torch_file(cached), str(cached)
+
+
+def encodec_tokenizer(ckpt=None, device="cpu") -> Tokenizer:
+    state, where = encodec_weights(ckpt)
+    model = encodec_skeleton()
+    model.load_state_dict(state)
+    codebook = model.quantizer.vq.layers[0]._codebook.embed.detach().clone()  # (VOCAB, EMB_DIM)
+    return Tokenizer(model.to(device), codebook.to(device), "encodec_24khz", False, where)
+
+
+def offline_tokenizer(seed, device="cpu", saved=None) -> Tokenizer:
+    """EnCodec 24 kHz with random weights drawn from `seed` (or restored from a saved state); its codebook is
+    fitted later by fit_codebook, unless restored too."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = encodec_skeleton()
+    codebook = None
+    if saved is not None:
+        model.encoder.load_state_dict(saved["encoder"])
+        model.decoder.load_state_dict(saved["decoder"])
+        codebook = saved["codebook"].to(device)
+    return Tokenizer(model.to(device), codebook, OFFLINE_NAME, True, f"random, seed {seed}", seed)
+
+
+def load_tokenizer(data_dir, device="cpu") -> Tokenizer:
+    """Rebuild the tokenizer that made data_dir: the offline one from its tokenizer.pt, the real one from the
+    weights it was made with (or the hub cache / a download when that path is gone)."""
+    meta = read_meta(data_dir)
+    if meta["tokenizer_offline"]:
+        if not (Path(data_dir) / TOKENIZER_FILE).is_file():
+            raise UserError(f"{Path(data_dir) / TOKENIZER_FILE} not found: the offline tokenizer that made "
+                            f"{data_dir} is gone; make the data again with `python prepare.py`")
+        saved = load_torch_file(Path(data_dir) / TOKENIZER_FILE)
+        return offline_tokenizer(saved["seed"], device, saved)
+    ckpt = meta.get("tokenizer_weights")
+    try:
+        return encodec_tokenizer(ckpt if ckpt and Path(ckpt).is_file() else None, device)
+    except UserError as e:
+        raise UserError(weights_help(str(e))) from e
+
+
+def weights_help(reason: str) -> str:
+    return (f"pretrained EnCodec 24 kHz weights unavailable: {reason}. Supply them one of three ways: (1) run "
+            f"with internet access once (they download from {ENCODEC_URL}); (2) copy {ENCODEC_CKPT} into "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints'}/; (3) pass --encodec_ckpt PATH (the file, or its folder).")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# downloads (the EnCodec weights here; prepare.py also fetches LibriTTS with it)
+
+def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT):
+    """Fetch url into dest through dest.part: an existing .part is resumed with an HTTP Range request (restarted
+    when the server ignores ranges or refuses the one asked); the size is checked against the server's, and the
+    file renamed into place only when whole."""
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not have:
+            raise
+        part.unlink()  # 416: the .part is no prefix of this file; start over
+        return download(url, dest, timeout)
+    resume = response.status == 206
+    if resume:
+        total = response.headers["Content-Range"].rsplit("/", 1)[1]
+    else:
+        have, total = 0, response.headers.get("Content-Length", "*")
+    free = shutil.disk_usage(dest.parent).free
+    if total != "*" and int(total) - have > free:  # checked before a byte is written (or a .part truncated)
+        response.close()
+        raise OSError(f"{dest.name} needs {(int(total) - have) / 1e6:,.1f} MB more and {dest.parent} has "
+                      f"{free / 1e6:,.1f} MB free: free some space or pass another --data_root")
+    with response, open(part, "ab" if resume else "wb") as f:
+        of = f"{int(total) / 1e6:,.0f}" if total != "*" else "?"
+        last_print = time.time()
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+            have += len(chunk)
+            if time.time() - last_print > 1:
+                last_print = time.time()
+                print(f"\r{dest.name}: {have / 1e6:,.0f} of {of} MB", end="", file=sys.stderr, flush=True)
+    if total != "*" and part.stat().st_size != int(total):
+        raise OSError(f"{url}: got {part.stat().st_size} of {total} bytes; run again to resume")
+    os.replace(part, dest)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EnCodec's decoder as a stream: one token's work per token
+
+class StreamingDecoder:
+    """EnCodec's causal SEANet decoder run incrementally, exactly: each layer keeps the past it needs (a causal
+    conv its last (k-1)*d inputs, a transposed conv the tail of its overlap-add, the LSTM its state), so feeding
+    tokens in pieces gives the audio that tokenizer.decode gives for all of them at once, at one token's cost.
+    The layers are wrapped once, here; a step then calls torch directly, with no per-call dispatch on types."""
+
+    def __init__(self, tokenizer):
+        self.codebook = tokenizer.codebook  # (VOCAB, 128): token -> the latent the decoder reads
+        decoder = encodec_skeleton().decoder.to(tokenizer.device).eval()  # a copy to change:
+        decoder.load_state_dict(tokenizer.model.decoder.state_dict())
+        for m in decoder.modules():  # fold weight norm into the weights once, not at every call
+            if hasattr(m, "weight_g"):
+                torch.nn.utils.remove_weight_norm(m)
+        self.layers = [streamed(m) for m in decoder.model]
+
+    @torch.inference_mode()
+    def __call__(self, tokens):
+        """tokens (B, n) that follow the ones fed before -> their audio (B, n * HOP)."""
+        torch.set_flush_denormal(True)  # for this thread: the LSTM's state decays into denormals, 16x slower
+        x = self.codebook[tokens].transpose(1, 2)  # (B, 128, n)
+        for layer in self.layers:
+            x = layer(x)
+        return x[:, 0]
+
+
+def streamed(m):
+    """A decoder layer as a function of its new frames x (B, C, L) that keeps the past it needs."""
+    if isinstance(m, SConv1d):
+        return StreamedConv(m.conv.conv, m.pad_mode)
+    if isinstance(m, SConvTranspose1d):
+        return StreamedConvTranspose(m.convtr.convtr)
+    if isinstance(m, SLSTM):
+        return StreamedLSTM(m.lstm, m.skip)
+    if isinstance(m, SEANetResnetBlock):
+        shortcut, block = streamed(m.shortcut), [streamed(b) for b in m.block]
+        def residual(x):
+            y = x
+            for layer in block:
+                y = layer(y)
+            return shortcut(x) + y
+        return residual
+    if isinstance(m, (nn.ELU, nn.Identity)):
+        return m
+    raise TypeError(f"no streaming rule for {type(m).__name__}: a decoder this file does not know")
+
+
+@contextlib.contextmanager
+def without_onednn():
+    """Plain CPU kernels instead of oneDNN's, which set each call up: worth it for big inputs, not for one token."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
+class StreamedConv:
+    """A causal conv (stride 1): each call sees the last (k-1)*d frames of the one before."""
+
+    def __init__(self, conv, pad_mode):
+        assert conv.stride[0] == 1, "the SEANet decoder's convs have stride 1"
+        self.weight, self.bias, self.dilation = conv.weight, conv.bias, conv.dilation[0]
+        self.context = (conv.kernel_size[0] - 1) * self.dilation
+        self.pad_mode, self.past = pad_mode, None
+
+    def __call__(self, x):
+        if self.context:  # the first call pads as SConv1d does (reflection at the very start)
+            x = pad1d(x, (self.context, 0), mode=self.pad_mode) if self.past is None else torch.cat([self.past, x], -1)
+            self.past = x[..., -self.context:]
+        return F.conv1d(x, self.weight, self.bias, dilation=self.dilation)
+
+
+class StreamedConvTranspose:
+    """A transposed conv (kernel k, stride s): the last k - s samples of a call's output overlap the next
+    call's first ones, so they are held back and added in then (their bias counted once)."""
+
+    def __init__(self, conv):
+        self.weight, self.bias, self.stride = conv.weight, conv.bias, conv.stride[0]
+        self.overlap = conv.kernel_size[0] - self.stride
+        self.tail = None
+
+    def __call__(self, x):
+        y = F.conv_transpose1d(x, self.weight, self.bias, stride=self.stride)  # (B, C, (L - 1) * s + k)
+        if self.tail is not None:
+            y = torch.cat([y[..., :self.overlap] + self.tail - self.bias[:, None], y[..., self.overlap:]], dim=-1)
+        n = x.size(-1) * self.stride
+        self.tail = y[..., n:]
+        return y[..., :n]
+
+
+class StreamedLSTM:
+    """SLSTM (an LSTM over time, plus its input when skip) carrying its state from call to call."""
+
+    def __init__(self, lstm, skip):
+        self.lstm, self.skip, self.state = lstm, skip, None
+
+    def __call__(self, x):
+        seq = x.permute(2, 0, 1)  # (L, B, C)
+        with without_onednn():  # oneDNN's LSTM takes ~9 ms for one step on a CPU, plain ~1 ms
+            y, self.state = self.lstm(seq, self.state)
+        return (y + seq).permute(1, 2, 0) if self.skip else y.permute(1, 2, 0)

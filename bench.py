@@ -1,0 +1,109 @@
+"""
+Time training steps of a model on random data and print tokens/s (and, on a GPU, the model FLOPs utilisation).
+--reference times the same token-only GPT built from PyTorch's textbook layers instead: the ratio of the two
+is how much this project's model code gains over the plain way of writing it.
+
+    python bench.py --steps 5 --batch_size 16                    # GPT-S
+    python bench.py --steps 5 --batch_size 16 --reference        # the textbook GPT-S
+    python bench.py --steps 5 --batch_size 16 --hybrid           # the hybrid
+    python bench.py --steps 5 --batch_size 16 --n_embd 256 --n_head 16   # GPT-L
+
+Its other flags are whisper_gpt.py's.
+"""
+import argparse
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from whisper_gpt import (MLP, MODEL_FIELDS, Parser, UserError, WhisperGPT, add_config_flags, autocast_context,
+                         config_from, model_name, run_script, say)
+
+H100_BF16_PEAK = 989e12  # FLOP/s, dense, H100 SXM
+
+
+def textbook_gpt(c):
+    """The reference: the same token-only GPT built from PyTorch's own textbook layers
+    (nn.TransformerEncoderLayer with a causal mask, learned positions), with no care for speed."""
+    layer = nn.TransformerEncoderLayer(c.n_embd, c.n_head, 4 * c.n_embd, c.dropout, activation="gelu",
+                                       batch_first=True, norm_first=True)
+
+    class TextbookGPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(c.vocab_size, c.n_embd), nn.Embedding(c.block_size, c.n_embd)
+            self.stack = nn.TransformerEncoder(layer, c.n_layer, enable_nested_tensor=False)
+            self.ln_f, self.head = nn.LayerNorm(c.n_embd), MLP(c.n_embd, c.dense, c.vocab_size)
+
+        def forward(self, idx, mel=None, targets=None):
+            T = idx.size(1)
+            mask = nn.Transformer.generate_square_subsequent_mask(T, device=idx.device)
+            x = self.stack(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)), mask=mask, is_causal=True)
+            logits = self.head(self.ln_f(x))  # (B, T, vocab)
+            return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    return TextbookGPT()
+
+
+def flops_per_token(c, params):
+    """Training FLOPs per token (PaLM appendix B, as nanoGPT): 6 per parameter plus attention's 12 L T d."""
+    attn = c.n_layer * c.n_embd + (c.mel_layer * c.n_embd // 2 if c.hybrid else 0)
+    return 6 * params + 12 * attn * c.block_size
+
+
+def bench(c, steps=20, reference=False):
+    """Time `steps` training steps (after 3 warm-up steps) on random tokens and mel; print and return tokens/s."""
+    if reference and c.hybrid:
+        raise UserError("--reference times the textbook token-only GPT; drop --hybrid")
+    torch.manual_seed(c.seed)
+    model = (textbook_gpt(c) if reference else WhisperGPT(c)).to(c.device)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, fused=c.device.startswith("cuda"))
+    if c.compile:
+        model = torch.compile(model)
+    ctx = autocast_context(c)
+    x = torch.randint(0, c.vocab_size, (c.batch_size, c.block_size), device=c.device)
+    y = torch.randint(0, c.vocab_size, (c.batch_size, c.block_size), device=c.device)
+    mel = torch.randn(c.batch_size, c.block_size, c.n_mel, device=c.device) if c.hybrid else None
+    sync = torch.cuda.synchronize if c.device.startswith("cuda") else (lambda: None)
+    for i in range(3 + steps):
+        if i == 3:
+            sync()
+            t0 = time.time()
+        with ctx:
+            _, loss = model(x, mel, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync()
+    dt = time.time() - t0
+    tok_s = steps * c.batch_size * c.block_size / dt
+    name = "textbook nn.TransformerEncoder GPT" if reference else model_name(c)
+    line = f"bench {name}: {params:,} params | batch {c.batch_size} x {c.block_size} | {c.device} {c.dtype}"
+    line += f" | {steps} steps in {dt:.2f} s | {tok_s:,.0f} tokens/s"
+    if c.device.startswith("cuda"):
+        line += f" | MFU {flops_per_token(c, params) * tok_s / H100_BF16_PEAK:.1%} of H100 bf16 peak"
+    say(line)
+    return tok_s
+
+
+def parse_args(argv=None):
+    """(Config, steps, reference) from the command line: whisper_gpt.py's flags and this script's own."""
+    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20, help="steps timed, after 3 warm-up steps")
+    parser.add_argument("--reference", action="store_true", help="time the textbook nn.TransformerEncoder GPT "
+                        "of the same shape instead")
+    add_config_flags(parser, MODEL_FIELDS + ("batch_size", "lr", "device", "dtype", "compile", "seed"))
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    return config_from(args), args.steps, args.reference
+
+
+def main(argv=None):
+    bench(*parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_script(main)
