@@ -1,6 +1,6 @@
 """
 How much larger must a token-only GPT be to match the hybrid? Train the runs that answer it: the paper's three
-models with three seeds each, a size sweep of the token-only GPT (8 layers, widths 32 to 512, about 0.5 M to 29 M
+models with three seeds each, a size sweep of the token-only GPT (8 layers, widths 32 to 512, 2.3 M to 28.9 M
 parameters) and the hybrid at twice its width, all on the default recipe and data.
 
     python sweep.py                   # every run in turn; finished runs are skipped, cut ones resumed
