@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torchaudio
 
 import plot_curves
 import prepare
@@ -87,7 +88,12 @@ def read_split(data_dir: Path, split: str):
 
 
 def model_rate(path):
-    return prepare.to_model_rate(*sf.read(path, dtype="float32", always_2d=True))
+    """What prepare.py must make of an audio file, stated here apart from its code: the channels averaged,
+    resampled to 24 kHz, cut to whole tokens."""
+    audio, rate = sf.read(path, dtype="float32", always_2d=True)
+    wav = torchaudio.functional.resample(torch.from_numpy(audio).mean(1), rate, 24000) if rate != 24000 else \
+        torch.from_numpy(audio).mean(1)
+    return wav[:len(wav) // prepare.HOP * prepare.HOP]
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +149,19 @@ def test_log_mel_puts_a_tone_in_the_right_band():
     assert peak_bin == fbank[round(freq / (rate / prepare.WIN))].argmax().item()
 
 
+def test_audio_is_averaged_to_mono_and_resampled_to_24khz():
+    """A stereo file with 440 Hz on the left and 660 Hz at a third of the level on the right: both tones, each at
+    half its level, at their own pitch at 24 kHz."""
+    for rate in (44100, 16000, 24000):
+        t = np.arange(rate + 100) / rate  # 1 s and a bit: 24,000 samples at 24 kHz once cut to whole tokens
+        stereo = np.stack([0.3 * np.sin(2 * np.pi * 440 * t), 0.1 * np.sin(2 * np.pi * 660 * t)], 1)
+        wav = prepare.to_model_rate(stereo.astype(np.float32), rate)
+        assert wav.dtype == torch.float32 and wav.shape == (24000,)
+        level = np.abs(np.fft.rfft(wav.numpy())) * 2 / 24000  # 1 Hz per bin
+        assert level[440] == pytest.approx(0.15, abs=0.01) and level[660] == pytest.approx(0.05, abs=0.01)
+        assert np.delete(level, [440, 660]).max() < 0.01
+
+
 # -----------------------------------------------------------------------------
 # prepare.py: a prepared folder
 
@@ -187,6 +206,18 @@ def test_stored_rows_are_the_files_own_tokens_and_mels(prepared_dir, audio_corpu
         np.testing.assert_allclose(mel[rows].astype(np.float32), expected, atol=0.02, rtol=0.002)
     audio = tok.decode(torch.from_numpy(tokens[:75].astype(np.int64))[None])
     assert audio.shape == (1, 75 * prepare.HOP) and audio.dtype == torch.float32
+
+
+def test_count_baselines_against_a_hand_count(prepared_dir):
+    """train 0 1 0 1 2, val 0 1 1, vocabulary 3, add-one. Unigram counts 2+1, 2+1, 1+1 of 8: every val token has
+    3/8. Bigram rows (train pairs 01 10 01 12, plus one each): from 0: 1 3 1 of 5; from 1: 2 1 2 of 5. The val
+    pairs 01 and 11 have 3/5 and 1/5."""
+    refs = prepare.count_baselines(np.array([0, 1, 0, 1, 2], np.uint16), np.array([0, 1, 1], np.uint16), 3)
+    assert refs["unigram_nll"] == pytest.approx(math.log(8 / 3), abs=1e-12)
+    assert refs["bigram_nll"] == pytest.approx((math.log(5 / 3) + math.log(5)) / 2, abs=1e-12)
+    meta = prepare.read_meta(prepared_dir)  # and prepare.py stores the counts of its own splits
+    train, val = (read_split(prepared_dir, split)[0] for split in ("train", "val"))
+    assert meta["baselines"] == json.loads(json.dumps(prepare.count_baselines(train, val)))
 
 
 def test_bad_files_are_skipped_with_their_reason(prepared_dir, audio_corpus):
@@ -614,6 +645,26 @@ def test_sampling_filters():
     assert wg.sample_next(logits, temperature=0).item() == 0
 
 
+@pytest.mark.parametrize("temperature, top_k, top_p, support", [
+    (0.5, None, None, [0, 1, 2, 3, 4]),
+    (3.0, None, 0.75, [0, 1, 2, 3]),  # p = .312 .224 .189 .160 .115: the first three hold .725, four reach .75
+    (2.0, 3, None, [0, 1, 2]),
+    (1.5, 3, 0.75, [0, 1]),  # top-k first: the three kept renormalise to .532 .273 .196, so two reach .75
+])                           # (top-p first would keep three: .439 .225 .161 of all five hold only .825)
+def test_sampling_draws_the_filtered_tempered_distribution(temperature, top_k, top_p, support):
+    """Frequencies of 40,000 draws against the exact distribution: softmax(logits / temperature) over the tokens
+    the filters keep, renormalised."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    n = 40_000
+    draws = wg.sample_next(logits.expand(n, 5), temperature, top_k, top_p, torch.Generator().manual_seed(0))
+    freq = np.bincount(draws.flatten().numpy(), minlength=5) / n
+    p = np.zeros(5)
+    p[support] = np.exp(logits.numpy()[support] / temperature)
+    p /= p.sum()
+    assert np.all(freq[p == 0] == 0), freq
+    assert np.all(np.abs(freq - p) < 4.5 * np.sqrt(p * (1 - p) / n) + 1e-9), (freq, p)
+
+
 def test_lr_schedule_is_halved_40_percent_of_the_way_in():
     spe = 7
     paper = Config(epochs=25, lr=2e-4)  # the paper: 2e-4 for epochs 0..9, then 1e-4
@@ -803,7 +854,100 @@ def test_val_windows_are_fixed_and_subsets_evenly_spaced():
     assert starts[0] == 0 and np.all(np.diff(starts) == 32) and starts[-1] + 33 <= 1000
     sub = wg.val_windows(1000, 32, limit=5)
     assert len(sub) == 5 and set(sub) <= set(starts) and sub[0] == 0 and sub[-1] == starts[-1]
+    assert np.ptp(np.diff(np.searchsorted(starts, sub))) <= 1  # evenly spaced: 0, 8, 15, 22, 30 of the 31
     assert np.array_equal(sub, wg.val_windows(1000, 32, limit=5))
+
+
+def indexed_data(root, n_train=2000, n_val=1000, seed=0):
+    """A data folder whose mel row j holds token j's value (bin 0) and its index j (bin 1; float16 holds integers
+    up to 2048 exactly): a batch shows which row sits beside which token."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        tokens = rng.integers(0, 1024, n)
+        rows = np.zeros((n, 64), np.float16)
+        rows[:, 0], rows[:, 1] = tokens, np.arange(n)
+        tokens.astype(np.uint16).tofile(os.path.join(root, f"{split}_tokens.bin"))
+        rows.tofile(os.path.join(root, f"{split}_mel.bin"))
+    write_meta(root, n_train, n_val)
+    return str(root)
+
+
+def test_get_batch_puts_each_tokens_own_mel_row_beside_it(tmp_path):
+    c = tiny(hybrid=True, data_dir=indexed_data(tmp_path / "data"), batch_size=6, device="cpu")
+    tokens = np.fromfile(tmp_path / "data" / "train_tokens.bin", dtype=np.uint16).astype(np.int64)
+    for it in (0, 1, 17):
+        batch = wg.get_batch(c, it)
+        x, y, mel = batch
+        rows = mel[..., 1].long()  # (B, T): the memmap row beside each input token
+        assert x.shape == y.shape == rows.shape == (6, 32)
+        assert torch.equal(torch.diff(rows, dim=1), torch.ones(6, 31, dtype=torch.long))  # one crop each
+        assert torch.equal(mel[..., 0].long(), x)  # row j holds token j: no slip between the memmaps
+        assert torch.equal(x, torch.from_numpy(tokens[rows.numpy()]))
+        assert torch.equal(y, torch.from_numpy(tokens[rows.numpy() + 1]))  # the target: the next token
+        shares = [wg.get_batch(c, it, rank, 3) for rank in range(3)]  # any world size: the same crops, sliced
+        for k in range(3):
+            assert torch.equal(torch.cat([s[k] for s in shares]), batch[k])
+
+
+class Oracle(torch.nn.Module):
+    """A 'model' that records what evaluate() feeds it and predicts the token after each input token by looking
+    it up from the index its mel row holds: right every time only if tokens, mel rows and targets line up."""
+
+    def __init__(self, tokens):
+        super().__init__()
+        self.tokens, self.seen = torch.from_numpy(tokens.astype(np.int64)), []
+
+    def forward(self, idx, mel=None):
+        self.seen.append((idx, mel))
+        rows = mel[..., 1].long()
+        return torch.nn.functional.one_hot(self.tokens[(rows + 1).clamp(max=len(self.tokens) - 1)], 1024).float() * 50, None
+
+
+def test_evaluate_puts_each_tokens_own_mel_row_beside_it(tmp_path):
+    c = tiny(hybrid=True, data_dir=indexed_data(tmp_path / "data"), batch_size=4, device="cpu")
+    tokens = np.fromfile(tmp_path / "data" / "val_tokens.bin", dtype=np.uint16)
+    oracle = Oracle(tokens)
+    result = wg.evaluate(oracle, c, 10, wg.nullcontext())
+    assert result.acc == 1.0 and result.nll < 1e-6 and result.windows == 10
+    idx = torch.cat([i for i, _ in oracle.seen])
+    mel = torch.cat([m for _, m in oracle.seen])
+    assert torch.equal(mel[..., 0].long(), idx)
+    assert torch.equal(mel[:, 0, 1].long(), torch.from_numpy(wg.val_windows(len(tokens), 32, 10)))
+    assert torch.equal(torch.diff(mel[..., 1], dim=1), torch.ones(10, 31))
+
+
+def lookahead_data(root, ahead, vocab=16, n_train=6000, n_val=2000, seed=0):
+    """Independent, uniform random tokens (nothing in the past predicts the next one) whose mel row t holds token
+    t + ahead, one-hot. Position i predicts token i + 1 and may see rows up to i - 1: with ahead = 1 they hold
+    nothing it lacks, with ahead = 2 row i - 1 holds its target."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        tokens = rng.integers(0, vocab, n + ahead)
+        rows = np.zeros((n, 64), np.float16)
+        rows[np.arange(n), tokens[ahead:]] = 3.0
+        tokens[:n].astype(np.uint16).tofile(os.path.join(root, f"{split}_tokens.bin"))
+        rows.tofile(os.path.join(root, f"{split}_mel.bin"))
+    write_meta(root, n_train, n_val)
+    return str(root)
+
+
+def test_a_hybrid_trained_by_the_loop_cannot_read_its_target_from_the_mel(tmp_path):
+    """The loop end to end (get_batch, the model's shift by 2, evaluate): where mel row t holds token t + 1, the
+    hybrid stays at ln(vocab), as it must on independent tokens; a slip of one row between tokens and mel rows in
+    the loader (or a shift by 1 in the model) would hand it its target. The control, row t holding token t + 2
+    (legitimately visible), shows the same model and steps do learn from the mel when they may."""
+    vocab, final = 16, {}
+    for ahead in (1, 2):
+        c = tiny(hybrid=True, vocab_size=vocab, block_size=16, n_layer=1, mel_layer=1, batch_size=16, lr=1e-2,
+                 max_iters=60, eval_interval=60, eval_windows=0, log_interval=0, device="cpu", dtype="float32",
+                 data_dir=lookahead_data(tmp_path / f"ahead{ahead}", ahead, vocab),
+                 out_dir=str(tmp_path / f"out{ahead}"))
+        wg.train(c)
+        final[ahead] = evals_of(c.out_dir)[-1]["val_nll"]
+    assert final[1] > math.log(vocab) - 0.05, f"the hybrid read its target from the mel: {final[1]:.3f}"
+    assert final[2] < math.log(vocab) - 1.5, f"the control did not learn from the mel: {final[2]:.3f}"
 
 
 def run_cli(*args, env=None):
@@ -839,6 +983,33 @@ def test_scratch_run_never_overwrites_an_existing_run(tmp_path):
     with pytest.raises(FileExistsError, match="--init_from resume"):
         wg.train(train_config(tmp_path, max_iters=1))
     assert open(tmp_path / "out" / "ckpt_latest.pt", "rb").read() == before
+
+
+def test_the_loop_trains_and_logs_the_halved_learning_rate_after_the_drop(tmp_path, capsys):
+    """1000 tokens = 32 crops of 32 = 4 steps per epoch of 8 crops; 5 epochs, halved after 2: steps 0-7 at lr,
+    8-19 at lr / 2, in the eval records, the progress lines (step k is iteration k - 1) and Adam itself."""
+    make_data(tmp_path / "data", n_train=1000)
+    c = train_config(tmp_path, batch_size=8, epochs=5, lr=2e-3, eval_interval=4, eval_windows=2, log_interval=1)
+    wg.train(c)
+    assert {r["iter"]: r["lr"] for r in evals_of(c.out_dir)} == {0: 2e-3, 4: 2e-3, 8: 1e-3, 12: 1e-3, 16: 1e-3,
+                                                                  20: 1e-3}
+    printed = dict(re.findall(r"step +(\d+)/20 \| .* \| lr (\S+) \|", capsys.readouterr().out))
+    assert printed == {str(k): "2.00e-03" if k <= 8 else "1.00e-03" for k in range(1, 21)}
+    ckpt = torch.load(tmp_path / "out" / "ckpt_latest.pt", weights_only=True)
+    assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [1e-3]
+
+
+def test_mel_rows_that_do_not_match_the_tokens_and_a_micro_batch_that_does_not_divide_are_clear_errors(tmp_path):
+    make_data(tmp_path / "data")
+    with pytest.raises(wg.ConfigError, match="--micro_batch 3 does not divide a process's 4 crops"):
+        wg.train(train_config(tmp_path, micro_batch=3))
+    with pytest.raises(wg.ConfigError, match="--batch_size 4 .* does not divide among 3 processes"):
+        wg.micro_batches(train_config(tmp_path), 3)
+    mel = np.fromfile(tmp_path / "data" / "val_mel.bin", dtype=np.float16)
+    mel[:-64].tofile(tmp_path / "data" / "val_mel.bin")  # one row short
+    with pytest.raises(wg.ConfigError, match="val: 1000 tokens but 999 mel rows; re-run prepare.py"):
+        wg.train(train_config(tmp_path, hybrid=True))
+    assert not os.path.exists(tmp_path / "out")
 
 
 DDP_FLAGS = ["--device", "cpu", "--dtype", "float32", "--block_size", "32", "--n_layer", "1", "--n_head", "2",
@@ -898,14 +1069,17 @@ def test_bf16_autocast_runs_on_the_cpu_and_trains_like_fp32(tmp_path):
     with wg.autocast_context(tiny(device="cpu", dtype="bfloat16")):
         logits, _ = model(idx)
     assert logits.dtype == torch.bfloat16  # the mixed-precision path itself, not a no-op
-    runs = {}
+    runs, train_nll = {}, {}
     for dtype in ("float32", "bfloat16", "float16"):
         wg.train(train_config(tmp_path, dtype=dtype, max_iters=8, eval_interval=4, lr=1e-2,
                               out_dir=str(tmp_path / dtype)))
         runs[dtype] = [r["val_nll"] for r in evals_of(tmp_path / dtype)]
+        train_nll[dtype] = [r["train_nll"] for r in evals_of(tmp_path / dtype)][1:]
     for dtype in ("bfloat16", "float16"):
         assert runs[dtype][-1] < runs[dtype][0] - 0.5
         assert runs[dtype] == pytest.approx(runs["float32"], abs=0.1)
+        # the training steps themselves ran in reduced precision: their losses are not float32's to the last bit
+        assert all(abs(a - b) > 1e-6 for a, b in zip(train_nll[dtype], train_nll["float32"])), train_nll
     ckpt = torch.load(tmp_path / "float16" / "ckpt_latest.pt", weights_only=True)
     assert ckpt["scaler"]["scale"] > 1  # fp16 trains with its loss scaled, and the scale is kept for a resume
 
@@ -914,9 +1088,14 @@ def test_a_compiled_run_trains_like_eager_saves_and_resumes(tmp_path):
     make_data(tmp_path / "data")
     flags = dict(max_iters=4, eval_interval=2, batch_size=2, eval_windows=2)
     wg.train(train_config(tmp_path, out_dir=str(tmp_path / "eager"), **flags))
+    compiled_graphs = torch._dynamo.utils.counters["stats"]
+    compiled_graphs.clear()
     wg.train(train_config(tmp_path, out_dir=str(tmp_path / "compiled"), compile=True, max_iters=2, **{
         k: v for k, v in flags.items() if k != "max_iters"}))
+    assert compiled_graphs["unique_graphs"] > 0  # dynamo compiled the model: not eager under another name
+    compiled_graphs.clear()
     wg.train(train_config(tmp_path, out_dir=str(tmp_path / "compiled"), compile=True, init_from="resume", **flags))
+    assert compiled_graphs["unique_graphs"] > 0
     eager, compiled = evals_of(tmp_path / "eager"), evals_of(tmp_path / "compiled")
     assert [r["iter"] for r in compiled] == [0, 2, 4]
     for a, b in zip(eager, compiled):
@@ -926,22 +1105,27 @@ def test_a_compiled_run_trains_like_eager_saves_and_resumes(tmp_path):
 
 
 class Exploit:
-    """An object whose unpickling runs code: what a checkpoint from an untrusted source may hold."""
-    ran = []
+    """An object whose unpickling runs code, here os.mkdir(path): what a checkpoint from an untrusted source may
+    hold. The side effect is on the disk, where a test can see it whatever copy of the object unpickling made."""
+
+    def __init__(self, path):
+        self.path = str(path)
 
     def __reduce__(self):
-        return (Exploit.ran.append, ("code ran",))
+        return (os.mkdir, (self.path,))
 
 
 def test_checkpoints_load_weights_only(tmp_path):
     make_data(tmp_path / "data")
     wg.train(train_config(tmp_path, max_iters=1))
-    path = tmp_path / "out" / "ckpt_latest.pt"
+    path, ran = tmp_path / "out" / "ckpt_latest.pt", tmp_path / "code ran"
     ckpt = torch.load(path, weights_only=True)
-    torch.save({**ckpt, "extra": Exploit()}, path)
-    with pytest.raises(Exception):
+    torch.save({**ckpt, "extra": Exploit(ran)}, path)
+    with pytest.raises(wg.CorruptFile, match="ckpt_latest.pt is not a whole torch file"):
         wg.load_checkpoint(str(path))
-    assert Exploit.ran == []
+    assert not ran.exists()
+    torch.load(path, weights_only=False)  # the control: a plain load runs the exploit
+    assert ran.is_dir()
 
 
 def test_a_corrupt_tokenizer_file_is_one_clear_error(tmp_path):
