@@ -209,12 +209,12 @@ def test_stored_rows_are_the_files_own_tokens_and_mels(prepared_dir, audio_corpu
 
 
 def test_count_baselines_against_a_hand_count(prepared_dir):
-    """train 0 1 0 1 2, val 0 1 1, vocabulary 3, add-one. Unigram counts 2+1, 2+1, 1+1 of 8: every val token has
-    3/8. Bigram rows (train pairs 01 10 01 12, plus one each): from 0: 1 3 1 of 5; from 1: 2 1 2 of 5. The val
-    pairs 01 and 11 have 3/5 and 1/5."""
-    refs = prepare.count_baselines(np.array([0, 1, 0, 1, 2], np.uint16), np.array([0, 1, 1], np.uint16), 3)
-    assert refs["unigram_nll"] == pytest.approx(math.log(8 / 3), abs=1e-12)
-    assert refs["bigram_nll"] == pytest.approx((math.log(5 / 3) + math.log(5)) / 2, abs=1e-12)
+    """train 0 1 0 1 2, val 0 1 2, vocabulary 3, add-one. Unigram counts 2+1, 2+1, 1+1 of 8: the val tokens
+    have 3/8, 3/8, 2/8. Bigram rows (train pairs 01 10 01 12, plus one each): from 0: 1 3 1 of 5; from 1: 2 1 2
+    of 5. The val pairs 01 and 12 have 3/5 and 2/5."""
+    refs = prepare.count_baselines(np.array([0, 1, 0, 1, 2], np.uint16), np.array([0, 1, 2], np.uint16), 3)
+    assert refs["unigram_nll"] == pytest.approx((2 * math.log(8 / 3) + math.log(4)) / 3, abs=1e-12)
+    assert refs["bigram_nll"] == pytest.approx((math.log(5 / 3) + math.log(5 / 2)) / 2, abs=1e-12)
     meta = prepare.read_meta(prepared_dir)  # and prepare.py stores the counts of its own splits
     train, val = (read_split(prepared_dir, split)[0] for split in ("train", "val"))
     assert meta["baselines"] == json.loads(json.dumps(prepare.count_baselines(train, val)))
