@@ -950,11 +950,6 @@ def test_a_hybrid_trained_by_the_loop_cannot_read_its_target_from_the_mel(tmp_pa
     assert final[2] < math.log(vocab) - 1.5, f"the control did not learn from the mel: {final[2]:.3f}"
 
 
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, os.path.join(HERE, "whisper_gpt.py"), *args], capture_output=True,
-                          text=True, cwd=HERE, env=env, timeout=300)
-
-
 def test_bad_flags_fail_with_clear_messages(tmp_path):
     with pytest.raises(ValueError, match="not divisible by --n_head"):
         wg.parse_args(["--n_embd", "65"])
@@ -972,8 +967,6 @@ def test_bad_flags_fail_with_clear_messages(tmp_path):
         wg.train(train_config(tmp_path, data_dir=str(tmp_path / "missing")))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         wg.train(train_config(tmp_path, init_from="resume"))
-    result = run_cli("--n_embd", "63", "--n_head", "8")
-    assert result.returncode != 0 and "not divisible by --n_head 8" in result.stderr
 
 
 def test_scratch_run_never_overwrites_an_existing_run(tmp_path):
@@ -1645,7 +1638,7 @@ def mistakes(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("script, args, message", [
+MISTAKES = [
     ("sample.py", ["--out_dir", "{root}/run", "--prompt", "{root}/notes.txt"], "notes.txt is not audio"),
     ("sample.py", ["--out_dir", "{root}/run", "--prompt", "{root}/missing.wav"], "missing.wav: no such file"),
     ("sample.py", ["--out_dir", "{root}/nothing"], "no checkpoint at {root}/nothing/ckpt_best.pt: train one"),
@@ -1662,15 +1655,47 @@ def mistakes(tmp_path_factory):
     ("whisper_gpt.py", ["--data_dir", "{root}/gone", "--out_dir", "{root}/new"], "no prepared data in {root}/gone: run"),
     ("whisper_gpt.py", ["--n_embd", "63"], "--n_embd 63 is not divisible by --n_head 8"),
     ("whisper_gpt.py", ["--batch_size", "eight"], "invalid int value: 'eight'"),
-])
-def test_a_users_mistake_is_one_line_without_a_traceback(mistakes, script, args, message):
-    args = [a.format(root=mistakes) for a in args]
+]
+
+
+def script_argv(mistakes, script, args):
+    """args with {root} filled in, and a place to write that is not the repository."""
     writes_to = {"prepare.py": ["--data_root", str(mistakes / "out")], "sample.py": ["--sample_dir",
                                                                                     str(mistakes / "out")]}
-    r = subprocess.run([sys.executable, os.path.join(HERE, script), *args, *writes_to.get(script, [])],
+    return [a.format(root=mistakes) for a in args] + writes_to.get(script, [])
+
+
+def main_in_process(script, argv, capsys):
+    """script's main(argv) run here as its `if __name__ == "__main__"` block runs it (a UserError becomes one
+    line, `<script>: error: ...`, and exit status 1; any other exception propagates, traceback and all) ->
+    (exit status, stderr). The block itself is run once per script by the subprocess test below."""
+    module = {"sample.py": sample, "prepare.py": prepare, "whisper_gpt.py": wg}[script]
+    capsys.readouterr()
+    try:
+        module.main(argv)
+    except wg.UserError as e:
+        return 1, capsys.readouterr().err + f"{script}: error: {e}\n"
+    except SystemExit as e:  # argparse's one line, or a message passed to sys.exit
+        err = capsys.readouterr().err
+        return (1, err + f"{e.code}\n") if isinstance(e.code, str) else (e.code, err)
+    return 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, args, message", MISTAKES)
+def test_a_users_mistake_is_one_line_without_a_traceback(mistakes, capsys, script, args, message):
+    status, err = main_in_process(script, script_argv(mistakes, script, args), capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status != 0 and len(lines) == 1, err
+    assert message.format(root=mistakes) in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("script, args, message", [MISTAKES[i] for i in (4, 8, 11)])  # one per script
+def test_each_script_prints_a_users_mistake_as_one_line_without_a_traceback(mistakes, script, args, message):
+    """The scripts themselves, end to end: the `__main__` block turns the error into one line on stderr."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, script), *script_argv(mistakes, script, args)],
                        capture_output=True, text=True, cwd=HERE, timeout=120)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode != 0 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert message.format(root=mistakes) in lines[0], lines[0]
 
 
