@@ -1173,13 +1173,14 @@ BASELINES = {"unigram_nll": 6.4, "bigram_nll": 3.9}
 def write_log(run_dir, model, dataset, params, nlls, final_nll=None, tokenizer="offline-random-encodec-kmeans",
               windows=None, baselines=BASELINES):
     """A log.jsonl as whisper_gpt.py writes it: a start line, one eval per val NLL (two per epoch, a minute
-    apart), and an eval_only line when final_nll is given (with its per-window NLLs, when windows are)."""
+    apart; the train NLL below the val NLL and falling on past val's lowest, so a column read in place of the
+    other shows), and an eval_only line when final_nll is given (with its per-window NLLs, when windows are)."""
     os.makedirs(run_dir, exist_ok=True)
     records = [{"event": "start", "model": model, "params": params, "dataset": dataset, "tokenizer": tokenizer,
                 "baselines": baselines, "config": {}}]
     for i, nll in enumerate(nlls):
         records.append({"event": "eval", "iter": 10 * i, "epoch": i / 2, "tokens": 7500 * i, "lr": 2e-4,
-                        "train_nll": nll, "val_nll": nll, "val_acc": 0.5 - nll / 20, "val_ppl": math.exp(nll),
+                        "train_nll": nll - 0.1 - 0.3 * i, "val_nll": nll, "val_acc": 0.5 - nll / 20, "val_ppl": math.exp(nll),
                         "tokens_per_s": 1000.0, "elapsed_s": 60.0 * i})
     if final_nll is not None:
         records.append({"event": "eval_only", "params": params, "val_nll": final_nll, "val_nll_se": 0.01,
@@ -1249,13 +1250,19 @@ def test_plot_curves_pairs_the_models_window_by_window_and_draws_the_baselines(t
         plot_curves.main(runs + [other, "--out_dir", str(tmp_path / "figures")])
 
 
-def test_plot_curves_labels_each_curve_with_its_parameter_count(tmp_path):
+def test_plot_curves_draws_val_nll_by_epoch_labelled_with_the_parameter_count(tmp_path, monkeypatch):
     group = {"GPT-S": plot_curves.read_log(write_log(tmp_path / "a", "GPT-S", "music", 3_312_000, [4, 3]) +
                                            "/log.jsonl"),
              "hybrid": plot_curves.read_log(write_log(tmp_path / "b", "hybrid", "music", 3_712_000, [4, 2]) +
                                             "/log.jsonl")}
+    figures = []
+    monkeypatch.setattr(plot_curves.plt, "close", figures.append)  # keep the figure to read its lines back
     labels = plot_curves.plot_dataset("music", group, ["GPT-L"], str(tmp_path / "fig.png"))
-    assert labels[:2] == ["GPT-S (3.3 M)", "hybrid (3.7 M)"]
+    assert labels == ["GPT-S (3.3 M)", "hybrid (3.7 M)", "count unigram of this val split",
+                      "count bigram of this val split"]
+    lines = figures[0].axes[0].lines
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in lines] == [
+        ([0.0, 0.5], [4, 3]), ([0.0, 0.5], [4, 2]), ([0, 1], [6.4, 6.4]), ([0, 1], [3.9, 3.9])]
 
 
 def test_plot_curves_reports_a_dataset_with_no_runs(tmp_path, capsys):
