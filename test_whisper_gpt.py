@@ -1041,15 +1041,15 @@ def evals_of(out_dir):
 def test_one_and_two_processes_run_the_same_recipe(tmp_path):
     """--batch_size is the global batch: two processes take the same steps per epoch, on the same crops, as one
     (and as one with gradient accumulation), so their losses agree to float rounding."""
-    data = make_data(tmp_path / "data")
-    args = ["--data_dir", data, "--batch_size", "4", "--epochs", "2", "--eval_interval", "2", "--eval_windows", "6"]
+    data = make_data(tmp_path / "data", n_train=1000)
+    args = ["--data_dir", data, "--batch_size", "4", "--epochs", "2", "--eval_interval", "4", "--eval_windows", "6"]
     result = torchrun(2, *args, "--out_dir", str(tmp_path / "two"))
     assert "DDP world 2, 1 x 2 crops per process and step" in result.stdout
     wg.train(wg.parse_args([*DDP_FLAGS, *args, "--out_dir", str(tmp_path / "one")]))
     wg.train(wg.parse_args([*DDP_FLAGS, *args, "--micro_batch", "1", "--out_dir", str(tmp_path / "accum")]))
     one, two, accum = (evals_of(tmp_path / name) for name in ("one", "two", "accum"))
-    steps = 2 * wg.steps_per_epoch(Config(batch_size=4, block_size=32), 4000)  # 2 epochs of 32 steps
-    assert [r["iter"] for r in one] == [r["iter"] for r in two] == [r["iter"] for r in accum] == list(range(0, steps + 1, 2))
+    steps = 2 * wg.steps_per_epoch(Config(batch_size=4, block_size=32), 1000)  # 2 epochs of 8 steps
+    assert [r["iter"] for r in one] == [r["iter"] for r in two] == [r["iter"] for r in accum] == list(range(0, steps + 1, 4))
     assert two[-1]["tokens"] == one[-1]["tokens"] == steps * 4 * 32
     for other in (two, accum):
         for a, b in zip(one[1:], other[1:]):
@@ -1067,8 +1067,9 @@ def test_three_processes_evaluate_any_number_of_windows_as_one_does(tmp_path, n_
     one, three = evals_of(tmp_path / "one"), evals_of(tmp_path / "three")
     assert [r["iter"] for r in three] == [0, 1, 2]
     assert three[0]["val_nll"] == pytest.approx(one[0]["val_nll"], abs=1e-6)  # the same initial model
-    for a, b in zip(one, three):
-        assert b["val_nll"] == pytest.approx(a["val_nll"], abs=1e-3) and b["val_acc"] == pytest.approx(a["val_acc"], abs=0.02)
+    assert max(r["val_acc"] for r in one) > 0.03  # a few val tokens right (5 of 64 here), to be counted alike
+    for a, b in zip(one, three):  # the same predictions, counted once each: the same number right
+        assert b["val_nll"] == pytest.approx(a["val_nll"], abs=1e-3) and b["val_acc"] == pytest.approx(a["val_acc"], abs=1e-9)
 
 
 def test_bf16_autocast_runs_on_the_cpu_and_trains_like_fp32(tmp_path):
