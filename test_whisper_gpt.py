@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -480,7 +481,7 @@ def test_libritts_download_extract_and_tokenise(tmp_path, archive_server):
     assert all(f["path"].startswith("train-clean-100/") and f["path"].endswith(".wav") for f in meta["files"])
     assert handler.requests == [("/train-clean-100.tar.gz", "bytes=1000-")]
     assert (downloads / "train-clean-100.extracted").exists() and not list(downloads.glob("*.tar.gz*"))
-    run_prepare(tmp_path, "--dataset", "speech", "--url_base", url, "--tokenizer", "offline")
+    assert prepare.fetch_libritts(["train-clean-100"], url, downloads) == [downloads / "LibriTTS" / "train-clean-100"]
     assert len(handler.requests) == 1  # extracted once: no second download
 
 
@@ -916,7 +917,8 @@ class Oracle(torch.nn.Module):
     def forward(self, idx, mel=None):
         self.seen.append((idx, mel))
         rows = mel[..., 1].long()
-        return torch.nn.functional.one_hot(self.tokens[(rows + 1).clamp(max=len(self.tokens) - 1)], 1024).float() * 50, None
+        following = self.tokens[(rows + 1).clamp(max=len(self.tokens) - 1)]  # (B, T)
+        return torch.nn.functional.one_hot(following, 1024).float() * 50, None
 
 
 def test_evaluate_puts_each_tokens_own_mel_row_beside_it(tmp_path):
@@ -1069,7 +1071,8 @@ def test_three_processes_evaluate_any_number_of_windows_as_one_does(tmp_path, n_
     assert three[0]["val_nll"] == pytest.approx(one[0]["val_nll"], abs=1e-6)  # the same initial model
     assert max(r["val_acc"] for r in one) > 0.03  # a few val tokens right (5 of 64 here), to be counted alike
     for a, b in zip(one, three):  # the same predictions, counted once each: the same number right
-        assert b["val_nll"] == pytest.approx(a["val_nll"], abs=1e-3) and b["val_acc"] == pytest.approx(a["val_acc"], abs=1e-9)
+        assert b["val_nll"] == pytest.approx(a["val_nll"], abs=1e-3)
+        assert b["val_acc"] == pytest.approx(a["val_acc"], abs=1e-9)
 
 
 def test_bf16_autocast_runs_on_the_cpu_and_trains_like_fp32(tmp_path):
@@ -1181,8 +1184,8 @@ def write_log(run_dir, model, dataset, params, nlls, final_nll=None, tokenizer="
                 "baselines": baselines, "config": {}}]
     for i, nll in enumerate(nlls):
         records.append({"event": "eval", "iter": 10 * i, "epoch": i / 2, "tokens": 7500 * i, "lr": 2e-4,
-                        "train_nll": nll - 0.1 - 0.3 * i, "val_nll": nll, "val_acc": 0.5 - nll / 20, "val_ppl": math.exp(nll),
-                        "tokens_per_s": 1000.0, "elapsed_s": 60.0 * i})
+                        "train_nll": nll - 0.1 - 0.3 * i, "val_nll": nll, "val_acc": 0.5 - nll / 20,
+                        "val_ppl": math.exp(nll), "tokens_per_s": 1000.0, "elapsed_s": 60.0 * i})
     if final_nll is not None:
         records.append({"event": "eval_only", "params": params, "val_nll": final_nll, "val_nll_se": 0.01,
                         "val_acc": 0.3125, "val_ppl": math.exp(final_nll), "n_windows": 4, "tokens": 3000,
@@ -1363,7 +1366,7 @@ def sample_args(**kw):
 @pytest.mark.parametrize("kind", ["gpt", "hybrid"])
 def test_sampling_writes_wavs_of_the_requested_length(tiny_run, tmp_path, capsys, kind):
     sample.main(["--out_dir", tiny_run[kind], "--seconds", "0.4", "--prompt_seconds", "0.2", "--num_samples", "2",
-                 "--sample_dir", str(tmp_path)])
+                 "--sample_dir", str(tmp_path), "--mel_worker", "thread"])  # the worker process: tested on its own
     printed = capsys.readouterr().out
     n_prompt, n_new = 15, 30  # 0.2 s and 0.4 s at 75 tokens/s
     val_tokens, _ = wg.open_split(tiny_run["data"], "val", False)
@@ -1394,7 +1397,7 @@ def test_an_audio_prompt_is_resampled_to_24khz_mono(tiny_run, tmp_path, capsys):
     assert abs(np.argmax(spectrum) * 24000 / len(wav) - 440) < 5  # still 440 Hz: resampled, not reinterpreted
     assert abs(wav.abs().max().item() - 0.2) < 0.02  # the mean of the two channels
     sample.main(["--out_dir", tiny_run["hybrid"], "--prompt", str(tmp_path / "prompt.wav"), "--seconds", "0.2",
-                 "--sample_dir", str(tmp_path / "out")])
+                 "--sample_dir", str(tmp_path / "out"), "--mel_worker", "thread"])
     assert sf.info(str(tmp_path / "out" / "sample_0.wav")).frames == (37 + 15) * prepare.HOP  # 0.5 s -> 37 tokens
     sf.write(tmp_path / "short.wav", np.zeros(100, np.float32), rate)
     with pytest.raises(ValueError, match="short.wav: shorter than one token"):
@@ -1503,7 +1506,7 @@ def test_a_mel_worker_that_cannot_start_says_why(tmp_path):
 
 def test_bench_prints_tokens_per_second_and_realtime_factor(tiny_run, tmp_path, capsys):
     sample.main(["--out_dir", tiny_run["hybrid"], "--seconds", "0.2", "--prompt_seconds", "0.2", "--bench",
-                 "--sample_dir", str(tmp_path)])
+                 "--sample_dir", str(tmp_path), "--mel_worker", "thread"])  # the worker process: tested on its own
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("bench"))
     tok_s = float(line.split(" tokens/s")[0].split("| ")[-1])
     rtf = float(line.split("realtime factor ")[1].split()[0])
@@ -1626,11 +1629,18 @@ def test_training_progress_reaches_a_redirected_log_at_once(tmp_path):
            str(tmp_path / "out"), "--batch_size", "2", "--max_iters", "100000", "--log_interval", "1"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as for most users
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=dict(env, OMP_NUM_THREADS="1"))
+    deadline = time.monotonic() + 120  # a child that falls silent fails the test, never hangs it
+
+    def read_some():
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, "no output from the training process in 120 s"
+        return os.read(proc.stdout.fileno(), 65536).decode()
+
     try:
-        first = os.read(proc.stdout.fileno(), 65536).decode()  # blocks until something arrives
+        first = read_some()  # what arrives first
         text = first
         while "step      2/" not in text and proc.poll() is None:
-            text += os.read(proc.stdout.fileno(), 65536).decode()
+            text += read_some()
         assert proc.poll() is None  # still training: what arrived was flushed, not written at exit
     finally:
         proc.kill()
