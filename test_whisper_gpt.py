@@ -496,11 +496,16 @@ def test_corrupt_archive_is_deleted_with_a_clear_error(tmp_path, archive_server)
 # -----------------------------------------------------------------------------
 # prepare.py: the built-in music corpus
 
+@pytest.fixture(scope="module")
+def first_pass():
+    return prepare.music_sources(SEED)
+
+
 SHORT_PIECES = ["essenFolksong/erk10.abc#208", "essenFolksong/kinder0.abc#170", "essenFolksong/erk20.abc#257"]
 
 
-def test_music_sources_are_varied_and_deterministic():
-    sources = prepare.music_sources(SEED)
+def test_music_sources_are_varied_and_deterministic(first_pass):
+    sources = first_pass  # prepare.music_sources(SEED), listed once for the module
     assert sources == prepare.music_sources(SEED) and sources != prepare.music_sources(SEED + 1)
     assert len(sources) > 10_000 and len({s.key for s in sources}) == len(sources)
     programs = {s.music["program"] for s in sources[:200]}
@@ -508,8 +513,8 @@ def test_music_sources_are_varied_and_deterministic():
     assert {s.path.split("/")[0] for s in sources[:500]} >= {"bach", "palestrina", "essenFolksong", "oneills1850"}
 
 
-def test_music_dataset_renders_short_pieces_in_a_worker(tmp_path, monkeypatch):
-    everything = {s.name: s for s in prepare.music_sources(SEED)}
+def test_music_dataset_renders_short_pieces_in_a_worker(tmp_path, monkeypatch, first_pass):
+    everything = {s.name: s for s in first_pass}
     pieces = [everything[name] for name in SHORT_PIECES]
     monkeypatch.setattr(prepare, "music_sources", lambda seed: pieces)
     prepare.main(["--dataset", "music", "--hours", "0.01", "--tokenizer", "offline", "--data_root", str(tmp_path),
@@ -1552,11 +1557,6 @@ def test_too_little_disk_is_one_clear_error_before_any_work(tmp_path, monkeypatc
     assert "\n" not in str(e.value) and not (tmp_path / "data" / "d").exists()
     seconds = 200 * 3600  # the paper's scale: about 21 GB
     assert 20e9 < seconds * prepare.FRAME_RATE * prepare.BYTES_PER_TOKEN < 22e9
-
-
-@pytest.fixture(scope="module")
-def first_pass():
-    return prepare.music_sources(SEED)
 
 
 def test_music_beyond_one_pass_is_played_again_otherwise_in_the_same_split(first_pass):
