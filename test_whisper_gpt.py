@@ -1739,7 +1739,9 @@ def test_each_script_prints_a_users_mistake_as_one_line_without_a_traceback(mist
     assert message.format(root=mistakes) in lines[0], lines[0]
 
 
-def test_a_bug_still_shows_its_traceback(mistakes):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--out_dir", str(mistakes / "broken")],
+@pytest.mark.parametrize("script, args", [("sample.py", []), ("whisper_gpt.py", ["--eval_only"])])
+def test_a_bug_still_shows_its_traceback(mistakes, script, args):
+    r = subprocess.run([sys.executable, os.path.join(HERE, script), "--out_dir", str(mistakes / "broken"), *args],
                        capture_output=True, text=True, cwd=HERE, timeout=120)
-    assert r.returncode != 0 and "Traceback" in r.stderr
+    assert r.returncode != 0 and "Traceback" in r.stderr, r.stderr[-2000:]
+    assert "head.c_proj.bias" in r.stderr  # the weights that do not fit: load_state_dict's own error
