@@ -92,8 +92,9 @@ def model_rate(path):
     """What prepare.py must make of an audio file, stated here apart from its code: the channels averaged,
     resampled to 24 kHz, cut to whole tokens."""
     audio, rate = sf.read(path, dtype="float32", always_2d=True)
-    wav = torchaudio.functional.resample(torch.from_numpy(audio).mean(1), rate, 24000) if rate != 24000 else \
-        torch.from_numpy(audio).mean(1)
+    wav = torch.from_numpy(audio).mean(1)
+    if rate != 24000:
+        wav = torchaudio.functional.resample(wav, rate, 24000)
     return wav[:len(wav) // prepare.HOP * prepare.HOP]
 
 
@@ -1318,7 +1319,7 @@ def test_plot_curves_cli_prints_one_line_naming_the_file(tmp_path):
     os.makedirs(tmp_path / "out-x")
     (tmp_path / "out-x" / "log.jsonl").write_text("")
     r = subprocess.run([sys.executable, os.path.join(HERE, "plot_curves.py")], cwd=tmp_path,
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert r.stderr.strip() == "plot_curves.py: error: out-x/log.jsonl: empty log, no records"
 
