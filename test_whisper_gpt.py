@@ -1728,6 +1728,7 @@ def test_a_resumed_run_logs_its_whole_training_time(tmp_path):
     del old["elapsed_s"]  # a checkpoint without the key resumes its clock from 0
     torch.save(old, tmp_path / "old" / "ckpt_latest.pt")
     for out in ("out", "old"):
-        wg.train(train_config(tmp_path, max_iters=4, eval_interval=2, init_from="resume", out_dir=str(tmp_path / out)))
+        wg.train(train_config(tmp_path, max_iters=4, eval_interval=2, init_from="resume",
+                              out_dir=str(tmp_path / out)))
     assert 1000 < evals_of(tmp_path / "out")[-1]["elapsed_s"] < 1100
     assert 0 < evals_of(tmp_path / "old")[-1]["elapsed_s"] < 100

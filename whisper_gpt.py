@@ -1,7 +1,7 @@
 """
 Whisper-GPT (Verma, 2024) in one file: the token-only GPT baselines (GPT-S, GPT-L) and the hybrid that feeds a
 causal mel-spectrogram stack beside the EnCodec token embedding, trained by the paper's recipe. The model comes
-first, then the data, evaluation and training loop; the command line and a user's mistakes are at the bottom.
+first, then the data, evaluation and training loop, the command line last; checks.py refuses a user's mistakes.
 
     python whisper_gpt.py --dataset music                           # GPT-S, the paper's baseline (the defaults)
     python whisper_gpt.py --dataset music --hybrid --n_embd 64      # the hybrid: 32 token + 32 mel
@@ -14,7 +14,6 @@ import inspect
 import json
 import math
 import os
-import pickle
 import re
 import sys
 import time
@@ -24,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from checks import Parser, UserError, check_data, load_torch_file, run_script, validate  # other scripts' too
 
 
 # -----------------------------------------------------------------------------
@@ -76,9 +77,8 @@ FROM_DATA = ("vocab_size", "n_mel")  # fixed by the data (meta.json), so no flag
 
 def model_name(c):
     """The paper's name for a configuration: GPT-S, GPT-L, hybrid, or custom."""
-    if c.hybrid:
-        return "hybrid"
-    return {(8, 8, 64): "GPT-S", (8, 16, 256): "GPT-L"}.get((c.n_layer, c.n_head, c.n_embd), "custom")
+    shape = {(8, 8, 64): "GPT-S", (8, 16, 256): "GPT-L"}.get((c.n_layer, c.n_head, c.n_embd), "custom")
+    return "hybrid" if c.hybrid else shape
 
 
 # -----------------------------------------------------------------------------
@@ -320,10 +320,9 @@ def save_checkpoint(path, obj):
 
 
 # -----------------------------------------------------------------------------
-# Data: random crops of prepare.py's memmaps (check_data, at the bottom, checks them first); fixed val windows.
+# Data: random crops of prepare.py's memmaps (check_data in checks.py checks them first); fixed val windows.
 def open_split(data_dir, split, n_mel=0):
-    """A split's memmaps: tokens (N,) uint16, mel (N, n_mel) float16 or None. Opened anew per batch, as nanoGPT
-    does: a long-lived np.memmap keeps every page it ever touched resident."""
+    """tokens (N,), mel (N, n_mel) or None: memmaps opened per batch, as nanoGPT's (a kept one grows resident)."""
     tokens = np.memmap(os.path.join(data_dir, f"{split}_tokens.bin"), dtype=np.uint16, mode="r")
     if not n_mel:
         return tokens, None
@@ -344,9 +343,10 @@ def crops(c, tokens, mel, ix):
     x = np.stack([tokens[i:i + c.block_size] for i in ix]).astype(np.int64)
     y = np.stack([tokens[i + 1:i + 1 + c.block_size] for i in ix]).astype(np.int64)
     m = None if mel is None else np.stack([mel[i:i + c.block_size] for i in ix]).astype(np.float32)
-    gpu = c.device.startswith("cuda")  # through pinned memory, without waiting
-    return [None if a is None else (torch.from_numpy(a).pin_memory() if gpu else torch.from_numpy(a)).to(
-        c.device, non_blocking=gpu) for a in (x, y, m)]
+    if c.device.startswith("cuda"):  # through pinned memory, without waiting
+        return [None if a is None else torch.from_numpy(a).pin_memory().to(c.device, non_blocking=True)
+                for a in (x, y, m)]
+    return [None if a is None else torch.from_numpy(a).to(c.device) for a in (x, y, m)]
 
 
 def val_windows(n_tokens, block_size, limit=0):
@@ -617,106 +617,7 @@ def eval_only(model, c, meta, ctx, step, rank=0, world=1):
 
 
 # -----------------------------------------------------------------------------
-# The command line, and a user's mistakes refused before the first step in one line; a bug keeps its traceback.
-class UserError(Exception):
-    """A user's mistake (a flag, a missing or damaged file, too little disk), in every script of the project."""
-
-
-def run_script(main):
-    """Run main(): a UserError is one line `<script>: error: <message>` and exit status 1; a bug keeps its traceback."""
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
-
-
-def load_torch_file(path, device="cpu"):
-    """torch.load with weights_only=True (no code in the file runs); a damaged or foreign file is one clear error."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
-        reason = re.split(r"\.\s", str(e).strip())[0][:150] or type(e).__name__  # torch's first sentence
-        raise UserError(f"{path} is not a whole torch file of tensors ({reason}): copy or make it again") from e
-
-
-def validate(c):
-    """Raise one clear error for an impossible combination of flags."""
-    if c.n_embd % c.n_head:
-        raise UserError(f"--n_embd {c.n_embd} is not divisible by --n_head {c.n_head}: pick a width that is")
-    if c.hybrid and c.n_embd % 2:
-        raise UserError(f"--hybrid needs an even --n_embd (half token, half mel); got {c.n_embd}")
-    if c.hybrid and (c.n_embd // 2) % c.mel_head:
-        raise UserError(f"the mel stack width {c.n_embd // 2} is not divisible by --mel_head {c.mel_head}")
-    if c.init_from not in ("scratch", "resume"):
-        raise UserError(f"--init_from must be 'scratch' or 'resume', not {c.init_from!r}")
-    if c.dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype must be float32, bfloat16 or float16, not {c.dtype!r}")
-    for name in ("block_size", "n_layer", "batch_size", "epochs", "vocab_size"):
-        if getattr(c, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(c, name)}")
-    for name in ("micro_batch", "log_interval", "eval_interval", "max_iters", "eval_windows", "final_windows"):
-        if getattr(c, name) < 0:
-            raise UserError(f"--{name} must be 0 or more, got {getattr(c, name)}")
-    if c.lr <= 0:
-        raise UserError(f"--lr must be positive, got {c.lr}")
-    if not 0 <= c.lr_drop_at <= 1:
-        raise UserError(f"--lr_drop_at is a fraction of the run, between 0 and 1; got {c.lr_drop_at}")
-
-
-def check_data(c):
-    """The data contract, before the first step: meta.json has what training needs, each memmap whole rows, one
-    per token, and token ids below the vocabulary. A new model takes vocab_size and n_mel from meta. Returns meta."""
-    path, fix = os.path.join(c.data_dir, "meta.json"), f"make {c.data_dir} again with python prepare.py"
-    if not os.path.isfile(path):
-        raise UserError(f"no prepared data in {c.data_dir}: run python prepare.py --dataset {c.dataset}")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except ValueError as e:  # json's errors and UnicodeDecodeError are ValueErrors
-        raise UserError(f"{path} is not JSON ({e}): {fix}") from None
-    missing = [k for k in ("vocab_size", "n_mels", "n_train", "n_val")
-               if not isinstance(meta, dict) or not isinstance(meta.get(k), int) or meta[k] < 1]
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)} (positive whole numbers): {fix}")
-    if c.init_from == "scratch" and not c.eval_only:
-        c.vocab_size, c.n_mel = meta["vocab_size"], meta["n_mels"]
-    elif c.hybrid and c.n_mel != meta["n_mels"]:
-        raise UserError(f"{path} has {meta['n_mels']} mel bins and the checkpoint's model reads {c.n_mel}: "
-                        f"train a new run on this data")
-    for split in ("train", "val"):
-        n, files = meta[f"n_{split}"], [(f"{split}_tokens.bin", 2, "uint16 tokens", fix)]
-        if c.hybrid:
-            files.append((f"{split}_mel.bin", 2 * c.n_mel, f"{c.n_mel}-bin float16 mel rows",
-                          "--hybrid needs the mel memmaps of prepare.py"))
-        for name, row, what, if_missing in files:
-            file = os.path.join(c.data_dir, name)
-            if not os.path.isfile(file):
-                raise UserError(f"{c.data_dir} has no {name}: {if_missing}")
-            size = os.path.getsize(file)
-            if size % row:
-                raise UserError(f"{file}: {size:,} bytes is not a whole number of {what} ({row} bytes each), so it "
-                                f"is cut short or not prepare.py's: {fix}")
-            if size // row != n:
-                raise UserError(f"{file} holds {size // row:,} {what} but meta.json says the {split} split has "
-                                f"{n:,} tokens (one mel row per token): {fix}")
-        if n < c.block_size + 1:
-            raise UserError(f"the {split} split has {n} tokens, fewer than a crop of --block_size {c.block_size} "
-                            f"+ 1: use a smaller --block_size or prepare more audio")
-        top = int(open_split(c.data_dir, split)[0].max())
-        if top >= c.vocab_size:
-            raise UserError(f"{os.path.join(c.data_dir, split + '_tokens.bin')} holds token id {top}, not below the "
-                            f"model's vocabulary of {c.vocab_size}: the file is damaged or made by another "
-                            f"tokenizer; {fix}")
-    return meta
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (what is wrong, and where the help is), not usage + error."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
+# The command line: a flag per field of Config; a user's mistake is one line (checks.py).
 def add_config_flags(parser, names=None):
     """One flag per field of Config (or of those named) but those the data fixes; its comment is the --help."""
     helps = dict(re.findall(r"^ {4}(\w+): [^\n]*?#\s*(.+)$", inspect.getsource(Config), re.MULTILINE))
