@@ -1964,3 +1964,24 @@ def test_plot_curves_keeps_a_bugs_traceback_and_makes_a_users_mistake_one_line(t
     monkeypatch.setattr(sys, "argv", ["plot_curves.py", str(tmp_path / "nothing")])
     with pytest.raises(SystemExit, match="plot_curves.py: error: .*nothing/log.jsonl: no such file"):
         runpy.run_path(os.path.join(HERE, "plot_curves.py"), run_name="__main__")
+
+
+# -----------------------------------------------------------------------------
+# whisper_gpt.py: a resumed run's clock goes on from its checkpoint's
+
+def test_a_resumed_run_logs_its_whole_training_time(tmp_path):
+    make_data(tmp_path / "data")
+    for out in ("out", "old"):
+        wg.train(train_config(tmp_path, max_iters=2, eval_interval=2, out_dir=str(tmp_path / out)))
+    ckpt = torch.load(tmp_path / "out" / "ckpt_latest.pt", weights_only=True)
+    assert ckpt["elapsed_s"] == evals_of(tmp_path / "out")[-1]["elapsed_s"] > 0
+    ckpt["elapsed_s"] = 1000.0  # as if the run had trained for 1000 s before it was cut
+    torch.save(ckpt, tmp_path / "out" / "ckpt_latest.pt")
+    old = torch.load(tmp_path / "old" / "ckpt_latest.pt", weights_only=True)
+    del old["elapsed_s"]  # a checkpoint without the key resumes its clock from 0
+    torch.save(old, tmp_path / "old" / "ckpt_latest.pt")
+    for out in ("out", "old"):
+        wg.train(train_config(tmp_path, max_iters=4, eval_interval=2, init_from="resume",
+                              out_dir=str(tmp_path / out)))
+    assert 1000 < evals_of(tmp_path / "out")[-1]["elapsed_s"] < 1100
+    assert 0 < evals_of(tmp_path / "old")[-1]["elapsed_s"] < 100

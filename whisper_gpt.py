@@ -1,15 +1,12 @@
 """
-Whisper-GPT (Verma, 2024) in one file: the token-only GPT baselines (GPT-S, GPT-L), the hybrid that feeds a
-causal mel-spectrogram stack beside the EnCodec token embedding, and the training loop that trains them by the
-paper's recipe. The model comes first, then the data, the evaluation and the training loop; the command line
-and the handling of a user's mistakes are at the bottom.
+Whisper-GPT (Verma, 2024) in one file: the token-only GPT baselines (GPT-S, GPT-L) and the hybrid that feeds a
+causal mel-spectrogram stack beside the EnCodec token embedding, trained by the paper's recipe. The model comes
+first, then the data, evaluation and training loop, the command line last; checks.py refuses a user's mistakes.
 
-    python whisper_gpt.py --dataset music                     # GPT-S, the paper's baseline (the defaults)
-    python whisper_gpt.py --dataset music --hybrid --n_embd 64 # the hybrid: 32 token + 32 mel
-    python whisper_gpt.py --dataset music --n_embd 256 --n_head 16   # GPT-L
-    torchrun --nproc_per_node 8 whisper_gpt.py ...            # DDP, one process per GPU
-
-Importing this file has no side effects: tests, sample.py and bench.py import the model from it.
+    python whisper_gpt.py --dataset music                           # GPT-S, the paper's baseline (the defaults)
+    python whisper_gpt.py --dataset music --hybrid --n_embd 64      # the hybrid: 32 token + 32 mel
+    python whisper_gpt.py --dataset music --n_embd 256 --n_head 16  # GPT-L
+    torchrun --nproc_per_node 8 whisper_gpt.py ...                  # DDP, one process per GPU
 """
 import argparse
 import dataclasses
@@ -17,23 +14,22 @@ import inspect
 import json
 import math
 import os
-import pickle
 import re
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checks import Parser, UserError, check_data, load_torch_file, run_script, validate  # other scripts' too
+
+
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass of defaults; argparse is generated from its fields.
-
-
-@dataclass
+@dataclasses.dataclass
 class Config:
     # model (the defaults are the paper's baseline GPT-S, section 3.1)
     vocab_size: int = 1024  # EnCodec 24 kHz codebook 0; read from the data's meta.json, not a flag
@@ -52,12 +48,8 @@ class Config:
     dataset: str = "music"  # the name prepare.py gave the data (data/<dataset>)
     data_dir: str = ""  # default: data/<dataset>
     out_dir: str = ""  # default: out-<model>-<dataset>, e.g. out-gpt-s-music
-    # The recipe. The paper (section 3) trains with Adam at 2e-4, halved to 1e-4 after epoch 10 of 25, on about
-    # 200 h, i.e. some hundred thousand steps; it is silent on the batch size. The defaults keep the schedule's
-    # shape (constant, then halved 40 % of the way in) and scale the rest to the default 1 h corpus on a 2-core
-    # CPU: 10 epochs of 8 crops a step are about 400 steps (2.4 M tokens), and at 2e-4 a model barely leaves
-    # the unigram in 400 steps, so the learning rate is 1e-3 (5x). The same recipe trains all three models.
-    # The paper's recipe is: --epochs 25 --lr 2e-4 --batch_size 16 (on prepare.py --hours 200).
+    # The recipe: the paper's shape (Adam, constant, halved 40 % of the way in), scaled to the default 1 h corpus
+    # on a 2-core CPU (NOTES.md, Training). The paper's: --epochs 25 --lr 2e-4 --batch_size 16 on 200 h.
     batch_size: int = 8  # crops per optimizer step in all, whatever the number of processes
     micro_batch: int = 0  # crops per forward pass per process (gradient accumulation); 0 = the process's share
     epochs: int = 10  # passes over the train tokens (paper: 25)
@@ -85,28 +77,21 @@ FROM_DATA = ("vocab_size", "n_mel")  # fixed by the data (meta.json), so no flag
 
 def model_name(c):
     """The paper's name for a configuration: GPT-S, GPT-L, hybrid, or custom."""
-    if c.hybrid:
-        return "hybrid"
-    shape = (c.n_layer, c.n_head, c.n_embd)
-    return {(8, 8, 64): "GPT-S", (8, 16, 256): "GPT-L"}.get(shape, "custom")
+    shape = {(8, 8, 64): "GPT-S", (8, 16, 256): "GPT-L"}.get((c.n_layer, c.n_head, c.n_embd), "custom")
+    return "hybrid" if c.hybrid else shape
 
 
 # -----------------------------------------------------------------------------
 # The model: small modules first, then the two stacks, then the whole.
-
-
 def sinusoids(length, dim):
-    """Fixed sinusoidal positions (Vaswani et al.), (length, dim). Used by every model here: the paper names
-    them for the hybrid and is silent for the baselines, so all three share them and differ only in the mel path."""
+    """Fixed sinusoidal positions (Vaswani et al.), (length, dim), for all three models (NOTES.md)."""
     inv_freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2).float() / dim)  # (dim/2,)
     angle = torch.arange(length).float()[:, None] * inv_freq[None, :]  # (length, dim/2)
     return torch.cat([angle.sin(), angle.cos()], dim=1)  # (length, dim)
 
 
 class KVCache:
-    """Keys and values of every attention layer (both stacks of the hybrid) for incremental decoding. Each
-    layer's buffers hold a whole window (size positions), allocated at first use and written in place: growing
-    them with torch.cat every step would copy the whole past once per token."""
+    """Keys and values of every attention layer (both stacks), written in place into whole-window buffers."""
 
     def __init__(self, n_layers, size):
         self.k = [None] * n_layers  # per layer: (B, n_head, size, head_dim); positions 0..pos-1 are filled
@@ -126,7 +111,6 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-
     def __init__(self, n_embd, n_head, dropout):
         super().__init__()
         self.n_head = n_head
@@ -158,7 +142,6 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-
     def __init__(self, n_in, n_hidden, n_out, dropout=0.0):
         super().__init__()
         self.c_fc = nn.Linear(n_in, n_hidden)
@@ -226,15 +209,8 @@ class WhisperGPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
             if name.endswith((".attn.c_proj.weight", ".mlp.c_proj.weight")):
                 p.data.normal_(0.0, 0.02 / math.sqrt(2 * (c.n_layer + (c.mel_layer if c.hybrid else 0))))
-        # Inputs on equal footing. Each residual stream starts as a sum (or concatenation) of inputs: token
-        # embedding + sinusoids (amplitude 1, RMS 0.71 per component); per-slice MLP + sinusoids in the mel stack;
-        # token half | mel half (a LayerNorm's output, RMS 1) in the hybrid. Each input must start on the scale
-        # of the others, or the weak one is noise to the blocks until training has grown it: GPT-2's 0.02-std
-        # token embedding beside unit sinusoids hid the token ~35x, and the token-only models sat at the unigram
-        # for hundreds of steps while the hybrid, its mel half at unit scale, did not. So the two input layers
-        # start at unit RMS: the token embedding N(0, 1) (PyTorch's default for nn.Embedding; Vaswani et al. get
-        # the same by multiplying a small one by sqrt(width)), and the per-slice MLP with fan-in (LeCun, then He)
-        # init, which keeps a normalised mel slice at unit scale through its GELU.
+        # Inputs on equal footing (NOTES.md): the two input layers start at unit RMS, beside unit sinusoids and
+        # the mel half's LayerNorm, or the weak input is noise to the blocks (GPT-2's 0.02 hid the token ~35x).
         nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
         if self.mel is not None:
             mlp = self.mel.slice_mlp
@@ -255,10 +231,8 @@ class WhisperGPT(nn.Module):
         return KVCache(c.n_layer + (c.mel_layer if c.hybrid else 0), c.block_size)
 
     def forward(self, idx, mel=None, targets=None, cache=None):
-        """idx (B, T) tokens; mel (B, T, n_mel) slices aligned with idx (slice t covers token t's audio);
-        targets (B, T) = idx shifted by one. Returns logits (B, T, vocab) and the mean NLL (or None).
-        With a cache, idx holds only the positions after the cached ones and mel the slices of all positions
-        from the first; the newest slice may be missing, as it is never read."""
+        """idx (B, T) tokens, mel (B, T, n_mel) their slices, targets (B, T) -> logits (B, T, vocab), mean NLL or
+        None. With a cache, idx holds only the new positions, mel the slices from the first (the newest unread)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -285,17 +259,9 @@ class WhisperGPT(nn.Module):
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, mel=None, mel_fn=None, temperature=1.0, top_k=None, top_p=None,
                  use_cache=True, generator=None):
-        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
-
-        Hybrid: mel (B, T, n_mel) holds the prompt's slices, and mel_fn(idx) gives the newest token's slice
-        (B, n_mel), from audio the model itself made, or a future of it (anything with .result()). By the
-        shift by 2 that slice is first read one step later, so it can be made while the model runs (sample.py
-        does so). generator: one torch.Generator, or a list of one per row, so that a batch draws exactly what
-        its rows would draw one by one.
-
-        The model was trained on windows of block_size tokens starting at position 0. When the output outgrows
-        that, the window slides: it restarts on the newest block_size // 2 tokens (the paper is silent). The
-        cached and uncached paths see exactly the same window, so they give the same tokens."""
+        """idx (B, T) -> (B, T + max_new_tokens). Hybrid: mel (B, T, n_mel) the prompt's slices; mel_fn(idx) gives
+        the newest token's (B, n_mel) or a future of it, first read a step later (the shift). generator: one, or one
+        per row. Past block_size the window restarts on the newest block_size // 2 tokens (the paper is silent)."""
         c = self.config
         start = max(0, idx.size(1) - c.block_size)  # first token of the window the model sees
         cache, pending = None, None  # pending: the newest token's slice, on its way from mel_fn
@@ -349,32 +315,23 @@ def load_checkpoint(path, device="cpu"):
 
 def save_checkpoint(path, obj):
     """Write atomically: a file that has the final name is complete."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 # -----------------------------------------------------------------------------
-# Data: random crops of the memmaps prepare.py made (check_data, at the bottom, checks them first); the fixed
-# validation windows.
-
-
+# Data: random crops of prepare.py's memmaps (check_data in checks.py checks them first); fixed val windows.
 def open_split(data_dir, split, n_mel=0):
-    """(tokens (N,) uint16, mel (N, n_mel) float16, or None when n_mel is 0) of a split, as memmaps. Opened anew
-    per batch, as nanoGPT does, because a long-lived np.memmap keeps every page it ever touched resident."""
+    """tokens (N,), mel (N, n_mel) or None: memmaps opened per batch, as nanoGPT's (a kept one grows resident)."""
     tokens = np.memmap(os.path.join(data_dir, f"{split}_tokens.bin"), dtype=np.uint16, mode="r")
-    mel = None
-    if n_mel:
-        mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16, mode="r")
-        mel = mel.reshape(-1, n_mel)  # (N, n_mel)
-    return tokens, mel
+    if not n_mel:
+        return tokens, None
+    mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16, mode="r")
+    return tokens, mel.reshape(-1, n_mel)  # (N, n_mel)
 
 
 def get_batch(c, it, rank=0, world=1):
-    """This process's share of step it's random crops, as crops() makes them, batch_size // world of them. The
-    batch_size offsets of a step come from a generator seeded by (seed, step) and process r takes the r-th slice
-    of them, so a run draws the same crops at any world size, and a resumed run the same crops as an unbroken
-    one. Crops may straddle two files of the memmap, as nanoGPT's do."""
+    """Process rank's share of step it's crops, seeded by (seed, step): the same at any world size or resume."""
     tokens, mel = open_split(c.data_dir, "train", c.n_mel if c.hybrid else 0)
     share = c.batch_size // world
     ix = np.random.default_rng([c.seed, it]).integers(0, len(tokens) - c.block_size, size=c.batch_size)
@@ -382,27 +339,25 @@ def get_batch(c, it, rank=0, world=1):
 
 
 def crops(c, tokens, mel, ix):
-    """The crops at offsets ix: x (B, T) int64, y (B, T) = x shifted by one, and mel (B, T, n_mel) float32 or
-    None, on the device (through pinned memory, without waiting, on a GPU)."""
+    """x (B, T), y (B, T) = x shifted by one, mel (B, T, n_mel) or None at offsets ix, on the device."""
     x = np.stack([tokens[i:i + c.block_size] for i in ix]).astype(np.int64)
     y = np.stack([tokens[i + 1:i + 1 + c.block_size] for i in ix]).astype(np.int64)
     m = None if mel is None else np.stack([mel[i:i + c.block_size] for i in ix]).astype(np.float32)
-    if c.device.startswith("cuda"):
+    if c.device.startswith("cuda"):  # through pinned memory, without waiting
         return [None if a is None else torch.from_numpy(a).pin_memory().to(c.device, non_blocking=True)
                 for a in (x, y, m)]
     return [None if a is None else torch.from_numpy(a).to(c.device) for a in (x, y, m)]
 
 
 def val_windows(n_tokens, block_size, limit=0):
-    """Start offsets of the fixed val windows: non-overlapping crops of block_size + 1 tokens, so every val
-    token is predicted at most once. limit > 0 keeps that many, evenly spaced: the same set in every run."""
+    """Starts of the fixed val windows, non-overlapping; limit > 0 keeps that many, evenly spaced, in every run."""
     starts = np.arange(0, n_tokens - block_size, block_size)
     if 0 < limit < len(starts):
         starts = starts[np.linspace(0, len(starts) - 1, limit).round().astype(int)]
     return starts
 
 
-@dataclass
+@dataclasses.dataclass
 class EvalResult:
     nll: float  # mean NLL over all predicted positions (nats/token)
     acc: float  # top-1 accuracy
@@ -414,11 +369,8 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model, c, limit, ctx, rank=0, world=1):
-    """NLL, accuracy and the NLL's standard error over the fixed val windows. model is the plain (or compiled)
-    module, never the DDP wrapper: DDP's forward makes collectives of its own, and a process with fewer windows
-    than another would meet them at a different one (a hang). Process r takes windows r, r + world, ...; each
-    window's sums go into its own row of one table, and a single all_reduce of that table (made by every
-    process, whatever its share) gives every process the same numbers as one process."""
+    """NLL ± SE and accuracy over the fixed val windows, r, r + world, ... on process r, then one all_reduce.
+    model is never the DDP wrapper, whose own collectives would hang a process with fewer windows."""
     tokens, mel = open_split(c.data_dir, "val", c.n_mel if c.hybrid else 0)
     starts = val_windows(len(tokens), c.block_size, limit)
     sums = torch.zeros(len(starts), 2, device=c.device, dtype=torch.float64)  # per window: nll sum, correct
@@ -447,19 +399,24 @@ def evaluate(model, c, limit, ctx, rank=0, world=1):
 
 
 # -----------------------------------------------------------------------------
-# Training: the paper's recipe in one flat loop.
-
-
+# Training: the paper's recipe in one flat loop, after the set-up it needs.
 def steps_per_epoch(c, n_train):
-    """One epoch = as many crops as it takes to cover the train tokens once (paper, section 3), in steps of
-    batch_size crops: the same at any world size."""
-    crops = math.ceil(n_train / c.block_size)
-    return max(1, math.ceil(crops / c.batch_size))
+    """One epoch = as many crops as cover the train tokens once (paper, section 3), batch_size a step."""
+    return max(1, math.ceil(math.ceil(n_train / c.block_size) / c.batch_size))
 
 
 def get_lr(c, it, spe):
     """c.lr, halved after lr_drop_at of the epochs (the paper: 2e-4 for epochs 0..9 of 25, then 1e-4)."""
     return c.lr if it // spe < round(c.lr_drop_at * c.epochs) else c.lr / 2
+
+
+def say(*args):
+    """print, flushed at once: a log followed through nohup or a redirect shows every line as it is made."""
+    print(*args, flush=True)
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
 
 
 def log_event(out_dir, record):
@@ -476,8 +433,7 @@ def setup_distributed(c):
     if not launched_by_torchrun():
         return 0, 0, 1
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    backend = "nccl" if c.device.startswith("cuda") else "gloo"
-    torch.distributed.init_process_group(backend=backend)
+    torch.distributed.init_process_group(backend="nccl" if c.device.startswith("cuda") else "gloo")
     if c.device.startswith("cuda"):
         c.device = f"cuda:{local_rank}"
         torch.cuda.set_device(c.device)
@@ -504,61 +460,74 @@ def autocast_context(c):
     return torch.autocast(device_type="cuda" if c.device.startswith("cuda") else "cpu", dtype=dtype)
 
 
-def say(*args):
-    """print, flushed at once: a log followed through nohup or a redirect shows every line as it is made."""
-    print(*args, flush=True)
+def resume_model(c, master):
+    """(model, checkpoint) of ckpt_latest.pt (--eval_only: ckpt_best.pt), which fixes the model's flags."""
+    path = os.path.join(c.out_dir, "ckpt_best.pt" if c.eval_only else "ckpt_latest.pt")
+    model, saved, ckpt = load_checkpoint(path, c.device)
+    ignored = [f"--{name} {getattr(c, name)} (the checkpoint's: {getattr(saved, name)})" for name in MODEL_FIELDS
+               if getattr(c, name) not in (getattr(saved, name), getattr(Config, name))]  # set, and ignored
+    if ignored and master:
+        say(f"{path} fixes the model, so these flags are ignored: {', '.join(ignored)}")
+    for name in MODEL_FIELDS:
+        setattr(c, name, getattr(saved, name))
+    return model, ckpt
+
+
+def make_optimizer(c, model, ckpt):
+    """Adam, the loss scaler, the first step, best val NLL and seconds trained, restored from ckpt if resuming."""
+    fused = c.device.startswith("cuda")
+    optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, fused=fused)
+    # fp16 needs its loss scaled (its range is narrow); bf16 and fp32 do not, and the scaler is then a no-op
+    scaler = torch.amp.GradScaler("cuda" if fused else "cpu", enabled=c.dtype == "float16")
+    if ckpt is None:
+        return optimizer, scaler, 0, float("inf"), 0.0
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group in optimizer.param_groups:  # a GPU run's fused Adam state resumes on a CPU, and the other way
+        group["fused"], group["foreach"] = fused, None
+    if "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+    return optimizer, scaler, ckpt["iter"], ckpt["best_val_nll"], ckpt.get("elapsed_s", 0.0)
+
+
+def log_eval(c, it, spe, lr, train_nll, tok_s, result, elapsed):
+    """An eval's line, and its record in log.jsonl."""
+    say(f"epoch {it / spe:6.2f} | step {it:6d} | train {fmt(train_nll, '.4f')} | val {result.nll:.4f} "
+        f"± {result.se:.4f} | acc {result.acc:6.2%} | ppl {math.exp(result.nll):7.2f} | "
+        f"{fmt(tok_s, ',.0f')} tok/s | {elapsed:6.0f} s")
+    log_event(c.out_dir, {"event": "eval", "iter": it, "epoch": it / spe, "tokens": it * c.batch_size * c.block_size,
+                          "lr": lr, "train_nll": train_nll, "val_nll": result.nll, "val_nll_se": result.se,
+                          "val_acc": result.acc, "val_ppl": math.exp(result.nll), "tokens_per_s": tok_s,
+                          "elapsed_s": elapsed})
 
 
 def train(c):
     rank, local_rank, world = setup_distributed(c)
-    master = rank == 0
+    master, gpu = rank == 0, c.device.startswith("cuda")
     torch.manual_seed(c.seed + rank)
-    if c.device.startswith("cuda"):
+    if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if c.init_from == "scratch" and not c.eval_only and os.path.isfile(os.path.join(c.out_dir, "ckpt_latest.pt")):
         raise UserError(f"{c.out_dir} already holds a run: continue it with --init_from resume, or pass "
                         "another --out_dir (nothing was overwritten)")
     micro, accum = micro_batches(c, world)
-    ckpt = None
-    if c.init_from == "resume" or c.eval_only:  # the model is the checkpoint's; flags may change the schedule only
-        path = os.path.join(c.out_dir, "ckpt_best.pt" if c.eval_only else "ckpt_latest.pt")
-        model, saved, ckpt = load_checkpoint(path, c.device)
-        ignored = [f"--{name} {getattr(c, name)} (the checkpoint's: {getattr(saved, name)})" for name in MODEL_FIELDS
-                   if getattr(c, name) not in (getattr(saved, name), getattr(Config, name))]  # set, and ignored
-        if ignored and master:
-            say(f"{path} fixes the model, so these flags are ignored: {', '.join(ignored)}")
-        for name in MODEL_FIELDS:
-            setattr(c, name, getattr(saved, name))
-    meta = check_data(c)
-    ctx = autocast_context(c)
-    if ckpt is None:
-        model = WhisperGPT(c).to(c.device)
-    raw_model = model  # the plain module: what checkpoints hold, whatever wraps it below
+    model, ckpt = resume_model(c, master) if c.init_from == "resume" or c.eval_only else (None, None)
+    meta, ctx = check_data(c), autocast_context(c)
     if c.eval_only:
         return eval_only(model, c, meta, ctx, ckpt["iter"], rank, world)
-    n_train = meta["n_train"]
-    spe = steps_per_epoch(c, n_train)
+    if model is None:
+        model = WhisperGPT(c).to(c.device)
+    raw_model = model  # the plain module: what checkpoints hold, whatever wraps it below
+    spe = steps_per_epoch(c, meta["n_train"])
     max_iters = c.max_iters or c.epochs * spe
-    fused = c.device.startswith("cuda")
-    optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, fused=fused)
-    # fp16 needs its loss scaled (its range is narrow); bf16 and fp32 do not, and the scaler is then a no-op
-    scaler = torch.amp.GradScaler("cuda" if fused else "cpu", enabled=c.dtype == "float16")
-    start_iter, best_val = 0, float("inf")
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group in optimizer.param_groups:  # a GPU run's fused Adam state resumes on a CPU, and the other way
-            group["fused"], group["foreach"] = fused, None
-        if "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        start_iter, best_val = ckpt["iter"], ckpt["best_val_nll"]
-        ckpt = None  # free the memory
+    optimizer, scaler, start_iter, best_val, elapsed = make_optimizer(c, model, ckpt)
+    del ckpt  # free the memory
     name, params = model_name(c), raw_model.num_params()
     if master:
         os.makedirs(c.out_dir, exist_ok=True)
-        say(f"{name}: {params:,} parameters | {n_train:,} train tokens, {spe} steps/epoch of {c.batch_size} crops, "
-            f"{max_iters} steps | tokenizer {meta.get('tokenizer')} | {c.device} {c.dtype} | DDP world {world}, "
-            f"{accum} x {micro} crops per process and step")
+        say(f"{name}: {params:,} parameters | {meta['n_train']:,} train tokens, {spe} steps/epoch of {c.batch_size} "
+            f"crops, {max_iters} steps | tokenizer {meta.get('tokenizer')} | {c.device} {c.dtype} | DDP world "
+            f"{world}, {accum} x {micro} crops per process and step")
         if c.init_from == "scratch":
             log_event(c.out_dir, {"event": "start", "model": name, "params": params, "dataset": c.dataset,
                                   "tokenizer": meta.get("tokenizer"), "baselines": meta.get("baselines"),
@@ -567,13 +536,13 @@ def train(c):
         model = torch.compile(model)
     eval_model = model  # evaluate() runs the plain or compiled module, never through DDP's collectives
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if fused else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if gpu else None)
 
-    eval_every = c.eval_interval or spe
-    tokens_per_step = c.batch_size * c.block_size
+    eval_every, tokens_per_step = c.eval_interval or spe, c.batch_size * c.block_size
     train_sum = torch.zeros((), device=c.device)  # summed on the device: no CPU-GPU sync per step
-    train_steps, log_steps, t0 = 0, 0, time.time()
-    t_eval = t_log = t0
+    train_steps = log_steps = 0
+    t0 = time.time() - elapsed  # a resumed run's clock goes on from its checkpoint's
+    t_eval = t_log = time.time()
     x, y, mel = get_batch(c, start_iter, rank, world)
     for it in range(start_iter, max_iters + 1):
         lr = get_lr(c, it, spe)
@@ -587,18 +556,12 @@ def train(c):
             tok_s = train_steps * tokens_per_step / (time.time() - t_eval) if train_steps else None
             result = evaluate(eval_model, c, c.eval_windows, ctx, rank, world)
             if master:
-                record = {"event": "eval", "iter": it, "epoch": it / spe, "tokens": it * tokens_per_step, "lr": lr,
-                          "train_nll": train_nll, "val_nll": result.nll, "val_nll_se": result.se,
-                          "val_acc": result.acc, "val_ppl": math.exp(result.nll), "tokens_per_s": tok_s,
-                          "elapsed_s": time.time() - t0}
-                say(f"epoch {it / spe:6.2f} | step {it:6d} | train {fmt(train_nll, '.4f')} | val {result.nll:.4f} "
-                    f"± {result.se:.4f} | acc {result.acc:6.2%} | ppl {math.exp(result.nll):7.2f} | "
-                    f"{fmt(tok_s, ',.0f')} tok/s | {time.time() - t0:6.0f} s")
-                log_event(c.out_dir, record)
+                elapsed = time.time() - t0
+                log_eval(c, it, spe, lr, train_nll, tok_s, result, elapsed)
                 best_val = min(best_val, result.nll)
                 state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "config": dataclasses.asdict(c), "iter": it,
-                         "epoch": it / spe, "val_nll": result.nll, "best_val_nll": best_val}
+                         "epoch": it / spe, "val_nll": result.nll, "best_val_nll": best_val, "elapsed_s": elapsed}
                 save_checkpoint(os.path.join(c.out_dir, "ckpt_latest.pt"), state)
                 if result.nll == best_val:
                     save_checkpoint(os.path.join(c.out_dir, "ckpt_best.pt"), state)
@@ -610,8 +573,7 @@ def train(c):
         for k in range(accum):  # gradient accumulation: a process's share of the step in micro-batches
             part = slice(k * micro, (k + 1) * micro)
             # under DDP, gradients are averaged across processes once, on the step's last backward
-            sync = model.no_sync() if world > 1 and k < accum - 1 else nullcontext()
-            with sync:
+            with model.no_sync() if world > 1 and k < accum - 1 else nullcontext():
                 with ctx:
                     _, loss = model(x[part], None if mel is None else mel[part], y[part])
                 if k == accum - 1:
@@ -633,13 +595,8 @@ def train(c):
         torch.distributed.destroy_process_group()
 
 
-def fmt(value, spec):
-    return "-" if value is None else format(value, spec)
-
-
 def eval_only(model, c, meta, ctx, step, rank=0, world=1):
-    """The paper's table row for the best checkpoint: params, NLL ± its standard error, accuracy, PPL on the
-    fixed val windows, beside the count baselines of the same split."""
+    """The paper's table row for the best checkpoint (params, NLL ± SE, accuracy, PPL), beside count baselines."""
     result = evaluate(model, c, c.final_windows, ctx, rank, world)
     record = {"event": "eval_only", "params": model.num_params(), "val_nll": result.nll, "val_nll_se": result.se,
               "val_acc": result.acc, "val_ppl": math.exp(result.nll), "n_windows": result.windows,
@@ -660,126 +617,16 @@ def eval_only(model, c, meta, ctx, step, rank=0, world=1):
 
 
 # -----------------------------------------------------------------------------
-# The command line, and a user's mistakes (a flag, a file, the data folder) refused before the first step: one
-# line saying what to do, while a bug keeps its traceback.
-
-
-class UserError(Exception):
-    """A user's mistake (a flag, a missing or damaged file, too little disk): run_script prints it as one line,
-    with no traceback. prepare.py, sample.py and bench.py raise it too."""
-
-
-def run_script(main):
-    """Run a script's main(): a UserError ends the program with one line, `<script>: error: <message>`, and exit
-    status 1; any other exception is a bug and keeps its traceback."""
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
-
-
-def load_torch_file(path, device="cpu"):
-    """torch.load with weights_only=True: tensors and plain types only, so no code in the file ever runs. A file
-    that is not a whole torch file (a truncated copy, another format, a pickle holding code) is one clear error."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
-        reason = re.split(r"\.\s", str(e).strip())[0][:150] or type(e).__name__  # torch's first sentence
-        raise UserError(f"{path} is not a whole torch file of tensors ({reason}): copy or make it again") from e
-
-
-def validate(c):
-    """Raise one clear error for an impossible combination of flags."""
-    if c.n_embd % c.n_head:
-        raise UserError(f"--n_embd {c.n_embd} is not divisible by --n_head {c.n_head}: pick a width that is")
-    if c.hybrid:
-        if c.n_embd % 2:
-            raise UserError(f"--hybrid needs an even --n_embd (half token, half mel); got {c.n_embd}")
-        if (c.n_embd // 2) % c.mel_head:
-            raise UserError(f"the mel stack width {c.n_embd // 2} is not divisible by --mel_head {c.mel_head}")
-    if c.init_from not in ("scratch", "resume"):
-        raise UserError(f"--init_from must be 'scratch' or 'resume', not {c.init_from!r}")
-    if c.dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype must be float32, bfloat16 or float16, not {c.dtype!r}")
-    for name in ("block_size", "n_layer", "batch_size", "epochs", "vocab_size"):
-        if getattr(c, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(c, name)}")
-    for name in ("micro_batch", "log_interval", "eval_interval", "max_iters", "eval_windows", "final_windows"):
-        if getattr(c, name) < 0:
-            raise UserError(f"--{name} must be 0 or more, got {getattr(c, name)}")
-    if c.lr <= 0:
-        raise UserError(f"--lr must be positive, got {c.lr}")
-    if not 0 <= c.lr_drop_at <= 1:
-        raise UserError(f"--lr_drop_at is a fraction of the run, between 0 and 1; got {c.lr_drop_at}")
-
-
-def check_data(c):
-    """The data contract, checked before the first step, so that bad data is one line naming the file, not a
-    traceback hours in: meta.json parses and has what training needs; every memmap holds whole rows, as many as
-    meta.json says; the mel has one row per token; every token id is below the vocabulary. A new model takes
-    its vocabulary and mel bins from meta.json (a resumed one has them from its checkpoint). Returns meta."""
-    path, fix = os.path.join(c.data_dir, "meta.json"), f"make {c.data_dir} again with python prepare.py"
-    if not os.path.isfile(path):
-        raise UserError(f"no prepared data in {c.data_dir}: run python prepare.py --dataset {c.dataset}")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:  # json's errors are ValueErrors
-        raise UserError(f"{path} is not JSON ({e}): {fix}") from None
-    missing = [k for k in ("vocab_size", "n_mels", "n_train", "n_val")
-               if not isinstance(meta, dict) or not isinstance(meta.get(k), int) or meta[k] < 1]
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)} (positive whole numbers): {fix}")
-    if c.init_from == "scratch" and not c.eval_only:
-        c.vocab_size, c.n_mel = meta["vocab_size"], meta["n_mels"]
-    elif c.hybrid and c.n_mel != meta["n_mels"]:
-        raise UserError(f"{path} has {meta['n_mels']} mel bins and the checkpoint's model reads {c.n_mel}: "
-                        f"train a new run on this data")
-    for split in ("train", "val"):
-        n = meta[f"n_{split}"]
-        for name, row, what in [(f"{split}_tokens.bin", 2, "uint16 tokens")] + (
-                [(f"{split}_mel.bin", 2 * c.n_mel, f"{c.n_mel}-bin float16 mel rows")] if c.hybrid else []):
-            file = os.path.join(c.data_dir, name)
-            if not os.path.isfile(file):
-                raise UserError(f"{c.data_dir} has no {name}: " + (
-                    "--hybrid needs the mel memmaps of prepare.py" if "mel" in name else fix))
-            size = os.path.getsize(file)
-            if size % row:
-                raise UserError(f"{file}: {size:,} bytes is not a whole number of {what} ({row} bytes each), so it "
-                                f"is cut short or not prepare.py's: {fix}")
-            if size // row != n:
-                raise UserError(f"{file} holds {size // row:,} {what} but meta.json says the {split} split has "
-                                f"{n:,} tokens (one mel row per token): {fix}")
-        if n < c.block_size + 1:
-            raise UserError(f"the {split} split has {n} tokens, fewer than a crop of --block_size {c.block_size} "
-                            f"+ 1: use a smaller --block_size or prepare more audio")
-        top = int(open_split(c.data_dir, split)[0].max())
-        if top >= c.vocab_size:
-            raise UserError(f"{os.path.join(c.data_dir, split + '_tokens.bin')} holds token id {top}, not below the "
-                            f"model's vocabulary of {c.vocab_size}: the file is damaged or made by another "
-                            f"tokenizer; {fix}")
-    return meta
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (what is wrong, and where the help is), not usage + error."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
+# The command line: a flag per field of Config; a user's mistake is one line (checks.py).
 def add_config_flags(parser, names=None):
-    """One flag per field of Config (or of those named), but those the data fixes, e.g. --n_embd 64 --hybrid;
-    the comment beside each field in Config is its --help text, written once, next to its default."""
+    """One flag per field of Config (or of those named) but those the data fixes; its comment is the --help."""
     helps = dict(re.findall(r"^ {4}(\w+): [^\n]*?#\s*(.+)$", inspect.getsource(Config), re.MULTILINE))
     for f in dataclasses.fields(Config):
         if f.name in FROM_DATA or names is not None and f.name not in names:
             continue
-        if f.type is bool or isinstance(f.default, bool):
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
-                                help=helps[f.name])
-        else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=helps[f.name])
+        kind = ({"action": argparse.BooleanOptionalAction} if f.type is bool or isinstance(f.default, bool)
+                else {"type": type(f.default)})
+        parser.add_argument(f"--{f.name}", default=f.default, help=helps[f.name], **kind)
 
 
 def config_from(args):
