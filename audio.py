@@ -29,7 +29,7 @@ from encodec.modules.conv import SConv1d, SConvTranspose1d, pad1d
 from encodec.modules.lstm import SLSTM
 from encodec.modules.seanet import SEANetResnetBlock
 
-from whisper_gpt import UserError, load_torch_file
+from checks import UserError, load_torch_file
 
 SAMPLE_RATE = 24000   # Hz, EnCodec 24 kHz model
 HOP = 320             # samples per token = 75 tokens per second

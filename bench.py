@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from whisper_gpt import (MLP, MODEL_FIELDS, Parser, UserError, WhisperGPT, add_config_flags, autocast_context,
-                         config_from, model_name, run_script, say)
+from checks import Parser, UserError, run_script
+from whisper_gpt import MLP, MODEL_FIELDS, WhisperGPT, add_config_flags, autocast_context, config_from, model_name, say
 
 H100_BF16_PEAK = 989e12  # FLOP/s, dense, H100 SXM
 

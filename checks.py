@@ -1,7 +1,7 @@
 """
 A user's mistake, refused before any work in one line that says what to do, while a bug keeps its traceback:
 UserError, run_script, the argparse and the torch-file loading of every script, and the checks of whisper_gpt.py's
-flags and data folder. whisper_gpt.py imports them from here (and the other scripts from whisper_gpt.py).
+flags and data folder. Every script imports them from here.
 """
 import argparse
 import json

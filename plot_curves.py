@@ -24,7 +24,8 @@ matplotlib.use("Agg")  # no display: write files only
 import matplotlib.pyplot as plt
 
 from bench import flops_per_token
-from whisper_gpt import Config, UserError, run_script
+from checks import UserError, run_script
+from whisper_gpt import Config
 
 MODELS = ("GPT-S", "GPT-L", "hybrid")  # the paper's three models, in its row order
 COLORS = {"GPT-S": "C0", "GPT-L": "C1", "hybrid": "C2"}  # one colour per model in every figure
@@ -444,7 +445,8 @@ def sweep_markdown(dataset, group, sweep):
     name = paper_names(dataset)[2]
     lines = [f"**Size sweep** ({name}, Fig. 4): the same recipe and data for every model; 8 layers, "
              "8 heads or width / 16 when that is more. NLL ± SE over seeds (over val windows for one seed).", "",
-             "| Model | width | heads | # params | training FLOPs / token | seeds | NLL ± SE | Accuracy | training time |",
+             "| Model | width | heads | # params | training FLOPs / token | seeds | NLL ± SE | Accuracy "
+             "| training time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, s in sweep["curve"] + sweep["hybrids"]:
         c = s["config"]

@@ -44,7 +44,7 @@ import torch
 from audio import (CONTEXT, ENCODEC_CKPT, FRAME_RATE, HOP, N_MELS, OFFLINE_NAME, SEGMENT, SAMPLE_RATE, TOKENIZER_FILE,
                    VOCAB, WIN, Tokenizer, download, embed, encodec_skeleton, encodec_tokenizer, fast_cpu, log_mel,
                    nearest, offline_tokenizer, to_model_rate, weights_help)
-from whisper_gpt import Parser, UserError, load_torch_file, run_script
+from checks import Parser, UserError, load_torch_file, run_script
 
 FORMAT_VERSION = 1    # of meta.json and the work shards
 MEL_STD_FLOOR = 0.1   # nats: a bin that hardly varies over the corpus is divided by this, not by ~0

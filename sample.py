@@ -29,7 +29,8 @@ import torch
 
 from audio import (FRAME_RATE, HOP, SAMPLE_RATE, WIN, StreamingDecoder, load_tokenizer, log_mel, normalise_mel,
                    read_meta, to_model_rate, without_onednn)
-from whisper_gpt import Parser, UserError, load_checkpoint, open_split, run_script
+from checks import Parser, UserError, run_script
+from whisper_gpt import load_checkpoint, open_split
 
 
 def parse_args(argv=None):

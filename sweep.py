@@ -22,7 +22,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from whisper_gpt import UserError, run_script
+from checks import UserError, run_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEEDS = (1337, 1338, 1339)  # the default seed and two more: --seed sets the initialisation and the crops

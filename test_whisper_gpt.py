@@ -1028,7 +1028,8 @@ def test_mel_rows_that_do_not_match_the_tokens_and_a_micro_batch_that_does_not_d
         wg.micro_batches(train_config(tmp_path), 3)
     mel = np.fromfile(tmp_path / "data" / "val_mel.bin", dtype=np.float16)
     mel[:-64].tofile(tmp_path / "data" / "val_mel.bin")  # one row short
-    with pytest.raises(wg.UserError, match="val_mel.bin holds 999 64-bin float16 mel rows but meta.json says the val split has 1,000 tokens"):
+    with pytest.raises(wg.UserError, match="val_mel.bin holds 999 64-bin float16 mel rows but meta.json says the "
+                                           "val split has 1,000 tokens"):
         wg.train(train_config(tmp_path, hybrid=True))
     assert not os.path.exists(tmp_path / "out")
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checks import Parser, UserError, check_data, load_torch_file, run_script, validate  # other scripts' too
+from checks import Parser, UserError, check_data, load_torch_file, run_script, validate
 
 
 # -----------------------------------------------------------------------------
