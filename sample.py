@@ -32,6 +32,8 @@ from audio import (FRAME_RATE, HOP, SAMPLE_RATE, WIN, StreamingDecoder, load_tok
 from checks import Parser, UserError, run_script
 from whisper_gpt import load_checkpoint, open_split
 
+WORKER_SILENCE = 300  # seconds without a reply before the mel worker counts as stuck (a slice takes milliseconds)
+
 
 def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -233,6 +235,11 @@ class MelProcess:
         self.receive()  # the worker is ready (or raises why not)
 
     def receive(self):
+        """The worker's next reply. A dead worker closes the pipe (EOFError); a stuck one is stopped after
+        WORKER_SILENCE seconds: either way one error with its cause, never a hang."""
+        if not self.conn.poll(WORKER_SILENCE):
+            self.process.kill()
+            raise RuntimeError(f"the mel worker process sent nothing for {WORKER_SILENCE} s: stopped it")
         try:
             ok, result = self.conn.recv()
         except EOFError:

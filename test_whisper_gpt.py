@@ -1515,6 +1515,22 @@ def test_a_mel_worker_that_cannot_start_says_why(tmp_path):
         sample.MelProcess(str(tmp_path / "empty"), meta={})
 
 
+def test_a_mel_worker_that_falls_silent_is_stopped_with_an_error_not_waited_on(monkeypatch):
+    import multiprocessing
+    monkeypatch.setattr(sample, "WORKER_SILENCE", 0.2)
+    worker = sample.MelProcess.__new__(sample.MelProcess)  # a worker alive but answering nothing
+    worker.conn, silent = multiprocessing.Pipe()
+    killed = []
+    worker.process = types.SimpleNamespace(kill=lambda: killed.append(True), exitcode=None)
+    errors = []
+    waiting = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, worker.result)),
+                               daemon=True)
+    waiting.start()
+    waiting.join(timeout=10)  # a receive with no deadline would still be waiting
+    assert not waiting.is_alive() and killed
+    assert "sent nothing for 0.2 s: stopped it" in str(errors[0].value)
+
+
 def test_bench_prints_tokens_per_second_and_realtime_factor(tiny_run, tmp_path, capsys):
     sample.main(["--out_dir", tiny_run["hybrid"], "--seconds", "0.2", "--prompt_seconds", "0.2", "--bench",
                  "--sample_dir", str(tmp_path), "--mel_worker", "thread"])  # the worker process: tested on its own
