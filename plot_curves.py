@@ -280,9 +280,10 @@ def match_sentence(sweep):
     spread = f"{h['seeds']} seeds" if h["se_over"] == "seeds" else "1 seed"
     largest = curve[-1][1]["params"]
     if sweep["match"] is None:
-        return (f"No token-only size in the sweep reached the hybrid ({h['params'] / 1e6:.2f} M parameters, "
-                f"val NLL {h['nll']:.3f}, {spread}): the largest, {largest / 1e6:.1f} M parameters "
-                f"({largest / h['params']:.1f} times its size), ended at {curve[-1][1]['nll']:.3f}.")
+        return (f"None of the {len(curve)} token-only sizes run, {curve[0][1]['params'] / 1e6:.1f} to "
+                f"{largest / 1e6:.1f} M parameters, reached the hybrid ({h['params'] / 1e6:.2f} M parameters, val NLL "
+                f"{h['nll']:.3f}, {spread}): the largest, {largest / h['params']:.1f} times its size, ended at "
+                f"{curve[-1][1]['nll']:.3f}.")
     low, high = sweep["low"], sweep["high"]
     within = (f"{low / 1e6:.1f} to {high / 1e6:.1f} M" if high is not None else
               f"{low / 1e6:.1f} M to beyond the sweep's largest ({largest / 1e6:.1f} M)")

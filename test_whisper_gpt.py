@@ -1964,6 +1964,17 @@ def test_fig4_and_the_sweep_table_state_the_matching_size_with_its_range(tmp_pat
     assert bench.flops_per_token(Config(n_embd=64), 1_000_000) == 6_000_000 + 12 * 8 * 64 * 750
 
 
+def test_a_sweep_that_never_reaches_the_hybrid_says_so(tmp_path):
+    runs = (seeded_logs(tmp_path, "GPT-S", 1_000_000, {1: 2.9}, 64) + seeded_logs(tmp_path, "custom", 2_000_000,
+                                                                                   {1: 2.5}, 96)
+            + seeded_logs(tmp_path, "GPT-L", 4_000_000, {1: 2.1}, 256)
+            + seeded_logs(tmp_path, "hybrid", 1_100_000, {1: 1.8}, 64, hybrid=True))
+    plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
+    assert ("None of the 3 token-only sizes run, 1.0 to 4.0 M parameters, reached the hybrid (1.10 M parameters, "
+            "val NLL 1.800, 1 seed): the largest, 3.6 times its size, ended at 2.100.") in (
+        tmp_path / "fig" / "tables.md").read_text()
+
+
 def test_runs_of_other_recipes_are_not_compared(tmp_path):
     runs = (seeded_logs(tmp_path, "GPT-S", 1_000_000, {1: 2.9}, 64)
             + seeded_logs(tmp_path / "b", "hybrid", 1_100_000, {1: 1.7}, 64, hybrid=True, lr=2e-4))
@@ -2002,3 +2013,11 @@ def test_a_resumed_run_logs_its_whole_training_time(tmp_path):
                               out_dir=str(tmp_path / out)))
     assert 1000 < evals_of(tmp_path / "out")[-1]["elapsed_s"] < 1100
     assert 0 < evals_of(tmp_path / "old")[-1]["elapsed_s"] < 100
+
+
+def test_the_committed_tables_come_from_the_committed_run_logs(tmp_path, monkeypatch):
+    """figures/tables.md is what `python plot_curves.py` makes of runs/*/log.jsonl, byte for byte: the README's
+    numbers can be regenerated from the repository alone."""
+    monkeypatch.chdir(HERE)
+    plot_curves.main(["--out_dir", str(tmp_path)])
+    assert (tmp_path / "tables.md").read_text() == Path(HERE, "figures", "tables.md").read_text()
