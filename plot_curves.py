@@ -189,7 +189,8 @@ def summary(runs):
     if len(done) == 1:
         se, se_over = done[0][1].get("val_nll_se"), "windows"
     sources = sorted({source for _, _, source in done})
-    return {"seeds": len(done), "params": done[0][0]["params"], "nll": nll, "se": se, "se_over": se_over,
+    return {"seeds": len(done), "params": done[0][0]["params"], "nlls": [rec["val_nll"] for _, rec, _ in done],
+            "nll": nll, "se": se, "se_over": se_over,
             "acc": mean_se([rec["val_acc"] for _, rec, _ in done])[0], "ppl": math.exp(nll),
             "train_s": mean_se([train_seconds(run) for run, _, _ in done])[0], "config": done[0][0]["config"],
             "source": sources[0] if len(sources) == 1 else "; ".join(sources)}
@@ -360,8 +361,7 @@ def plot_size(dataset, group, sweep, path):
                     markersize=4, capsize=3, label="token-only GPT, 8 layers",
                     yerr=[s["se"] if s["se_over"] == "seeds" else 0.0 for _, s in curve])
         for label, s in curve:
-            ax.plot([x_of(s)] * s["seeds"], [result_row(run)[0]["val_nll"] for run in group[label]
-                                             if result_row(run)[0]][:s["seeds"]], ".", color="C0", alpha=0.4)
+            ax.plot([x_of(s)] * s["seeds"], s["nlls"], ".", color="C0", alpha=0.4)
             ax.annotate(label.replace("GPT w", "w"), (x_of(s), s["nll"]), textcoords="offset points",
                         xytext=(4, 6), fontsize=7)
         for i, (label, s) in enumerate(sweep["hybrids"]):
