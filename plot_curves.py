@@ -165,8 +165,15 @@ def result_row(run):
 
 
 def train_seconds(run):
-    """Wall time of the training run: its last eval's elapsed seconds (0 when it has none)."""
-    return run["evals"][-1].get("elapsed_s", 0.0) if run["evals"] else 0.0
+    """Wall time of the training run: its last eval's elapsed seconds (0 when it has none). Before 87d7e3b a
+    resumed run's clock started again at 0, so where the clock goes back the part before the resume is added."""
+    total = last = 0.0
+    for e in run["evals"]:
+        elapsed = e.get("elapsed_s", 0.0)
+        if elapsed < last:
+            total += last
+        last = elapsed
+    return total + last
 
 
 def mean_se(values):

@@ -1219,6 +1219,19 @@ def table_rows(markdown):
     return tables
 
 
+def test_a_run_resumed_by_older_code_counts_both_parts_of_its_training_time(tmp_path):
+    # whisper_gpt.py before 87d7e3b restarted a resumed run's clock at 0 (the sweep's runs come from 407509f)
+    run = write_log(tmp_path / "out-s-music", "GPT-S", "music", 3_312_000, [5.0, 4.0, 3.5, 3.4])
+    log = os.path.join(run, "log.jsonl")
+    records = [json.loads(line) for line in open(log)]
+    records[3]["elapsed_s"], records[4]["elapsed_s"] = 10.0, 70.0  # cut after the eval at 60 s, resumed
+    with open(log, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    plot_curves.main([run, "--out_dir", str(tmp_path / "figures")])
+    music = table_rows((tmp_path / "figures" / "tables.md").read_text())[0]
+    assert music["GPT-S"][10] == f"{(60 + 70) / 60:.1f} min"  # not the 70 s after the resume alone
+
+
 def test_plot_curves_makes_both_figures_and_the_table(tmp_path, capsys):
     runs = [write_log(tmp_path / "out-s-music", "GPT-S", "music", 3_312_000, [5.0, 4.0, 3.5], final_nll=3.123),
             write_log(tmp_path / "out-h-music", "hybrid", "music", 3_712_000, [5.0, 3.2, 3.4]),  # no GPT-L
