@@ -438,11 +438,15 @@ def table_markdown(dataset, group, missing):
              for a, b in (("hybrid", "GPT-S"), ("hybrid", "GPT-L"), ("GPT-L", "GPT-S"))]
     diffs = [(a, b, d) for a, b, d in diffs if d]
     if diffs:
-        n_seeds, windows = diffs[0][2][2], diffs[0][2][3]
+        counts, windows = {d[2] for _, _, d in diffs}, diffs[0][2][3]
+        n_seeds = counts.pop() if len(counts) == 1 else None
         how = (f"over the same {windows} val windows (mean ± SE)" if n_seeds == 1 else
-               f"(mean ± SE over {n_seeds} seeds of each seed's mean difference over the same {windows} val windows)")
+               f"(mean ± SE over {n_seeds} seeds of each seed's mean difference over the same {windows} val windows)"
+               if n_seeds else f"(each seed's mean difference over the same {windows} val windows; mean ± SE over "
+               f"the seeds both models have, or over the windows where they share one)")
+        seeds = lambda n: "" if n_seeds else " (1 seed, SE over windows)" if n == 1 else f" ({n} seeds)"
         lines += ["", f"Paired differences in NLL {how}: "
-                  + "; ".join(f"{a} − {b}: {d[0]:+.3f} ± {d[1]:.3f}" for a, b, d in diffs) + "."]
+                  + "; ".join(f"{a} − {b}: {d[0]:+.3f} ± {d[1]:.3f}{seeds(d[2])}" for a, b, d in diffs) + "."]
     if missing:
         lines += ["", f"Missing: {', '.join(missing)}."]
     return "\n".join(lines)

@@ -1943,6 +1943,12 @@ def test_tables_report_the_mean_and_se_over_seeds_and_differences_paired_within_
     labels = plot_curves.plot_dataset("music", plot_curves.group_runs(
         [plot_curves.read_log(os.path.join(r, "log.jsonl")) for r in runs])["music"], [], str(tmp_path / "f.png"))
     assert labels[:2] == ["GPT-S (2.7 M, mean of 3 seeds)", "hybrid (2.9 M, mean of 3 seeds)"]
+    # a GPT-L with one seed: its differences are that seed's, over windows, and say so; the others' stay over seeds
+    gpt_l = seeded_logs(tmp_path, "GPT-L", 9_200_000, {1: 1.9}, 256, windows={1: [w - 0.05 for w in win[1]]})
+    plot_curves.main(runs + gpt_l + ["--out_dir", str(tmp_path / "fig")])
+    markdown = (tmp_path / "fig" / "tables.md").read_text()
+    assert f"hybrid − GPT-S: -0.200 ± {0.1 / math.sqrt(3):.3f} (3 seeds); hybrid − GPT-L: -0.050 ± 0.000 (1 seed, " \
+           "SE over windows); GPT-L − GPT-S: -0.050 ± 0.000 (1 seed, SE over windows)." in markdown
 
 
 def test_the_matching_size_is_interpolated_in_log_parameters():
