@@ -360,6 +360,7 @@ def plot_size(dataset, group, sweep, path):
     """Fig. 4: val NLL against parameters and against training FLOPs per token (log axes): the token-only sweep
     as a curve (mean ± SE over seeds, every seed a dot), the hybrids as stars, the count bigram as a line."""
     name = paper_names(dataset)[2]
+    millions = lambda x, _=None: f"{x / 1e6:g} M"
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120, sharey=True)
     for ax, x_of, xlabel in ((axes[0], lambda s: s["params"], "parameters"),
                              (axes[1], flops, "training FLOPs per token")):
@@ -379,6 +380,10 @@ def plot_size(dataset, group, sweep, path):
             if kind == "bigram":
                 ax.axhline(nll, color="gray", linestyle="--", linewidth=1, label="count bigram of this val split")
         ax.set_xscale("log")
+        # in millions, and between the powers of ten only at 2, 3 and 5, so the labels do not run together
+        ax.xaxis.set_major_formatter(millions)
+        ax.xaxis.set_minor_formatter(lambda x, _: millions(x) if round(x / 10 ** math.floor(math.log10(x))) in (2, 3, 5)
+                                     else "")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3, which="both")
     if sweep["match"] is not None:
