@@ -1959,15 +1959,21 @@ def test_the_matching_size_is_interpolated_in_log_parameters():
     assert plot_curves.matching_size(curve, 3.5) == 1e6  # the smallest already does
 
 
-def test_fig4_and_the_sweep_table_state_the_matching_size_with_its_range(tmp_path, capsys):
+def test_fig4_and_the_sweep_table_state_the_matching_size_with_its_range(tmp_path, capsys, monkeypatch):
     runs = (seeded_logs(tmp_path, "GPT-S", 1_000_000, {1: 2.9, 2: 3.1}, 64)
             + seeded_logs(tmp_path, "custom", 4_000_000, {1: 2.0}, 128)
             + seeded_logs(tmp_path, "GPT-L", 16_000_000, {1: 1.4, 2: 1.6}, 256)
             + seeded_logs(tmp_path, "hybrid", 1_100_000, {1: 1.7, 2: 1.8}, 64, hybrid=True)
             + seeded_logs(tmp_path, "hybrid", 4_400_000, {1: 1.5}, 128, hybrid=True))
+    figures, save = {}, plot_curves.save
+    monkeypatch.setattr(plot_curves, "save", lambda fig, path: (figures.update({os.path.basename(path): fig}),
+                                                                save(fig, path)))
     plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
     image = matplotlib.image.imread(tmp_path / "fig" / "fig4_size_music.png")
     assert image.shape[1] > 1000 and image.std() > 0.05
+    # the parameter axis reads in millions, labelled at 1, 2, 3 and 5 times a power of ten, so labels do not collide
+    labels = {t.get_text() for t in figures["fig4_size_music.png"].axes[0].get_xticklabels(which="both")} - {""}
+    assert {"1 M", "2 M", "3 M", "5 M", "10 M"} <= labels and "4 M" not in labels, labels
     markdown = (tmp_path / "fig" / "tables.md").read_text()
     sweep = table_rows(markdown)[1]  # Table 2, the sweep on the same data, then Table 1
     assert list(sweep) == ["GPT-S", "GPT w128", "GPT-L", "hybrid", "hybrid w128", "count unigram", "count bigram"]
