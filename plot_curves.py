@@ -444,18 +444,18 @@ def table_markdown(dataset, group, missing):
     diffs = [(a, b, d) for a, b, d in diffs if d]
     if diffs:
         counts, windows = {d[2] for _, _, d in diffs}, diffs[0][2][3]
-        seeds = {n: "" for n in counts}  # one seed count for all: the heading says it
         if counts == {1}:
             how = f"over the same {windows} val windows (mean ± SE)"
         elif len(counts) == 1:
-            how = (f"(mean ± SE over {counts.pop()} seeds of each seed's mean difference over the same {windows} "
+            how = (f"(mean ± SE over {min(counts)} seeds of each seed's mean difference over the same {windows} "
                    f"val windows)")
         else:  # models run with different numbers of seeds: each difference says how many it has
             how = (f"(each seed's mean difference over the same {windows} val windows; mean ± SE over the seeds both "
                    f"models have, or over the windows where they share one)")
-            seeds = {n: " (1 seed, SE over windows)" if n == 1 else f" ({n} seeds)" for n in counts}
+        # where the counts differ, each difference says its own; one count for all: the heading says it
+        seeds = lambda n: "" if len(counts) == 1 else " (1 seed, SE over windows)" if n == 1 else f" ({n} seeds)"
         lines += ["", f"Paired differences in NLL {how}: "
-                  + "; ".join(f"{a} − {b}: {d[0]:+.3f} ± {d[1]:.3f}{seeds[d[2]]}" for a, b, d in diffs) + "."]
+                  + "; ".join(f"{a} − {b}: {d[0]:+.3f} ± {d[1]:.3f}{seeds(d[2])}" for a, b, d in diffs) + "."]
     if missing:
         lines += ["", f"Missing: {', '.join(missing)}."]
     return "\n".join(lines)
