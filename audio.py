@@ -39,6 +39,7 @@ N_MELS = 64           # mel bins per slice
 VOCAB = 1024          # codebook 0 of EnCodec 24 kHz
 EMB_DIM = 128         # width of the EnCodec latent that codebook 0 quantises
 LOG_FLOOR = 1e-10     # mel power floor before the natural log
+SILENCE_PEAK = 1e-4   # a file whose peak is below this (-80 dBFS) is silent
 
 SEGMENT = 10 * SAMPLE_RATE   # samples per encoder row: bounds memory (~0.4 GB) whatever the file length
 CONTEXT = SAMPLE_RATE        # samples before a later segment that warm up its encoder state (frames dropped)
@@ -49,6 +50,7 @@ ENCODEC_SHA256 = "d7cc33bc"  # prefix of the checkpoint's sha256, as torch.hub c
 DOWNLOAD_TIMEOUT = 10        # seconds without a byte before a download gives up
 OFFLINE_NAME = "offline-random-encodec-kmeans"
 TOKENIZER_FILE = "tokenizer.pt"
+KMEANS_ITERS = 20     # Lloyd iterations of the offline codebook's fit
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,6 +262,23 @@ def offline_tokenizer(seed, device="cpu", saved=None) -> Tokenizer:
         model.decoder.load_state_dict(saved["decoder"])
         codebook = saved["codebook"].to(device)
     return Tokenizer(model.to(device), codebook, OFFLINE_NAME, True, f"random, seed {seed}", seed)
+
+
+def fit_codebook(emb: torch.Tensor, seed: int) -> torch.Tensor:
+    """The offline tokenizer's codebook: Lloyd k-means of emb (N, EMB_DIM) into (VOCAB, EMB_DIM), distances by
+    matrix product (EnCodec's own kmeans builds an N x VOCAB x EMB_DIM tensor: 26 GB for 50,000 points). Starts
+    from VOCAB random points (repeats when N < VOCAB); an empty cluster is re-seeded with a random point."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(emb)
+    start = torch.randperm(n, generator=g)[:VOCAB] if n >= VOCAB else torch.randint(n, (VOCAB,), generator=g)
+    centroids = emb[start]
+    for _ in range(KMEANS_ITERS):
+        assign = nearest(emb, centroids)                                  # (N,)
+        counts = torch.bincount(assign, minlength=VOCAB)[:, None]        # (VOCAB, 1)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, emb)
+        reseed = emb[torch.randint(n, (VOCAB,), generator=g)]
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), reseed)
+    return centroids
 
 
 def load_tokenizer(data_dir, device="cpu") -> Tokenizer:

