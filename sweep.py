@@ -7,6 +7,7 @@ parameters) and the hybrid at twice its width, all on the default recipe and dat
     python sweep.py --jobs 2          # two runs at a time, one thread each (a 2-core machine)
     python sweep.py --list            # each run's state, then exit
     python sweep.py gpt-s-s1338       # just the runs named
+    python sweep.py --dataset tts     # the paper's three models, three seeds each, on data/tts (tts-gpt-s-s1337, ...)
 
 Each run is `python whisper_gpt.py <its flags> --out_dir runs/<name>`, then the same with --eval_only for its
 table row; its output goes to runs/<name>/train.log. A run whose process is cut off (a machine stopped, a kill)
@@ -14,20 +15,18 @@ resumes from its last checkpoint (once an epoch) when the sweep runs again, and 
 run. runs/<name>/log.jsonl, which plot_curves.py reads, is small and committed; checkpoints are not.
 """
 import argparse
-import fcntl
-import json
 import os
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from checks import UserError, run_script
+from checks import Parser, UserError, hold_folder, read_records, run_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEEDS = (1337, 1338, 1339)  # the default seed and two more: --seed sets the initialisation and the crops
 WIDTHS = (32, 48, 96, 128, 192, 384, 512)  # token-only widths beside GPT-S (64) and GPT-L (256)
-COMMON = ["--dataset", "music"]  # the default recipe and data: every run here differs only in its model flags
+DATASETS = ("music", "tts")  # music: all the runs below; another built-in corpus: the paper's three models x seeds
 
 
 def heads(width):
@@ -40,15 +39,20 @@ def gpt(width):
     return ["--n_embd", str(width), "--n_head", str(heads(width))]
 
 
-def runs():
+def runs(dataset="music"):
     """[(name, whisper_gpt.py flags)] in the order they train: the paper's models at the default seed first
-    (Fig. 2 and Table 2), then the small widths, the other seeds, the wider hybrid, and the largest widths last."""
+    (Fig. 2 and Table 2), then the small widths, the other seeds, the wider hybrid, and the largest widths last.
+    Every run differs only in its model flags and seed: the default recipe, on data/<dataset>. Another dataset
+    than music has the paper's three models with three seeds, named <dataset>-<model>-s<seed>."""
     paper = {"gpt-s": gpt(64), "hybrid": ["--hybrid", "--n_embd", "64"], "gpt-l": gpt(256)}
+    prefix = "" if dataset == "music" else f"{dataset}-"
 
     def seeded(name, flags, seed):
-        return f"{name}-s{seed}", flags + ["--seed", str(seed)]
+        return f"{prefix}{name}-s{seed}", ["--dataset", dataset] + flags + ["--seed", str(seed)]
 
     order = [seeded(name, flags, SEEDS[0]) for name, flags in paper.items()]
+    if dataset != "music":
+        return order + [seeded(name, flags, seed) for seed in SEEDS[1:] for name, flags in paper.items()]
     order += [seeded(f"gpt-w{w}", gpt(w), SEEDS[0]) for w in WIDTHS if w <= 192]
     order += [seeded(name, flags, seed) for seed in SEEDS[1:] for name, flags in paper.items()]
     order += [seeded("hybrid-w128", ["--hybrid", "--n_embd", "128"], SEEDS[0])]
@@ -57,51 +61,54 @@ def runs():
 
 
 def state(out_dir):
-    """'done' (its eval_only row is logged), 'resume' (a checkpoint to continue from) or 'new'."""
-    log = os.path.join(out_dir, "log.jsonl")
-    if os.path.isfile(log):
-        with open(log) as f:
-            events = [json.loads(line)["event"] for line in f if line.strip()]
-        starts = [i for i, e in enumerate(events) if e == "start"]
-        if starts and "eval_only" in events[starts[-1]:]:
-            return "done"
-    return "resume" if os.path.isfile(os.path.join(out_dir, "ckpt_latest.pt")) else "new"
+    """'done' (its eval_only row on all val windows is logged), 'trained' (its last eval is of its last epoch: the
+    eval_only is left to do), 'resume' (a checkpoint to continue from) or 'new'."""
+    run = this_run(os.path.join(out_dir, "log.jsonl"))
+    if any(r["event"] == "eval_only" and not r.get("subset") for r in run):
+        return "done"
+    if not os.path.isfile(os.path.join(out_dir, "ckpt_latest.pt")):
+        return "new"
+    evals = [r for r in run if r["event"] == "eval"]  # the sweep's runs have no --max_iters: they end with an epoch
+    return "trained" if evals and evals[-1]["epoch"] >= run[0]["config"]["epochs"] else "resume"
+
+
+def this_run(log):
+    """The records of a log.jsonl from its last start on (the run in the folder now), or [] without a log."""
+    records = [r for _, r in read_records(log)] if os.path.isfile(log) else []
+    starts = [i for i, r in enumerate(records) if r["event"] == "start"]
+    return records[starts[-1]:] if starts else []
 
 
 def say(*args):
     print(time.strftime("%H:%M:%S"), *args, flush=True)
 
 
-def train(name, flags, runs_dir, threads):
+def train(name, flags, runs_dir, threads, extra_flags=()):
     """Train one run to the end and log its table row. Returns its eval_only record; raises on a failed step.
 
-    A lock on runs/<name>/lock, held by the training process itself (its file descriptor is inherited), keeps a
-    second sweep from training the same folder while the first one's process still runs, even if that sweep died."""
+    The run folder's lock (checks.hold_folder), held by the training process too (its file descriptor is
+    inherited), keeps a second sweep from training the same folder while the first one's process still runs, even
+    if that sweep died."""
     out_dir = os.path.join(runs_dir, name)
-    os.makedirs(out_dir, exist_ok=True)
-    lock = open(os.path.join(out_dir, "lock"), "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise UserError(f"{name}: another process is training {out_dir}; left alone") from None
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    command = [sys.executable, os.path.join(HERE, "whisper_gpt.py")] + COMMON + flags + ["--out_dir", out_dir]
+    command = [sys.executable, os.path.join(HERE, "whisper_gpt.py")] + flags + list(extra_flags) + ["--out_dir", out_dir]
     t0 = time.time()
-    with lock, open(os.path.join(out_dir, "train.log"), "a") as out:
+    with hold_folder(out_dir, "--runs_dir") as lock, open(os.path.join(out_dir, "train.log"), "a") as out:
         how = state(out_dir)
         if how != "done":
-            say(f"{name}: {'resumed from its last checkpoint' if how == 'resume' else 'started'}")
-            for extra in (["--init_from", "resume"] if how == "resume" else [], ["--eval_only"]):
+            say(f"{name}: " + {"resume": "resumed from its last checkpoint", "trained": "trained; evaluating it",
+                               "new": "started"}[how])
+            steps = {"resume": [["--init_from", "resume"]], "trained": [], "new": [[]]}[how] + [["--eval_only"]]
+            for extra in steps:
                 out.write(f"$ {' '.join(command + extra)}\n")
                 out.flush()
                 rc = subprocess.run(command + extra, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    pass_fds=(lock.fileno(),)).returncode
+                                    pass_fds=(lock.fileno(),) if lock else ()).returncode
                 if rc != 0:
                     raise RuntimeError(f"{name}: {' '.join(command[1:] + extra)} exited with status {rc}; "
                                        f"its output is in {out.name}")
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        final = [json.loads(line) for line in f if '"eval_only"' in line][-1]
+    final = [r for r in this_run(os.path.join(out_dir, "log.jsonl")) if r["event"] == "eval_only"
+             and not r.get("subset")][-1]
     if how != "done":
         say(f"{name}: val NLL {final['val_nll']:.3f} ± {final['val_nll_se']:.3f}, {final['params']:,} parameters, "
             f"{(time.time() - t0) / 60:.1f} min")
@@ -109,14 +116,16 @@ def train(name, flags, runs_dir, threads):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="runs to train (default: all, in order)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each with --threads threads")
     parser.add_argument("--threads", type=int, default=0, help="threads per run; 0 = the cores / jobs")
     parser.add_argument("--runs_dir", default=os.path.join(HERE, "runs"), help="where the run folders go")
     parser.add_argument("--list", action="store_true", help="print each run's state and exit")
+    parser.add_argument("--dataset", default="music", choices=DATASETS, help="the built-in corpus the runs train on")
+    parser.add_argument("--dtype", help="whisper_gpt.py's --dtype for every run (default: its own default)")
     args = parser.parse_args(argv)
-    todo = runs()
+    todo = runs(args.dataset)
     unknown = set(args.names) - {name for name, _ in todo}
     if unknown:
         raise UserError(f"no run named {', '.join(sorted(unknown))} (python sweep.py --list shows them)")
@@ -133,7 +142,7 @@ def main(argv=None):
         f"{threads} thread(s) each, into {args.runs_dir}")
     failed = []
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {name: pool.submit(train, name, flags, args.runs_dir, threads) for name, flags in todo}
+        futures = {name: pool.submit(train, name, flags, args.runs_dir, threads, ["--dtype", args.dtype] if args.dtype else []) for name, flags in todo}
         for name, future in futures.items():
             try:
                 future.result()

@@ -1375,8 +1375,8 @@ def test_a_resumed_run_replaces_the_evals_it_relogged(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("", "log.jsonl: empty log"),
     ("\n\n", "log.jsonl: empty log"),
-    ('{"event": "start", "model": "GPT-S", "params": 1, "dataset": "music", "tokenizer": "t"}\n{"event": "eval",',
-     "log.jsonl:2: not valid JSON"),
+    ('{"event": "start", "model": "GPT-S", "params": 1, "dataset": "music", "tokenizer": "t"}\n{"event": "eval",\n',
+     "log.jsonl:2: not valid JSON"),  # ended by a newline, so not cut off (a cut last line is skipped: tested below)
     ('{"event": "start", "model": "GPT-S", "params": 1, "dataset": "music", "tokenizer": "t"}\n'
      '{"event": "eval", "iter": 0, "epoch": 0.0, "val_acc": 0.1, "val_ppl": 2.0}\n',
      "log.jsonl:2: 'eval' record lacks val_nll"),
@@ -1928,14 +1928,13 @@ def test_a_sweep_resumes_a_cut_run_skips_finished_ones_and_leaves_a_busy_one_alo
     import fcntl
     import sweep
     data = make_data(tmp_path / "data", n_train=1000, n_val=200)
-    monkeypatch.setattr(sweep, "COMMON", ["--data_dir", data, "--block_size", "32", "--n_layer", "1", "--dense", "32",
-                                          "--batch_size", "4", "--epochs", "2", "--eval_interval", "4",
-                                          "--eval_windows", "4", "--device", "cpu", "--dtype", "float32"])
-    flags = ["--n_embd", "16", "--n_head", "2", "--seed", "7"]
-    monkeypatch.setattr(sweep, "runs", lambda: [("cut", flags), ("whole", flags)])
+    flags = ["--data_dir", data, "--block_size", "32", "--n_layer", "1", "--dense", "32", "--batch_size", "4",
+             "--epochs", "2", "--eval_interval", "4", "--eval_windows", "4", "--device", "cpu", "--dtype", "float32",
+             "--n_embd", "16", "--n_head", "2", "--seed", "7"]
+    monkeypatch.setattr(sweep, "runs", lambda dataset: [("cut", flags), ("whole", flags)])
     runs = tmp_path / "runs"
     # "cut": a run stopped after its checkpoint of step 4, as a killed process leaves it
-    wg.train(wg.parse_args(sweep.COMMON + flags + ["--out_dir", str(runs / "cut"), "--max_iters", "4"]))
+    wg.train(wg.parse_args(flags + ["--out_dir", str(runs / "cut"), "--max_iters", "4"]))
     assert sweep.state(str(runs / "cut")) == "resume" and sweep.state(str(runs / "whole")) == "new"
     os.makedirs(runs / "whole")
     with open(runs / "whole" / "lock", "w") as busy:  # another sweep's process is training "whole"
@@ -1965,13 +1964,17 @@ def sweep_steps(data):
 
 def test_the_sweep_has_three_seeds_of_each_paper_model_and_one_head_rule():
     import sweep
-    runs = dict(sweep.runs())
+    runs, tts = dict(sweep.runs()), dict(sweep.runs("tts"))
+    assert len(tts) == 9  # another corpus: the paper's three models, three seeds each
     for model, flags in (("gpt-s", ["--n_embd", "64", "--n_head", "8"]), ("hybrid", ["--hybrid", "--n_embd", "64"]),
                          ("gpt-l", ["--n_embd", "256", "--n_head", "16"])):
-        assert [runs[f"{model}-s{seed}"] for seed in sweep.SEEDS] == [flags + ["--seed", str(s)] for s in sweep.SEEDS]
+        assert [runs[f"{model}-s{seed}"] for seed in sweep.SEEDS] == [["--dataset", "music"] + flags + ["--seed", str(s)]
+                                                                      for s in sweep.SEEDS]
+        assert [tts[f"tts-{model}-s{seed}"] for seed in sweep.SEEDS] == [["--dataset", "tts"] + flags + ["--seed", str(s)]
+                                                                         for s in sweep.SEEDS]
     widths = sorted(int(name[5:].split("-")[0]) for name in runs if name.startswith("gpt-w"))
     assert len(widths) + 2 >= 8 and widths[0] < 64 and widths[-1] > 256
-    assert all(runs[f"gpt-w{w}-s1337"][3] == str(max(8, w // 16)) for w in widths)
+    assert all(runs[f"gpt-w{w}-s1337"][5] == str(max(8, w // 16)) for w in widths)
     params = wg.WhisperGPT(Config(n_embd=widths[-1], n_head=sweep.heads(widths[-1]))).num_params()
     assert 25e6 < params < 35e6  # the sweep reaches about 30 M parameters
     assert list(runs)[:3] == ["gpt-s-s1337", "hybrid-s1337", "gpt-l-s1337"]  # Fig. 2's runs first
