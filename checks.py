@@ -1,14 +1,20 @@
 """
 A user's mistake, refused before any work in one line that says what to do, while a bug keeps its traceback:
-UserError, run_script, the argparse and the torch-file loading of every script, and the checks of whisper_gpt.py's
-flags and data folder. Every script imports them from here.
+UserError, run_script, the argparse and the torch-file loading of every script, the device and folder checks, the
+checks of whisper_gpt.py's flags and data folder, and what keeps work from being lost: a run's data fingerprint,
+the lock of a run folder (one writer), and log.jsonl lines that survive a process cut off mid-line. Every script
+imports them from here.
 """
 import argparse
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import pickle
 import re
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -29,10 +35,11 @@ def run_script(main):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (what is wrong, and where the help is), not usage + error."""
+    """argparse whose errors are one line on stderr (what is wrong, and where the help is), not usage + error, and
+    exit status 1, as every other mistake of a user (argparse's own is 2)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def load_torch_file(path, device="cpu"):
@@ -45,8 +52,43 @@ def load_torch_file(path, device="cpu"):
         raise UserError(f"{path} is not a whole torch file of tensors ({reason}): copy or make it again") from e
 
 
+def check_device(device, flag="--device"):
+    """Refuse, before any work, a device that torch cannot use here: no GPU, no such GPU, not a device at all."""
+    try:
+        kind, index = torch.device(device).type, torch.device(device).index
+    except RuntimeError:
+        raise UserError(f"{flag} {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "cuda" and not gpus:
+        raise UserError(f"{flag} {device}, but torch sees no GPU here: use {flag} cpu")
+    if kind == "cuda" and index is not None and index >= gpus:
+        raise UserError(f"{flag} {device}, but torch sees {gpus} GPU(s) here: use cuda:0 to cuda:{gpus - 1}")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{flag} mps, but torch sees no Apple GPU here: use {flag} cpu")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{flag} {device}: the scripts run on cpu, cuda or mps")
+
+
+def check_writable(folder, flag):
+    """Refuse, before any work, a folder that cannot be written to or made (a run that cannot save loses hours)."""
+    where = os.path.abspath(folder)
+    while not os.path.exists(where):  # the folder is made in the nearest one that exists
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):
+        raise UserError(f"{flag} {folder}: {where} is a file, not a folder: pass another {flag}")
+    try:
+        tempfile.TemporaryFile(dir=where).close()
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: cannot write in {where} ({e.strerror}): pass a folder you can "
+                        "write to") from None
+
+
 def validate(c):
     """Raise one clear error for an impossible combination of whisper_gpt.py's flags (c is its Config)."""
+    for name in ("block_size", "n_layer", "n_head", "n_embd", "dense", "mel_hidden", "mel_head", "batch_size",
+                 "epochs", "vocab_size"):  # first: a width or head count of 0 would divide by zero below
+        if getattr(c, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(c, name)}")
     if c.n_embd % c.n_head:
         raise UserError(f"--n_embd {c.n_embd} is not divisible by --n_head {c.n_head}: pick a width that is")
     if c.hybrid and c.n_embd % 2:
@@ -57,23 +99,26 @@ def validate(c):
         raise UserError(f"--init_from must be 'scratch' or 'resume', not {c.init_from!r}")
     if c.dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype must be float32, bfloat16 or float16, not {c.dtype!r}")
-    for name in ("block_size", "n_layer", "batch_size", "epochs", "vocab_size"):
-        if getattr(c, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(c, name)}")
-    for name in ("micro_batch", "log_interval", "eval_interval", "max_iters", "eval_windows", "final_windows"):
+    for name in ("micro_batch", "log_interval", "eval_interval", "max_iters", "eval_windows", "final_windows",
+                 "mel_layer", "seed"):
         if getattr(c, name) < 0:
             raise UserError(f"--{name} must be 0 or more, got {getattr(c, name)}")
-    if c.lr <= 0:
-        raise UserError(f"--lr must be positive, got {c.lr}")
+    if not 0 < c.lr < float("inf"):  # written so that nan fails too
+        raise UserError(f"--lr must be a positive number, got {c.lr}")
     if not 0 <= c.lr_drop_at <= 1:
         raise UserError(f"--lr_drop_at is a fraction of the run, between 0 and 1; got {c.lr_drop_at}")
+    if not 0 <= c.dropout < 1:
+        raise UserError(f"--dropout is a probability below 1, got {c.dropout}")
+    check_device(c.device)
 
 
-def check_data(c):
+def check_data(c, recorded=None):
     """whisper_gpt.py's data contract, checked before the first step, so that bad data is one line naming the file,
-    not a traceback hours in: meta.json parses and has what training needs; every memmap holds whole rows, as many
-    as meta.json says; the mel has one row per token; every token id is below the vocabulary. A new model takes its
-    vocabulary and mel bins from meta.json (a resumed one has them from its checkpoint). Returns meta."""
+    not a traceback hours in: meta.json parses and has what training needs; a resumed or evaluated run reads the
+    data it was trained on (recorded: the fingerprint in its checkpoint, where it has one) with its vocabulary;
+    every memmap holds whole rows, as many as meta.json says; the mel has one row per token; every token id is below
+    the vocabulary. A new model takes its vocabulary and mel bins from meta.json (a resumed one has them from its
+    checkpoint). Returns meta."""
     path, fix = os.path.join(c.data_dir, "meta.json"), f"make {c.data_dir} again with python prepare.py"
     if not os.path.isfile(path):
         raise UserError(f"no prepared data in {c.data_dir}: run python prepare.py --dataset {c.dataset}")
@@ -86,8 +131,13 @@ def check_data(c):
                if not isinstance(meta, dict) or not isinstance(meta.get(k), int) or meta[k] < 1]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)} (positive whole numbers): {fix}")
+    if recorded:
+        check_same_data(recorded, data_fingerprint(c.data_dir, meta), f"the run in {c.out_dir}")
     if c.init_from == "scratch" and not c.eval_only:
         c.vocab_size, c.n_mel = meta["vocab_size"], meta["n_mels"]
+    elif c.vocab_size != meta["vocab_size"]:  # other data, not damaged data: a healthy file is never called damaged
+        raise UserError(f"{path} has a vocabulary of {meta['vocab_size']} tokens and the checkpoint's model reads "
+                        f"{c.vocab_size}: the data of another tokenizer; train a new run on it")
     elif c.hybrid and c.n_mel != meta["n_mels"]:
         raise UserError(f"{path} has {meta['n_mels']} mel bins and the checkpoint's model reads {c.n_mel}: "
                         f"train a new run on this data")
@@ -113,6 +163,137 @@ def check_data(c):
         top = int(np.memmap(os.path.join(c.data_dir, f"{split}_tokens.bin"), dtype=np.uint16, mode="r").max())
         if top >= c.vocab_size:
             raise UserError(f"{os.path.join(c.data_dir, split + '_tokens.bin')} holds token id {top}, not below the "
-                            f"model's vocabulary of {c.vocab_size}: the file is damaged or made by another "
-                            f"tokenizer; {fix}")
+                            f"model's vocabulary of {c.vocab_size}, which is its own meta.json's: the file is "
+                            f"damaged; {fix}")
     return meta
+
+
+def data_fingerprint(data_dir, meta):
+    """What a run records of the data it trains on: the folder, its tokenizer, its counts and a hash of meta.json,
+    the offline tokenizer's tokenizer.pt and the tokens (2 bytes each: 0.1 GB, a fraction of a second, at the
+    paper's 200 h; the mel rows, 64 times larger, are made from the same audio), which changes whenever the corpus
+    or its tokenizer is made again."""
+    digest = hashlib.sha256()
+    for name in ("meta.json", "tokenizer.pt", "train_tokens.bin", "val_tokens.bin"):
+        path = os.path.join(data_dir, name)
+        if os.path.isfile(path):
+            digest.update(name.encode())
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+    return {"data_dir": data_dir, "tokenizer": meta.get("tokenizer"), "vocab_size": meta.get("vocab_size"),
+            "n_train": meta.get("n_train", 0), "n_val": meta.get("n_val", 0), "sha256": digest.hexdigest()[:16]}
+
+
+def check_same_data(recorded, now, run):
+    """Refuse data other than a run's in one line naming both: recorded is the fingerprint the run was trained
+    with, now that of the data it is about to read. A copy of the same corpus elsewhere is the same data."""
+    if recorded["sha256"] == now["sha256"]:
+        return
+
+    def described(f):
+        return (f"{f['data_dir']}: tokenizer {f['tokenizer']}, vocabulary {f['vocab_size']}, {f['n_train']:,} "
+                f"train and {f['n_val']:,} val tokens")
+    if os.path.realpath(recorded["data_dir"]) == os.path.realpath(now["data_dir"]):
+        raise UserError(f"{now['data_dir']} was made again after {run} was trained on it (then {described(recorded)}; "
+                        f"now {described(now)}): train a new run on it")
+    raise UserError(f"{run} was trained on {described(recorded)}; not on {described(now)}: leave out --data_dir and "
+                    f"--dataset to use the run's own data, or train a new run on the other")
+
+
+@contextlib.contextmanager
+def hold_folder(folder, flag="--out_dir"):
+    """One writer per folder: an exclusive lock on folder/lock while the with-block runs, so that a second training
+    (or sweep) into it is refused in one line. The kernel lets go of the lock however the process ends, a kill
+    included; the file names the holder's process and is emptied on the way out, so a process named in a lock that
+    was free was killed, and its lock is taken over with a note. A lock held by this process's parent counts as its
+    own: sweep.py holds a run's folder across the training and the evaluation it starts there, and passes the open
+    lock file (what the with-block gets; None where the parent holds the lock) to them, so that a training goes on
+    holding it should the sweep die. A folder made here that holds nothing but the lock at the end (the work was
+    refused) is removed."""
+    made, lock = not os.path.isdir(folder), os.path.join(folder, "lock")
+    os.makedirs(folder, exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            mine = True
+        except BlockingIOError:
+            mine = False
+        f.seek(0)
+        holder = f.read().strip()
+        if not mine and holder != str(os.getppid()):
+            raise UserError(f"{folder} is in use: {'process ' + holder if holder else 'another process'} holds its "
+                            f"lock (a training, an evaluation or a sweep): let it end, or pass another {flag}")
+        if mine and holder:
+            print(f"note: {folder}/lock names process {holder}, which ended without letting go of it (killed?): "
+                  "taken over", flush=True)
+        if mine:
+            f.truncate(0)
+            f.write(str(os.getpid()))  # "a+" appends: at 0, the file being empty
+            f.flush()
+        try:
+            yield f if mine else None
+        finally:
+            if mine:
+                f.truncate(0)
+                if made and os.listdir(folder) == ["lock"]:
+                    os.remove(lock)  # while it is still held: a process that opened it meanwhile is refused
+                    os.rmdir(folder)
+
+
+# -----------------------------------------------------------------------------
+# log.jsonl: one JSON record a line, appended by whisper_gpt.py, read by plot_curves.py and sweep.py
+
+CUT = {"event": "cut", "note": "the line before this one was cut off when its process stopped: readers skip it"}
+
+
+class LogError(UserError, ValueError):
+    """A log.jsonl that cannot be read: the message names the file and the line."""
+
+
+def append_record(path, record):
+    """Append one record as one line. A last line that a killed process left without its newline is closed first
+    and marked cut, so that the new record starts a line of its own and the readers know to skip the cut one."""
+    cut = False
+    if os.path.isfile(path) and os.path.getsize(path):
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
+    with open(path, "a") as f:
+        f.write(("\n" + json.dumps(CUT) + "\n" if cut else "") + json.dumps(record) + "\n")
+
+
+def read_records(path):
+    """[(line number, record)] of a log.jsonl, each record a JSON object with an "event". A line cut off by a
+    killed process is skipped with a note: the last line, left without its newline, or one a later writer marked
+    cut. Any other line that is not a record is one error naming the file and the line."""
+    with open(path, errors="replace") as f:
+        lines = f.read().split("\n")  # after a final newline, "": a last line with text is unterminated
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            if i == len(lines) - 1 or marked_cut(lines[i + 1:]):
+                print(f"note: {path}:{i + 1}: skipped a line cut off when its run stopped: {line[:60]!r}",
+                      file=sys.stderr, flush=True)
+                continue
+            raise LogError(f"{path}:{i + 1}: not valid JSON ({getattr(e, 'msg', e)}) in the middle of the log, so "
+                           f"damaged, not cut off: {line[:80]!r}") from None
+        if not isinstance(record, dict) or "event" not in record:
+            raise LogError(f"{path}:{i + 1}: a record must be a JSON object with an 'event' key")
+        if record["event"] != CUT["event"]:
+            records.append((i + 1, record))
+    return records
+
+
+def marked_cut(rest):
+    """Whether the next line with text among rest is the mark append_record leaves after a cut line."""
+    line = next((line for line in rest if line.strip()), "")
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and record.get("event") == CUT["event"]
