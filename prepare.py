@@ -41,7 +41,7 @@ import corpora
 from audio import (CONTEXT, ENCODEC_CKPT, FRAME_RATE, HOP, N_MELS, OFFLINE_NAME, SEGMENT, SAMPLE_RATE, SILENCE_PEAK,
                    TOKENIZER_FILE, VOCAB, WIN, Tokenizer, embed, encodec_skeleton, encodec_tokenizer, fast_cpu,
                    fit_codebook, log_mel, offline_tokenizer, to_model_rate, weights_help)
-from checks import Parser, UserError, load_torch_file, run_script
+from checks import Parser, UserError, check_device, check_writable, load_torch_file, run_script
 from corpora import BadAudio, Source, piece_of
 
 FORMAT_VERSION = 1    # of meta.json and the work shards
@@ -490,6 +490,9 @@ def parse_args(argv=None):
                                                 "0: all in this process (default: one per core on the CPU, up to 8 "
                                                 "feeding a GPU)")
     p.add_argument("--data_root", default="data", help="the folder that holds data/<name>/ (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="make data/<name>/ again where it holds a finished "
+                   "corpus; runs trained on the old one then refuse it (default: off: such a folder is refused, and "
+                   "an unfinished one resumed)")
     args = p.parse_args(argv)
     if args.audio_dir and not args.name:
         p.error("--audio_dir needs --name")
@@ -498,14 +501,16 @@ def parse_args(argv=None):
     args.name = args.name or args.dataset
     if args.dataset in ("music", "tts") and args.hours is None:
         args.hours = BUILT_IN_HOURS
-    if args.hours is not None and args.hours <= 0:
-        p.error(f"--hours must be positive, got {args.hours}")
+    if args.hours is not None and not 0 < args.hours < float("inf"):  # written so that nan fails too
+        p.error(f"--hours must be positive and finite, got {args.hours}")
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
         p.error(f"--workers must be 0 (all in this process) or more, got {args.workers}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}, but torch sees no GPU here: use --device cpu")
+    try:
+        check_device(args.device)
+    except UserError as e:
+        p.error(str(e))
     args.batch_size = args.batch_size or (1 if args.device == "cpu" else 32)
     cores = os.cpu_count() or 1
     args.workers = args.workers if args.workers is not None else cores if args.device == "cpu" else min(8, cores - 1)
@@ -561,9 +566,13 @@ def main(argv=None):
     if args.corpus_hours:
         corpora.print_corpus_hours(args.seed)
         return
+    data_dir = Path(args.data_root) / args.name
+    check_writable(data_dir, "--data_root")
+    if (data_dir / "meta.json").is_file() and not args.overwrite:  # meta.json is written last: the corpus is whole
+        raise UserError(f"{data_dir} already holds a prepared corpus: pass --overwrite to make it again (runs trained "
+                        "on it will then refuse it), or another --name; nothing was changed")
     t0 = time.time()
     sources, total_s, describe = list_sources(args)
-    data_dir = Path(args.data_root) / args.name
     work = data_dir / "work"
     check_disk(data_dir, min(total_s, args.hours * 3600) if args.hours else total_s)
     job = job_id(sources, args)

@@ -262,6 +262,22 @@ def test_output_is_deterministic_for_a_seed(prepared_dir, audio_corpus, tmp_path
     assert torch.equal(a["codebook"], b["codebook"]) and a["seed"] == b["seed"] == SEED
 
 
+def test_a_finished_corpus_is_made_again_only_with_overwrite(prepared_dir, audio_corpus, monkeypatch):
+    """prepare.py over a data/<name> that holds a finished corpus (its meta.json) is refused before any work, every
+    file as it was (runs trained on it would read another corpus); --overwrite lets the work begin."""
+    before = {p.name: p.read_bytes() for p in prepared_dir.iterdir()}
+    args = ["--audio_dir", str(audio_corpus[0]), "--name", "tiny", "--tokenizer", "offline"]
+    with pytest.raises(wg.UserError, match="tiny already holds a prepared corpus: pass --overwrite"):
+        run_prepare(prepared_dir.parent, *args)
+    assert {p.name: p.read_bytes() for p in prepared_dir.iterdir()} == before
+
+    class Began(Exception):
+        pass
+    monkeypatch.setattr(prepare, "list_sources", lambda args: (_ for _ in ()).throw(Began()))  # the first work
+    with pytest.raises(Began):
+        run_prepare(prepared_dir.parent, *args, "--overwrite")
+
+
 def test_resume_after_interruption_redoes_nothing_finished(tmp_path, monkeypatch):
     folder = tmp_path / "audio"
     make_corpus(folder, n=8)
@@ -1063,6 +1079,49 @@ def test_scratch_run_never_overwrites_an_existing_run(tmp_path):
     with pytest.raises(wg.UserError, match="--init_from resume"):
         wg.train(train_config(tmp_path, max_iters=1))
     assert open(tmp_path / "out" / "ckpt_latest.pt", "rb").read() == before
+
+
+def test_resuming_a_finished_run_is_one_line_and_changes_nothing(tmp_path):
+    make_data(tmp_path / "data")
+    wg.train(train_config(tmp_path, max_iters=2, eval_interval=2))
+    before = [(tmp_path / "out" / name).read_bytes() for name in ("log.jsonl", "ckpt_latest.pt")]
+    with pytest.raises(wg.UserError, match="out is finished .its checkpoint is of step 2 of 2.: evaluate it with "
+                                           "--eval_only, or train it on with more --epochs or --max_iters"):
+        wg.train(train_config(tmp_path, max_iters=2, eval_interval=2, init_from="resume"))
+    assert [(tmp_path / "out" / name).read_bytes() for name in ("log.jsonl", "ckpt_latest.pt")] == before
+
+
+def test_a_second_writer_into_a_run_folder_is_refused_and_a_killed_ones_lock_taken_over(tmp_path, capsys):
+    """A training holds its --out_dir's lock for its lifetime: a resume started into it meanwhile is one line, exit
+    1, and writes nothing. The lock of a process killed mid-run goes with it, and the next training takes it over
+    with a note."""
+    data, out = make_data(tmp_path / "data"), tmp_path / "out"
+    cmd = [sys.executable, os.path.join(HERE, "whisper_gpt.py"), *DDP_FLAGS, "--data_dir", data, "--out_dir", str(out),
+           "--batch_size", "2", "--eval_windows", "2", "--eval_interval", "5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.Popen(cmd + ["--max_iters", "100000"], stdout=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "ckpt_latest.pt").exists():  # its first eval is logged and checkpointed
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        log = (out / "log.jsonl").read_text()
+        with pytest.raises(wg.UserError) as e:
+            wg.train(train_config(tmp_path, max_iters=100, init_from="resume"))
+        assert first.poll() is None  # still training
+    finally:
+        first.kill()
+        first.wait()
+    assert str(e.value) == (f"{out} is in use: process {first.pid} holds its lock (a training, an evaluation or a "
+                            "sweep): let it end, or pass another --out_dir")
+    assert (out / "log.jsonl").read_text().startswith(log) and log.count('"start"') == 1  # nothing of the second
+    assert (out / "lock").read_text() == str(first.pid)  # killed: still named in it
+    step = torch.load(out / "ckpt_latest.pt", weights_only=True)["iter"]
+    capsys.readouterr()
+    wg.train(train_config(tmp_path, batch_size=2, eval_windows=2, eval_interval=5, max_iters=step + 1,
+                          init_from="resume"))
+    assert f"{out}/lock names process {first.pid}, which ended without letting go of it" in capsys.readouterr().out
+    assert (out / "lock").read_text() == ""  # let go of on the way out
 
 
 def test_the_loop_trains_and_logs_the_halved_learning_rate_after_the_drop(tmp_path, capsys):
@@ -1920,6 +1979,46 @@ def test_a_resumed_run_names_the_model_flags_it_ignored(tmp_path, capsys):
     assert (config.n_embd, config.n_head) == (16, 2) and [r["iter"] for r in evals_of(tmp_path / "out")] == [0, 2, 4]
 
 
+def test_a_resumed_or_evaluated_run_reads_its_own_data_and_refuses_other_data_naming_both(tmp_path):
+    """Trained on --data_dir mydata, a run resumed or evaluated with no data flag reads mydata (not data/music, the
+    default), and other data, or its own folder made again, is refused in one line before anything is written."""
+    data, other = make_data(tmp_path / "mydata"), make_data(tmp_path / "other", seed=1)  # one meta.json, two corpora
+    out = str(tmp_path / "out")
+    flags = DDP_FLAGS + ["--batch_size", "4", "--eval_interval", "2", "--eval_windows", "4", "--out_dir", out]
+    wg.main(flags + ["--data_dir", data, "--max_iters", "2"])
+    wg.main(flags + ["--init_from", "resume", "--max_iters", "4"])
+    assert wg.train(wg.parse_args(flags + ["--eval_only"]))["n_windows"] == len(wg.val_windows(1000, 32))
+    assert [r["iter"] for r in evals_of(out)] == [0, 2, 4]
+    log, ckpt = (open(os.path.join(out, name), "rb").read() for name in ("log.jsonl", "ckpt_latest.pt"))
+    for how in (["--init_from", "resume", "--max_iters", "6"], ["--eval_only"]):
+        with pytest.raises(wg.UserError) as e:
+            wg.main(flags + how + ["--data_dir", other])
+        assert f"trained on {data}: tokenizer synthetic-test-data" in str(e.value) and f"not on {other}:" in str(e.value)
+    make_data(tmp_path / "mydata", seed=2)  # prepare.py --overwrite, say: the run's own folder holds another corpus
+    with pytest.raises(wg.UserError, match=f"{re.escape(data)} was made again after the run in .*out was trained"):
+        wg.main(flags + ["--init_from", "resume", "--max_iters", "6"])
+    assert [open(os.path.join(out, name), "rb").read() for name in ("log.jsonl", "ckpt_latest.pt")] == [log, ckpt]
+
+
+def test_a_vocabulary_that_is_not_the_models_is_named_never_called_damaged(tmp_path):
+    """A run of vocabulary 300 resumed on healthy data of vocabulary 1024 (its checkpoint from before the data
+    fingerprint, so only the vocabularies tell): both vocabularies are named, and no file is called damaged."""
+    data = make_data(tmp_path / "data")
+    write_meta(data, 4000, 1000, vocab=300)
+    wg.train(train_config(tmp_path, max_iters=2, eval_interval=2))
+    path = tmp_path / "out" / "ckpt_latest.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["data"]
+    torch.save(ckpt, path)
+    write_meta(data, 4000, 1000, vocab=1024)
+    tokens = np.fromfile(tmp_path / "data" / "train_tokens.bin", dtype=np.uint16)
+    tokens[7] = 1000  # a token of the larger vocabulary, in a healthy file
+    tokens.tofile(tmp_path / "data" / "train_tokens.bin")
+    with pytest.raises(wg.UserError, match="has a vocabulary of 1024 tokens and the checkpoint's model reads 300") as e:
+        wg.train(train_config(tmp_path, max_iters=4, eval_interval=2, init_from="resume"))
+    assert "damaged" not in str(e.value)
+
+
 # -----------------------------------------------------------------------------
 # sweep.py and Fig. 4: seeds, the size sweep, the token-only size that matches the hybrid
 
@@ -1941,7 +2040,7 @@ def test_a_sweep_resumes_a_cut_run_skips_finished_ones_and_leaves_a_busy_one_alo
         fcntl.flock(busy, fcntl.LOCK_EX)
         with pytest.raises(wg.UserError, match="1 run.s. failed: whole"):
             sweep.main(["--runs_dir", str(runs), "--threads", "1"])  # one thread, as this process
-    assert "whole: another process is training" in capsys.readouterr().out
+    assert "whole is in use: another process holds its lock" in capsys.readouterr().out
     assert sweep.state(str(runs / "cut")) == "done" and sweep.state(str(runs / "whole")) == "new"
     cut_log = (runs / "cut" / "log.jsonl").read_text()
     sweep.main(["--runs_dir", str(runs), "--threads", "1"])  # "cut" is skipped, "whole" trains from scratch

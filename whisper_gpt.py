@@ -11,7 +11,6 @@ first, then the data, evaluation and training loop, the command line last; check
 import argparse
 import dataclasses
 import inspect
-import json
 import math
 import os
 import re
@@ -24,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checks import Parser, UserError, check_data, load_torch_file, run_script, validate
+from checks import (Parser, UserError, append_record, check_data, check_writable, data_fingerprint, hold_folder,
+                    load_torch_file, run_script, validate)
 
 
 # -----------------------------------------------------------------------------
@@ -46,7 +46,7 @@ class Config:
     mel_head: int = 4  # the paper is silent; 4 heads keep GPT-S's head size of 8
     # data and output
     dataset: str = "music"  # the name prepare.py gave the data (data/<dataset>)
-    data_dir: str = ""  # default: data/<dataset>
+    data_dir: str = ""  # default: data/<dataset>; a resumed or evaluated run: the data it was trained on
     out_dir: str = ""  # default: out-<model>-<dataset>, e.g. out-gpt-s-music
     # The recipe: the paper's shape (Adam, constant, halved 40 % of the way in), scaled to the default 1 h corpus
     # on a 2-core CPU (NOTES.md, Training). The paper's: --epochs 25 --lr 2e-4 --batch_size 16 on 200 h.
@@ -306,6 +306,9 @@ def load_checkpoint(path, device="cpu"):
         raise UserError(f"no checkpoint at {path}: train into that folder first "
                         f"(python whisper_gpt.py --out_dir {os.path.dirname(path) or '.'})")
     ckpt = load_torch_file(path, device)
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model"), dict)):
+        raise UserError(f"{path} is a torch file but not a checkpoint of whisper_gpt.py (it has no model and config): "
+                        "pass the ckpt_best.pt or ckpt_latest.pt of a run folder")
     fields = {f.name for f in dataclasses.fields(Config)}  # a field this file does not know is dropped
     config = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
     model = WhisperGPT(config).to(device)
@@ -420,8 +423,7 @@ def fmt(value, spec):
 
 
 def log_event(out_dir, record):
-    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_record(os.path.join(out_dir, "log.jsonl"), record)
 
 
 def launched_by_torchrun():
@@ -470,7 +472,23 @@ def resume_model(c, master):
         say(f"{path} fixes the model, so these flags are ignored: {', '.join(ignored)}")
     for name in MODEL_FIELDS:
         setattr(c, name, getattr(saved, name))
+    missing = [k for k in (("iter",) if c.eval_only else ("iter", "optimizer", "best_val_nll")) if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: it is not a checkpoint that whisper_gpt.py can "
+                        f"{'evaluate' if c.eval_only else 'resume'}")
+    c.data_dir = run_data(c, saved)
     return model, ckpt
+
+
+def run_data(c, saved):
+    """The data folder a resumed or evaluated run reads: its own (the checkpoint's), unless --data_dir or a
+    --dataset other than the run's names another (check_data then refuses other data than the run's)."""
+    if c.data_dir:
+        return c.data_dir
+    if c.dataset not in (saved.dataset, Config.dataset):
+        return os.path.join("data", c.dataset)
+    c.dataset = saved.dataset
+    return saved.data_dir or os.path.join("data", saved.dataset)
 
 
 def make_optimizer(c, model, ckpt):
@@ -501,6 +519,14 @@ def log_eval(c, it, spe, lr, train_nll, tok_s, result, elapsed):
 
 
 def train(c):
+    """Train the run in c.out_dir (with --eval_only: evaluate it), holding the folder's lock all along: one writer
+    per run folder (under DDP the first process holds it for all)."""
+    check_writable(c.out_dir, "--out_dir")
+    with hold_folder(c.out_dir) if os.environ.get("RANK", "0") == "0" else nullcontext():
+        return train_or_eval(c)
+
+
+def train_or_eval(c):
     rank, local_rank, world = setup_distributed(c)
     master, gpu = rank == 0, c.device.startswith("cuda")
     torch.manual_seed(c.seed + rank)
@@ -512,26 +538,29 @@ def train(c):
                         "another --out_dir (nothing was overwritten)")
     micro, accum = micro_batches(c, world)
     model, ckpt = resume_model(c, master) if c.init_from == "resume" or c.eval_only else (None, None)
-    meta, ctx = check_data(c), autocast_context(c)
+    meta, ctx = check_data(c, None if ckpt is None else ckpt.get("data")), autocast_context(c)
+    data = data_fingerprint(c.data_dir, meta)  # kept in the log and every checkpoint: the run knows its data
     if c.eval_only:
         return eval_only(model, c, meta, ctx, ckpt["iter"], rank, world)
+    spe = steps_per_epoch(c, meta["n_train"])
+    max_iters = c.max_iters or c.epochs * spe
+    if ckpt is not None and ckpt["iter"] >= max_iters:
+        raise UserError(f"{c.out_dir} is finished (its checkpoint is of step {ckpt['iter']} of {max_iters}): "
+                        "evaluate it with --eval_only, or train it on with more --epochs or --max_iters")
     if model is None:
         model = WhisperGPT(c).to(c.device)
     raw_model = model  # the plain module: what checkpoints hold, whatever wraps it below
-    spe = steps_per_epoch(c, meta["n_train"])
-    max_iters = c.max_iters or c.epochs * spe
     optimizer, scaler, start_iter, best_val, elapsed = make_optimizer(c, model, ckpt)
     del ckpt  # free the memory
     name, params = model_name(c), raw_model.num_params()
     if master:
-        os.makedirs(c.out_dir, exist_ok=True)
         say(f"{name}: {params:,} parameters | {meta['n_train']:,} train tokens, {spe} steps/epoch of {c.batch_size} "
             f"crops, {max_iters} steps | tokenizer {meta.get('tokenizer')} | {c.device} {c.dtype} | DDP world "
             f"{world}, {accum} x {micro} crops per process and step")
         if c.init_from == "scratch":
             log_event(c.out_dir, {"event": "start", "model": name, "params": params, "dataset": c.dataset,
                                   "tokenizer": meta.get("tokenizer"), "baselines": meta.get("baselines"),
-                                  "config": dataclasses.asdict(c)})
+                                  "data": data, "config": dataclasses.asdict(c)})
     if c.compile:
         model = torch.compile(model)
     eval_model = model  # evaluate() runs the plain or compiled module, never through DDP's collectives
@@ -561,7 +590,8 @@ def train(c):
                 best_val = min(best_val, result.nll)
                 state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "config": dataclasses.asdict(c), "iter": it,
-                         "epoch": it / spe, "val_nll": result.nll, "best_val_nll": best_val, "elapsed_s": elapsed}
+                         "epoch": it / spe, "val_nll": result.nll, "best_val_nll": best_val, "elapsed_s": elapsed,
+                         "data": data}
                 save_checkpoint(os.path.join(c.out_dir, "ckpt_latest.pt"), state)
                 if result.nll == best_val:
                     save_checkpoint(os.path.join(c.out_dir, "ckpt_best.pt"), state)
@@ -598,12 +628,16 @@ def train(c):
 def eval_only(model, c, meta, ctx, step, rank=0, world=1):
     """The paper's table row for the best checkpoint (params, NLL ± SE, accuracy, PPL), beside count baselines."""
     result = evaluate(model, c, c.final_windows, ctx, rank, world)
+    every = len(val_windows(meta["n_val"], c.block_size))
+    # a quick look at fewer windows is logged as such: the tables only ever take an evaluation on all of them
     record = {"event": "eval_only", "params": model.num_params(), "val_nll": result.nll, "val_nll_se": result.se,
               "val_acc": result.acc, "val_ppl": math.exp(result.nll), "n_windows": result.windows,
-              "tokens": result.tokens, "iter": step, "window_nll": result.window_nll}
+              "tokens": result.tokens, "iter": step, "window_nll": result.window_nll,
+              "subset": result.windows < every}
     if rank == 0:
-        say(f"| model | params | NLL ± SE | accuracy | PPL |   ({result.windows} val windows, {result.tokens:,} "
-            f"tokens, tokenizer {meta.get('tokenizer')}, checkpoint of step {step})")
+        subset = f" of {every}: a subset, which the tables never take" if record["subset"] else ""
+        say(f"| model | params | NLL ± SE | accuracy | PPL |   ({result.windows} val windows{subset}, "
+            f"{result.tokens:,} tokens, tokenizer {meta.get('tokenizer')}, checkpoint of step {step})")
         say(f"| {model_name(c)} | {model.num_params() / 1e6:.2f} M | {result.nll:.3f} ± {result.se:.3f} | "
             f"{result.acc:.2%} | {math.exp(result.nll):.2f} |")
         refs = meta.get("baselines")
@@ -633,7 +667,8 @@ def config_from(args):
     """The Config of parsed flags (others, such as bench.py's own, are left out), its defaults filled in."""
     fields = {f.name for f in dataclasses.fields(Config)}
     c = Config(**{k: v for k, v in vars(args).items() if k in fields})
-    c.data_dir = c.data_dir or os.path.join("data", c.dataset)
+    if c.init_from == "scratch" and not c.eval_only:  # a resumed or evaluated run reads its own (run_data)
+        c.data_dir = c.data_dir or os.path.join("data", c.dataset)
     c.out_dir = c.out_dir or f"out-{model_name(c).lower()}-{c.dataset}"
     validate(c)
     return c
