@@ -15,6 +15,7 @@ The decoding runs in a process of its own (MelProcess), on one core while the mo
 2 means a token's own slice is first needed one step later, so the two overlap fully (generate below).
 """
 import argparse
+import math
 import multiprocessing
 import os
 import time
@@ -29,7 +30,8 @@ import torch
 
 from audio import (FRAME_RATE, HOP, SAMPLE_RATE, WIN, StreamingDecoder, load_tokenizer, log_mel, normalise_mel,
                    read_meta, to_model_rate, without_onednn)
-from checks import Parser, UserError, run_script
+from checks import (Parser, UserError, check_device, check_same_data, check_writable, data_fingerprint,
+                    run_script)
 from whisper_gpt import load_checkpoint, open_split
 
 WORKER_SILENCE = 300  # seconds without a reply before the mel worker counts as stuck (a slice takes milliseconds)
@@ -64,11 +66,22 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's "
                    "choice, less the one the hybrid's mel worker process takes)")
     p.add_argument("--sample_dir", default=None, help="where to write (default: --out_dir)")
+    p.add_argument("--data_dir", default=None, help="the data folder whose tokenizer (and val split, for the prompt) "
+                   "to use; it must hold the data the run was trained on (default: the run's own)")
     p.add_argument("--bench", action="store_true", help="print tokens/s and realtime factor, decoding included "
                    "(default: off)")
     args = p.parse_args(argv)
-    if args.seconds <= 0 or args.prompt_seconds <= 0 or args.num_samples < 1:
-        p.error("--seconds and --prompt_seconds must be positive and --num_samples at least 1")
+    if not all(math.isfinite(v) for v in (args.seconds, args.prompt_seconds, args.temperature, args.top_p or 1)):
+        p.error("--seconds, --prompt_seconds, --temperature and --top_p must be numbers, not nan or inf")
+    if args.num_samples < 1:
+        p.error(f"--num_samples must be at least 1, got {args.num_samples}")
+    # the tokens continue_prompt generates, and the most a prompt may have (read_audio, prompt_from_val)
+    for flag, seconds, tokens in (("--seconds", args.seconds, round(args.seconds * FRAME_RATE)),
+                                  ("--prompt_seconds", args.prompt_seconds, int(args.prompt_seconds * FRAME_RATE))):
+        if seconds <= 0:
+            p.error(f"{flag} must be positive, got {seconds:g}")
+        if tokens < 1:
+            p.error(f"{flag} {seconds:g} is shorter than one token (1/{FRAME_RATE} s)")
     if args.mel_window and args.mel_window < WIN // HOP:
         p.error(f"--mel_window must be 0 or at least {WIN // HOP} tokens (one mel window)")
     if args.temperature < 0:
@@ -79,16 +92,19 @@ def parse_args(argv=None):
         p.error(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be at least 1, got {args.threads}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}, but torch sees no GPU here: use --device cpu")
+    try:
+        check_device(args.device)
+    except UserError as e:
+        p.error(str(e))
     return args
 
 
 # -----------------------------------------------------------------------------
 # the run and the prompt
 
-def load_run(out_dir, ckpt, device):
-    """(model, config, data_dir, tokenizer, meta) from a run folder: the checkpoint names its data."""
+def load_run(out_dir, ckpt, device, data_dir=None):
+    """(model, config, data_dir, tokenizer, meta) from a run folder: the checkpoint names its data, and a data_dir
+    given instead must hold the same data (a tokenizer made again would turn the prompt into other tokens)."""
     path = os.path.join(out_dir, f"ckpt_{ckpt}.pt")
     if not os.path.isfile(path):
         other = "latest" if ckpt == "best" else "best"
@@ -96,10 +112,15 @@ def load_run(out_dir, ckpt, device):
         raise UserError(f"no checkpoint at {path}: " + (
             f"the run has ckpt_{other}.pt, so pass --ckpt {other}" if has_other else
             f"train one first (python whisper_gpt.py --out_dir {out_dir}) or pass the --out_dir of a run"))
-    model, config, _ = load_checkpoint(path, device)
+    model, config, saved = load_checkpoint(path, device)
     model.eval()
-    data_dir = config.data_dir or os.path.join("data", config.dataset)
+    data_dir = data_dir or config.data_dir or os.path.join("data", config.dataset)
     meta = read_meta(data_dir)
+    if saved.get("data"):  # the fingerprint of the data it was trained on (runs before it have none)
+        check_same_data(saved["data"], data_fingerprint(data_dir, meta), f"the run in {out_dir}")
+    if meta.get("vocab_size") != config.vocab_size:
+        raise UserError(f"{data_dir} has a vocabulary of {meta.get('vocab_size')} tokens and the model of {path} "
+                        f"reads {config.vocab_size}: not the data the run was trained on; pass its --data_dir")
     tokenizer = load_tokenizer(data_dir, device)
     return model, config, data_dir, tokenizer, meta
 
@@ -113,6 +134,9 @@ def read_audio(path, max_seconds):
     except sf.LibsndfileError as e:
         raise UserError(f"--prompt {path} is not audio that soundfile can read "
                         f"({e.error_string.rstrip('.')}): give a wav, flac, ogg or mp3 file") from None
+    if not np.isfinite(wav).all():  # EnCodec would make token 0 of them, and the mel nan
+        raise UserError(f"--prompt {path} has {int((~np.isfinite(wav)).sum()):,} non-finite samples (nan or inf): "
+                        "give a clean audio file")
     wav = to_model_rate(wav, sr)  # (S,) mono at 24 kHz, whole tokens
     n = min(len(wav), int(max_seconds * SAMPLE_RATE)) // HOP * HOP
     if n == 0:
@@ -360,6 +384,7 @@ def generate(model, tokenizer, meta, tokens, mel, n_new, args, mel_fn=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_writable(args.sample_dir or args.out_dir, "--sample_dir")  # before the work, not after it
     # EnCodec's decoder runs many times slower on denormal floats on a CPU. The flag belongs to a thread, and the
     # threads torch makes from now on copy it.
     torch.set_flush_denormal(True)
@@ -367,7 +392,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     prompt = read_audio(args.prompt, args.prompt_seconds) if args.prompt else None  # a bad one fails before loading
-    model, config, data_dir, tokenizer, meta = load_run(args.out_dir, args.ckpt, args.device)
+    model, config, data_dir, tokenizer, meta = load_run(args.out_dir, args.ckpt, args.device, args.data_dir)
     run = os.path.basename(os.path.normpath(args.out_dir))
     mel_fn = None
     if config.hybrid and args.mel_worker == "process":

@@ -1528,6 +1528,33 @@ def test_sampling_writes_wavs_of_the_requested_length(tiny_run, tmp_path, capsys
     assert not [f for f in os.listdir(tmp_path) if "tmp" in f]
 
 
+def test_sampling_reads_the_runs_own_data_and_refuses_other_data(tiny_run, tmp_path, monkeypatch):
+    """A run samples with the tokenizer of the data it was trained on: its own folder, or a --data_dir holding the
+    same corpus; a folder made again since, or another corpus, is refused in one line naming both, before any work.
+    A --sample_dir that cannot be written is refused before the model runs, not after."""
+    import shutil
+    own, other = (str(shutil.copytree(tiny_run["data"], tmp_path / name)) for name in ("own", "other"))
+    meta = json.loads(Path(other, "meta.json").read_text())
+    Path(other, "meta.json").write_text(json.dumps({**meta, "seed": 1}))  # another corpus, one field apart
+    ckpt = torch.load(os.path.join(tiny_run["gpt"], "ckpt_best.pt"), weights_only=True)
+    ckpt["config"]["data_dir"], ckpt["data"] = own, wg.data_fingerprint(own, meta)  # as train() records them
+    os.makedirs(tmp_path / "run")
+    wg.save_checkpoint(str(tmp_path / "run" / "ckpt_best.pt"), ckpt)
+    args = ["--out_dir", str(tmp_path / "run"), "--seconds", "0.1", "--prompt_seconds", "0.1", "--sample_dir",
+            str(tmp_path / "samples")]
+    for data_dir in ([], ["--data_dir", tiny_run["data"]]):  # its own folder, or the same corpus elsewhere
+        sample.main(args + data_dir)
+    with pytest.raises(wg.UserError, match=f"trained on {re.escape(own)}: .*; not on {re.escape(other)}: "):
+        sample.main(args + ["--data_dir", other])
+    Path(own, "meta.json").write_text(json.dumps({**meta, "seed": 1}))  # prepare.py --overwrite, say
+    with pytest.raises(wg.UserError, match=f"{re.escape(own)} was made again after the run in .*run was trained"):
+        sample.main(args)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(sample, "load_run", lambda *a: pytest.fail("the run was loaded"))
+    with pytest.raises(wg.UserError, match=r"--sample_dir .*file/x: .*file is a file, not a folder"):
+        sample.main(args[:-1] + [str(tmp_path / "file" / "x")])
+
+
 def test_an_audio_prompt_is_resampled_to_24khz_mono(tiny_run, tmp_path, capsys):
     rate, seconds = 48000, 0.5
     t = np.arange(int(rate * seconds)) / rate
@@ -1814,10 +1841,14 @@ def test_every_progress_and_summary_line_is_flushed():
 
 @pytest.fixture(scope="module")
 def mistakes(tmp_path_factory):
-    """Folders for the user mistakes: a text file, a run whose data is gone, a truncated checkpoint (a copy cut
-    short), and one whose weights do not fit its model (a bug-like failure, not a user's mistake)."""
+    """Folders for the user mistakes: a text file, a WAV with NaN samples, a run whose data is gone, a truncated
+    checkpoint (a copy cut short), a torch file that is not a checkpoint (a bare state dict), and a checkpoint whose
+    weights do not fit its model (a bug-like failure, not a user's mistake)."""
     root = tmp_path_factory.mktemp("mistakes")
     (root / "notes.txt").write_text("not audio\n")
+    wav = tone(0.5, 24000, 440).astype(np.float32)
+    wav[1000:1100] = np.nan
+    sf.write(root / "nan.wav", wav, 24000, subtype="FLOAT")
     config = wg.Config(**TINY, dataset="gone", data_dir=str(root / "gone"), device="cpu")
     for run in ("run", "truncated", "broken"):
         os.makedirs(root / run)
@@ -1828,6 +1859,8 @@ def mistakes(tmp_path_factory):
                                                              "iter": 0})
     whole = (root / "truncated" / "ckpt_best.pt").read_bytes()
     (root / "truncated" / "ckpt_best.pt").write_bytes(whole[:len(whole) // 2])
+    os.makedirs(root / "bare")
+    torch.save(wg.WhisperGPT(config).state_dict(), root / "bare" / "ckpt_best.pt")
     return root
 
 
@@ -1848,6 +1881,26 @@ MISTAKES = [
     ("whisper_gpt.py", ["--data_dir", "{root}/gone", "--out_dir", "{root}/new"], "no prepared data in {root}/gone: run"),
     ("whisper_gpt.py", ["--n_embd", "63"], "--n_embd 63 is not divisible by --n_head 8"),
     ("whisper_gpt.py", ["--batch_size", "eight"], "invalid int value: 'eight'"),
+    # each of these was a traceback, or nonsense accepted
+    ("whisper_gpt.py", ["--out_dir", "{root}/run", "--eval_only", "--device", "cuda:99"],
+     "--device cuda:99, but torch sees"),
+    ("whisper_gpt.py", ["--device", "gpu"], "--device 'gpu' is not a device: use cpu, cuda or cuda:N"),
+    ("whisper_gpt.py", ["--out_dir", "{root}/bare", "--eval_only"], "bare/ckpt_best.pt is a torch file but not a "
+                                                                    "checkpoint of whisper_gpt.py"),
+    ("whisper_gpt.py", ["--out_dir", "{root}/notes.txt/run"], "--out_dir {root}/notes.txt/run: {root}/notes.txt is "
+                                                              "a file, not a folder"),
+    ("whisper_gpt.py", ["--lr", "nan"], "--lr must be a positive number, got nan"),
+    ("whisper_gpt.py", ["--n_head", "0"], "--n_head must be at least 1, got 0"),
+    ("whisper_gpt.py", ["--seed", "-1"], "--seed must be 0 or more, got -1"),
+    ("whisper_gpt.py", ["--dropout", "1.5"], "--dropout is a probability below 1, got 1.5"),
+    ("sample.py", ["--out_dir", "{root}/bare"], "bare/ckpt_best.pt is a torch file but not a checkpoint"),
+    ("sample.py", ["--out_dir", "{root}/run", "--seconds", "nan"], "must be numbers, not nan or inf"),
+    ("sample.py", ["--out_dir", "{root}/run", "--seconds", "inf"], "must be numbers, not nan or inf"),
+    ("sample.py", ["--out_dir", "{root}/run", "--temperature", "nan"], "must be numbers, not nan or inf"),
+    ("sample.py", ["--out_dir", "{root}/run", "--seconds", "0.001"], "--seconds 0.001 is shorter than one token"),
+    ("sample.py", ["--out_dir", "{root}/run", "--prompt", "{root}/nan.wav"], "nan.wav has 100 non-finite samples"),
+    ("sample.py", ["--out_dir", "{root}/run", "--device", "cuda:99"], "--device cuda:99, but torch sees"),
+    ("prepare.py", ["--dataset", "music", "--hours", "nan"], "--hours must be positive and finite, got nan"),
 ]
 
 
