@@ -3,13 +3,14 @@ Redraw the paper's Figs. 2-3 (val NLL against epoch for GPT-S, GPT-L and the hyb
 runs' log.jsonl files, with the paper's own numbers beside ours; and Fig. 4, which the paper lacks: val NLL against
 parameters and training FLOPs for a size sweep of the token-only GPT, with the hybrid beside it.
 
-    python plot_curves.py                      # every runs/*/log.jsonl (sweep.py's runs, committed)
-    python plot_curves.py out-gpt-s-music out-hybrid-music --out_dir figures
+    python plot_curves.py                      # every runs/*/log.jsonl (sweep.py's runs, committed) -> figures/
+    python plot_curves.py out-gpt-s-music out-hybrid-music --out_dir my-figures
 
 Writes <out_dir>/fig2_music.png, <out_dir>/fig3_libritts.png (one figure per dataset that has runs),
 <out_dir>/fig4_size_music.png (where a dataset has a size sweep) and <out_dir>/tables.md. Runs of one model with
 several seeds are reported as their mean ± the standard error over seeds. Missing runs are printed and marked in
-the table, never skipped in silence.
+the table, never skipped in silence. figures/ holds what the committed runs give, so it is the default --out_dir
+only for them: any other set of runs names its own.
 """
 import argparse
 import dataclasses
@@ -24,7 +25,7 @@ matplotlib.use("Agg")  # no display: write files only
 import matplotlib.pyplot as plt
 
 from bench import flops_per_token
-from checks import UserError, run_script
+from checks import LogError, Parser, UserError, check_writable, read_records, run_script
 from whisper_gpt import Config
 
 MODELS = ("GPT-S", "GPT-L", "hybrid")  # the paper's three models, in its row order
@@ -51,10 +52,6 @@ REQUIRED = {
 RECIPE = ("block_size", "batch_size", "epochs", "lr", "lr_drop_at", "max_iters", "dropout", "dtype")
 
 
-class LogError(UserError, ValueError):
-    """A log.jsonl that cannot be read: the message names the file and the line."""
-
-
 # -----------------------------------------------------------------------------
 # reading logs
 
@@ -63,16 +60,14 @@ def read_log(path):
 
     The run is the last "start" line and everything after it (an earlier start belongs to a run that
     this folder's newer run replaced). A resume re-logs evals from its checkpoint on: an eval whose iter
-    is not past the previous one's drops the evals it overlaps."""
-    with open(path) as f:
-        lines = f.read().splitlines()
-    if not any(line.strip() for line in lines):
+    is not past the previous one's drops the evals it overlaps. An eval_only on a subset of the val windows (a
+    quick look) is never taken for the run's result."""
+    records = read_records(path)
+    if not records:
         raise LogError(f"{path}: empty log, no records")
     run = None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        rec = parse_record(path, lineno, line)
+    for lineno, rec in records:
+        check_record(path, lineno, rec)
         if rec["event"] == "start":
             run = {"dir": os.path.dirname(path) or ".", "log": path, "evals": [], "final": None,
                    "baselines": rec.get("baselines"), "config": rec.get("config") or {},
@@ -81,6 +76,9 @@ def read_log(path):
             raise LogError(f"{path}:{lineno}: '{rec['event']}' record before any 'start' record")
         elif rec["event"] == "eval":
             run["evals"] = [e for e in run["evals"] if e["iter"] < rec["iter"]] + [rec]
+        elif rec["event"] == "eval_only" and rec.get("subset"):
+            print(f"note: {path}:{lineno}: an eval_only of {rec.get('n_windows')} val windows, a subset: not in the "
+                  "tables", flush=True)
         elif rec["event"] == "eval_only":
             run["final"] = rec
     if run is None:
@@ -88,21 +86,14 @@ def read_log(path):
     return run
 
 
-def parse_record(path, lineno, line):
-    """One JSON line -> dict, checked for the keys its event needs (unknown events are kept, unused)."""
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise LogError(f"{path}:{lineno}: not valid JSON ({e.msg}): {line[:80]!r}") from None
-    if not isinstance(rec, dict) or "event" not in rec:
-        raise LogError(f"{path}:{lineno}: a record must be a JSON object with an 'event' key")
+def check_record(path, lineno, rec):
+    """Refuse a record that lacks the keys its event needs (unknown events are kept, unused)."""
     missing = [k for k in REQUIRED.get(rec["event"], ()) if k not in rec]
     if missing:
         raise LogError(f"{path}:{lineno}: '{rec['event']}' record lacks {', '.join(missing)}")
     for k in REQUIRED.get(rec["event"], ()):
         if k not in ("model", "dataset", "tokenizer") and not isinstance(rec[k], (int, float)):
             raise LogError(f"{path}:{lineno}: '{k}' must be a number, got {rec[k]!r}")
-    return rec
 
 
 def find_logs(run_dirs):
@@ -486,15 +477,29 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
+def default_out_dir(logs):
+    """figures/ for the committed runs (runs/*/, the default); any other set of runs would overwrite the committed
+    figures and tables with its own, so it names a folder of its own."""
+    committed = glob.glob(os.path.join("runs", "*", "log.jsonl"))
+    if committed and sorted(map(os.path.realpath, logs)) == sorted(map(os.path.realpath, committed)):
+        return "figures"
+    raise UserError("figures/ holds what the committed runs (runs/*/, the default) give, and these runs are others: "
+                    "pass --out_dir DIR for their figures and tables")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="*", help="run folders with a log.jsonl (default: runs/*/, else out*/)")
-    parser.add_argument("--out_dir", default="figures", help="where the PNGs and tables.md go")
+    parser.add_argument("--out_dir", help="where the PNGs and tables.md go (default: figures/, for the committed "
+                                          "runs/*/ only)")
     args = parser.parse_args(argv)
 
-    groups = group_runs([read_log(log) for log in find_logs(args.run_dirs)])
+    logs = find_logs(args.run_dirs)
+    groups = group_runs([read_log(log) for log in logs])
     for dataset in ("music", "LibriTTS"):  # the paper's two datasets are always reported, even when absent
         groups.setdefault(dataset, {})
+    args.out_dir = args.out_dir or default_out_dir(logs)
+    check_writable(args.out_dir, "--out_dir")
     os.makedirs(args.out_dir, exist_ok=True)
     tables = ["# Tables 1-2: our runs beside the paper's", ""]
     for dataset in sorted(groups, key=lambda d: paper_names(d)[0]):

@@ -937,6 +937,30 @@ def test_resumed_run_reproduces_uninterrupted_losses(tmp_path):
         assert ra["train_nll"] == rb["train_nll"] and ra["val_nll"] == rb["val_nll"]
 
 
+def test_a_log_line_cut_by_a_kill_is_skipped_with_a_note_and_a_resume_starts_a_new_line(tmp_path, capsys):
+    """A killed run (or a full disk) can leave log.jsonl's last line half-written. Every reader skips it with a
+    note; a resume closes it, marks it cut and logs on a line of its own; a line damaged in the middle of a log, not
+    cut, is one error naming the file and the line."""
+    import sweep
+    make_data(tmp_path / "data")
+    wg.train(train_config(tmp_path, max_iters=2, eval_interval=1))
+    log = tmp_path / "out" / "log.jsonl"
+    whole = log.read_text()
+    log.write_text(whole + whole.splitlines()[-1][:25])  # the next eval's record, cut off by a kill
+    for read in (lambda: plot_curves.read_log(str(log))["evals"], lambda: sweep.state(str(tmp_path / "out"))):
+        read()
+        assert f"{log}:5: skipped a line cut off when its run stopped" in capsys.readouterr().err
+    wg.train(train_config(tmp_path, max_iters=4, eval_interval=1, init_from="resume"))
+    lines = log.read_text().splitlines()
+    assert lines[4] == whole.splitlines()[-1][:25] and json.loads(lines[5])["event"] == "cut"
+    assert [e["iter"] for e in plot_curves.read_log(str(log))["evals"]] == [0, 1, 2, 3, 4]
+    assert sweep.state(str(tmp_path / "out")) == "resume"
+    log.write_text("\n".join(lines[:5] + lines[6:]) + "\n")  # the mark gone: damaged, not cut
+    for read in (lambda: plot_curves.read_log(str(log)), lambda: sweep.state(str(tmp_path / "out"))):
+        with pytest.raises(wg.UserError, match=f"{re.escape(str(log))}:5: not valid JSON .* in the middle of the log"):
+            read()
+
+
 def test_eval_only_prints_the_table_row(tmp_path, capsys):
     make_data(tmp_path / "data")
     wg.train(train_config(tmp_path, max_iters=2, eval_interval=1))
@@ -949,6 +973,24 @@ def test_eval_only_prints_the_table_row(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| custom |" in out and f"{record['val_nll']:.3f} ± {record['val_nll_se']:.3f}" in out
     assert read_log(tmp_path / "out")[-1]["event"] == "eval_only"
+
+
+def test_an_eval_only_on_a_subset_of_windows_never_becomes_the_runs_table_row(tmp_path, capsys):
+    """A quick --eval_only --final_windows 2 after the full one is logged as a subset: plot_curves.py keeps the
+    full evaluation as the run's result, and sweep.py counts only a full one as done."""
+    import sweep
+    make_data(tmp_path / "data")
+    wg.train(train_config(tmp_path, max_iters=2, eval_interval=1))
+    full = wg.train(train_config(tmp_path, eval_only=True))
+    quick = wg.train(train_config(tmp_path, eval_only=True, final_windows=2))
+    assert "2 val windows of 31: a subset, which the tables never take" in capsys.readouterr().out
+    assert not full["subset"] and quick["subset"] and quick["val_nll"] != full["val_nll"]
+    assert plot_curves.read_log(str(tmp_path / "out" / "log.jsonl"))["final"] == full
+    assert sweep.state(str(tmp_path / "out")) == "done"
+    (tmp_path / "out" / "log.jsonl").write_text("".join(
+        line for line in open(tmp_path / "out" / "log.jsonl") if json.loads(line) != full))  # the quick one alone
+    assert plot_curves.read_log(str(tmp_path / "out" / "log.jsonl"))["final"] is None
+    assert sweep.state(str(tmp_path / "out")) != "done"
 
 
 def test_val_windows_are_fixed_and_subsets_evenly_spaced():
@@ -1466,6 +1508,23 @@ def test_plot_curves_refuses_two_runs_of_one_model(tmp_path):
         plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
 
 
+def test_plot_curves_writes_into_the_committed_figures_only_for_the_committed_runs(tmp_path, monkeypatch, capsys):
+    """Any set of runs but runs/*/ would overwrite figures/ (the committed tables and figures) with its own: it must
+    name an --out_dir, and is refused before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    write_log(tmp_path / "runs" / "gpt-s", "GPT-S", "music", 100, [3.0], final_nll=2.9)
+    other = write_log(tmp_path / "out-gpt-l", "GPT-L", "music", 1000, [3.5])
+    for runs in ([other], ["runs/gpt-s", other]):
+        with pytest.raises(wg.UserError, match="these runs are others: pass --out_dir DIR"):
+            plot_curves.main(runs)
+        assert not (tmp_path / "figures").exists()
+    for runs in ([], ["runs/gpt-s"], [str(tmp_path / "runs" / "gpt-s")]):  # the committed runs, however named
+        plot_curves.main(runs)
+        assert f"tables -> {os.path.join('figures', 'tables.md')}" in capsys.readouterr().out
+    plot_curves.main([other, "--out_dir", "mine"])
+    assert (tmp_path / "mine" / "tables.md").is_file()
+
+
 # -----------------------------------------------------------------------------
 # sample.py
 
@@ -1902,6 +1961,16 @@ MISTAKES = [
     ("sample.py", ["--out_dir", "{root}/run", "--device", "cuda:99"], "--device cuda:99, but torch sees"),
     ("prepare.py", ["--dataset", "music", "--hours", "nan"], "--hours must be positive and finite, got nan"),
 ]
+
+
+@pytest.mark.parametrize("script", ["prepare", "sample", "whisper_gpt", "bench", "plot_curves", "sweep"])
+def test_a_flag_that_argparse_refuses_is_one_line_and_exit_status_1(script, capsys):
+    """argparse's own mistakes (an unknown flag, a missing one) read as every other: one line, exit status 1."""
+    import importlib
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(script).main(["--no_such_flag"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and f"{os.path.basename(sys.argv[0])}: error: " in err, err
 
 
 def script_argv(mistakes, script, args):
