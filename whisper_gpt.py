@@ -110,6 +110,21 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, n_head, end, head_dim)
 
 
+CPU_HEAD = 16  # on the CPU, torch's flash kernel runs a head of 16 1.6x faster than a head of 8 (NOTES.md, Speed)
+
+
+def causal_attention(q, k, v, dropout=0.0):
+    """Fused causal attention of q, k, v (B, n_head, T, head_dim) -> (B, n_head, T, head_dim). On the CPU a head
+    narrower than CPU_HEAD is zero-padded to it: the dot products, and so the output, are the same; the kernel is
+    faster. Elsewhere it is torch's own call, unchanged."""
+    d = q.size(-1)
+    if q.device.type != "cpu" or d >= CPU_HEAD:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+    q, k, v = (F.pad(t, (0, CPU_HEAD - d)) for t in (q, k, v))  # (B, n_head, T, CPU_HEAD), zeros after head_dim
+    y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=d ** -0.5)
+    return y[..., :d]  # (B, n_head, T, head_dim): the padded columns of v give zeros
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd, n_head, dropout):
         super().__init__()
@@ -131,7 +146,7 @@ class CausalSelfAttention(nn.Module):
         past = k.size(2) - T
         dropout = self.dropout if self.training else 0.0
         if past == 0:  # the usual case: fused causal attention (flash attention on a GPU)
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            y = causal_attention(q, k, v, dropout)
         elif T == 1:  # one new position after cached ones (generation): it sees them all, no mask needed
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         else:  # new positions after cached ones: each sees all the past and the new ones up to itself
