@@ -338,8 +338,8 @@ def piper_voice():
 def render_speech(src: Source) -> torch.Tensor:
     """Read an utterance with the Piper voice at its rate and prosody, its noise from its own seed
     -> (S,) float32 at 24 kHz, peak-normalised."""
+    voice, speech = piper_voice(), src.rendering  # first: it says how to install piper when it is missing
     from piper import SynthesisConfig
-    voice, speech = piper_voice(), src.rendering
     voice.session.reseed(speech["seed"])
     config = SynthesisConfig(length_scale=speech["length_scale"], noise_scale=speech["noise_scale"],
                              noise_w_scale=speech["noise_w"], normalize_audio=False)

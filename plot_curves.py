@@ -35,7 +35,10 @@ PAPER_LAYOUT = {
     "music": ("Fig. 2", "Table 2", "music", "fig2_music.png"),
     "speech": ("Fig. 3", "Table 1", "LibriTTS", "fig3_libritts.png"),
     "libritts": ("Fig. 3", "Table 1", "LibriTTS", "fig3_libritts.png"),
+    "tts": ("Fig. 3", "Table 1", "synthetic speech, one Piper voice, not LibriTTS", "fig3_tts.png"),
 }
+# a built-in stand-in's rows sit beside the paper's numbers for the corpus it stands for
+STAND_INS = {"synthetic speech, one Piper voice, not LibriTTS": "LibriTTS"}
 # the paper's Tables 1-2: params (millions), NLL (nats/token), accuracy (%), PPL
 PAPER_NUMBERS = {
     "LibriTTS": {"GPT-S": (3.7, 2.02, 34.18, 7.54), "GPT-L": (40, 1.94, 34.82, 6.96),
@@ -297,7 +300,9 @@ def match_sentence(sweep):
 def paper_names(dataset):
     """(figure, table, paper's dataset name, PNG name); datasets the paper lacks get their own names."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in dataset)
-    return PAPER_LAYOUT.get(dataset.lower(), (f"Fig. ({dataset})", f"Table ({dataset})", dataset, f"fig_{safe}.png"))
+    by_name = {layout[2]: layout for layout in PAPER_LAYOUT.values()}  # group_runs keys the groups by this name
+    return PAPER_LAYOUT.get(dataset.lower(), by_name.get(dataset, (f"Fig. ({dataset})", f"Table ({dataset})", dataset,
+                                                                   f"fig_{safe}.png")))
 
 
 def params_label(n):
@@ -402,10 +407,12 @@ def nll_cell(s):
 def table_markdown(dataset, group, missing):
     """One table in the layout of the paper's Tables 1-2, ours beside the paper's, with a caption."""
     _, table_name, name, _ = paper_names(dataset)
-    paper = PAPER_NUMBERS.get(name, {})
+    paper_corpus = STAND_INS.get(name, name)
+    paper = PAPER_NUMBERS.get(paper_corpus, {})
     tok = tokenizers(group) if group else "none"
     caption = (f"**{table_name}** ({name}): val NLL (nats/token), top-1 accuracy and PPL = exp(NLL); "
-               f"ours with tokenizer `{tok}`, the paper's with EnCodec 24 kHz codebook 0. Ours are the mean over "
+               f"ours with tokenizer `{tok}`, the paper's with EnCodec 24 kHz codebook 0"
+               + (f" on {paper_corpus}" if paper_corpus != name else "") + ". Ours are the mean over "
                "the seeds run, ± the standard error over seeds (over val windows where a model has one seed).")
     if any("offline" in run["tokenizer"].lower() for runs in group.values() for run in runs):
         caption += (" The offline tokenizer (random-weight EnCodec, k-means codebook) makes different tokens "

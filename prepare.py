@@ -371,9 +371,11 @@ def flush(work: Path, tok: Tokenizer, group: list) -> Path:
 
 
 def no_usable(split: str, skipped: list) -> str:
-    reasons = "".join(f"\n  {name}: {reason}" for name, reason in skipped[:10])
-    return (f"no usable audio in the {split} split (the split is by file, every {VAL_EVERY}th file to val); "
-            f"{len(skipped)} files skipped, the first:{reasons}")
+    """One line: the split is empty, why a corpus needs two usable files, and the first files skipped."""
+    reasons = "; ".join(f"{name}: {reason}" for name, reason in skipped[:3])
+    return (f"no usable audio in the {split} split: the split is by file (the first usable file and every "
+            f"{VAL_EVERY}th after it go to val), so a corpus needs at least two usable files; {len(skipped)} files "
+            f"skipped" + (f" ({reasons}{'; ...' if len(skipped) > 3 else ''})" if skipped else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------------

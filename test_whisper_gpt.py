@@ -237,17 +237,21 @@ def test_bad_files_are_skipped_with_their_reason(prepared_dir, audio_corpus):
         ["meta.json", "tokenizer.pt", "train_mel.bin", "train_tokens.bin", "val_mel.bin", "val_tokens.bin"])
 
 
-@pytest.mark.parametrize("kind", ["empty", "missing", "nothing usable"])
+@pytest.mark.parametrize("kind", ["empty", "missing", "nothing usable", "one usable"])
 def test_no_usable_input_is_one_clear_error_and_writes_nothing(tmp_path, kind):
     folder = tmp_path / "audio"
     if kind != "missing":
         folder.mkdir()
-    if kind == "nothing usable":
+    if kind in ("nothing usable", "one usable"):
         make_bad_files(folder)
+    if kind == "one usable":  # it goes to val, and train is empty
+        sf.write(folder / "only.wav", tone(1.0, 24000, 440), 24000)
     root = tmp_path / "data"
     with pytest.raises(wg.UserError, match={"empty": "no audio files", "missing": "does not exist",
-                                          "nothing usable": "no usable audio"}[kind]):
+                                          "nothing usable": "no usable audio", "one usable":
+                                          "no usable audio in the train split.*at least two usable files"}[kind]) as e:
         run_prepare(root, "--audio_dir", str(folder), "--name", "x", "--tokenizer", "offline")
+    assert "\n" not in str(e.value)
     assert not (root / "x").exists()
     with pytest.raises(wg.UserError, match="prepare.py"):
         audio.read_meta(root / "x")
@@ -670,6 +674,18 @@ def test_no_future_token_or_mel_leaks(hybrid):
         changed, _ = model(idx, earlier)
         assert (changed[:, 5] - logits[:, 5]).abs().max() > 1e-4
         torch.testing.assert_close(changed[:, :5], logits[:, :5], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("head", [4, 8, 16])
+def test_cpu_attention_padded_to_a_wider_head_is_torchs_own_in_values_and_gradients(head):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, head, requires_grad=True) for _ in range(3))
+    ours = wg.causal_attention(q, k, v)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    for a, b in zip(grads, torch.autograd.grad(theirs.square().sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("hybrid", [False, True])
@@ -1338,6 +1354,24 @@ def test_bench_prints_tokens_per_second(capsys):
     assert "tokens/s" in out and "textbook" in out
 
 
+def test_bench_rounds_time_before_and_after_the_cpu_speed_up_in_turn(capsys, monkeypatch):
+    heads = []
+    speed = {0: 100.0, wg.CPU_HEAD: 150.0, "reference": 60.0}  # tokens/s before, after, and of the reference
+    monkeypatch.setattr(bench, "bench", lambda c, steps, reference=False: speed[
+        heads.append("reference" if reference else wg.CPU_HEAD) or heads[-1]])
+    bench.main(["--rounds", "2", "--steps", "1", "--device", "cpu", "--dtype", "float32"])
+    assert heads == [0, wg.CPU_HEAD, "reference"] * 2 and wg.CPU_HEAD == 16  # interleaved, and restored
+    assert "after / before 1.50x, after / textbook reference 2.50x" in capsys.readouterr().out
+
+
+def test_bench_profile_names_the_ops_a_step_spends_its_time_in(capsys):
+    bench.main(["--profile", "--steps", "1", "--batch_size", "2", "--block_size", "16", "--n_layer", "1",
+                "--dense", "32", "--device", "cpu", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert "profile custom: 1 steps of batch 2 x 16" in out and "Self CPU" in out
+    assert "aten::mm" in out or "aten::addmm" in out  # the matrix products are there, by name
+
+
 # -----------------------------------------------------------------------------
 # plot_curves.py
 
@@ -1418,6 +1452,22 @@ def test_plot_curves_makes_both_figures_and_the_table(tmp_path, capsys):
     assert speech["GPT-L"][2:6] == ["39.0 M", "40 M", "2.900", "1.94"]
     assert "Table 1" in markdown and "Table 2" in markdown and "NOT comparable" in markdown
     assert "offline-random-encodec-kmeans" in markdown and "Missing: GPT-L." in markdown
+
+
+def test_plot_curves_names_the_tts_stand_in_beside_the_papers_libritts_numbers(tmp_path, monkeypatch):
+    runs = [write_log(tmp_path / m, m, "tts", 3_312_000, [4.0, 3.0], final_nll=2.5) for m in ("GPT-S", "GPT-L")]
+    titles = []
+    monkeypatch.setattr(plot_curves.plt, "close", lambda fig: titles.append(fig.axes[0].get_title()))
+    plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
+    assert sorted(os.listdir(tmp_path / "fig")) == ["fig3_tts.png", "tables.md"]
+    assert titles == ["Fig. 3: synthetic speech, one Piper voice, not LibriTTS, validation loss (tokenizer: "
+                      "offline-random-encodec-kmeans)\nmissing: hybrid"]
+    markdown = (tmp_path / "fig" / "tables.md").read_text()
+    assert "**Table 1** (synthetic speech, one Piper voice, not LibriTTS)" in markdown
+    assert "EnCodec 24 kHz codebook 0 on LibriTTS." in markdown
+    tts = table_rows(markdown.split("**Table 1** (synthetic")[1])[0]  # the LibriTTS table is still there, not run
+    assert "**Table 1** (LibriTTS)" in markdown
+    assert tts["GPT-L"][2:6] == ["3.3 M", "40 M", "2.500 ± 0.010", "1.94"]  # the paper's LibriTTS row beside ours
 
 
 def test_plot_curves_pairs_the_models_window_by_window_and_draws_the_baselines(tmp_path):
