@@ -1521,6 +1521,12 @@ def utterances():
     return corpora.tts_sources(SEED)
 
 
+@pytest.fixture(scope="module")
+def short(utterances):
+    """The four shortest of the first 200 utterances, in their order: a few seconds each, quick to read."""
+    return sorted(sorted(utterances[:200], key=lambda s: len(s.rendering["text"]))[:4], key=utterances.index)
+
+
 def test_tts_utterances_are_read_speech_length_varied_and_deterministic(utterances):
     assert utterances == corpora.tts_sources(SEED) and utterances != corpora.tts_sources(SEED + 1)
     assert len(utterances) > 20_000 and len({s.key for s in utterances}) == len(utterances)
@@ -1534,8 +1540,8 @@ def test_tts_utterances_are_read_speech_length_varied_and_deterministic(utteranc
     assert utterances[0].rendering["text"].split()[0] in verses[first]  # named by the verses it reads
 
 
-def test_tts_voice_reads_each_utterance_from_its_own_seed_whatever_was_read_before(utterances):
-    a, b = utterances[:2]
+def test_tts_voice_reads_each_utterance_from_its_own_seed_whatever_was_read_before(short):
+    a, b = short[:2]
     first_b = corpora.render(b)
     first_a = corpora.render(a)
     assert torch.equal(corpora.render(b), first_b) and torch.equal(corpora.render(a), first_a)  # order-free
@@ -1547,15 +1553,14 @@ def test_tts_voice_reads_each_utterance_from_its_own_seed_whatever_was_read_befo
 
 
 def test_tts_dataset_reads_a_few_sentences_in_a_worker_and_skips_one_it_cannot_read(tmp_path, monkeypatch,
-                                                                                    utterances):
-    unreadable = utterances[3]._replace(name="KJV nothing", key="nothing",
-                                        rendering={**utterances[3].rendering, "text": " "})
-    few = [utterances[0], unreadable, utterances[1], utterances[2]]
+                                                                                    short):
+    unreadable = short[3]._replace(name="KJV nothing", key="nothing", rendering={**short[3].rendering, "text": " "})
+    few = [short[0], unreadable, short[1], short[2]]
     monkeypatch.setattr(corpora, "tts_sources", lambda seed: few)
     prepare.main(["--dataset", "tts", "--hours", "0.01", "--tokenizer", "offline", "--data_root", str(tmp_path),
                   "--workers", "1", "--seed", str(SEED)])
     meta = audio.read_meta(tmp_path / "tts")
-    assert sorted(f["path"] for f in meta["files"]) == sorted(s.name for s in utterances[:3])
+    assert sorted(f["path"] for f in meta["files"]) == sorted(s.name for s in short[:3])
     assert meta["skipped"] == [{"path": "KJV nothing", "reason": "BadAudio: the voice read no sound from the text"}]
     assert meta["dataset"] == "tts" and "not LibriTTS" in meta["corpus"] and "passes" not in meta
     assert all(f["rendering"]["text"] for f in meta["files"])
