@@ -337,7 +337,9 @@ def plot_dataset(dataset, group, missing, path):
                             color=COLORS[label], alpha=0.2, linewidth=0)
     for (kind, nll), style in zip(baselines(group).items(), ("--", ":")):
         ax.axhline(nll, color="gray", linestyle=style, linewidth=1, label=f"count {kind} of this val split")
-    title = f"{fig_name}: {name}, validation loss (tokenizer: {tokenizers(group)})"
+    title = f"{fig_name}: {name}, validation loss"
+    tok = f"(tokenizer: {tokenizers(group)})"
+    title += f"\n{tok}" if len(title) + len(tok) > 80 else f" {tok}"  # a long title on two lines, not cut off
     if missing:
         title += f"\nmissing: {', '.join(missing)}"
     ax.set_title(title, fontsize=9)

@@ -1886,7 +1886,7 @@ def test_plot_curves_names_the_tts_stand_in_beside_the_papers_libritts_numbers(t
     monkeypatch.setattr(plot_curves.plt, "close", lambda fig: titles.append(fig.axes[0].get_title()))
     plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
     assert sorted(os.listdir(tmp_path / "fig")) == ["fig3_tts.png", "tables.md"]
-    assert titles == ["Fig. 3: synthetic speech, one Piper voice, not LibriTTS, validation loss (tokenizer: "
+    assert titles == ["Fig. 3: synthetic speech, one Piper voice, not LibriTTS, validation loss\n(tokenizer: "
                       "offline-random-encodec-kmeans)\nmissing: hybrid"]
     markdown = (tmp_path / "fig" / "tables.md").read_text()
     assert "**Table 1** (synthetic speech, one Piper voice, not LibriTTS)" in markdown
