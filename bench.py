@@ -13,12 +13,14 @@ is how much this project's model code gains over the plain way of writing it.
 Its other flags are whisper_gpt.py's.
 """
 import argparse
+import statistics
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import whisper_gpt
 from checks import Parser, UserError, run_script
 from whisper_gpt import MLP, MODEL_FIELDS, WhisperGPT, add_config_flags, autocast_context, config_from, model_name, say
 
@@ -118,8 +120,6 @@ def compare(c, steps, rounds):
     """Before and after this project's CPU speed-up (a head narrower than whisper_gpt.CPU_HEAD padded to it), and the
     textbook reference, timed in turn for `rounds` rounds, so that the machine's drift hits all three alike; prints
     each round's tokens/s and the median ratios."""
-    import statistics
-    import whisper_gpt
     kept = whisper_gpt.CPU_HEAD
     runs = {kind: [] for kind in ["before", "after"] + ([] if c.hybrid else ["reference"])}
     for _ in range(rounds):
