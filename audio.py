@@ -305,6 +305,117 @@ def weights_help(reason: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# decoding: from tokens alone, the mel the hybrid is fed while it generates and the audio a person hears
+
+DECODER_FILE = "token_mel.npy"  # the offline decoder's table, beside tokenizer.pt: (VOCAB, N_MELS) float32
+GRIFFIN_LIM_ITERS = 64          # phase-recovery iterations of the offline decoder's audio
+
+
+def fit_token_mel(tokens: np.ndarray, mel: np.ndarray, vocab: int = VOCAB, chunk: int = 1 << 18) -> np.ndarray:
+    """The offline decoder's table: each token's mean normalised mel slice, tokens (N,) with their slices mel
+    (N, n_mel), summed in float64 a chunk at a time -> (vocab, n_mel) float32. The mean is the least-squares
+    estimate of a slice from its token alone; a token the split never has gets the mean of all slices."""
+    sums, counts = torch.zeros(vocab, mel.shape[1], dtype=torch.float64), torch.zeros(vocab, dtype=torch.float64)
+    for i in range(0, len(tokens), chunk):
+        t = torch.from_numpy(tokens[i:i + chunk].astype(np.int64))
+        sums.index_add_(0, t, torch.from_numpy(mel[i:i + chunk].astype(np.float64)))
+        counts += torch.bincount(t, minlength=vocab).double()
+    overall = sums.sum(0) / counts.sum()
+    return torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], overall).float().numpy()
+
+
+def save_token_mel(data_dir, meta=None) -> Path:
+    """Fit the offline decoder's table on data_dir's train split and write it (atomically) beside the tokenizer."""
+    meta = meta or read_meta(data_dir)
+    tokens = np.memmap(Path(data_dir) / "train_tokens.bin", np.uint16, "r")
+    mel = np.memmap(Path(data_dir) / "train_mel.bin", np.float16, "r").reshape(-1, meta["n_mels"])
+    path = Path(data_dir) / DECODER_FILE
+    np.save(f"{path}.tmp.npy", fit_token_mel(tokens, mel, meta["vocab_size"]))
+    os.replace(f"{path}.tmp.npy", path)
+    return path
+
+
+class Decoder:
+    """Tokens (B, T) -> their decoded mel (B, T, n_mel), normalised, and their audio (B, T * HOP): the one meaning of
+    "decoded mel" in the project, the mel the hybrid can have of tokens while it generates them.
+    - The real EnCodec: its decoder on codebook 0, and the causal log-mel of that audio (slice t hears tokens <= t).
+    - Offline, EnCodec's decoder has random weights: its audio is noise whatever the tokens. So the stand-in
+      decoder maps each token to its mean mel slice over the train split (DECODER_FILE, made by prepare.py), and
+      the audio comes from that mel by torchaudio's InverseMelScale + GriffinLim. Slice t is token t's alone."""
+
+    def __init__(self, tokenizer, meta, table=None):
+        self.tokenizer, self.meta = tokenizer, meta
+        self.table = None if table is None else torch.as_tensor(table, dtype=torch.float32)  # (VOCAB, n_mel)
+        self.name = ("per-token mean mel + Griffin-Lim (offline stand-in for EnCodec's decoder)" if table is not None
+                     else f"{tokenizer.name} decoder (codebook 0)" + (", random weights" if tokenizer.offline else ""))
+
+    def mel(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int64 -> (B, T, n_mel) float32 normalised decoded mel, on the tokens' device."""
+        if self.table is not None:
+            return self.table.to(tokens.device)[tokens]
+        return normalise_mel(log_mel(self.tokenizer.decode(tokens)), self.meta).float().to(tokens.device)
+
+    def audio(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int64 -> (B, T * HOP) float32 audio at 24 kHz."""
+        if self.table is None:
+            return self.tokenizer.decode(tokens)
+        return mel_to_audio(self.mel(tokens.cpu()), self.meta).to(tokens.device)
+
+
+def mel_to_audio(mel: torch.Tensor, meta: dict, n_iter: int = GRIFFIN_LIM_ITERS, seed: int = 0) -> torch.Tensor:
+    """Normalised log-mel (B, T, n_mel) -> audio (B, T * HOP) whose causal log-mel approximates it: the mel power
+    back to a linear power spectrum (InverseMelScale: least squares over the Slaney filterbank, negatives to 0),
+    then Griffin-Lim's phase (seeded: the same mel gives the same audio), shifted by half a hop so that frame t
+    of its centred STFT lands on causal slice t (whose window ends at sample 320(t+1))."""
+    std, mean = (torch.tensor(meta[k], dtype=torch.float32) for k in ("mel_std", "mel_mean"))
+    power = torch.exp(mel.float() * std + mean).transpose(1, 2)                 # (B, n_mel, T): mel power
+    power = torch.cat([power, power[..., -1:]], dim=-1)                        # (B, n_mel, T + 1): see below
+    inverse = torchaudio.transforms.InverseMelScale(WIN // 2 + 1, mel.size(-1), SAMPLE_RATE, 0.0, SAMPLE_RATE / 2,
+                                                    norm="slaney", mel_scale="slaney", driver="gelsd")
+    # a centred frame t is centred on sample 320t, causal slice t on 320t - 160: drop the first 160 samples, so
+    # T * HOP samples out take T * HOP + 160 in, T + 1 centred frames (the last slice repeated)
+    shift, n = WIN // 2 - HOP // 2 - HOP // 2, mel.size(1) * HOP                # 160 samples; the output length
+    griffin_lim = torchaudio.transforms.GriffinLim(WIN, n_iter, hop_length=HOP, power=2.0, length=n + shift)
+    rows = []
+    for row in power:  # one row at a time, its random initial phase from the seed: the same audio in any batch
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            rows.append(griffin_lim(inverse(row[None])))                       # (1, n + shift)
+    return torch.cat(rows)[:, shift:].contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def load_decoder(data_dir, device="cpu") -> Decoder:
+    """The decoder of the tokenizer that made data_dir, loaded once per process: the offline one reads its table,
+    and a folder made before there was one gets one line saying how to add it."""
+    meta = read_meta(data_dir)
+    tokenizer = load_tokenizer(data_dir, device)
+    if not tokenizer.offline:
+        return Decoder(tokenizer, meta)
+    path = Path(data_dir) / DECODER_FILE
+    if not path.is_file():
+        raise UserError(f"{data_dir} has no offline decoder ({DECODER_FILE}; data made before there was one): run "
+                        f"the prepare.py command that made it once more (e.g. python prepare.py --dataset "
+                        f"{Path(data_dir).name}): it adds the decoder in seconds and keeps the data")
+    return Decoder(tokenizer, meta, np.load(path))
+
+
+class DecodedSplit:
+    """A split's decoded mel, indexed as its mel memmap is: rows [i:j] are the decoded mel of tokens [i:j] alone
+    (EnCodec's decoder starts at token i, as generation's does at its prompt), (j - i, n_mel) float32."""
+
+    def __init__(self, tokens: np.ndarray, decoder: Decoder):
+        self.tokens, self.decoder = tokens, decoder
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        tokens = torch.from_numpy(self.tokens[rows].astype(np.int64))[None]    # (1, j - i)
+        return self.decoder.mel(tokens)[0].numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # downloads (the EnCodec weights here; prepare.py also fetches LibriTTS with it)
 
 def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT):

@@ -97,6 +97,8 @@ def validate(c):
         raise UserError(f"the mel stack width {c.n_embd // 2} is not divisible by --mel_head {c.mel_head}")
     if c.init_from not in ("scratch", "resume"):
         raise UserError(f"--init_from must be 'scratch' or 'resume', not {c.init_from!r}")
+    if c.mel_source not in ("audio", "decoded"):
+        raise UserError(f"--mel_source must be 'audio' or 'decoded', not {c.mel_source!r}")
     if c.dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype must be float32, bfloat16 or float16, not {c.dtype!r}")
     for name in ("micro_batch", "log_interval", "eval_interval", "max_iters", "eval_windows", "final_windows",

@@ -64,7 +64,8 @@ def read_log(path):
     The run is the last "start" line and everything after it (an earlier start belongs to a run that
     this folder's newer run replaced). A resume re-logs evals from its checkpoint on: an eval whose iter
     is not past the previous one's drops the evals it overlaps. An eval_only on a subset of the val windows (a
-    quick look) is never taken for the run's result."""
+    quick look) is never taken for the run's result, nor one that fed a hybrid another mel than it was trained on
+    (--mel_source): those go to run["other_mel"][source]."""
     records = read_records(path)
     if not records:
         raise LogError(f"{path}: empty log, no records")
@@ -72,7 +73,7 @@ def read_log(path):
     for lineno, rec in records:
         check_record(path, lineno, rec)
         if rec["event"] == "start":
-            run = {"dir": os.path.dirname(path) or ".", "log": path, "evals": [], "final": None,
+            run = {"dir": os.path.dirname(path) or ".", "log": path, "evals": [], "final": None, "other_mel": {},
                    "baselines": rec.get("baselines"), "config": rec.get("config") or {},
                    **{k: rec[k] for k in REQUIRED["start"]}}
         elif run is None:
@@ -82,11 +83,18 @@ def read_log(path):
         elif rec["event"] == "eval_only" and rec.get("subset"):
             print(f"note: {path}:{lineno}: an eval_only of {rec.get('n_windows')} val windows, a subset: not in the "
                   "tables", flush=True)
+        elif rec["event"] == "eval_only" and rec.get("mel_source") not in (None, mel_source(run)):
+            run["other_mel"][rec["mel_source"]] = rec
         elif rec["event"] == "eval_only":
             run["final"] = rec
     if run is None:
         raise LogError(f"{path}: no 'start' record")
     return run
+
+
+def mel_source(run):
+    """The mel a run was trained with: the audio's (the paper's, and every run before the flag) or decoded."""
+    return run["config"].get("mel_source", "audio")
 
 
 def check_record(path, lineno, rec):
@@ -116,6 +124,8 @@ def find_logs(run_dirs):
 def label_of(run):
     """The paper's name for the paper's three models (the hybrid at its width of 64 only), else model and width."""
     width = run["config"].get("n_embd")
+    if run["model"] == "hybrid" and mel_source(run) == "decoded":  # another experiment than the paper's hybrid
+        return "hybrid, decoded mel" + ("" if width in (None, 64) else f" w{width}")
     if run["model"] in ("GPT-S", "GPT-L") or (run["model"] == "hybrid" and width in (None, 64)):
         return run["model"]
     if width is not None:

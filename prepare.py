@@ -10,11 +10,13 @@ Prepare an audio corpus for whisper-gpt: EnCodec codebook-0 tokens and causal lo
     python prepare.py --audio_dir DIR --name NAME    # any folder tree of wav/flac/ogg/mp3
 
 Writes data/<name>/: {train,val}_tokens.bin (uint16 [N]), {train,val}_mel.bin (float16 [N, 64], normalised with
-the train split's per-bin mean and std), meta.json, and tokenizer.pt for the offline tokenizer. Token t of a file
-covers samples [320t, 320(t+1)); mel slice t is the 960-sample window that ENDS at sample 320(t+1). Work in
-progress lives in data/<name>/work/, one shard per group of files, so an interrupted run resumes where it stopped;
-the finished files are renamed into place only at the end. The audio itself (the mel, the tokenizer) is audio.py's;
-the built-in corpora (rendering music and speech, fetching LibriTTS) are corpora.py's.
+the train split's per-bin mean and std), meta.json, and for the offline tokenizer tokenizer.pt and token_mel.npy
+(its stand-in decoder: each token's mean mel slice over the train split; prepare.py run again on a finished folder
+made before it adds it). Token t of a file covers samples [320t, 320(t+1)); mel slice t is the 960-sample window
+that ENDS at sample 320(t+1). Work in progress lives in data/<name>/work/, one shard per group of files, so an
+interrupted run resumes where it stopped; the finished files are renamed into place only at the end. The audio
+itself (the mel, the tokenizer, the decoders) is audio.py's; the built-in corpora (rendering music and speech,
+fetching LibriTTS) are corpora.py's.
 """
 import argparse
 import hashlib
@@ -38,9 +40,10 @@ import soundfile as sf
 import torch
 
 import corpora
-from audio import (CONTEXT, ENCODEC_CKPT, FRAME_RATE, HOP, N_MELS, OFFLINE_NAME, SEGMENT, SAMPLE_RATE, SILENCE_PEAK,
-                   TOKENIZER_FILE, VOCAB, WIN, Tokenizer, embed, encodec_skeleton, encodec_tokenizer, fast_cpu,
-                   fit_codebook, log_mel, offline_tokenizer, to_model_rate, weights_help)
+from audio import (CONTEXT, DECODER_FILE, ENCODEC_CKPT, FRAME_RATE, HOP, N_MELS, OFFLINE_NAME, SEGMENT, SAMPLE_RATE,
+                   SILENCE_PEAK, TOKENIZER_FILE, VOCAB, WIN, Tokenizer, embed, encodec_skeleton, encodec_tokenizer,
+                   fast_cpu, fit_codebook, log_mel, offline_tokenizer, read_meta, save_token_mel, to_model_rate,
+                   weights_help)
 from checks import Parser, UserError, check_device, check_writable, load_torch_file, run_script
 from corpora import BadAudio, Source, piece_of
 
@@ -442,8 +445,10 @@ def assemble(shards: list, data_dir: Path, tok: Tokenizer, extra: dict) -> dict:
             os.replace(data_dir / f"{split}_{kind}.bin.tmp", data_dir / f"{split}_{kind}.bin")
     if tok.offline:
         os.replace(data_dir / "work" / TOKENIZER_FILE, data_dir / TOKENIZER_FILE)
+        save_token_mel(data_dir, meta)  # the offline decoder, fitted on the train split just written
     else:
-        (data_dir / TOKENIZER_FILE).unlink(missing_ok=True)
+        for name in (TOKENIZER_FILE, DECODER_FILE):
+            (data_dir / name).unlink(missing_ok=True)
     os.replace(data_dir / "meta.json.tmp", data_dir / "meta.json")
     return meta
 
@@ -571,6 +576,10 @@ def main(argv=None):
     data_dir = Path(args.data_root) / args.name
     check_writable(data_dir, "--data_root")
     if (data_dir / "meta.json").is_file() and not args.overwrite:  # meta.json is written last: the corpus is whole
+        if read_meta(data_dir)["tokenizer_offline"] and not (data_dir / DECODER_FILE).is_file():
+            print(f"{data_dir} is prepared; added its offline decoder {save_token_mel(data_dir)} (the mean mel of "
+                  "each token over its train split); the data is unchanged", flush=True)
+            return
         raise UserError(f"{data_dir} already holds a prepared corpus: pass --overwrite to make it again (runs trained "
                         "on it will then refuse it), or another --name; nothing was changed")
     t0 = time.time()

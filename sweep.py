@@ -64,7 +64,8 @@ def state(out_dir):
     """'done' (its eval_only row on all val windows is logged), 'trained' (its last eval is of its last epoch: the
     eval_only is left to do), 'resume' (a checkpoint to continue from) or 'new'."""
     run = this_run(os.path.join(out_dir, "log.jsonl"))
-    if any(r["event"] == "eval_only" and not r.get("subset") for r in run):
+    fed = run[0]["config"].get("mel_source", "audio") if run else None  # a row with another mel is another row
+    if any(r["event"] == "eval_only" and not r.get("subset") and r.get("mel_source") in (None, fed) for r in run):
         return "done"
     if not os.path.isfile(os.path.join(out_dir, "ckpt_latest.pt")):
         return "new"

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from audio import DecodedSplit, load_decoder
 from checks import (Parser, UserError, append_record, check_data, check_writable, data_fingerprint, hold_folder,
                     load_torch_file, run_script, validate)
 
@@ -48,6 +49,7 @@ class Config:
     dataset: str = "music"  # the name prepare.py gave the data (data/<dataset>)
     data_dir: str = ""  # default: data/<dataset>; a resumed or evaluated run: the data it was trained on
     out_dir: str = ""  # default: out-<model>-<dataset>, e.g. out-gpt-s-music
+    mel_source: str = "audio"  # hybrid: 'audio' (the audio's mel, the paper's) or 'decoded' (the tokens', generation's)
     # The recipe: the paper's shape (Adam, constant, halved 40 % of the way in), scaled to the default 1 h corpus
     # on a 2-core CPU (NOTES.md, Training). The paper's: --epochs 25 --lr 2e-4 --batch_size 16 on 200 h.
     batch_size: int = 8  # crops per optimizer step in all, whatever the number of processes
@@ -275,11 +277,12 @@ class WhisperGPT(nn.Module):
     def generate(self, idx, max_new_tokens, mel=None, mel_fn=None, temperature=1.0, top_k=None, top_p=None,
                  use_cache=True, generator=None):
         """idx (B, T) -> (B, T + max_new_tokens). Hybrid: mel (B, T, n_mel) the prompt's slices; mel_fn(idx) gives
-        the newest token's (B, n_mel) or a future of it, first read a step later (the shift). generator: one, or one
-        per row. Past block_size the window restarts on the newest block_size // 2 tokens (the paper is silent)."""
+        the newest token's slice (B, n_mel), its decoded mel (audio.Decoder), first read a step later (the shift).
+        generator: one, or one per row. Past block_size the window restarts on the newest block_size // 2 tokens
+        (the paper is silent)."""
         c = self.config
         start = max(0, idx.size(1) - c.block_size)  # first token of the window the model sees
-        cache, pending = None, None  # pending: the newest token's slice, on its way from mel_fn
+        cache = None
         for step in range(max_new_tokens):
             if idx.size(1) - start > c.block_size:
                 start, cache = idx.size(1) - c.block_size // 2, None
@@ -287,12 +290,10 @@ class WhisperGPT(nn.Module):
                 cache = self.new_cache()
             done = cache.pos if cache is not None else 0  # window positions already in the cache
             logits, _ = self(idx[:, start + done:], mel[:, start:] if c.hybrid else None, cache=cache)
-            if pending is not None:
-                new = pending.result() if hasattr(pending, "result") else pending  # (B, n_mel)
-                mel = torch.cat([mel, new.to(mel)[:, None, :]], dim=1)
             next_token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
             idx = torch.cat([idx, next_token], dim=1)
-            pending = mel_fn(idx) if c.hybrid and step < max_new_tokens - 1 else None
+            if c.hybrid and step < max_new_tokens - 1:  # the new token's slice, read by the next step's position
+                mel = torch.cat([mel, mel_fn(idx).to(mel)[:, None, :]], dim=1)  # (B, T + 1, n_mel)
         return idx
 
 
@@ -339,18 +340,21 @@ def save_checkpoint(path, obj):
 
 # -----------------------------------------------------------------------------
 # Data: random crops of prepare.py's memmaps (check_data in checks.py checks them first); fixed val windows.
-def open_split(data_dir, split, n_mel=0):
-    """tokens (N,), mel (N, n_mel) or None: memmaps opened per batch, as nanoGPT's (a kept one grows resident)."""
+def open_split(data_dir, split, n_mel=0, mel_source="audio"):
+    """tokens (N,), mel (N, n_mel) or None: memmaps opened per batch, as nanoGPT's (a kept one grows resident).
+    mel_source 'decoded': the mel is the tokens' decoded mel (audio.DecodedSplit: a crop's rows from its tokens)."""
     tokens = np.memmap(os.path.join(data_dir, f"{split}_tokens.bin"), dtype=np.uint16, mode="r")
     if not n_mel:
         return tokens, None
+    if mel_source == "decoded":
+        return tokens, DecodedSplit(tokens, load_decoder(data_dir))
     mel = np.memmap(os.path.join(data_dir, f"{split}_mel.bin"), dtype=np.float16, mode="r")
     return tokens, mel.reshape(-1, n_mel)  # (N, n_mel)
 
 
 def get_batch(c, it, rank=0, world=1):
     """Process rank's share of step it's crops, seeded by (seed, step): the same at any world size or resume."""
-    tokens, mel = open_split(c.data_dir, "train", c.n_mel if c.hybrid else 0)
+    tokens, mel = open_split(c.data_dir, "train", c.n_mel if c.hybrid else 0, c.mel_source)
     share = c.batch_size // world
     ix = np.random.default_rng([c.seed, it]).integers(0, len(tokens) - c.block_size, size=c.batch_size)
     return crops(c, tokens, mel, ix[rank * share:(rank + 1) * share])
@@ -389,7 +393,7 @@ class EvalResult:
 def evaluate(model, c, limit, ctx, rank=0, world=1):
     """NLL ± SE and accuracy over the fixed val windows, r, r + world, ... on process r, then one all_reduce.
     model is never the DDP wrapper, whose own collectives would hang a process with fewer windows."""
-    tokens, mel = open_split(c.data_dir, "val", c.n_mel if c.hybrid else 0)
+    tokens, mel = open_split(c.data_dir, "val", c.n_mel if c.hybrid else 0, c.mel_source)
     starts = val_windows(len(tokens), c.block_size, limit)
     sums = torch.zeros(len(starts), 2, device=c.device, dtype=torch.float64)  # per window: nll sum, correct
     mine = np.arange(rank, len(starts), world)
@@ -487,6 +491,10 @@ def resume_model(c, master):
         say(f"{path} fixes the model, so these flags are ignored: {', '.join(ignored)}")
     for name in MODEL_FIELDS:
         setattr(c, name, getattr(saved, name))
+    if not c.eval_only and c.mel_source != saved.mel_source:  # a run trains on with the mel it began with;
+        if master and c.mel_source != Config.mel_source:      # --eval_only may feed another (the table's rows)
+            say(f"{path} was trained with --mel_source {saved.mel_source}, so it goes on with it")
+        c.mel_source = saved.mel_source
     missing = [k for k in (("iter",) if c.eval_only else ("iter", "optimizer", "best_val_nll")) if k not in ckpt]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: it is not a checkpoint that whisper_gpt.py can "
@@ -555,6 +563,8 @@ def train_or_eval(c):
     model, ckpt = resume_model(c, master) if c.init_from == "resume" or c.eval_only else (None, None)
     meta, ctx = check_data(c, None if ckpt is None else ckpt.get("data")), autocast_context(c)
     data = data_fingerprint(c.data_dir, meta)  # kept in the log and every checkpoint: the run knows its data
+    if c.hybrid and c.mel_source == "decoded":
+        load_decoder(c.data_dir)  # a folder without its decoder is one line now, not at the first batch
     if c.eval_only:
         return eval_only(model, c, meta, ctx, ckpt["iter"], rank, world)
     spe = steps_per_epoch(c, meta["n_train"])
@@ -648,12 +658,13 @@ def eval_only(model, c, meta, ctx, step, rank=0, world=1):
     record = {"event": "eval_only", "params": model.num_params(), "val_nll": result.nll, "val_nll_se": result.se,
               "val_acc": result.acc, "val_ppl": math.exp(result.nll), "n_windows": result.windows,
               "tokens": result.tokens, "iter": step, "window_nll": result.window_nll,
-              "subset": result.windows < every}
+              "subset": result.windows < every, "mel_source": c.mel_source if c.hybrid else None}
     if rank == 0:
         subset = f" of {every}: a subset, which the tables never take" if record["subset"] else ""
         say(f"| model | params | NLL ± SE | accuracy | PPL |   ({result.windows} val windows{subset}, "
             f"{result.tokens:,} tokens, tokenizer {meta.get('tokenizer')}, checkpoint of step {step})")
-        say(f"| {model_name(c)} | {model.num_params() / 1e6:.2f} M | {result.nll:.3f} ± {result.se:.3f} | "
+        fed = f" ({c.mel_source} mel)" if c.hybrid else ""
+        say(f"| {model_name(c)}{fed} | {model.num_params() / 1e6:.2f} M | {result.nll:.3f} ± {result.se:.3f} | "
             f"{result.acc:.2%} | {math.exp(result.nll):.2f} |")
         refs = meta.get("baselines")
         if refs:
