@@ -466,9 +466,43 @@ def table_markdown(dataset, group, missing):
         seeds = lambda n: "" if len(counts) == 1 else " (1 seed, SE over windows)" if n == 1 else f" ({n} seeds)"
         lines += ["", f"Paired differences in NLL {how}: "
                   + "; ".join(f"{a} − {b}: {d[0]:+.3f} ± {d[1]:.3f}{seeds(d[2])}" for a, b, d in diffs) + "."]
+    lines += generation_markdown(group)
     if missing:
         lines += ["", f"Missing: {', '.join(missing)}."]
     return "\n".join(lines)
+
+
+def generation_markdown(group):
+    """What the hybrid sees when it generates: its checkpoints evaluated with the decoded mel (the mel of its own
+    tokens decoded, all that generation has) and the hybrid trained on it, beside GPT-S and the paper's hybrid;
+    no lines when no run has them."""
+    fed = [dict(run, final=run["other_mel"]["decoded"]) for run in group.get("hybrid", [])
+           if "decoded" in run["other_mel"]]
+    rows = [("GPT-S", group.get("GPT-S", [])), ("GPT-L", group.get("GPT-L", [])),
+            ("hybrid, the audio's mel (the paper's: teacher-forced with the original audio)", group.get("hybrid", [])),
+            ("hybrid, the same checkpoints fed the decoded mel (what generation has)", fed),
+            ("hybrid trained and evaluated on the decoded mel", group.get("hybrid, decoded mel", []))]
+    if not fed and not rows[-1][1]:
+        return []
+    lines = ["", "**What the hybrid sees when it generates.** Generating, the hybrid has no audio, only the tokens "
+             "it made: its mel can only be their decoded mel (`--mel_source decoded`: the offline stand-in decoder's "
+             "per-token mean mel, or EnCodec's decoder). Val NLL, mean ± SE over seeds (over val windows for one).",
+             "", "| Model, and the mel it is fed | seeds | NLL ± SE | Accuracy |", "| --- | --- | --- | --- |"]
+    for label, runs in rows:
+        s = summary(runs) if runs else None
+        lines.append(f"| {label} | {s['seeds']} | {nll_cell(s)} | {100 * s['acc']:.2f} % |" if s else
+                     f"| {label} | - | **not run** | - |")
+    pairs = [(f"{a} − {b}", paired_over_seeds(x, y)) for a, x, b, y in (
+        ("hybrid fed the decoded mel", fed, "GPT-S", group.get("GPT-S", [])),
+        ("hybrid fed the decoded mel", fed, "hybrid fed the audio's mel", group.get("hybrid", [])),
+        ("hybrid trained on the decoded mel", rows[-1][1], "GPT-S", group.get("GPT-S", [])))]
+    pairs = [(name, d) for name, d in pairs if d]
+    if pairs:
+        lines += ["", "Paired differences in NLL (mean ± SE over seeds of each seed's mean over the same val windows; "
+                  "over the windows for one seed): " + "; ".join(
+                      f"{name}: {d[0]:+.3f} ± {d[1]:.3f} ({d[2]} seed{'s' if d[2] > 1 else ''})" for name, d in pairs)
+                  + "."]
+    return lines
 
 
 def sweep_markdown(dataset, group, sweep):

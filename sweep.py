@@ -9,6 +9,9 @@ parameters) and the hybrid at twice its width, all on the default recipe and dat
     python sweep.py gpt-s-s1338       # just the runs named
     python sweep.py --dataset tts     # the paper's three models, three seeds each, on data/tts (tts-gpt-s-s1337, ...)
 
+Every hybrid is evaluated twice: with the audio's mel (the paper's number, its row) and with the decoded mel (the
+mel generation can have: audio.Decoder); hybrid-decoded-s<seed> is the hybrid trained on the decoded mel.
+
 Each run is `python whisper_gpt.py <its flags> --out_dir runs/<name>`, then the same with --eval_only for its
 table row; its output goes to runs/<name>/train.log. A run whose process is cut off (a machine stopped, a kill)
 resumes from its last checkpoint (once an epoch) when the sweep runs again, and draws the same crops as an unbroken
@@ -45,6 +48,7 @@ def runs(dataset="music"):
     Every run differs only in its model flags and seed: the default recipe, on data/<dataset>. Another dataset
     than music has the paper's three models with three seeds, named <dataset>-<model>-s<seed>."""
     paper = {"gpt-s": gpt(64), "hybrid": ["--hybrid", "--n_embd", "64"], "gpt-l": gpt(256)}
+    decoded = {"hybrid-decoded": paper["hybrid"] + ["--mel_source", "decoded"]}  # trained on what generation has
     prefix = "" if dataset == "music" else f"{dataset}-"
 
     def seeded(name, flags, seed):
@@ -52,12 +56,13 @@ def runs(dataset="music"):
 
     order = [seeded(name, flags, SEEDS[0]) for name, flags in paper.items()]
     if dataset != "music":
-        return order + [seeded(name, flags, seed) for seed in SEEDS[1:] for name, flags in paper.items()]
+        order += [seeded(name, flags, SEEDS[0]) for name, flags in decoded.items()]
+        return order + [seeded(name, flags, seed) for seed in SEEDS[1:] for name, flags in (paper | decoded).items()]
     order += [seeded(f"gpt-w{w}", gpt(w), SEEDS[0]) for w in WIDTHS if w <= 192]
     order += [seeded(name, flags, seed) for seed in SEEDS[1:] for name, flags in paper.items()]
     order += [seeded("hybrid-w128", ["--hybrid", "--n_embd", "128"], SEEDS[0])]
     order += [seeded(f"gpt-w{w}", gpt(w), SEEDS[0]) for w in WIDTHS if w > 192]
-    return order
+    return order + [seeded(name, flags, seed) for seed in SEEDS for name, flags in decoded.items()]
 
 
 def state(out_dir):
@@ -71,6 +76,12 @@ def state(out_dir):
         return "new"
     evals = [r for r in run if r["event"] == "eval"]  # the sweep's runs have no --max_iters: they end with an epoch
     return "trained" if evals and evals[-1]["epoch"] >= run[0]["config"]["epochs"] else "resume"
+
+
+def decoded_row(out_dir):
+    """Whether a hybrid trained on the audio's mel has its row evaluated with the decoded mel logged."""
+    return any(r["event"] == "eval_only" and r.get("mel_source") == "decoded" and not r.get("subset")
+               for r in this_run(os.path.join(out_dir, "log.jsonl")))
 
 
 def this_run(log):
@@ -96,20 +107,25 @@ def train(name, flags, runs_dir, threads, extra_flags=()):
     t0 = time.time()
     with hold_folder(out_dir, "--runs_dir") as lock, open(os.path.join(out_dir, "train.log"), "a") as out:
         how = state(out_dir)
+        steps = [] if how == "done" else {"resume": [["--init_from", "resume"]], "trained": [], "new": [[]]}[how] + [
+            ["--eval_only"]]  # the row, with the mel the run was trained with (its flags)
+        if "--hybrid" in flags and "--mel_source" not in flags and not decoded_row(out_dir) and (
+                how != "done" or os.path.isfile(os.path.join(out_dir, "ckpt_best.pt"))):
+            steps.append(["--eval_only", "--mel_source", "decoded"])  # a hybrid's row with what generation has
         if how != "done":
             say(f"{name}: " + {"resume": "resumed from its last checkpoint", "trained": "trained; evaluating it",
                                "new": "started"}[how])
-            steps = {"resume": [["--init_from", "resume"]], "trained": [], "new": [[]]}[how] + [["--eval_only"]]
-            for extra in steps:
-                out.write(f"$ {' '.join(command + extra)}\n")
-                out.flush()
-                rc = subprocess.run(command + extra, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    pass_fds=(lock.fileno(),) if lock else ()).returncode
-                if rc != 0:
-                    raise RuntimeError(f"{name}: {' '.join(command[1:] + extra)} exited with status {rc}; "
-                                       f"its output is in {out.name}")
+        for extra in steps:
+            out.write(f"$ {' '.join(command + extra)}\n")
+            out.flush()
+            rc = subprocess.run(command + extra, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                pass_fds=(lock.fileno(),) if lock else ()).returncode
+            if rc != 0:
+                raise RuntimeError(f"{name}: {' '.join(command[1:] + extra)} exited with status {rc}; "
+                                   f"its output is in {out.name}")
+    fed = "decoded" if "--mel_source" in flags else "audio"
     final = [r for r in this_run(os.path.join(out_dir, "log.jsonl")) if r["event"] == "eval_only"
-             and not r.get("subset")][-1]
+             and not r.get("subset") and r.get("mel_source") in (None, fed)][-1]
     if how != "done":
         say(f"{name}: val NLL {final['val_nll']:.3f} ± {final['val_nll_se']:.3f}, {final['params']:,} parameters, "
             f"{(time.time() - t0) / 60:.1f} min")

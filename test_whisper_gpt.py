@@ -2233,6 +2233,35 @@ def test_tables_report_the_mean_and_se_over_seeds_and_differences_paired_within_
            "SE over windows); GPT-L − GPT-S: -0.050 ± 0.000 (1 seed, SE over windows)." in markdown
 
 
+def test_the_table_of_what_the_hybrid_sees_when_it_generates(tmp_path):
+    """A hybrid's eval_only with the decoded mel is its own row, never the hybrid's (the audio's mel); the hybrid
+    trained on the decoded mel is a model of its own; both are paired with GPT-S window by window, per seed."""
+    win = {s: [2.0 + s, 3.0, 4.0] for s in (1, 2)}
+    gpt = seeded_logs(tmp_path, "GPT-S", 2_700_000, {1: 2.2, 2: 2.1}, 64, windows=win)
+    hybrid = seeded_logs(tmp_path, "hybrid", 2_900_000, {1: 1.8, 2: 1.7}, 64, hybrid=True, windows=win)
+    for run, nll, seed in zip(hybrid, (2.25, 2.15), (1, 2)):  # then --eval_only --mel_source decoded
+        with open(os.path.join(run, "log.jsonl"), "a") as f:
+            f.write(json.dumps({"event": "eval_only", "params": 2_900_000, "val_nll": nll, "val_nll_se": 0.01,
+                                "val_acc": 0.25, "val_ppl": math.exp(nll), "n_windows": 3, "tokens": 2250,
+                                "iter": 10, "window_nll": [w + 0.05 for w in win[seed]], "mel_source": "decoded"})
+                    + "\n")
+    decoded = [write_log(tmp_path / f"hybrid-decoded-s{seed}", "hybrid", "music", 2_900_000, [5.0], final_nll=nll,
+                         windows=[w - 0.02 for w in win[seed]], config={
+                             "seed": seed, "n_embd": 64, "hybrid": True, "lr": 1e-3, "mel_source": "decoded"})
+               for seed, nll in ((1, 2.18), (2, 2.08))]
+    plot_curves.main(gpt + hybrid + decoded + ["--out_dir", str(tmp_path / "fig")])
+    markdown = (tmp_path / "fig" / "tables.md").read_text()
+    main, generation = table_rows(markdown)[:2]
+    assert main["hybrid"][4] == f"1.750 ± {0.05:.3f}" and "hybrid, decoded mel" not in main
+    assert generation["GPT-S"][2] == "2.150 ± 0.050"
+    assert generation["hybrid, the same checkpoints fed the decoded mel (what generation has)"][1:3] == [
+        "2", "2.200 ± 0.050"]
+    assert generation["hybrid trained and evaluated on the decoded mel"][1:3] == ["2", "2.130 ± 0.050"]
+    assert ("hybrid fed the decoded mel − GPT-S: +0.050 ± 0.000 (2 seeds); hybrid fed the decoded mel − hybrid fed "
+            "the audio's mel: +0.050 ± 0.000 (2 seeds); hybrid trained on the decoded mel − GPT-S: -0.020 ± 0.000 "
+            "(2 seeds).") in markdown
+
+
 def test_the_matching_size_is_interpolated_in_log_parameters():
     curve = [(1e6, 3.0), (4e6, 2.0), (16e6, 1.5)]
     assert plot_curves.matching_size(curve, 1.75) == pytest.approx(8e6)  # halfway in log between 4 M and 16 M
@@ -2553,9 +2582,10 @@ def test_a_sweep_resumes_a_cut_run_skips_finished_ones_and_leaves_a_busy_one_alo
 def test_the_sweep_has_three_seeds_of_each_paper_model_and_one_head_rule():
     import sweep
     runs, tts = dict(sweep.runs()), dict(sweep.runs("tts"))
-    assert len(tts) == 9  # another corpus: the paper's three models, three seeds each
+    assert len(tts) == 12  # another corpus: the paper's three models and the hybrid on the decoded mel, 3 seeds each
     for model, flags in (("gpt-s", ["--n_embd", "64", "--n_head", "8"]), ("hybrid", ["--hybrid", "--n_embd", "64"]),
-                         ("gpt-l", ["--n_embd", "256", "--n_head", "16"])):
+                         ("gpt-l", ["--n_embd", "256", "--n_head", "16"]),
+                         ("hybrid-decoded", ["--hybrid", "--n_embd", "64", "--mel_source", "decoded"])):
         assert [runs[f"{model}-s{seed}"] for seed in sweep.SEEDS] == [["--dataset", "music"] + flags + ["--seed", str(s)]
                                                                       for s in sweep.SEEDS]
         assert [tts[f"tts-{model}-s{seed}"] for seed in sweep.SEEDS] == [["--dataset", "tts"] + flags + ["--seed", str(s)]
