@@ -2579,6 +2579,22 @@ def test_a_sweep_resumes_a_cut_run_skips_finished_ones_and_leaves_a_busy_one_alo
         sweep.main(["nope"])
 
 
+def test_a_sweeps_hybrid_is_evaluated_with_both_mels_and_its_decoded_twin_with_its_own(tiny_run, tmp_path,
+                                                                                      monkeypatch):
+    import sweep
+    flags = ["--dataset", "tiny", "--data_dir", tiny_run["data"], "--hybrid", "--epochs", "1", "--eval_windows",
+             "2", "--log_interval", "0", "--device", "cpu"] + [f"--{k}={v}" for k, v in TINY.items()]
+    monkeypatch.setattr(sweep, "runs", lambda dataset: [("hybrid", flags),
+                                                        ("hybrid-decoded", flags + ["--mel_source", "decoded"])])
+    runs = tmp_path / "runs"
+    sweep.main(["--runs_dir", str(runs), "--threads", "1"])
+    fed = lambda name: [r["mel_source"] for r in read_log(runs / name) if r["event"] == "eval_only"]
+    assert fed("hybrid") == ["audio", "decoded"] and fed("hybrid-decoded") == ["decoded"]
+    logs = [(runs / name / "log.jsonl").read_text() for name in ("hybrid", "hybrid-decoded")]
+    sweep.main(["--runs_dir", str(runs), "--threads", "1"])  # both done: nothing runs again
+    assert [(runs / name / "log.jsonl").read_text() for name in ("hybrid", "hybrid-decoded")] == logs
+
+
 def test_the_sweep_has_three_seeds_of_each_paper_model_and_one_head_rule():
     import sweep
     runs, tts = dict(sweep.runs()), dict(sweep.runs("tts"))
