@@ -272,7 +272,7 @@ def write_spectrogram(path, mel, boundary_s, title):
     ax.axvline(boundary_s, color="cyan", linewidth=1.5, label=f"prompt ends ({boundary_s:.2f} s)")
     ax.set_xlabel("time (s)")
     ax.set_ylabel("mel bin")
-    ax.set_title("\n".join(textwrap.wrap(title, 140)), fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=9)
     ax.legend(loc="upper right", fontsize=8)
     fig.colorbar(im, ax=ax, label="ln mel power")
     fig.tight_layout()
