@@ -495,7 +495,8 @@ def generation_markdown(group):
     pairs = [(f"{a} − {b}", paired_over_seeds(x, y)) for a, x, b, y in (
         ("hybrid fed the decoded mel", fed, "GPT-S", group.get("GPT-S", [])),
         ("hybrid fed the decoded mel", fed, "hybrid fed the audio's mel", group.get("hybrid", [])),
-        ("hybrid trained on the decoded mel", rows[-1][1], "GPT-S", group.get("GPT-S", [])))]
+        ("hybrid trained on the decoded mel", rows[-1][1], "GPT-S", group.get("GPT-S", [])),
+        ("hybrid trained on the decoded mel", rows[-1][1], "GPT-L", group.get("GPT-L", [])))]
     pairs = [(name, d) for name, d in pairs if d]
     if pairs:
         lines += ["", "Paired differences in NLL (mean ± SE over seeds of each seed's mean over the same val windows; "
