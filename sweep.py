@@ -69,8 +69,7 @@ def state(out_dir):
     """'done' (its eval_only row on all val windows is logged), 'trained' (its last eval is of its last epoch: the
     eval_only is left to do), 'resume' (a checkpoint to continue from) or 'new'."""
     run = this_run(os.path.join(out_dir, "log.jsonl"))
-    fed = run[0]["config"].get("mel_source", "audio") if run else None  # a row with another mel is another row
-    if any(r["event"] == "eval_only" and not r.get("subset") and r.get("mel_source") in (None, fed) for r in run):
+    if rows(run, trained_with(run)):
         return "done"
     if not os.path.isfile(os.path.join(out_dir, "ckpt_latest.pt")):
         return "new"
@@ -78,10 +77,16 @@ def state(out_dir):
     return "trained" if evals and evals[-1]["epoch"] >= run[0]["config"]["epochs"] else "resume"
 
 
-def decoded_row(out_dir):
-    """Whether a hybrid trained on the audio's mel has its row evaluated with the decoded mel logged."""
-    return any(r["event"] == "eval_only" and r.get("mel_source") == "decoded" and not r.get("subset")
-               for r in this_run(os.path.join(out_dir, "log.jsonl")))
+def trained_with(run):
+    """The mel a run's records (this_run) say it was trained with: 'audio' (also every run before the flag)."""
+    return run[0]["config"].get("mel_source", "audio") if run else "audio"
+
+
+def rows(run, mel_source):
+    """The run's table rows (eval_only on all val windows) evaluated with mel_source (a GPT's, and every row before
+    the flag, count as the audio's)."""
+    return [r for r in run if r["event"] == "eval_only" and not r.get("subset")
+            and (r.get("mel_source") or "audio") == mel_source]
 
 
 def this_run(log):
@@ -109,7 +114,8 @@ def train(name, flags, runs_dir, threads, extra_flags=()):
         how = state(out_dir)
         steps = [] if how == "done" else {"resume": [["--init_from", "resume"]], "trained": [], "new": [[]]}[how] + [
             ["--eval_only"]]  # the row, with the mel the run was trained with (its flags)
-        if "--hybrid" in flags and "--mel_source" not in flags and not decoded_row(out_dir) and (
+        if "--hybrid" in flags and "--mel_source" not in flags and not rows(
+                this_run(os.path.join(out_dir, "log.jsonl")), "decoded") and (
                 how != "done" or os.path.isfile(os.path.join(out_dir, "ckpt_best.pt"))):
             steps.append(["--eval_only", "--mel_source", "decoded"])  # a hybrid's row with what generation has
         if how != "done":
@@ -123,9 +129,8 @@ def train(name, flags, runs_dir, threads, extra_flags=()):
             if rc != 0:
                 raise RuntimeError(f"{name}: {' '.join(command[1:] + extra)} exited with status {rc}; "
                                    f"its output is in {out.name}")
-    fed = "decoded" if "--mel_source" in flags else "audio"
-    final = [r for r in this_run(os.path.join(out_dir, "log.jsonl")) if r["event"] == "eval_only"
-             and not r.get("subset") and r.get("mel_source") in (None, fed)][-1]
+    run = this_run(os.path.join(out_dir, "log.jsonl"))
+    final = rows(run, trained_with(run))[-1]
     if how != "done":
         say(f"{name}: val NLL {final['val_nll']:.3f} ± {final['val_nll_se']:.3f}, {final['params']:,} parameters, "
             f"{(time.time() - t0) / 60:.1f} min")
