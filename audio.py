@@ -10,6 +10,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -51,14 +52,18 @@ DOWNLOAD_TIMEOUT = 10        # seconds without a byte before a download gives up
 OFFLINE_NAME = "offline-random-encodec-kmeans"
 TOKENIZER_FILE = "tokenizer.pt"
 KMEANS_ITERS = 20     # Lloyd iterations of the offline codebook's fit
+DECODE_HOLD = 16      # tokens: EnCodec's decoder starts on the first token held this long (Tokenizer.decode)
+OFFLINE_DTYPE = torch.float64  # the offline tokenizer's arithmetic, and its latents rounded to LATENT_ROUNDING:
+LATENT_ROUNDING = torch.bfloat16  # the same tokens on every kind of CPU (NOTES.md)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # loading, and the mel
 
 def to_model_rate(audio: np.ndarray, rate: int) -> torch.Tensor:
-    """audio (S, channels) at any rate -> (S',) float32 mono at 24 kHz, trimmed to a multiple of HOP."""
-    wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).mean(1)
+    """audio (S, channels) at any rate -> (S',) float64 mono at 24 kHz, trimmed to a multiple of HOP. In float64
+    (as log_mel and the offline tokenizer), so that a CPU's vector width changes no bit that is kept."""
+    wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float64)).mean(1)
     if rate != SAMPLE_RATE:
         wav = torchaudio.functional.resample(wav, rate, SAMPLE_RATE)
     return wav[:len(wav) - len(wav) % HOP]
@@ -66,7 +71,7 @@ def to_model_rate(audio: np.ndarray, rate: int) -> torch.Tensor:
 
 def log_mel(wav: torch.Tensor) -> torch.Tensor:
     """Causal 64-bin log-mel, one slice per token: wav (..., S) float at 24 kHz, S a multiple of HOP
-    -> (..., S // HOP, N_MELS) float32, natural log, not normalised.
+    -> (..., S // HOP, N_MELS) float32, natural log, not normalised; computed in float64.
 
     Slice t is the power spectrum of the 960-sample periodic Hann window that ENDS at sample 320(t+1) (the wav is
     left-padded with 640 zeros and framed with hop 320, never centred), mapped to 64 Slaney mel bands over
@@ -74,20 +79,35 @@ def log_mel(wav: torch.Tensor) -> torch.Tensor:
     """
     if wav.shape[-1] % HOP:
         raise ValueError(f"log_mel needs a multiple of {HOP} samples, got {wav.shape[-1]}")
-    wav = wav.float()
+    wav = wav.double()
     window, fbank = mel_basis(wav.device)
     frames = F.pad(wav, (WIN - HOP, 0)).unfold(-1, WIN, HOP)                      # (..., T, WIN)
     power = torch.fft.rfft(frames * window).abs().pow(2)                           # (..., T, WIN//2+1)
-    return torch.log(torch.clamp(power @ fbank, min=LOG_FLOOR))
+    return torch.log(torch.clamp(power @ fbank, min=LOG_FLOOR)).float()
 
 
 @functools.lru_cache(maxsize=None)
 def mel_basis(device):
-    """The periodic Hann window (WIN,) and the Slaney mel filterbank (WIN//2+1, N_MELS), made once per device:
-    sample.py calls log_mel once per generated token."""
-    fbank = torchaudio.functional.melscale_fbanks(WIN // 2 + 1, 0.0, SAMPLE_RATE / 2, N_MELS, SAMPLE_RATE,
-                                                  norm="slaney", mel_scale="slaney")  # (WIN//2+1, N_MELS)
-    return torch.hann_window(WIN, device=device), fbank.to(device)
+    """The periodic Hann window (WIN,) and the Slaney mel filterbank (WIN//2+1, N_MELS), float64, made once per
+    device: sample.py calls log_mel once per generated token."""
+    return torch.hann_window(WIN, dtype=torch.float64, device=device), torch.from_numpy(slaney_fbank()).to(device)
+
+
+def slaney_fbank(n_freqs=WIN // 2 + 1, n_mels=N_MELS, rate=SAMPLE_RATE) -> np.ndarray:
+    """torchaudio's melscale_fbanks(n_freqs, 0, rate / 2, n_mels, rate, norm="slaney", mel_scale="slaney"), in
+    float64 with the band edges from Python's own log and exp (torchaudio's float32 filterbank moves by 1e-6 with
+    the CPU's vector width): triangles between n_mels + 2 points evenly spaced in Slaney mels over 0 to rate / 2,
+    each scaled to unit area -> (n_freqs, n_mels)."""
+    step, knee = math.log(6.4) / 27, 1000.0                               # Slaney: linear below 1 kHz, log above
+    to_mel = lambda hz: hz / (200 / 3) if hz < knee else 15 + math.log(hz / knee) / step
+    to_hz = lambda mel: mel * (200 / 3) if mel < 15 else knee * math.exp(step * (mel - 15))
+    top = to_mel(rate / 2)
+    edges = np.array([to_hz(top * i / (n_mels + 1)) for i in range(n_mels + 2)])          # (n_mels + 2,) Hz
+    freqs = np.arange(n_freqs) * (rate // 2) / (n_freqs - 1)                                 # (n_freqs,) Hz
+    slopes = edges[None, :] - freqs[:, None]
+    widths = np.diff(edges)
+    down, up = -slopes[:, :-2] / widths[:-1], slopes[:, 2:] / widths[1:]
+    return np.maximum(0.0, np.minimum(down, up)) * (2.0 / (edges[2:] - edges[:-2]))[None, :]
 
 
 def normalise_mel(mel: torch.Tensor, meta: dict) -> torch.Tensor:
@@ -110,7 +130,7 @@ def read_meta(data_dir) -> dict:
 def nearest(x: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     """x (..., D), codebook (K, D) -> (...) int64 index of the nearest row, with the distance written exactly as
     EnCodec's quantizer writes it (so the codes equal its codes[:, 0]), chunked to keep memory at chunk x K."""
-    flat = x.reshape(-1, x.shape[-1])                                    # (N, D)
+    flat = x.reshape(-1, x.shape[-1]).to(codebook.dtype)                 # (N, D)
     embed = codebook.t()                                                 # (D, K)
     out = torch.empty(len(flat), dtype=torch.long, device=x.device)
     for i in range(0, len(flat), chunk):
@@ -140,7 +160,11 @@ def fast_cpu(device="cpu"):
 @torch.inference_mode()
 def embed(encoder, wavs: list, batch_size: int = 1) -> list:
     """EnCodec encoder latents: wavs, a list of (S_i,) float tensors at 24 kHz with S_i % HOP == 0
-    -> a list of (S_i // HOP, EMB_DIM) float32 tensors on the CPU.
+    -> a list of (S_i // HOP, EMB_DIM) tensors on the CPU, in the encoder's dtype.
+
+    An encoder in OFFLINE_DTYPE (the offline tokenizer's) has its latents rounded to LATENT_ROUNDING's 8
+    significant bits: float64's last-bit differences between CPUs (about 1e-14 here) then reach no kept bit, and
+    latents that differ only by them (a silence's, say) become equal, so no near-tie decides a k-means step.
 
     Each file is cut into rows of at most SEGMENT samples; a row after the first also gets the CONTEXT samples
     before it, whose frames are dropped, so its encoder state starts warm. That bounds memory for any file
@@ -162,10 +186,13 @@ def embed_rows(encoder, wavs: list, batch_size: int, device) -> list:
     parts = [[None] * -(-len(wav) // SEGMENT) for wav in wavs]
     for b in range(0, len(rows), batch_size):
         batch = rows[b:b + batch_size]
-        x = torch.zeros(len(batch), 1, max(end - lo for _, _, lo, end, _ in batch))  # (rows, 1, samples)
+        dtype = next(encoder.parameters()).dtype
+        x = torch.zeros(len(batch), 1, max(end - lo for _, _, lo, end, _ in batch), dtype=dtype)  # (rows, 1, samples)
         for j, (i, _, lo, end, _) in enumerate(batch):
             x[j, 0, :end - lo] = wavs[i][lo:end]
-        emb = encoder(x.to(device)).transpose(1, 2).float().cpu()        # (rows, frames, EMB_DIM)
+        emb = encoder(x.to(device)).transpose(1, 2).cpu()                # (rows, frames, EMB_DIM)
+        if dtype == OFFLINE_DTYPE:
+            emb = emb.to(LATENT_ROUNDING).to(dtype)
         for j, (i, k, lo, end, context) in enumerate(batch):
             parts[i][k] = emb[j, context // HOP:(end - lo) // HOP]
     return [torch.cat(p) for p in parts]
@@ -195,10 +222,14 @@ class Tokenizer:
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) int64 -> (B, T * HOP) float32 audio at 24 kHz, from codebook 0 alone (so coarse; and
-        noise for the offline tokenizer, whose decoder is random)."""
-        emb = self.codebook[tokens.to(self.codebook.device)].transpose(1, 2)          # (B, EMB_DIM, T)
+        noise for the offline tokenizer, whose decoder is random). Causal: sample t hears tokens <= t // HOP only.
+        EnCodec's convs reflect-pad the start of what they decode, so its first frames would hear up to 6 tokens
+        ahead; the decoder starts instead on the first token held for DECODE_HOLD tokens, whose audio is dropped."""
+        held = torch.cat([tokens[:, :1].expand(-1, DECODE_HOLD), tokens], 1)
+        emb = self.codebook[held.to(self.codebook.device)].transpose(1, 2)          # (B, EMB_DIM, HOLD + T)
         torch.set_flush_denormal(True)  # for this thread (the decoder has an LSTM too); thread count: the caller's
-        return self.model.decoder(emb.to(self.device))[:, 0, :tokens.shape[1] * HOP].float()
+        dtype = next(self.model.decoder.parameters()).dtype
+        return self.model.decoder(emb.to(self.device, dtype))[:, 0, DECODE_HOLD * HOP:held.shape[1] * HOP].float()
 
     def fingerprint(self) -> str:
         """A hash of everything that decides the tokens: shards made by another tokenizer are not reused."""
@@ -210,8 +241,9 @@ class Tokenizer:
     def save(self, path):
         """Everything load_tokenizer needs to rebuild the offline tokenizer exactly (weights kept as well as the
         seed, since torch's random streams may change between versions)."""
-        state = {"name": self.name, "seed": self.seed, "codebook": self.codebook.cpu(),
-                 "encoder": self.model.encoder.state_dict(), "decoder": self.model.decoder.state_dict()}
+        state = {"name": self.name, "seed": self.seed, "codebook": self.codebook.cpu(),  # weights: float32 values
+                 **{part: {k: v.float() for k, v in getattr(self.model, part).state_dict().items()}
+                    for part in ("encoder", "decoder")}}
         torch.save(state, f"{path}.tmp")
         os.replace(f"{path}.tmp", path)
 
@@ -251,23 +283,48 @@ def encodec_tokenizer(ckpt=None, device="cpu") -> Tokenizer:
 
 
 def offline_tokenizer(seed, device="cpu", saved=None) -> Tokenizer:
-    """EnCodec 24 kHz with random weights drawn from `seed` (or restored from a saved state); its codebook is
-    fitted later by fit_codebook, unless restored too."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = encodec_skeleton()
+    """EnCodec 24 kHz with random weights drawn from `seed` (or restored from a saved state), run in float64; its
+    codebook is fitted later by fit_codebook, unless restored too."""
+    model = random_weights(encodec_skeleton(), seed).to(OFFLINE_DTYPE)
     codebook = None
     if saved is not None:
         model.encoder.load_state_dict(saved["encoder"])
         model.decoder.load_state_dict(saved["decoder"])
-        codebook = saved["codebook"].to(device)
+        codebook = saved["codebook"].to(device, OFFLINE_DTYPE)
     return Tokenizer(model.to(device), codebook, OFFLINE_NAME, True, f"random, seed {seed}", seed)
+
+
+def random_weights(model: EncodecModel, seed: int) -> EncodecModel:
+    """Fill the encoder's and decoder's parameters, in order, from numpy's generator seeded with `seed`, with the
+    bounds of torch's default init: U(+-1/sqrt(fan_in)) for a convolution's weight and bias (its weight norm g
+    then being the norm of v, as weight_norm sets it), U(+-1/sqrt(hidden)) for the LSTMs. torch's own init rounds
+    differently with the CPU's vector width; numpy's float64 stream is the same bits everywhere."""
+    rng = np.random.default_rng(seed)
+
+    def uniform(shape, bound):
+        return torch.from_numpy(rng.uniform(-bound, bound, tuple(shape)).astype(np.float32))
+
+    with torch.no_grad():
+        for part in (model.encoder, model.decoder):
+            for module in part.modules():
+                if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
+                    fan_in = nn.init._calculate_fan_in_and_fan_out(module.weight_v)[0]
+                    v = uniform(module.weight_v.shape, 1 / np.sqrt(fan_in))
+                    g = np.sqrt((v.double().numpy() ** 2).sum(axis=tuple(range(1, v.dim())), keepdims=True))
+                    module.weight_v.copy_(v)
+                    module.weight_g.copy_(torch.from_numpy(g.astype(np.float32)))
+                    module.bias.copy_(uniform(module.bias.shape, 1 / np.sqrt(fan_in)))
+                elif isinstance(module, nn.LSTM):
+                    for p in module.parameters():
+                        p.copy_(uniform(p.shape, 1 / np.sqrt(module.hidden_size)))
+    return model
 
 
 def fit_codebook(emb: torch.Tensor, seed: int) -> torch.Tensor:
     """The offline tokenizer's codebook: Lloyd k-means of emb (N, EMB_DIM) into (VOCAB, EMB_DIM), distances by
     matrix product (EnCodec's own kmeans builds an N x VOCAB x EMB_DIM tensor: 26 GB for 50,000 points). Starts
-    from VOCAB random points (repeats when N < VOCAB); an empty cluster is re-seeded with a random point."""
+    from VOCAB random points (repeats when N < VOCAB); an empty cluster is re-seeded with a random point. In emb's
+    dtype (float64 offline)."""
     g = torch.Generator().manual_seed(seed)
     n = len(emb)
     start = torch.randperm(n, generator=g)[:VOCAB] if n >= VOCAB else torch.randint(n, (VOCAB,), generator=g)
@@ -469,21 +526,28 @@ class StreamingDecoder:
 
     def __init__(self, tokenizer):
         self.codebook = tokenizer.codebook  # (VOCAB, 128): token -> the latent the decoder reads
-        decoder = encodec_skeleton().decoder.to(tokenizer.device).eval()  # a copy to change:
+        dtype = next(tokenizer.model.decoder.parameters()).dtype  # the tokenizer's own (float64 offline)
+        decoder = encodec_skeleton().decoder.to(tokenizer.device, dtype).eval()  # a copy to change:
         decoder.load_state_dict(tokenizer.model.decoder.state_dict())
         for m in decoder.modules():  # fold weight norm into the weights once, not at every call
             if hasattr(m, "weight_g"):
                 torch.nn.utils.remove_weight_norm(m)
         self.layers = [streamed(m) for m in decoder.model]
+        self.started = False
 
     @torch.inference_mode()
     def __call__(self, tokens):
-        """tokens (B, n) that follow the ones fed before -> their audio (B, n * HOP)."""
+        """tokens (B, n) that follow the ones fed before -> their audio (B, n * HOP). The first call starts on its
+        first token held DECODE_HOLD tokens, as Tokenizer.decode does."""
         torch.set_flush_denormal(True)  # for this thread: the LSTM's state decays into denormals, 16x slower
+        hold = 0 if self.started else DECODE_HOLD
+        if hold:
+            tokens = torch.cat([tokens[:, :1].expand(-1, hold), tokens], 1)
+        self.started = True
         x = self.codebook[tokens].transpose(1, 2)  # (B, 128, n)
         for layer in self.layers:
             x = layer(x)
-        return x[:, 0]
+        return x[:, 0, hold * HOP:].float()
 
 
 def streamed(m):

@@ -8,7 +8,7 @@ The built-in corpora, each a list of sources that prepare.py turns into memmaps 
   for LibriTTS, named as such wherever its numbers appear;
 - speech: LibriTTS, downloaded.
 
-A source is rendered to (S,) float32 at 24 kHz by `render`. Everything is seeded: one seed gives the same corpus on
+A source is rendered to (S,) float64 at 24 kHz by `render`. Everything is seeded: one seed gives the same corpus on
 one machine. (music21, midirenderer and piper are imported where they are used, so that importing this stays light.)
 """
 import functools
@@ -193,7 +193,7 @@ def soundfont() -> bytes:
 
 
 def render_piece(src: Source) -> torch.Tensor:
-    """Parse a corpus score, play it through the TimGM6mb General MIDI soundfont -> (S,) float32 at 24 kHz."""
+    """Parse a corpus score, play it through the TimGM6mb General MIDI soundfont -> (S,) float64 at 24 kHz."""
     import midirenderer
     from music21 import corpus
     score = corpus.parse(src.path, number=src.rendering["number"] or None)
@@ -337,7 +337,7 @@ def piper_voice():
 
 def render_speech(src: Source) -> torch.Tensor:
     """Read an utterance with the Piper voice at its rate and prosody, its noise from its own seed
-    -> (S,) float32 at 24 kHz, peak-normalised."""
+    -> (S,) float64 at 24 kHz, peak-normalised."""
     voice, speech = piper_voice(), src.rendering  # first: it says how to install piper when it is missing
     from piper import SynthesisConfig
     voice.session.reseed(speech["seed"])
@@ -352,7 +352,7 @@ def render_speech(src: Source) -> torch.Tensor:
 
 
 def render(src: Source) -> torch.Tensor:
-    """A built-in corpus's source -> (S,) float32 at 24 kHz: a score played, or an utterance read."""
+    """A built-in corpus's source -> (S,) float64 at 24 kHz: a score played, or an utterance read."""
     return render_speech(src) if "text" in src.rendering else render_piece(src)
 
 # ----------------------------------------------------------------------------------------------------------------

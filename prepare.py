@@ -112,7 +112,7 @@ def file_sources(folders: list, base: Path, seed: int) -> list:
 
 
 def load_source(src: Source) -> tuple:
-    """-> (wav (S,) float32 numpy at 24 kHz, S a multiple of HOP; mel (S // HOP, N_MELS) float32 numpy), or
+    """-> (wav (S,) float64 numpy at 24 kHz, S a multiple of HOP; mel (S // HOP, N_MELS) float32 numpy), or
     raises BadAudio / the reader's error for audio that cannot be used."""
     if src.rendering:
         wav = corpora.render(src)
@@ -131,8 +131,8 @@ def load_source(src: Source) -> tuple:
 
 class Loaded(NamedTuple):
     src: Source
-    wav: np.ndarray = None       # (S,) float32 at 24 kHz, until it is embedded
-    emb: torch.Tensor = None     # (S // HOP, EMB_DIM) float32 EnCodec latents
+    wav: np.ndarray = None       # (S,) float64 at 24 kHz, until it is embedded
+    emb: torch.Tensor = None     # (S // HOP, EMB_DIM) EnCodec latents, in the tokenizer's dtype
     mel: np.ndarray = None       # (S // HOP, N_MELS) float32 log-mel, not normalised
     reason: str = None           # why the file is skipped
 
@@ -144,7 +144,8 @@ def _worker_init(encoder_state):
     global _encoder
     torch.set_num_threads(1)  # one process per core (see fast_cpu)
     if encoder_state is not None:
-        _encoder = encodec_skeleton().encoder.eval()
+        dtype = next(iter(encoder_state.values())).dtype  # the tokenizer's own: float64 offline
+        _encoder = encodec_skeleton().encoder.to(dtype).eval()
         _encoder.load_state_dict(encoder_state)
 
 
