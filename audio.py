@@ -184,9 +184,9 @@ def embed_rows(encoder, wavs: list, batch_size: int, device) -> list:
             rows.append((i, k, start - context, min(start + SEGMENT, len(wav)), context))
     rows.sort(key=lambda row: row[3] - row[2])
     parts = [[None] * -(-len(wav) // SEGMENT) for wav in wavs]
+    dtype = next(encoder.parameters()).dtype
     for b in range(0, len(rows), batch_size):
         batch = rows[b:b + batch_size]
-        dtype = next(encoder.parameters()).dtype
         x = torch.zeros(len(batch), 1, max(end - lo for _, _, lo, end, _ in batch), dtype=dtype)  # (rows, 1, samples)
         for j, (i, _, lo, end, _) in enumerate(batch):
             x[j, 0, :end - lo] = wavs[i][lo:end]
@@ -225,7 +225,7 @@ class Tokenizer:
         noise for the offline tokenizer, whose decoder is random). Causal: sample t hears tokens <= t // HOP only.
         EnCodec's convs reflect-pad the start of what they decode, so its first frames would hear up to 6 tokens
         ahead; the decoder starts instead on the first token held for DECODE_HOLD tokens, whose audio is dropped."""
-        held = torch.cat([tokens[:, :1].expand(-1, DECODE_HOLD), tokens], 1)
+        held = hold_first(tokens)
         emb = self.codebook[held.to(self.codebook.device)].transpose(1, 2)          # (B, EMB_DIM, HOLD + T)
         torch.set_flush_denormal(True)  # for this thread (the decoder has an LSTM too); thread count: the caller's
         dtype = next(self.model.decoder.parameters()).dtype
@@ -246,6 +246,11 @@ class Tokenizer:
                     for part in ("encoder", "decoder")}}
         torch.save(state, f"{path}.tmp")
         os.replace(f"{path}.tmp", path)
+
+
+def hold_first(tokens: torch.Tensor) -> torch.Tensor:
+    """tokens (B, T) -> (B, DECODE_HOLD + T): the first token held before them, where a decode starts."""
+    return torch.cat([tokens[:, :1].expand(-1, DECODE_HOLD), tokens], 1)
 
 
 def encodec_skeleton() -> EncodecModel:
@@ -542,7 +547,7 @@ class StreamingDecoder:
         torch.set_flush_denormal(True)  # for this thread: the LSTM's state decays into denormals, 16x slower
         hold = 0 if self.started else DECODE_HOLD
         if hold:
-            tokens = torch.cat([tokens[:, :1].expand(-1, hold), tokens], 1)
+            tokens = hold_first(tokens)
         self.started = True
         x = self.codebook[tokens].transpose(1, 2)  # (B, 128, n)
         for layer in self.layers:
