@@ -1,4 +1,7 @@
-"""The whisper-gpt test suite: CPU only, tiny data, minutes not hours.  python -m pytest -q test_whisper_gpt.py"""
+"""The whisper-gpt test suite: CPU only, tiny data, minutes not hours.
+
+    python -m pytest -q -n auto test_whisper_gpt.py
+"""
 import argparse
 import ast
 import dataclasses
@@ -47,6 +50,9 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
+# The README's command runs the tests in one process per core (pytest-xdist's -n auto): each process builds the
+# module fixtures its own tests use, and no test relies on another's files or order.
 
 SEED = 1337
 
@@ -1442,7 +1448,7 @@ sys.path.insert(0, sys.argv[1])
 import audio
 torch.set_num_threads(1)
 rng = np.random.default_rng(0)
-t = np.arange(22050 * 8) / 22050
+t = np.arange(22050 * 5) / 22050
 clip = 0.3 * np.sin(2 * np.pi * 440 * t * (1 + 0.05 * np.sin(3 * t))) + 0.02 * rng.standard_normal(len(t))
 clip[: 22050 * 2] = 0  # a silence: its latents are equal but for the last bits, the near-ties k-means meets
 tok = audio.offline_tokenizer(1337)
@@ -1615,15 +1621,17 @@ def test_the_offline_decoder_is_each_tokens_mean_mel_and_follows_the_tokens(note
     decoder, network = audio.load_decoder(notes_run["data"]), audio.Decoder(notes_run["tokenizer"], notes_run["meta"])
     val, val_mel = wg.open_split(notes_run["data"], "val", 64)
     x, target = torch.from_numpy(val.astype(np.int64))[None], torch.from_numpy(val_mel.astype(np.float32))[None]
-    far = lambda m: (m - target).abs().mean().item()
+    far = lambda m: (m - target[:, :m.size(1)]).abs().mean().item()  # from the mel of the first m.size(1) tokens
     shuffled = x[:, torch.randperm(x.size(1), generator=torch.Generator().manual_seed(0))]
     random = torch.randint(0, audio.VOCAB, x.shape, generator=torch.Generator().manual_seed(0))
     ours = far(decoder.mel(x))
     # (0.71 here against 0.97 and 0.88: six notes only, so shuffled tokens are often right; 0.58 against 0.91 and
     # 0.94 on the tts corpus)
     assert ours < 0.8 * far(decoder.mel(random)) and ours < 0.9 * far(decoder.mel(shuffled))
-    assert ours < 0.5 * far(network.mel(x))
-    assert abs(far(network.mel(x)) - far(network.mel(random))) < 0.1 * far(network.mel(x))  # noise either way
+    head = 240  # the random-weight EnCodec decoder runs in float64, slowly: its mel of the first 240 val tokens
+    noise, noise_of_random = far(network.mel(x[:, :head])), far(network.mel(random[:, :head]))
+    assert far(decoder.mel(x[:, :head])) < 0.5 * noise
+    assert abs(noise - noise_of_random) < 0.1 * noise  # noise either way
 
 
 def test_the_offline_decoders_audio_has_the_mel_it_was_made_from(notes_run):
