@@ -601,7 +601,7 @@ def test_evaluate_puts_each_tokens_own_mel_row_beside_it(tmp_path):
     c = tiny(hybrid=True, data_dir=indexed_data(tmp_path / "data"), batch_size=4, device="cpu")
     tokens = np.fromfile(tmp_path / "data" / "val_tokens.bin", dtype=np.uint16)
     oracle = Oracle(tokens)
-    result = wg.evaluate(oracle, c, 10, wg.nullcontext())
+    result = wg.evaluate(oracle, c, 10)
     assert result.acc == 1.0 and result.nll < 1e-6 and result.windows == 10
     idx = torch.cat([i for i, _ in oracle.seen])
     mel = torch.cat([m for _, m in oracle.seen])
@@ -682,7 +682,7 @@ def test_training_logs_checkpoints_and_round_trips(tmp_path, hybrid):
     assert evals[-1]["val_nll"] < evals[0]["val_nll"] < math.log(1024) + 0.5
     model, config, ckpt = wg.load_checkpoint(os.path.join(c.out_dir, "ckpt_latest.pt"))
     assert config.hybrid == hybrid and ckpt["iter"] == 6
-    result = wg.evaluate(model, config, 8, wg.nullcontext())
+    result = wg.evaluate(model, config, 8)
     assert result.nll == pytest.approx(evals[-1]["val_nll"], abs=1e-5)
     assert result.acc == pytest.approx(evals[-1]["val_acc"], abs=1e-9)
     assert result.nll == pytest.approx(np.mean(result.window_nll)) and len(result.window_nll) == 8

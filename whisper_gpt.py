@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cpu_attention
 from audio import DecodedSplit, load_decoder
 from checks import (Parser, UserError, append_record, check_data, check_writable, data_fingerprint, hold_folder,
                     load_torch_file, run_script, validate)
@@ -112,19 +113,13 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, n_head, end, head_dim)
 
 
-CPU_HEAD = 16  # on the CPU, torch's flash kernel runs a head of 16 1.6x faster than a head of 8 (NOTES.md, Speed)
-
-
 def causal_attention(q, k, v, dropout=0.0):
-    """Fused causal attention of q, k, v (B, n_head, T, head_dim) -> (B, n_head, T, head_dim). On the CPU a head
-    narrower than CPU_HEAD is zero-padded to it: the dot products, and so the output, are the same; the kernel is
-    faster. Elsewhere it is torch's own call, unchanged."""
-    d = q.size(-1)
-    if q.device.type != "cpu" or d >= CPU_HEAD:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-    q, k, v = (F.pad(t, (0, CPU_HEAD - d)) for t in (q, k, v))  # (B, n_head, T, CPU_HEAD), zeros after head_dim
-    y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=d ** -0.5)
-    return y[..., :d]  # (B, n_head, T, head_dim): the padded columns of v give zeros
+    """Causal attention of q, k, v (B, n_head, T, head_dim) -> (B, n_head, T, head_dim). On the CPU a head of at
+    most cpu_attention.MAX_HEAD runs in cpu_attention's C kernel, in float32 whatever the autocast (there, bf16
+    attention is slower than fp32: NOTES.md, Speed); elsewhere, or without a C compiler, it is torch's own call."""
+    if q.device.type == "cpu" and q.size(-1) <= cpu_attention.MAX_HEAD and not dropout and cpu_attention.kernel():
+        return cpu_attention.narrow_causal_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
 
 
 class CausalSelfAttention(nn.Module):
@@ -390,9 +385,10 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model, c, limit, ctx, rank=0, world=1):
+def evaluate(model, c, limit, rank=0, world=1):
     """NLL ± SE and accuracy over the fixed val windows, r, r + world, ... on process r, then one all_reduce.
-    model is never the DDP wrapper, whose own collectives would hang a process with fewer windows."""
+    model is never the DDP wrapper, whose own collectives would hang a process with fewer windows. Always in
+    float32, whatever --dtype trains in: a table's number does not depend on the precision of training."""
     tokens, mel = open_split(c.data_dir, "val", c.n_mel if c.hybrid else 0, c.mel_source)
     starts = val_windows(len(tokens), c.block_size, limit)
     sums = torch.zeros(len(starts), 2, device=c.device, dtype=torch.float64)  # per window: nll sum, correct
@@ -402,9 +398,7 @@ def evaluate(model, c, limit, ctx, rank=0, world=1):
     for b in range(0, len(mine), c.batch_size):
         rows = mine[b:b + c.batch_size]
         x, y, m = crops(c, tokens, mel, starts[rows])
-        with ctx:
-            logits, _ = model(x, m)
-        logits = logits.float()
+        logits, _ = model(x, m)
         nll = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (B, T)
         rows = torch.from_numpy(rows).to(c.device)
         sums[rows, 0] = nll.sum(1).double()
@@ -566,7 +560,7 @@ def train_or_eval(c):
     if c.hybrid and c.mel_source == "decoded":
         load_decoder(c.data_dir)  # a folder without its decoder is one line now, not at the first batch
     if c.eval_only:
-        return eval_only(model, c, meta, ctx, ckpt["iter"], rank, world)
+        return eval_only(model, c, meta, ckpt["iter"], rank, world)
     spe = steps_per_epoch(c, meta["n_train"])
     max_iters = c.max_iters or c.epochs * spe
     if ckpt is not None and ckpt["iter"] >= max_iters:
@@ -608,7 +602,7 @@ def train_or_eval(c):
                 torch.distributed.all_reduce(train_sum)  # every process reaches this line at the same steps
             train_nll = train_sum.item() / world / train_steps if train_steps else None  # sync: the steps are done
             tok_s = train_steps * tokens_per_step / (time.time() - t_eval) if train_steps else None
-            result = evaluate(eval_model, c, c.eval_windows, ctx, rank, world)
+            result = evaluate(eval_model, c, c.eval_windows, rank, world)
             if master:
                 elapsed = time.time() - t0
                 log_eval(c, it, spe, lr, train_nll, tok_s, result, elapsed)
@@ -650,9 +644,9 @@ def train_or_eval(c):
         torch.distributed.destroy_process_group()
 
 
-def eval_only(model, c, meta, ctx, step, rank=0, world=1):
+def eval_only(model, c, meta, step, rank=0, world=1):
     """The paper's table row for the best checkpoint (params, NLL ± SE, accuracy, PPL), beside count baselines."""
-    result = evaluate(model, c, c.final_windows, ctx, rank, world)
+    result = evaluate(model, c, c.final_windows, rank, world)
     every = len(val_windows(meta["n_val"], c.block_size))
     # a quick look at fewer windows is logged as such: the tables only ever take an evaluation on all of them
     record = {"event": "eval_only", "params": model.num_params(), "val_nll": result.nll, "val_nll_se": result.se,
