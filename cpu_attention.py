@@ -243,6 +243,7 @@ class NarrowCausalAttention(torch.autograd.Function):
         return dq.view(B, H, T, d).to(qt), dk.to(kt), dv.to(vt), None
 
 
+@torch.compiler.disable  # a foreign call: torch.compile runs it as it is, between the graphs before and after
 def narrow_causal_attention(q, k, v, scale=None):
     """Causal attention of q, k, v (B, H, T, d) -> (B, H, T, d) float32, on the CPU, by the C kernel."""
     return NarrowCausalAttention.apply(q, k, v, q.size(-1) ** -0.5 if scale is None else scale)

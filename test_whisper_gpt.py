@@ -33,6 +33,7 @@ import torchaudio
 import audio
 import bench
 import corpora
+import cpu_attention
 import plot_curves
 import prepare
 import sample
@@ -325,15 +326,50 @@ def test_no_future_token_or_mel_leaks(hybrid):
 
 
 @pytest.mark.parametrize("head", [4, 8, 16])
-def test_cpu_attention_padded_to_a_wider_head_is_torchs_own_in_values_and_gradients(head):
+@pytest.mark.parametrize("length", [40, 203])
+def test_cpu_attention_kernel_is_exact_attention_in_values_and_gradients(head, length):
+    """cpu_attention's C kernel against torch's attention in float64: outputs and the gradients of q, k and v, at
+    lengths that are and are not whole lanes of 16, as tight as torch's own float32 kernel gets."""
+    assert cpu_attention.kernel() is not None, "no C kernel: the tests run where the CPU path is the kernel"
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 40, head, requires_grad=True) for _ in range(3))
-    ours = wg.causal_attention(q, k, v)
-    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
-    theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
-    for a, b in zip(grads, torch.autograd.grad(theirs.square().sum(), (q, k, v))):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    q, k, v = (torch.randn(2, 3, length, head, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grad = torch.randn(2, 3, length, head, dtype=torch.float64)
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    exact_grads = torch.autograd.grad(exact, (q, k, v), grad)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ours = wg.causal_attention(q32, k32, v32)  # the model's own call: the kernel on the CPU for heads <= 16
+    assert ours.grad_fn.name() == "NarrowCausalAttentionBackward"
+    grads = torch.autograd.grad(ours, (q32, k32, v32), grad.float())
+    torch.testing.assert_close(ours.double(), exact, rtol=0, atol=2e-6)
+    for a, b in zip(grads, exact_grads):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-5)
+
+
+def test_cpu_attention_is_the_same_bits_at_any_thread_count_and_falls_back_to_torch(monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 2, 50, 8, requires_grad=True) for _ in range(3))
+    results = []
+    for threads in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        out = cpu_attention.narrow_causal_attention(q, k, v)
+        results.append([out, *torch.autograd.grad(out.sum(), (q, k, v))])
+    for a, b in zip(*results):  # heads are shared among threads, each computed whole by one: equal to the bit
+        assert torch.equal(a, b)
+    monkeypatch.setattr(cpu_attention, "kernel", lambda: None)  # no C compiler: torch's own call, the same values
+    fallback = wg.causal_attention(q, k, v)
+    assert fallback.grad_fn.name() != "NarrowCausalAttentionBackward"
+    torch.testing.assert_close(fallback, results[0][0], rtol=0, atol=1e-6)
+
+
+def test_cpu_attention_under_bf16_autocast_runs_in_float32_and_gives_gradients_of_the_inputs_dtype():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 20, 8).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = wg.causal_attention(q, k, v)
+    assert out.dtype == torch.float32  # attention in fp32: the bf16 kernel is the slower one on the CPU
+    exact = torch.nn.functional.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), is_causal=True)
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5)
+    assert all(g.dtype == torch.bfloat16 for g in torch.autograd.grad(out.sum(), (q, k, v)))
 
 
 @pytest.mark.parametrize("hybrid", [False, True])
@@ -2585,22 +2621,44 @@ def test_a_log_line_cut_by_a_kill_is_skipped_with_a_note_and_a_resume_starts_a_n
 # -----------------------------------------------------------------------------
 # bench.py
 
-def test_bench_prints_tokens_per_second(capsys):
+def test_bench_prints_tokens_per_second_and_the_mfu_of_this_cpus_own_peak(capsys):
     c = tiny(batch_size=2, device="cpu", dtype="float32")
     assert bench.bench(c, steps=2) > 0
     assert bench.bench(c, steps=2, reference=True) > 0
+    assert bench.bench(tiny(batch_size=2, device="cpu", dtype="float32", hybrid=True), steps=1, reference=True) > 0
     out = capsys.readouterr().out
-    assert "tokens/s" in out and "textbook" in out
+    assert "tokens/s" in out and "textbook custom" in out and "textbook hybrid" in out
+    mfu = re.findall(r"\| ([\d.]+) GFLOP/s model, MFU ([\d.]+)% of this CPU's fp32 matmul, (\d+) GFLOP/s", out)
+    assert len(mfu) == 3
+    for model_gflops, percent, peak_gflops in mfu:  # the fraction is the model's FLOP/s over the timed peak
+        assert float(percent) == pytest.approx(100 * float(model_gflops) / float(peak_gflops), rel=0.05, abs=0.1)
+    assert bench.cpu_peak(torch.float32) > 1e8  # timed, not a constant: the head's matmul at torch's threads
 
 
-def test_bench_rounds_time_before_and_after_the_cpu_speed_up_in_turn(capsys, monkeypatch):
-    heads = []
-    speed = {0: 100.0, wg.CPU_HEAD: 150.0, "reference": 60.0}  # tokens/s before, after, and of the reference
-    monkeypatch.setattr(bench, "bench", lambda c, steps, reference=False: speed[
-        heads.append("reference" if reference else wg.CPU_HEAD) or heads[-1]])
+def test_bench_peak_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch):
+    monkeypatch.setattr(bench, "cpu_peak", lambda dtype: {torch.float32: 1e11, torch.bfloat16: 4e11}[dtype])
+    for units, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(bench, "native_bf16", lambda: (units, ""))
+        top, name = bench.peak(tiny(device="cpu", dtype="bfloat16"))
+        assert name.startswith(f"this CPU's {expected}") and top == (4e11 if units else 1e11)
+    assert bench.peak(tiny(device="cpu", dtype="float32"))[0] == 1e11
+
+
+def test_bench_rounds_time_reference_before_after_and_bf16_in_turn(capsys, monkeypatch):
+    seen = []
+    speed = {"reference": 60.0, bench.torch_attention: 100.0, wg.causal_attention: 150.0}  # tokens/s
+
+    def fake_bench(c, steps, reference=False):
+        kind = "reference" if reference else wg.causal_attention  # the attention the model runs with now
+        seen.append((kind, c.dtype))
+        return speed[kind] * (2 if c.dtype == "bfloat16" else 1)
+    monkeypatch.setattr(bench, "bench", fake_bench)
+    kept = wg.causal_attention
     bench.main(["--rounds", "2", "--steps", "1", "--device", "cpu", "--dtype", "float32"])
-    assert heads == [0, wg.CPU_HEAD, "reference"] * 2 and wg.CPU_HEAD == 16  # interleaved, and restored
-    assert "after / before 1.50x, after / textbook reference 2.50x" in capsys.readouterr().out
+    assert seen == [("reference", "float32"), (bench.torch_attention, "float32"), (kept, "float32"),
+                    (kept, "bfloat16")] * 2 and wg.causal_attention is kept  # interleaved, and restored
+    assert "after / before 1.50x | over the textbook float32 reference: after 2.50x, after bf16 5.00x" in \
+        capsys.readouterr().out
 
 
 def test_bench_profile_names_the_ops_a_step_spends_its_time_in(capsys):
