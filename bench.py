@@ -10,6 +10,7 @@ gains over the plain way of writing it.
     python bench.py --steps 5 --batch_size 16 --n_embd 256 --n_head 16   # GPT-L
     python bench.py --steps 2 --batch_size 8 --profile           # where GPT-S's step time goes, op by op
     python bench.py --steps 3 --batch_size 8 --rounds 3          # before / after / bf16 / reference, interleaved
+    python bench.py --steps 3 --batch_size 8 --rounds 3 --attention   # one layer's attention, before and after
 
 Its other flags are whisper_gpt.py's.
 """
@@ -204,6 +205,25 @@ def compare(c, steps, rounds):
     return {kind: statistics.median(times) for kind, times in runs.items()}
 
 
+def attention(c, steps, rounds):
+    """Forward and backward of one layer's causal attention at the model's shape, (batch, n_head, block_size,
+    n_embd // n_head), before (torch_attention) and after (whisper_gpt.causal_attention), in turn; ms of each."""
+    B, H, T, d = c.batch_size, c.n_head, c.block_size, c.n_embd // c.n_head
+    q, k, v = (torch.randn(B, H, T, d, device=c.device, requires_grad=True) for _ in range(3))
+    ms = {torch_attention: [], whisper_gpt.causal_attention: []}
+    for _ in range(rounds):
+        for fn, times in ms.items():
+            fn(q, k, v).sum().backward()  # a warm-up
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn(q, k, v).sum().backward()
+            times.append((time.perf_counter() - t0) / steps * 1000)
+    before, after = (statistics.median(t) for t in ms.values())
+    say(f"attention forward + backward of {B} x {H} heads x {T} x {d} ({c.device}, {torch.get_num_threads()} threads, "
+        f"{rounds} rounds in turn): before {before:.1f} ms, after {after:.1f} ms: {before / after:.2f}x")
+    return before, after
+
+
 def parse_args(argv=None):
     """(Config, steps, reference, profile, rounds) from the command line: whisper_gpt.py's flags and this script's
     own."""
@@ -214,6 +234,8 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=0, help="time the textbook reference, the model before and "
                         "after cpu_attention and after it in bf16, interleaved, this many rounds; print the ratios "
                         "(0: off)")
+    parser.add_argument("--attention", action="store_true", help="time one layer's attention (forward and "
+                        "backward) before and after cpu_attention instead, --rounds rounds (at least 1) in turn")
     parser.add_argument("--profile", action="store_true", help="print where the time of --steps steps goes "
                         "(torch.profiler, ops by self CPU time) instead of timing them")
     add_config_flags(parser, MODEL_FIELDS + ("batch_size", "lr", "device", "dtype", "compile", "seed"))
@@ -224,12 +246,14 @@ def parse_args(argv=None):
         parser.error("--profile profiles this project's model: drop --reference")
     if args.rounds < 0:
         parser.error(f"--rounds must be 0 (off) or more, got {args.rounds}")
-    return config_from(args), args.steps, args.reference, args.profile, args.rounds
+    return config_from(args), args.steps, args.reference, args.profile, args.rounds, args.attention
 
 
 def main(argv=None):
-    c, steps, reference, prof, rounds = parse_args(argv)
-    if prof:
+    c, steps, reference, prof, rounds, attn = parse_args(argv)
+    if attn:
+        attention(c, steps, max(rounds, 1))
+    elif prof:
         profile(c, steps)
     elif rounds:
         compare(c, steps, rounds)

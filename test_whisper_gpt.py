@@ -2661,6 +2661,15 @@ def test_bench_rounds_time_reference_before_after_and_bf16_in_turn(capsys, monke
         capsys.readouterr().out
 
 
+def test_bench_attention_times_before_and_after_on_the_models_shape(capsys, monkeypatch):
+    shapes = []
+    monkeypatch.setattr(bench, "torch_attention", lambda q, k, v: shapes.append(q.shape) or q * k * v)
+    bench.main(["--attention", "--steps", "1", "--batch_size", "2", "--block_size", "24", "--n_embd", "32",
+                "--n_head", "4", "--device", "cpu", "--rounds", "2"])
+    assert shapes == [(2, 4, 24, 8)] * 4  # a warm-up and one step, each round, at (batch, heads, block, head)
+    assert "attention forward + backward of 2 x 4 heads x 24 x 8" in capsys.readouterr().out
+
+
 def test_bench_profile_names_the_ops_a_step_spends_its_time_in(capsys):
     bench.main(["--profile", "--steps", "1", "--batch_size", "2", "--block_size", "16", "--n_layer", "1",
                 "--dense", "32", "--device", "cpu", "--dtype", "float32"])
