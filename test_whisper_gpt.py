@@ -13,6 +13,7 @@ import math
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -330,7 +331,9 @@ def test_no_future_token_or_mel_leaks(hybrid):
 def test_cpu_attention_kernel_is_exact_attention_in_values_and_gradients(head, length):
     """cpu_attention's C kernel against torch's attention in float64: outputs and the gradients of q, k and v, at
     lengths that are and are not whole lanes of 16, as tight as torch's own float32 kernel gets."""
-    assert cpu_attention.kernel() is not None, "no C kernel: the tests run where the CPU path is the kernel"
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler here: the CPU runs torch's own attention (tested below)")
+    assert cpu_attention.kernel() is not None, "a C compiler, and no kernel from it"
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, length, head, dtype=torch.float64, requires_grad=True) for _ in range(3))
     grad = torch.randn(2, 3, length, head, dtype=torch.float64)
@@ -346,6 +349,8 @@ def test_cpu_attention_kernel_is_exact_attention_in_values_and_gradients(head, l
 
 
 def test_cpu_attention_is_the_same_bits_at_any_thread_count_and_falls_back_to_torch(monkeypatch):
+    if cpu_attention.kernel() is None:
+        pytest.skip("no C compiler here: the CPU runs torch's own attention")
     torch.manual_seed(0)
     q, k, v = (torch.randn(4, 2, 50, 8, requires_grad=True) for _ in range(3))
     results = []
