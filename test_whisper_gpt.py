@@ -366,6 +366,16 @@ def test_cpu_attention_is_the_same_bits_at_any_thread_count_and_falls_back_to_to
     torch.testing.assert_close(fallback, results[0][0], rtol=0, atol=1e-6)
 
 
+def test_cpu_attention_without_a_c_compiler_says_so_and_leaves_torchs_attention(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no kernel compiled before
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert cpu_attention._compile() is None
+    assert "no C kernel" in capsys.readouterr().err and os.listdir(tmp_path / "whisper-gpt") == []  # nothing left
+    monkeypatch.setenv("WHISPER_GPT_CPU_ATTENTION", "0")
+    monkeypatch.delenv("CC")
+    assert cpu_attention._compile() is None  # switched off by hand: not even tried
+
+
 def test_cpu_attention_under_bf16_autocast_runs_in_float32_and_gives_gradients_of_the_inputs_dtype():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, 20, 8).bfloat16().requires_grad_() for _ in range(3))
