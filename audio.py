@@ -69,6 +69,16 @@ def to_model_rate(audio: np.ndarray, rate: int) -> torch.Tensor:
     return wav[:len(wav) - len(wav) % HOP]
 
 
+def unreadable(error) -> str:
+    """Why soundfile cannot read a regular file, from its LibsndfileError: libsndfile's own reason, but for the one
+    its mp3 reader gives a file with no MPEG frames in it (a text file named .mp3, say): "not a regular file
+    (possibly a pipe?)", which the callers have already ruled out."""
+    reason = error.error_string.rstrip(".")
+    if "possibly a pipe" in reason:
+        reason = "no wav, flac, ogg or mp3 audio in it"
+    return f"not audio that soundfile can read ({reason})"
+
+
 def log_mel(wav: torch.Tensor) -> torch.Tensor:
     """Causal 64-bin log-mel, one slice per token: wav (..., S) float at 24 kHz, S a multiple of HOP
     -> (..., S // HOP, N_MELS) float32, natural log, not normalised; computed in float64.

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import re
+import stat
 import sys
 import tempfile
 
@@ -50,6 +51,17 @@ def load_torch_file(path, device="cpu"):
     except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
         reason = re.split(r"\.\s", str(e).strip())[0][:150] or type(e).__name__  # torch's first sentence
         raise UserError(f"{path} is not a whole torch file of tensors ({reason}): copy or make it again") from e
+
+
+def file_kind(path):
+    """What path is when it is not a regular file ("a folder", "a named pipe (FIFO)", "a socket", "a device"), told
+    by os.stat alone, since opening a pipe or a device can block for ever; None for a regular file. Raises OSError
+    (FileNotFoundError, say) where there is nothing to stat."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        return None
+    return ("a folder" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket"
+            if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
 
 
 def check_device(device, flag="--device"):

@@ -43,8 +43,8 @@ import corpora
 from audio import (CONTEXT, DECODER_FILE, ENCODEC_CKPT, FRAME_RATE, HOP, N_MELS, OFFLINE_NAME, SEGMENT, SAMPLE_RATE,
                    SILENCE_PEAK, TOKENIZER_FILE, VOCAB, WIN, Tokenizer, embed, encodec_skeleton, encodec_tokenizer,
                    fast_cpu, fit_codebook, log_mel, offline_tokenizer, read_meta, save_token_mel, to_model_rate,
-                   weights_help)
-from checks import Parser, UserError, check_device, check_writable, load_torch_file, run_script
+                   unreadable, weights_help)
+from checks import Parser, UserError, check_device, check_writable, file_kind, load_torch_file, run_script
 from corpora import BadAudio, Source, piece_of
 
 FORMAT_VERSION = 1    # of meta.json and the work shards
@@ -117,9 +117,15 @@ def load_source(src: Source) -> tuple:
     if src.rendering:
         wav = corpora.render(src)
     else:
+        kind = file_kind(src.path)  # before any open: reading a pipe or a device can wait for ever
+        if kind:
+            raise BadAudio(f"{kind}, not a regular file: skipped unopened")
         if os.path.getsize(src.path) == 0:
             raise BadAudio("empty file (0 bytes)")
-        wav = to_model_rate(*sf.read(src.path, dtype="float32", always_2d=True))
+        try:
+            wav = to_model_rate(*sf.read(src.path, dtype="float32", always_2d=True))
+        except sf.LibsndfileError as e:
+            raise BadAudio(unreadable(e)) from None
     if len(wav) == 0:
         raise BadAudio(f"empty (shorter than one {HOP}-sample token)")
     if not torch.isfinite(wav).all():
@@ -550,7 +556,7 @@ def list_sources(args) -> tuple:
 
 def duration(path: str) -> float:
     try:
-        return sf.info(path).duration
+        return 0.0 if file_kind(path) else sf.info(path).duration  # a pipe is never opened: it could block
     except Exception:  # unreadable files are reported when they are loaded; here they only count as 0 s
         return 0.0
 

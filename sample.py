@@ -29,9 +29,9 @@ import soundfile as sf
 import torch
 
 from audio import (FRAME_RATE, HOP, SAMPLE_RATE, WIN, StreamingDecoder, load_decoder, log_mel, normalise_mel,
-                   read_meta, to_model_rate, without_onednn)
+                   read_meta, to_model_rate, unreadable, without_onednn)
 from checks import (Parser, UserError, check_device, check_same_data, check_writable, data_fingerprint,
-                    run_script)
+                    file_kind, run_script)
 from whisper_gpt import load_checkpoint, open_split
 
 AUDIO_FORMATS = {"wav": "FLOAT", "flac": "PCM_16", "ogg": "VORBIS"}  # --audio_format: soundfile's subtype of each
@@ -125,13 +125,15 @@ def load_run(out_dir, ckpt, device, data_dir=None):
 
 def read_audio(path, max_seconds):
     """An audio file -> (S,) float32 mono at 24 kHz, at most max_seconds, S a multiple of HOP."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"--prompt {path}: no such file")
+    kind = file_kind(path)  # before any open: reading a pipe waits for a writer, maybe for ever
+    if kind:
+        raise UserError(f"--prompt {path} is {kind}, not a file: give a wav, flac, ogg or mp3 file")
     try:
         wav, sr = sf.read(path, dtype="float32", always_2d=True)  # (S, channels)
     except sf.LibsndfileError as e:
-        raise UserError(f"--prompt {path} is not audio that soundfile can read "
-                        f"({e.error_string.rstrip('.')}): give a wav, flac, ogg or mp3 file") from None
+        raise UserError(f"--prompt {path} is {unreadable(e)}: give a wav, flac, ogg or mp3 file") from None
     if not np.isfinite(wav).all():  # EnCodec would make token 0 of them, and the mel nan
         raise UserError(f"--prompt {path} has {int((~np.isfinite(wav)).sum()):,} non-finite samples (nan or inf): "
                         "give a clean audio file")

@@ -1206,6 +1206,36 @@ def test_bad_files_are_skipped_with_their_reason(prepared_dir, audio_corpus):
          "val_tokens.bin"])
 
 
+NO_HANG = """
+import json, sys
+import prepare, sample
+args = prepare.parse_args(["--audio_dir", sys.argv[1], "--name", "x", "--workers", "0"])
+sources, seconds, _ = prepare.list_sources(args)
+reasons = {s.name: prepare.try_load(s).reason for s in sources}
+try:
+    sample.read_audio(sys.argv[2], 1.0)
+except sample.UserError as e:
+    reasons["prompt"] = str(e)
+print(json.dumps(reasons))
+"""
+
+
+def test_a_pipe_is_skipped_unopened_and_a_text_file_named_mp3_is_not_audio(tmp_path):
+    """A FIFO among the sources (or given as a prompt) is named and never opened, since its read would wait for a
+    writer for ever; a text file named .mp3 is called what it is. In a process of its own, with a timeout: were a
+    read to block, the test fails instead of hanging."""
+    make_corpus(tmp_path / "audio", n=2)
+    os.mkfifo(tmp_path / "audio" / "x.wav")
+    (tmp_path / "audio" / "notes.mp3").write_text("not audio\n")
+    r = subprocess.run([sys.executable, "-c", NO_HANG, str(tmp_path / "audio"), str(tmp_path / "audio" / "x.wav")],
+                       capture_output=True, text=True, cwd=HERE, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    reasons = json.loads(r.stdout.splitlines()[-1])
+    assert reasons["x.wav"] == "BadAudio: a named pipe (FIFO), not a regular file: skipped unopened"
+    assert reasons["notes.mp3"] == "BadAudio: not audio that soundfile can read (no wav, flac, ogg or mp3 audio in it)"
+    assert [reasons[f"d{i}/good{i}.{ext}"] for i, ext in enumerate(["wav", "flac"])] == [None, None]
+    assert reasons["prompt"].endswith("x.wav is a named pipe (FIFO), not a file: give a wav, flac, ogg or mp3 file")
+
+
 @pytest.mark.parametrize("kind", ["empty", "missing", "nothing usable", "one usable"])
 def test_no_usable_input_is_one_clear_error_and_writes_nothing(tmp_path, kind):
     folder = tmp_path / "audio"
@@ -2401,6 +2431,7 @@ def mistakes(tmp_path_factory):
     weights do not fit its model (a bug-like failure, not a user's mistake)."""
     root = tmp_path_factory.mktemp("mistakes")
     (root / "notes.txt").write_text("not audio\n")
+    (root / "notes.mp3").write_text("not audio\n")
     wav = tone(0.5, 24000, 440).astype(np.float32)
     wav[1000:1100] = np.nan
     sf.write(root / "nan.wav", wav, 24000, subtype="FLOAT")
@@ -2422,6 +2453,9 @@ def mistakes(tmp_path_factory):
 MISTAKES = [
     ("sample.py", ["--out_dir", "{root}/run", "--prompt", "{root}/notes.txt"], "notes.txt is not audio"),
     ("sample.py", ["--out_dir", "{root}/run", "--prompt", "{root}/missing.wav"], "missing.wav: no such file"),
+    ("sample.py", ["--out_dir", "{root}/run", "--prompt", "{root}"], "is a folder, not a file: give a wav"),
+    ("sample.py", ["--out_dir", "{root}/run", "--prompt", "{root}/notes.mp3"], "notes.mp3 is not audio that soundfile "
+                                                                               "can read (no wav, flac, ogg or mp3"),
     ("sample.py", ["--out_dir", "{root}/nothing"], "no checkpoint at {root}/nothing/ckpt_best.pt: train one"),
     ("sample.py", ["--out_dir", "{root}/run", "--ckpt", "latest"], "pass --ckpt best"),
     ("sample.py", ["--out_dir", "{root}/truncated"], "{root}/truncated/ckpt_best.pt is not a whole torch file"),
@@ -2504,7 +2538,7 @@ def test_a_users_mistake_is_one_line_without_a_traceback(mistakes, capsys, scrip
     assert message.format(root=mistakes) in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("script, args, message", [MISTAKES[i] for i in (4, 8, 11)])  # one per script
+@pytest.mark.parametrize("script, args, message", [MISTAKES[i] for i in (6, 10, 13)])  # one per script
 def test_each_script_prints_a_users_mistake_as_one_line_without_a_traceback(mistakes, script, args, message):
     """The scripts themselves, end to end: the `__main__` block turns the error into one line on stderr."""
     r = subprocess.run([sys.executable, os.path.join(HERE, script), *script_argv(mistakes, script, args)],
