@@ -30,7 +30,7 @@ from encodec.modules.conv import SConv1d, SConvTranspose1d, pad1d
 from encodec.modules.lstm import SLSTM
 from encodec.modules.seanet import SEANetResnetBlock
 
-from checks import UserError, load_torch_file
+from checks import UserError, first_non_finite, load_torch_file
 
 SAMPLE_RATE = 24000   # Hz, EnCodec 24 kHz model
 HOP = 320             # samples per token = 75 tokens per second
@@ -402,6 +402,10 @@ def save_token_mel(data_dir, meta=None) -> Path:
     tokens = np.memmap(Path(data_dir) / "train_tokens.bin", np.uint16, "r")
     mel = np.memmap(Path(data_dir) / "train_mel.bin", np.float16, "r").reshape(-1, meta["n_mels"])
     path = Path(data_dir) / DECODER_FILE
+    bad = first_non_finite(Path(data_dir) / "train_mel.bin", meta["n_mels"])
+    if bad is not None:  # its tokens' rows of the table would be nan
+        raise UserError(f"{Path(data_dir) / 'train_mel.bin'} holds a nan or inf in row {bad:,}: the file is damaged; "
+                        f"make {data_dir} again with python prepare.py --overwrite")
     np.save(f"{path}.tmp.npy", fit_token_mel(tokens, mel, meta["vocab_size"]))
     os.replace(f"{path}.tmp.npy", path)
     return path
@@ -464,12 +468,29 @@ def load_decoder(data_dir, device="cpu") -> Decoder:
     tokenizer = load_tokenizer(data_dir, device)
     if not tokenizer.offline:
         return Decoder(tokenizer, meta)
-    path = Path(data_dir) / DECODER_FILE
+    return Decoder(tokenizer, meta, read_token_mel(data_dir, meta))
+
+
+def read_token_mel(data_dir, meta) -> np.ndarray:
+    """The offline decoder's table of data_dir (VOCAB, n_mel) float32, whole and finite, or one line saying to run
+    prepare.py again: it makes the table again (or for the first time, in data made before there was one) in
+    seconds, from the train split, and keeps the data."""
+    path, again = Path(data_dir) / DECODER_FILE, (f"run the prepare.py command that made it once more (e.g. python "
+                                                  f"prepare.py --dataset {Path(data_dir).name}): it makes the "
+                                                  "decoder again in seconds and keeps the data")
     if not path.is_file():
-        raise UserError(f"{data_dir} has no offline decoder ({DECODER_FILE}; data made before there was one): run "
-                        f"the prepare.py command that made it once more (e.g. python prepare.py --dataset "
-                        f"{Path(data_dir).name}): it adds the decoder in seconds and keeps the data")
-    return Decoder(tokenizer, meta, np.load(path))
+        raise UserError(f"{data_dir} has no offline decoder ({DECODER_FILE}; data made before there was one): {again}")
+    try:
+        table = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # cut short, or not a .npy: numpy's first sentence says which
+        raise UserError(f"{path} is damaged ({str(e).split('. ')[0][:120]}): {again}") from None
+    if table.shape != (meta["vocab_size"], meta["n_mels"]) or table.dtype != np.float32:
+        raise UserError(f"{path} is damaged (a {table.dtype} table of shape {table.shape}, not float32 "
+                        f"({meta['vocab_size']}, {meta['n_mels']})): {again}")
+    bad = ~np.isfinite(table).all(1)
+    if bad.any():
+        raise UserError(f"{path} is damaged (a nan or inf in row {int(bad.argmax())}, the mel of that token): {again}")
+    return table
 
 
 class DecodedSplit:

@@ -42,8 +42,8 @@ import torch
 import corpora
 from audio import (CONTEXT, DECODER_FILE, ENCODEC_CKPT, FRAME_RATE, HOP, N_MELS, OFFLINE_NAME, SEGMENT, SAMPLE_RATE,
                    SILENCE_PEAK, TOKENIZER_FILE, VOCAB, WIN, Tokenizer, embed, encodec_skeleton, encodec_tokenizer,
-                   fast_cpu, fit_codebook, log_mel, offline_tokenizer, read_meta, save_token_mel, to_model_rate,
-                   unreadable, weights_help)
+                   fast_cpu, fit_codebook, log_mel, offline_tokenizer, read_meta, read_token_mel, save_token_mel,
+                   to_model_rate, unreadable, weights_help)
 from checks import Parser, UserError, check_device, check_writable, file_kind, load_torch_file, run_script
 from corpora import BadAudio, Source, piece_of
 
@@ -575,6 +575,16 @@ def check_disk(data_dir: Path, seconds: float):
                         f"some space, pass another --data_root, or ask for fewer --hours")
 
 
+def decoder_whole(data_dir: Path, meta: dict) -> bool:
+    """Whether a finished offline corpus has its decoder's table, whole: data made before there was one has none,
+    and a damaged one (cut short, nan) is made again."""
+    try:
+        read_token_mel(data_dir, meta)
+    except UserError:
+        return False
+    return True
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.corpus_hours:
@@ -583,9 +593,10 @@ def main(argv=None):
     data_dir = Path(args.data_root) / args.name
     check_writable(data_dir, "--data_root")
     if (data_dir / "meta.json").is_file() and not args.overwrite:  # meta.json is written last: the corpus is whole
-        if read_meta(data_dir)["tokenizer_offline"] and not (data_dir / DECODER_FILE).is_file():
+        meta = read_meta(data_dir)
+        if meta["tokenizer_offline"] and not decoder_whole(data_dir, meta):
             print(f"{data_dir} is prepared; added its offline decoder {save_token_mel(data_dir)} (the mean mel of "
-                  "each token over its train split); the data is unchanged", flush=True)
+                  "each token over its train split), which was missing or damaged; the data is unchanged", flush=True)
             return
         raise UserError(f"{data_dir} already holds a prepared corpus: pass --overwrite to make it again (runs trained "
                         "on it will then refuse it), or another --name; nothing was changed")

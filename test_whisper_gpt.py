@@ -1012,6 +1012,14 @@ def damage(data_dir, case):
         (data_dir / "meta.json").write_text(json.dumps(meta))
     elif case == "fewer mel rows than tokens":
         (data_dir / "val_mel.bin").write_bytes((data_dir / "val_mel.bin").read_bytes()[:-128])
+    elif case in ("nan rows in train_mel.bin", "an inf in val_mel.bin"):
+        split = case.split()[-1].split("_")[0]
+        mel = np.memmap(data_dir / f"{split}_mel.bin", np.float16, "r+").reshape(-1, 64)
+        if split == "train":
+            mel[123:125] = np.nan  # two whole rows
+        else:
+            mel[456, 7] = -np.inf  # one value
+        mel.flush()
     else:  # token ids of 5000 (vocabulary 1024) in one split
         split = case.split()[-2]
         tokens = np.fromfile(data_dir / f"{split}_tokens.bin", dtype=np.uint16)
@@ -1026,6 +1034,8 @@ def damage(data_dir, case):
     ("meta.json without n_mels", "meta.json lacks n_mels"),
     ("fewer mel rows than tokens", "val_mel.bin holds 999 64-bin float16 mel rows but meta.json says the val split "
                                    "has 1,000 tokens"),
+    ("nan rows in train_mel.bin", "train_mel.bin holds a nan or inf in row 123 (token 123 of the train split)"),
+    ("an inf in val_mel.bin", "val_mel.bin holds a nan or inf in row 456 (token 456 of the val split)"),
     ("token ids beyond the vocabulary in val split", "val_tokens.bin holds token id 5000, not below the model's "
                                                      "vocabulary of 1024"),
     ("token ids beyond the vocabulary in train split", "train_tokens.bin holds token id 5000"),
@@ -1036,6 +1046,20 @@ def test_bad_data_is_one_line_naming_the_file_before_the_first_step(tmp_path, ca
         wg.train(train_config(tmp_path, hybrid=True, max_iters=2))
     assert "\n" not in str(e.value) and "prepare.py" in str(e.value)
     assert not (tmp_path / "out").exists()  # refused before a step, a log line or a checkpoint
+
+
+def test_a_loss_that_turns_nan_stops_the_training_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    """A learning rate of 1e30 makes the weights inf after the first step, and the loss nan at the second: the run
+    stops there, before it logs or saves anything of it (its checkpoint of step 0 is the last one, finite)."""
+    make_data(tmp_path / "data")
+    for log_interval in (0, 1):  # caught at the next eval, or at once on the progress line
+        with pytest.raises(wg.UserError, match=r"the training loss turned nan or inf at step 2, so the training "
+                                               r"stopped; .*ckpt_latest.pt, of step 0, is the last good checkpoint"):
+            wg.train(train_config(tmp_path, max_iters=8, eval_interval=4, lr=1e30, log_interval=log_interval,
+                                  out_dir=str(tmp_path / f"out{log_interval}")))
+        ckpt = torch.load(tmp_path / f"out{log_interval}" / "ckpt_latest.pt", weights_only=True)
+        assert ckpt["iter"] == 0 and all(t.isfinite().all() for t in ckpt["model"].values())
+        assert [r["iter"] for r in evals_of(tmp_path / f"out{log_interval}")] == [0]
 
 
 def test_bad_data_from_the_command_line_is_one_line_without_a_traceback(tmp_path, capsys):
@@ -1680,16 +1704,35 @@ def test_the_offline_decoders_audio_has_the_mel_it_was_made_from(notes_run):
     assert (heard[1:] - given[:-1]).abs().mean().item() > 1.2 * err  # aligned to the slice, not a frame off
 
 
-def test_a_data_folder_without_the_decoder_is_one_line_and_prepare_adds_it(tiny_run, tmp_path, capsys):
+@pytest.mark.parametrize("case, message", [
+    ("missing", "{data} has no offline decoder (token_mel.npy; data made before there was one)"),
+    ("cut short", "{data}/token_mel.npy is damaged (Failed to read all data for array)"),
+    ("nan", "{data}/token_mel.npy is damaged (a nan or inf in row 5, the mel of that token)")])
+def test_a_data_folder_without_a_whole_decoder_is_one_line_and_prepare_makes_it(tiny_run, tmp_path, capsys, case,
+                                                                               message):
+    """Training on the decoded mel and sampling refuse a decoder table that is missing, cut short or nan in one
+    line (not numpy's traceback, nor a nan loss, nor sampling's "probability tensor contains nan"), which says to
+    run prepare.py again; and that makes the table again, the data unchanged."""
     import shutil
     data = shutil.copytree(tiny_run["data"], tmp_path / "tiny")
-    (data / audio.DECODER_FILE).unlink()
-    before = {f.name: f.read_bytes() for f in data.iterdir()}
-    status, err = main_in_process("whisper_gpt.py", ["--hybrid", "--mel_source", "decoded", "--data_dir", str(data),
-                                                     "--out_dir", str(tmp_path / "run"), "--max_iters", "1"] + [
-                                                     f"--{k}={v}" for k, v in TINY.items()], capsys)
-    assert status == 1 and err.count("\n") == 1
-    assert f"{data} has no offline decoder (token_mel.npy; data made before there was one)" in err
+    table = data / audio.DECODER_FILE
+    if case == "missing":
+        table.unlink()
+    elif case == "cut short":
+        table.write_bytes(table.read_bytes()[:1000])
+    else:
+        rows = np.load(table)
+        rows[5, 3] = np.nan
+        np.save(table, rows)
+    before = {f.name: f.read_bytes() for f in data.iterdir() if f.name != audio.DECODER_FILE}
+    for script, argv in (("whisper_gpt.py", ["--hybrid", "--mel_source", "decoded", "--data_dir", str(data), "--out_dir",
+                                             str(tmp_path / "run"), "--max_iters", "1"]
+                          + [f"--{k}={v}" for k, v in TINY.items()]),
+                         ("sample.py", ["--out_dir", tiny_run["hybrid"], "--data_dir", str(data), "--sample_dir",
+                                        str(tmp_path / "samples")])):
+        status, err = main_in_process(script, argv, capsys)
+        assert status == 1 and err.count("\n") == 1, err
+        assert message.format(data=data) in err and "run the prepare.py command that made it once more" in err
     assert not (tmp_path / "run" / "log.jsonl").exists()
     prepare.main(["--audio_dir", "unused", "--name", "tiny", "--data_root", str(tmp_path)])
     assert "added its offline decoder" in capsys.readouterr().out

@@ -594,6 +594,8 @@ def train_or_eval(c):
 
     eval_every, tokens_per_step = c.eval_interval or spe, c.batch_size * c.block_size
     train_sum = torch.zeros((), device=c.device)  # summed on the device: no CPU-GPU sync per step
+    first_bad = torch.tensor(max_iters + 1, device=c.device)  # the first step whose loss was nan or inf, if any
+    saved = start_iter if c.init_from == "resume" else None  # the step of the last good checkpoint
     train_steps = log_steps = 0
     t0 = time.time() - elapsed  # a resumed run's clock goes on from its checkpoint's
     t_eval = t_log = time.time()
@@ -606,9 +608,13 @@ def train_or_eval(c):
             # (a resumed run skips its first eval: the checkpoint it started from already logged it)
             if world > 1:
                 torch.distributed.all_reduce(train_sum)  # every process reaches this line at the same steps
+                torch.distributed.all_reduce(first_bad, torch.distributed.ReduceOp.MIN)
             train_nll = train_sum.item() / world / train_steps if train_steps else None  # sync: the steps are done
             tok_s = train_steps * tokens_per_step / (time.time() - t_eval) if train_steps else None
             result = evaluate(eval_model, c, c.eval_windows, ctx, rank, world)
+            stop_if_diverged(c, "the training loss", train_nll, first_bad.item(), saved)  # nothing of it saved
+            stop_if_diverged(c, "the val NLL", result.nll, it, saved)
+            saved = it
             if master:
                 elapsed = time.time() - t0
                 log_eval(c, it, spe, lr, train_nll, tok_s, result, elapsed)
@@ -635,6 +641,7 @@ def train_or_eval(c):
                     batch = get_batch(c, it + 1, rank, world)  # fetch the next batch while the GPU works
                 scaler.scale(loss / accum).backward()
             train_sum += loss.detach() / accum
+            first_bad = torch.where(loss.detach().isfinite(), first_bad, first_bad.clamp(max=it + 1))  # no sync
         x, y, mel = batch
         scaler.step(optimizer)
         scaler.update()
@@ -643,11 +650,24 @@ def train_or_eval(c):
         log_steps += 1
         if master and c.log_interval and (it + 1) % c.log_interval == 0:
             dt = (time.time() - t_log) / log_steps  # s/step since the last line or eval (loss.item() syncs)
+            if world == 1:  # a process of several that stopped alone would leave the others waiting: the eval does
+                stop_if_diverged(c, "the training loss", loss.item(), first_bad.item(), saved)
             say(f"step {it + 1:6d}/{max_iters} | loss {loss.item():.4f} | lr {lr:.2e} | {dt * 1000:6.0f} ms/step | "
                 f"{tokens_per_step / dt:9,.0f} tok/s | ETA {(max_iters - it - 1) * dt / 60:5.1f} min")
             log_steps, t_log = 0, time.time()
     if world > 1:
         torch.distributed.destroy_process_group()
+
+
+def stop_if_diverged(c, what, value, step, saved):
+    """Stop a run whose loss turned nan or inf before anything of it is logged or saved: one line naming the step,
+    and the last good checkpoint kept (a resume from it, the same recipe, would only diverge the same way)."""
+    if value is None or math.isfinite(value):
+        return
+    kept = (f"{os.path.join(c.out_dir, 'ckpt_latest.pt')}, of step {saved}, is the last good checkpoint and is kept"
+            if saved is not None else "no checkpoint was written")
+    raise UserError(f"{what} turned nan or inf at step {step}, so the training stopped; {kept}: check the data, "
+                    f"or train a new run with a lower --lr" + (" or --dtype bfloat16" if c.dtype == "float16" else ""))
 
 
 def eval_only(model, c, meta, ctx, step, rank=0, world=1):
