@@ -254,7 +254,8 @@ class Tokenizer:
         state = {"name": self.name, "seed": self.seed, "codebook": self.codebook.cpu(),  # weights: float32 values
                  **{part: {k: v.float() for k, v in getattr(self.model, part).state_dict().items()}
                     for part in ("encoder", "decoder")}}
-        torch.save(state, f"{path}.tmp")
+        with open(f"{path}.tmp", "wb") as f:  # a file of ours, closed on error: a full disk's room is free again
+            torch.save(state, f)
         os.replace(f"{path}.tmp", path)
 
 

@@ -7,12 +7,15 @@ imports them from here.
 """
 import argparse
 import contextlib
+import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
 import pickle
 import re
+import shutil
 import stat
 import sys
 import tempfile
@@ -93,6 +96,35 @@ def check_writable(folder, flag):
     except OSError as e:
         raise UserError(f"{flag} {folder}: cannot write in {where} ({e.strerror}): pass a folder you can "
                         "write to") from None
+
+
+def disk_full(e):
+    """Whether e is a write that found the disk full: ENOSPC or EDQUOT, or the RuntimeError that torch.save raises
+    instead (its zip writer checks how far it got, not errno: "unexpected pos", "PytorchStreamWriter failed")."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in ("unexpected pos", "PytorchStreamWriter failed"))
+
+
+@contextlib.contextmanager
+def room_to_write(folder, need, fix, temporary=()):
+    """A full disk while the with-block writes into folder is one line: the folder, about how much the writes need
+    (need, bytes) and how much is free, then fix (what to do). The half-written files (temporary: glob patterns;
+    every file is written under a temporary name and renamed whole) are removed first."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not disk_full(e):
+            raise
+        for path in (path for pattern in temporary for path in glob.glob(pattern)):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        where = os.path.abspath(folder)
+        while not os.path.isdir(where):  # the disk's free space is that of the nearest folder that exists
+            where = os.path.dirname(where)
+        free = shutil.disk_usage(where).free
+        raise UserError(f"the disk of {folder} is full: the files written there need about {need / 1e6:,.1f} MB and "
+                        f"it has {free / 1e6:,.1f} MB free; {fix}") from None
 
 
 def validate(c):
@@ -291,8 +323,10 @@ def append_record(path, record):
         with open(path, "rb") as f:
             f.seek(-1, os.SEEK_END)
             cut = f.read(1) != b"\n"
-    with open(path, "a") as f:
-        f.write(("\n" + json.dumps(CUT) + "\n" if cut else "") + json.dumps(record) + "\n")
+    line = ("\n" + json.dumps(CUT) + "\n" if cut else "") + json.dumps(record) + "\n"
+    with room_to_write(os.path.dirname(path) or ".", len(line), "free some space, then resume the run (a line cut "
+                       "short is skipped by the readers)"), open(path, "a") as f:
+        f.write(line)
 
 
 def read_records(path):

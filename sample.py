@@ -16,6 +16,7 @@ Griffin-Lim. Every run prints how far the decoded mel (and the audio's own) is f
 every hybrid run how far its slices are from the whole output decoded at once.
 """
 import argparse
+import glob
 import math
 import os
 import textwrap
@@ -31,7 +32,7 @@ import torch
 from audio import (FRAME_RATE, HOP, SAMPLE_RATE, WIN, StreamingDecoder, load_decoder, log_mel, normalise_mel,
                    read_meta, to_model_rate, unreadable, without_onednn)
 from checks import (Parser, UserError, check_device, check_same_data, check_writable, data_fingerprint,
-                    file_kind, run_script)
+                    file_kind, room_to_write, run_script)
 from whisper_gpt import load_checkpoint, open_split
 
 AUDIO_FORMATS = {"wav": "FLOAT", "flac": "PCM_16", "ogg": "VORBIS"}  # --audio_format: soundfile's subtype of each
@@ -359,7 +360,11 @@ def main(argv=None):
     print("\n".join(mel_report(decoder, idx, original.expand(B, -1, -1), n_prompt, audio)), flush=True)
     title = (f"{run}: {n_prompt / FRAME_RATE:.2f} s prompt + {n_new / FRAME_RATE:.2f} s generated "
              f"(tokenizer {decoder.tokenizer.name}; audio: {decoder.name})")
-    write_samples(args.sample_dir or args.out_dir, idx, audio, n_prompt, title, args.audio_format)
+    sample_dir = args.sample_dir or args.out_dir
+    need = audio.nbytes + idx.numel() * 2 + B * 200_000  # float32 wav at most, uint16 tokens, a PNG each
+    with room_to_write(sample_dir, need, "free some space, or pass another --sample_dir",
+                       [os.path.join(glob.escape(sample_dir), "sample_*.tmp*")]):
+        write_samples(sample_dir, idx, audio, n_prompt, title, args.audio_format)
 
 
 if __name__ == "__main__":

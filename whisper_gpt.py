@@ -10,6 +10,7 @@ first, then the data, evaluation and training loop, the command line last; check
 """
 import argparse
 import dataclasses
+import glob
 import inspect
 import math
 import os
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from audio import DecodedSplit, load_decoder
 from checks import (Parser, UserError, append_record, check_data, check_writable, data_fingerprint, hold_folder,
-                    load_torch_file, run_script, validate)
+                    load_torch_file, room_to_write, run_script, validate)
 
 
 # -----------------------------------------------------------------------------
@@ -333,9 +334,21 @@ def load_checkpoint(path, device="cpu"):
 
 
 def save_checkpoint(path, obj):
-    """Write atomically: a file that has the final name is complete."""
-    torch.save(obj, path + ".tmp")
+    """Write atomically: a file that has the final name is complete; a full disk is one line, the last whole
+    checkpoint kept."""
+    fix = "free some space (or copy the run elsewhere), then resume the run from its last whole checkpoint"
+    with room_to_write(os.path.dirname(path) or ".", tensor_bytes(obj), fix, [glob.escape(path) + ".tmp"]):
+        with open(path + ".tmp", "wb") as f:  # a file of ours, closed on error: a full disk's room is free again
+            torch.save(obj, f)
     os.replace(path + ".tmp", path)
+
+
+def tensor_bytes(obj):
+    """Bytes of the tensors in nested dicts and lists: about a checkpoint's size (the model and Adam's moments)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(map(tensor_bytes, values))
 
 
 # -----------------------------------------------------------------------------
