@@ -266,9 +266,9 @@ def check_same_data(recorded, now, run):
 
 
 @contextlib.contextmanager
-def hold_folder(folder, flag="--out_dir"):
+def hold_folder(folder, flag="--out_dir", holders="a training, an evaluation or a sweep"):
     """One writer per folder: an exclusive lock on folder/lock while the with-block runs, so that a second training
-    (or sweep) into it is refused in one line. The kernel lets go of the lock however the process ends, a kill
+    (or sweep; or a prepare.py into a data folder: holders says what may hold it) into it is refused in one line. The kernel lets go of the lock however the process ends, a kill
     included; the file names the holder's process and is emptied on the way out, so a process named in a lock that
     was free was killed, and its lock is taken over with a note. A lock held by this process's parent counts as its
     own: sweep.py holds a run's folder across the training and the evaluation it starts there, and passes the open
@@ -287,7 +287,7 @@ def hold_folder(folder, flag="--out_dir"):
         holder = f.read().strip()
         if not mine and holder != str(os.getppid()):
             raise UserError(f"{folder} is in use: {'process ' + holder if holder else 'another process'} holds its "
-                            f"lock (a training, an evaluation or a sweep): let it end, or pass another {flag}")
+                            f"lock ({holders}): let it end, or pass another {flag}")
         if mine and holder:
             print(f"note: {folder}/lock names process {holder}, which ended without letting go of it (killed?): "
                   "taken over", flush=True)

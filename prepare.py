@@ -46,8 +46,8 @@ from audio import (CONTEXT, DECODER_FILE, ENCODEC_CKPT, FRAME_RATE, HOP, N_MELS,
                    SILENCE_PEAK, TOKENIZER_FILE, VOCAB, WIN, Tokenizer, embed, encodec_skeleton, encodec_tokenizer,
                    fast_cpu, fit_codebook, log_mel, offline_tokenizer, read_meta, read_token_mel, save_token_mel,
                    to_model_rate, unreadable, weights_help)
-from checks import (Parser, UserError, check_device, check_writable, file_kind, load_torch_file, room_to_write,
-                    run_script)
+from checks import (Parser, UserError, check_device, check_writable, file_kind, hold_folder, load_torch_file,
+                    room_to_write, run_script)
 from corpora import BadAudio, Source, piece_of
 
 FORMAT_VERSION = 1    # of meta.json and the work shards
@@ -530,6 +530,9 @@ def parse_args(argv=None):
     if args.corpus_hours and args.dataset != "music":
         p.error("--corpus_hours measures the music corpus: use it with --dataset music")
     args.name = args.name or args.dataset
+    if args.name in ("", ".", "..") or any(sep and sep in args.name for sep in ("/", os.sep, os.altsep, "\0")):
+        p.error(f"--name {args.name!r} names a folder in --data_root, not a path: pass a plain name (and --data_root "
+                "for another place)")
     if args.dataset in ("music", "tts") and args.hours is None:
         args.hours = BUILT_IN_HOURS
     if args.hours is not None and not 0 < args.hours < float("inf"):  # written so that nan fails too
@@ -613,6 +616,12 @@ def main(argv=None):
         return
     data_dir = Path(args.data_root) / args.name
     check_writable(data_dir, "--data_root")
+    with hold_folder(data_dir, "--name", "a prepare.py making it"):  # one writer per corpus, as per run folder
+        make(args, data_dir)
+
+
+def make(args, data_dir: Path):
+    """Make (or resume making) data_dir, whose lock this process holds."""
     if (data_dir / "meta.json").is_file() and not args.overwrite:  # meta.json is written last: the corpus is whole
         meta = read_meta(data_dir)
         if meta["tokenizer_offline"] and not decoder_whole(data_dir, meta):
@@ -628,7 +637,6 @@ def main(argv=None):
     job = job_id(sources, args)
     clear_other_work(work, job)
     tok = choose_tokenizer(args, work)
-    existed = data_dir.exists()
     print(f"{len(sources):,} sources -> {data_dir} with tokenizer {tok.name} on {args.device}", file=sys.stderr,
           flush=True)
     full = (f"free some space and run the same command again, which resumes from the shards finished in {work}; or "
@@ -640,10 +648,8 @@ def main(argv=None):
             with fast_cpu(args.device):  # the cores belong to the workers
                 shards = encode_corpus(sources, work, tok, args, total_s)
             meta = assemble(shards, data_dir, tok, {**describe, "seed": args.seed, "hours_asked": args.hours})
-        except UserError:
-            shutil.rmtree(work, ignore_errors=True)  # nothing usable: leave no files behind
-            if not existed:
-                shutil.rmtree(data_dir, ignore_errors=True)
+        except UserError:  # nothing usable: leave no files behind (hold_folder removes a folder it made)
+            shutil.rmtree(work, ignore_errors=True)
             raise
     shutil.rmtree(work)
     summarise(meta, data_dir, time.time() - t0, args.workers)

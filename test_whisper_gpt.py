@@ -1260,8 +1260,8 @@ def test_bad_files_are_skipped_with_their_reason(prepared_dir, audio_corpus):
         assert words in reasons[name], (name, reasons[name])
     assert sum((prepared_dir / name).stat().st_size for name in ("tokenizer.pt", "token_mel.npy")) < prepare.OFFLINE_BYTES
     assert sorted(p.name for p in prepared_dir.iterdir()) == sorted(
-        ["meta.json", "token_mel.npy", "tokenizer.pt", "train_mel.bin", "train_tokens.bin", "val_mel.bin",
-         "val_tokens.bin"])
+        ["lock", "meta.json", "token_mel.npy", "tokenizer.pt", "train_mel.bin", "train_tokens.bin", "val_mel.bin",
+         "val_tokens.bin"])  # lock: empty, free (prepare.py held it while it made the folder)
 
 
 NO_HANG = """
@@ -1337,6 +1337,30 @@ def test_a_finished_corpus_is_made_again_only_with_overwrite(prepared_dir, audio
     monkeypatch.setattr(prepare, "list_sources", lambda args: (_ for _ in ()).throw(Began()))  # the first work
     with pytest.raises(Began):
         run_prepare(prepared_dir.parent, *args, "--overwrite")
+
+
+def test_one_prepare_at_a_time_writes_a_corpus_and_a_name_is_never_a_path(tmp_path, monkeypatch, capsys):
+    """A second prepare.py into a data/<name> that one is making is refused in one line before it touches the
+    first's work; a --name that would lead out of --data_root is refused before anything is written."""
+    import fcntl
+    make_corpus(tmp_path / "audio", n=2)
+    (tmp_path / "data" / "c" / "work").mkdir(parents=True)
+    (tmp_path / "data" / "c" / "work" / "job").write_text("the first one's")
+    monkeypatch.setattr(prepare, "list_sources", lambda args: pytest.fail("work started"))
+    with open(tmp_path / "data" / "c" / "lock", "w") as first:  # as the first prepare.py holds it
+        fcntl.flock(first, fcntl.LOCK_EX)
+        first.write("4242")
+        first.flush()
+        with pytest.raises(wg.UserError, match=re.escape(f"{tmp_path / 'data' / 'c'} is in use: process 4242 holds its "
+                                                         "lock (a prepare.py making it): let it end, or pass another "
+                                                         "--name")):
+            run_prepare(tmp_path / "data", "--audio_dir", str(tmp_path / "audio"), "--name", "c")
+    assert (tmp_path / "data" / "c" / "work" / "job").read_text() == "the first one's"
+    for name in ("../../escape", "a/b", "..", "/abs"):
+        with pytest.raises(SystemExit):
+            run_prepare(tmp_path / "root" / "data", "--audio_dir", str(tmp_path / "audio"), "--name", name)
+        assert f"--name {name!r} names a folder in --data_root, not a path" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audio", "data"]
 
 
 def test_resume_after_interruption_redoes_nothing_finished(tmp_path, monkeypatch):
