@@ -268,8 +268,9 @@ def check_same_data(recorded, now, run):
 @contextlib.contextmanager
 def hold_folder(folder, flag="--out_dir", holders="a training, an evaluation or a sweep"):
     """One writer per folder: an exclusive lock on folder/lock while the with-block runs, so that a second training
-    (or sweep; or a prepare.py into a data folder: holders says what may hold it) into it is refused in one line. The kernel lets go of the lock however the process ends, a kill
-    included; the file names the holder's process and is emptied on the way out, so a process named in a lock that
+    (or sweep; or prepare.py into a data folder: holders says what may hold it) into it is refused in one line. The
+    kernel lets go of the lock however the process ends, a kill included; the file names the holder's process and is
+    emptied on the way out, so a process named in a lock that
     was free was killed, and its lock is taken over with a note. A lock held by this process's parent counts as its
     own: sweep.py holds a run's folder across the training and the evaluation it starts there, and passes the open
     lock file (what the with-block gets; None where the parent holds the lock) to them, so that a training goes on

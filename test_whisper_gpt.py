@@ -1126,6 +1126,40 @@ def test_a_resumed_run_names_the_model_flags_it_ignored(tmp_path, capsys):
     assert (config.n_embd, config.n_head) == (16, 2) and [r["iter"] for r in evals_of(tmp_path / "out")] == [0, 2, 4]
 
 
+def test_a_resume_keeps_its_recipe_and_a_log_that_vanished_is_begun_again_with_its_start(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """A flag that changes what a step is, set on a resume to another value than the run's, is refused in one line
+    before anything is written; left out, the run's own is taken (here a batch of 2 and seed 7, not the defaults),
+    so the resumed run logs what an unbroken one does. A log.jsonl deleted under the running training is begun
+    again with the run's start record, so every reader still reads it."""
+    make_data(tmp_path / "data")
+    recipe = dict(batch_size=2, seed=7, eval_interval=2)
+    wg.train(train_config(tmp_path, out_dir=str(tmp_path / "whole"), max_iters=4, **recipe))
+    wg.train(train_config(tmp_path, max_iters=2, **recipe))
+    log = (tmp_path / "out" / "log.jsonl").read_text()
+    for flag, value, run in (("batch_size", 4, 2), ("seed", 1, 7), ("lr", 0.5, 0.001), ("micro_batch", 1, 0)):
+        with pytest.raises(wg.UserError, match=re.escape(f"ckpt_latest.pt was trained with another recipe than "
+                                                         f"--{flag} {value} (the run's: {run}): a resumed run goes on")):
+            wg.train(train_config(tmp_path, max_iters=4, init_from="resume", **{**recipe, flag: value}))
+    assert (tmp_path / "out" / "log.jsonl").read_text() == log
+    left_out = dict(init_from="resume", eval_interval=2, batch_size=Config.batch_size)  # and the seed: defaults
+    wg.train(train_config(tmp_path, max_iters=4, **left_out))
+    assert [(r["iter"], r["tokens"], r["val_nll"]) for r in evals_of(tmp_path / "out")] == [
+        (r["iter"], r["tokens"], r["val_nll"]) for r in evals_of(tmp_path / "whole")]
+
+    evaluate = wg.evaluate
+    def vanish(*a, **kw):  # the log deleted while the eval of step 6 runs
+        (tmp_path / "out" / "log.jsonl").unlink(missing_ok=True)
+        return evaluate(*a, **kw)
+    monkeypatch.setattr(wg, "evaluate", vanish)
+    capsys.readouterr()
+    wg.train(train_config(tmp_path, max_iters=6, **left_out))
+    assert f"{tmp_path / 'out' / 'log.jsonl'} has vanished (deleted or moved?)" in capsys.readouterr().out
+    records = read_log(tmp_path / "out")
+    assert [r["event"] for r in records] == ["start", "eval"] and records[0]["log_begun_again_at"] == 6
+    assert [e["iter"] for e in plot_curves.read_log(str(tmp_path / "out" / "log.jsonl"))["evals"]] == [6]
+
+
 def test_a_resumed_or_evaluated_run_reads_its_own_data_and_refuses_other_data_naming_both(tmp_path):
     """Trained on --data_dir mydata, a run resumed or evaluated with no data flag reads mydata (not data/music, the
     default), and other data, or its own folder made again, is refused in one line before anything is written."""

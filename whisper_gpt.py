@@ -76,6 +76,7 @@ class Config:
 MODEL_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dense", "dropout", "hybrid",
                 "n_mel", "mel_hidden", "mel_layer", "mel_head")
 FROM_DATA = ("vocab_size", "n_mel")  # fixed by the data (meta.json), so no flags
+RECIPE_FIELDS = ("batch_size", "micro_batch", "seed", "lr", "lr_drop_at")  # what a step is: a resume keeps them
 
 
 def model_name(c):
@@ -454,8 +455,16 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def log_event(out_dir, record):
-    append_record(os.path.join(out_dir, "log.jsonl"), record)
+def log_event(out_dir, record, start=None):
+    """Append record to out_dir/log.jsonl. A log that vanished under a running training (deleted, moved) is begun
+    again with the run's start record (start), marked, and a note: the run, hours of it maybe, goes on, and the log
+    that every reader finds opens with its start (evals after no start are refused by plot_curves for good)."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if start is not None and not os.path.isfile(path):
+        say(f"note: {path} has vanished (deleted or moved?): begun again with this run's start record; the records "
+            f"before step {record['iter']} are not in it")
+        append_record(path, {**start, "log_begun_again_at": record["iter"]})
+    append_record(path, record)
 
 
 def launched_by_torchrun():
@@ -504,6 +513,14 @@ def resume_model(c, master):
         say(f"{path} fixes the model, so these flags are ignored: {', '.join(ignored)}")
     for name in MODEL_FIELDS:
         setattr(c, name, getattr(saved, name))
+    changed = [f"--{name} {getattr(c, name)} (the run's: {getattr(saved, name)})" for name in RECIPE_FIELDS
+               if getattr(c, name) not in (getattr(saved, name), getattr(Config, name))]  # set, and not the run's
+    if changed and not c.eval_only:
+        raise UserError(f"{path} was trained with another recipe than {', '.join(changed)}: a resumed run goes on "
+                        "with its own (its log counts tokens and epochs by it): leave these flags out (more --epochs "
+                        "or --max_iters are fine), or train a new run")
+    for name in RECIPE_FIELDS if not c.eval_only else ():
+        setattr(c, name, getattr(saved, name))
     if not c.eval_only and c.mel_source != saved.mel_source:  # a run trains on with the mel it began with;
         if master and c.mel_source != Config.mel_source:      # --eval_only may feed another (the table's rows)
             say(f"{path} was trained with --mel_source {saved.mel_source}, so it goes on with it")
@@ -543,15 +560,15 @@ def make_optimizer(c, model, ckpt):
     return optimizer, scaler, ckpt["iter"], ckpt["best_val_nll"], ckpt.get("elapsed_s", 0.0)
 
 
-def log_eval(c, it, spe, lr, train_nll, tok_s, result, elapsed):
-    """An eval's line, and its record in log.jsonl."""
+def log_eval(c, it, spe, lr, train_nll, tok_s, result, elapsed, start=None):
+    """An eval's line, and its record in log.jsonl (start: the run's start record, see log_event)."""
     say(f"epoch {it / spe:6.2f} | step {it:6d} | train {fmt(train_nll, '.4f')} | val {result.nll:.4f} "
         f"± {result.se:.4f} | acc {result.acc:6.2%} | ppl {math.exp(result.nll):7.2f} | "
         f"{fmt(tok_s, ',.0f')} tok/s | {elapsed:6.0f} s")
     log_event(c.out_dir, {"event": "eval", "iter": it, "epoch": it / spe, "tokens": it * c.batch_size * c.block_size,
                           "lr": lr, "train_nll": train_nll, "val_nll": result.nll, "val_nll_se": result.se,
                           "val_acc": result.acc, "val_ppl": math.exp(result.nll), "tokens_per_s": tok_s,
-                          "elapsed_s": elapsed})
+                          "elapsed_s": elapsed}, start)
 
 
 def train(c):
@@ -572,8 +589,8 @@ def train_or_eval(c):
     if c.init_from == "scratch" and not c.eval_only and os.path.isfile(os.path.join(c.out_dir, "ckpt_latest.pt")):
         raise UserError(f"{c.out_dir} already holds a run: continue it with --init_from resume, or pass "
                         "another --out_dir (nothing was overwritten)")
-    micro, accum = micro_batches(c, world)
     model, ckpt = resume_model(c, master) if c.init_from == "resume" or c.eval_only else (None, None)
+    micro, accum = micro_batches(c, world)  # of the run's own batch, where it is resumed
     meta, ctx = check_data(c, None if ckpt is None else ckpt.get("data")), autocast_context(c)
     data = data_fingerprint(c.data_dir, meta)  # kept in the log and every checkpoint: the run knows its data
     if c.hybrid and c.mel_source == "decoded":
@@ -595,10 +612,11 @@ def train_or_eval(c):
         say(f"{name}: {params:,} parameters | {meta['n_train']:,} train tokens, {spe} steps/epoch of {c.batch_size} "
             f"crops, {max_iters} steps | tokenizer {meta.get('tokenizer')} | {c.device} {c.dtype} | DDP world "
             f"{world}, {accum} x {micro} crops per process and step")
-        if c.init_from == "scratch":
-            log_event(c.out_dir, {"event": "start", "model": name, "params": params, "dataset": c.dataset,
-                                  "tokenizer": meta.get("tokenizer"), "baselines": meta.get("baselines"),
-                                  "data": data, "config": dataclasses.asdict(c)})
+    start = {"event": "start", "model": name, "params": params, "dataset": c.dataset,
+             "tokenizer": meta.get("tokenizer"), "baselines": meta.get("baselines"), "data": data,
+             "config": dataclasses.asdict(c)}
+    if master and c.init_from == "scratch":
+        log_event(c.out_dir, start)
     if c.compile:
         model = torch.compile(model)
     eval_model = model  # evaluate() runs the plain or compiled module, never through DDP's collectives
@@ -630,7 +648,7 @@ def train_or_eval(c):
             saved = it
             if master:
                 elapsed = time.time() - t0
-                log_eval(c, it, spe, lr, train_nll, tok_s, result, elapsed)
+                log_eval(c, it, spe, lr, train_nll, tok_s, result, elapsed, start)
                 best_val = min(best_val, result.nll)
                 state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "config": dataclasses.asdict(c), "iter": it,
