@@ -49,6 +49,7 @@ ENCODEC_CKPT = "encodec_24khz-d7cc33bc.th"
 ENCODEC_URL = "https://dl.fbaipublicfiles.com/encodec/v0/" + ENCODEC_CKPT
 ENCODEC_SHA256 = "d7cc33bc"  # prefix of the checkpoint's sha256, as torch.hub checks it
 DOWNLOAD_TIMEOUT = 10        # seconds without a byte before a download gives up
+ENCODEC_NAME = "encodec_24khz"
 OFFLINE_NAME = "offline-random-encodec-kmeans"
 TOKENIZER_FILE = "tokenizer.pt"
 KMEANS_ITERS = 20     # Lloyd iterations of the offline codebook's fit
@@ -125,6 +126,16 @@ def normalise_mel(mel: torch.Tensor, meta: dict) -> torch.Tensor:
     mean = torch.tensor(meta["mel_mean"], dtype=mel.dtype, device=mel.device)
     std = torch.tensor(meta["mel_std"], dtype=mel.dtype, device=mel.device)
     return (mel - mean) / std
+
+
+def check_vocabulary(meta: dict, path):
+    """Refuse a meta.json (at path) of one of prepare.py's tokenizers whose vocabulary is not the tokenizer's VOCAB
+    (EnCodec's codebook 0, or the offline k-means codebook of its size): edited or damaged, it would give a model
+    the wrong width for the tokens."""
+    if meta.get("tokenizer") in (ENCODEC_NAME, OFFLINE_NAME) and meta.get("vocab_size") != VOCAB:
+        raise UserError(f"{path} says vocab_size {meta.get('vocab_size')}, but its tokenizer {meta['tokenizer']} has "
+                        f"{VOCAB} tokens: the file was edited or is damaged; make the data again with python "
+                        "prepare.py --overwrite")
 
 
 def read_meta(data_dir) -> dict:
@@ -295,7 +306,7 @@ def encodec_tokenizer(ckpt=None, device="cpu") -> Tokenizer:
     model = encodec_skeleton()
     model.load_state_dict(state)
     codebook = model.quantizer.vq.layers[0]._codebook.embed.detach().clone()  # (VOCAB, EMB_DIM)
-    return Tokenizer(model.to(device), codebook.to(device), "encodec_24khz", False, where)
+    return Tokenizer(model.to(device), codebook.to(device), ENCODEC_NAME, False, where)
 
 
 def offline_tokenizer(seed, device="cpu", saved=None) -> Tokenizer:

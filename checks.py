@@ -270,12 +270,12 @@ def hold_folder(folder, flag="--out_dir", holders="a training, an evaluation or 
     """One writer per folder: an exclusive lock on folder/lock while the with-block runs, so that a second training
     (or sweep; or prepare.py into a data folder: holders says what may hold it) into it is refused in one line. The
     kernel lets go of the lock however the process ends, a kill included; the file names the holder's process and is
-    emptied on the way out, so a process named in a lock that
-    was free was killed, and its lock is taken over with a note. A lock held by this process's parent counts as its
-    own: sweep.py holds a run's folder across the training and the evaluation it starts there, and passes the open
-    lock file (what the with-block gets; None where the parent holds the lock) to them, so that a training goes on
-    holding it should the sweep die. A folder made here that holds nothing but the lock at the end (the work was
-    refused) is removed."""
+    emptied on the way out, so a process named in a lock that was free was killed, and its lock is taken over with a
+    note. A lock held by this process's parent counts as its own: sweep.py holds a run's folder across the training
+    and the evaluation it starts there, and passes the open lock file (what the with-block gets; None where the
+    parent holds the lock) to them, so that a training goes on holding it should the sweep die; the child adds its
+    own process to the file meanwhile, so that a refusal names it, not the sweep, once the sweep has died. A folder
+    made here that holds nothing but the lock at the end (the work was refused) is removed."""
     made, lock = not os.path.isdir(folder), os.path.join(folder, "lock")
     os.makedirs(folder, exist_ok=True)
     with open(lock, "a+") as f:
@@ -285,25 +285,46 @@ def hold_folder(folder, flag="--out_dir", holders="a training, an evaluation or 
         except BlockingIOError:
             mine = False
         f.seek(0)
-        holder = f.read().strip()
-        if not mine and holder != str(os.getppid()):
-            raise UserError(f"{folder} is in use: {'process ' + holder if holder else 'another process'} holds its "
-                            f"lock ({holders}): let it end, or pass another {flag}")
-        if mine and holder:
-            print(f"note: {folder}/lock names process {holder}, which ended without letting go of it (killed?): "
-                  "taken over", flush=True)
-        if mine:
-            f.truncate(0)
-            f.write(str(os.getpid()))  # "a+" appends: at 0, the file being empty
-            f.flush()
+        pids = f.read().split()  # the holder, then the child holding it with it (a sweep's training), if any
+        if not mine and pids[:1] != [str(os.getppid())]:
+            raise UserError(f"{folder} is in use: {lock_holder(pids)} holds its lock ({holders}): let it end, or pass "
+                            f"another {flag}")
+        if mine and pids:
+            print(f"note: {folder}/lock names process {', '.join(pids)}, which ended without letting go of it "
+                  "(killed?): taken over", flush=True)
+        f.truncate(0)  # "a+" appends: at 0, the file being empty
+        f.write(str(os.getpid()) if mine else f"{pids[0]} {os.getpid()}")
+        f.flush()
         try:
             yield f if mine else None
         finally:
-            if mine:
-                f.truncate(0)
-                if made and os.listdir(folder) == ["lock"]:
-                    os.remove(lock)  # while it is still held: a process that opened it meanwhile is refused
-                    os.rmdir(folder)
+            f.truncate(0)
+            if not mine:
+                f.write(pids[0])  # the parent's again
+                f.flush()
+            if mine and made and os.listdir(folder) == ["lock"]:
+                os.remove(lock)  # while it is still held: a process that opened it meanwhile is refused
+                os.rmdir(folder)
+
+
+def lock_holder(pids):
+    """Who holds a lock whose file names pids: the process that took it, or, once that one has ended (a sweep
+    killed), the child that goes on holding it (its training)."""
+    if not pids:
+        return "another process"
+    if len(pids) > 1 and not alive(pids[0]) and alive(pids[1]):
+        return f"process {pids[1]} (started by process {pids[0]}, which has ended)"
+    return f"process {pids[0]}"
+
+
+def alive(pid):
+    try:
+        os.kill(int(pid), 0)  # signal 0: nothing is sent, only whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True  # another user's process; or not a number, which only a person writes: say what it says
+    return True
 
 
 # -----------------------------------------------------------------------------

@@ -29,8 +29,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from audio import (FRAME_RATE, HOP, SAMPLE_RATE, WIN, StreamingDecoder, load_decoder, log_mel, normalise_mel,
-                   read_meta, to_model_rate, unreadable, without_onednn)
+from audio import (FRAME_RATE, HOP, SAMPLE_RATE, WIN, StreamingDecoder, check_vocabulary, load_decoder, log_mel,
+                   normalise_mel, read_meta, to_model_rate, unreadable, without_onednn)
 from checks import (Parser, UserError, check_device, check_same_data, check_writable, data_fingerprint,
                     file_kind, room_to_write, run_script)
 from whisper_gpt import load_checkpoint, open_split
@@ -116,6 +116,7 @@ def load_run(out_dir, ckpt, device, data_dir=None):
     model.eval()
     data_dir = data_dir or config.data_dir or os.path.join("data", config.dataset)
     meta = read_meta(data_dir)
+    check_vocabulary(meta, os.path.join(data_dir, "meta.json"))
     if saved.get("data"):  # the fingerprint of the data it was trained on (runs before it have none)
         check_same_data(saved["data"], data_fingerprint(data_dir, meta), f"the run in {out_dir}")
     if meta.get("vocab_size") != config.vocab_size:

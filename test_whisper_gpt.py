@@ -633,6 +633,11 @@ def test_an_eval_only_on_a_subset_of_windows_never_becomes_the_runs_table_row(tm
     full = wg.train(train_config(tmp_path, eval_only=True))
     quick = wg.train(train_config(tmp_path, eval_only=True, final_windows=2))
     assert "2 val windows of 31: a subset, which the tables never take" in capsys.readouterr().out
+    one = wg.train(train_config(tmp_path, eval_only=True, final_windows=1))  # no spread to measure: no "± nan"
+    out = capsys.readouterr().out
+    assert f"{one['val_nll']:.3f} (one window: no SE) |" in out and "nan" not in out and one["val_nll_se"] is None
+    assert json.loads((tmp_path / "out" / "log.jsonl").read_text().splitlines()[-1],
+                      parse_constant=lambda name: pytest.fail(f"{name} in the log: not JSON"))["val_nll_se"] is None
     assert not full["subset"] and quick["subset"] and quick["val_nll"] != full["val_nll"]
     assert plot_curves.read_log(str(tmp_path / "out" / "log.jsonl"))["final"] == full
     assert sweep.state(str(tmp_path / "out")) == "done"
@@ -1198,6 +1203,22 @@ def test_a_vocabulary_that_is_not_the_models_is_named_never_called_damaged(tmp_p
     with pytest.raises(wg.UserError, match="has a vocabulary of 1024 tokens and the checkpoint's model reads 300") as e:
         wg.train(train_config(tmp_path, max_iters=4, eval_interval=2, init_from="resume"))
     assert "damaged" not in str(e.value)
+
+
+def test_a_vocabulary_in_meta_json_that_is_not_its_tokenizers_is_refused(tiny_run, tmp_path, capsys):
+    """meta.json of the offline tokenizer (1024 tokens) edited to say 2048: a new model would be 2048 wide on
+    1024-token data, so training refuses it, and sampling too, in one line naming the file, before any work."""
+    import shutil
+    data = shutil.copytree(tiny_run["data"], tmp_path / "tiny")
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "vocab_size": 2048}))
+    message = f"{data / 'meta.json'} says vocab_size 2048, but its tokenizer offline-random-encodec-kmeans has 1024"
+    with pytest.raises(wg.UserError, match=re.escape(message)):
+        wg.train(train_config(tmp_path, data_dir=str(data), max_iters=1))
+    status, err = main_in_process("sample.py", ["--out_dir", tiny_run["gpt"], "--data_dir", str(data),
+                                                "--sample_dir", str(tmp_path / "samples")], capsys)
+    assert status == 1 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "samples").exists()
 
 
 # -----------------------------------------------------------------------------
@@ -2614,6 +2635,8 @@ MISTAKES = [
     ("whisper_gpt.py", ["--out_dir", "{root}/truncated", "--eval_only"], "ckpt_best.pt is not a whole torch file"),
     ("whisper_gpt.py", ["--data_dir", "{root}/gone", "--out_dir", "{root}/new"], "no prepared data in {root}/gone: run"),
     ("whisper_gpt.py", ["--n_embd", "63"], "--n_embd 63 is not divisible by --n_head 8"),
+    ("whisper_gpt.py", ["--mel_source", "decoded", "--out_dir", "{root}/new"], "--mel_source decoded is the mel fed to "
+                                                                              "the hybrid's mel stack, and a token-only"),
     ("whisper_gpt.py", ["--batch_size", "eight"], "invalid int value: 'eight'"),
     # each of these was a traceback, or nonsense accepted
     ("whisper_gpt.py", ["--out_dir", "{root}/run", "--eval_only", "--device", "cuda:99"],
@@ -2735,6 +2758,42 @@ def test_a_second_writer_into_a_run_folder_is_refused_and_a_killed_ones_lock_tak
                           init_from="resume"))
     assert f"{out}/lock names process {first.pid}, which ended without letting go of it" in capsys.readouterr().out
     assert (out / "lock").read_text() == ""  # let go of on the way out
+
+
+SWEEPER = """
+import subprocess, sys, time
+from checks import hold_folder
+child = "import sys, time; from checks import hold_folder\\nwith hold_folder(sys.argv[1]):\\n    time.sleep(120)"
+with hold_folder(sys.argv[1]) as lock:  # as sweep.py trains a run: the lock passed on to the training
+    training = subprocess.Popen([sys.executable, "-c", child, sys.argv[1]], pass_fds=(lock.fileno(),))
+    print(training.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_sweep_killed_mid_run_leaves_a_lock_that_names_its_training(tmp_path):
+    """A sweep's training goes on holding its run folder's lock when the sweep is killed: a second writer is then
+    refused naming that training, the process that holds the lock, not the dead sweep."""
+    run = tmp_path / "run"
+    sweeper = subprocess.Popen([sys.executable, "-c", SWEEPER, str(run)], stdout=subprocess.PIPE, text=True, cwd=HERE,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    training = int(sweeper.stdout.readline())
+    try:
+        deadline = time.monotonic() + 60
+        while len((run / "lock").read_text().split()) < 2:  # the training has added itself
+            assert time.monotonic() < deadline and sweeper.poll() is None
+            time.sleep(0.05)
+        sweeper.kill()
+        sweeper.wait()
+        with pytest.raises(wg.UserError) as e:
+            with wg.hold_folder(str(run)):
+                pass
+    finally:
+        sweeper.kill()
+        os.kill(training, signal.SIGKILL)
+    assert str(e.value) == (f"{run} is in use: process {training} (started by process {sweeper.pid}, which has "
+                            "ended) holds its lock (a training, an evaluation or a sweep): let it end, or pass another "
+                            "--out_dir")
 
 
 def test_a_log_line_cut_by_a_kill_is_skipped_with_a_note_and_a_resume_starts_a_new_line(tmp_path, capsys):

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from audio import DecodedSplit, load_decoder
+from audio import DecodedSplit, check_vocabulary, load_decoder
 from checks import (Parser, UserError, append_record, check_data, check_writable, data_fingerprint, hold_folder,
                     load_torch_file, room_to_write, run_script, validate)
 
@@ -399,7 +399,7 @@ class EvalResult:
     acc: float  # top-1 accuracy
     tokens: int  # predicted positions
     windows: int
-    se: float  # standard error of nll over windows (std of the per-window means / sqrt(windows)); nan for one
+    se: float  # standard error of nll over windows (std of the per-window means / sqrt(windows)); None for one
     window_nll: list  # mean NLL of each window, in order: two models' differences can be paired window by window
 
 
@@ -428,10 +428,10 @@ def evaluate(model, c, limit, ctx, rank=0, world=1):
         torch.distributed.all_reduce(sums)
     per_window = sums.cpu().numpy() / c.block_size  # (windows, 2): every window predicts block_size tokens; a sync
     nll = per_window[:, 0]
-    se = nll.std(ddof=1) / math.sqrt(len(nll)) if len(nll) > 1 else float("nan")
+    se = float(nll.std(ddof=1) / math.sqrt(len(nll))) if len(nll) > 1 else None  # None: null in the log, not NaN
     # python floats, not numpy's: checkpoints hold them and load weights_only
     return EvalResult(float(nll.mean()), float(per_window[:, 1].mean()), len(starts) * c.block_size, len(starts),
-                      float(se), nll.tolist())
+                      se, nll.tolist())
 
 
 # -----------------------------------------------------------------------------
@@ -453,6 +453,11 @@ def say(*args):
 
 def fmt(value, spec):
     return "-" if value is None else format(value, spec)
+
+
+def plus_minus(se, spec=".3f"):
+    """'± se', or what stands in its place for an evaluation on one window, where there is no spread to measure."""
+    return "(one window: no SE)" if se is None else f"± {se:{spec}}"
 
 
 def log_event(out_dir, record, start=None):
@@ -563,7 +568,7 @@ def make_optimizer(c, model, ckpt):
 def log_eval(c, it, spe, lr, train_nll, tok_s, result, elapsed, start=None):
     """An eval's line, and its record in log.jsonl (start: the run's start record, see log_event)."""
     say(f"epoch {it / spe:6.2f} | step {it:6d} | train {fmt(train_nll, '.4f')} | val {result.nll:.4f} "
-        f"± {result.se:.4f} | acc {result.acc:6.2%} | ppl {math.exp(result.nll):7.2f} | "
+        f"{plus_minus(result.se, '.4f')} | acc {result.acc:6.2%} | ppl {math.exp(result.nll):7.2f} | "
         f"{fmt(tok_s, ',.0f')} tok/s | {elapsed:6.0f} s")
     log_event(c.out_dir, {"event": "eval", "iter": it, "epoch": it / spe, "tokens": it * c.batch_size * c.block_size,
                           "lr": lr, "train_nll": train_nll, "val_nll": result.nll, "val_nll_se": result.se,
@@ -591,7 +596,11 @@ def train_or_eval(c):
                         "another --out_dir (nothing was overwritten)")
     model, ckpt = resume_model(c, master) if c.init_from == "resume" or c.eval_only else (None, None)
     micro, accum = micro_batches(c, world)  # of the run's own batch, where it is resumed
+    if c.mel_source == "decoded" and not c.hybrid:
+        raise UserError("--mel_source decoded is the mel fed to the hybrid's mel stack, and a token-only model has "
+                        "none: add --hybrid, or leave the flag out")
     meta, ctx = check_data(c, None if ckpt is None else ckpt.get("data")), autocast_context(c)
+    check_vocabulary(meta, os.path.join(c.data_dir, "meta.json"))
     data = data_fingerprint(c.data_dir, meta)  # kept in the log and every checkpoint: the run knows its data
     if c.hybrid and c.mel_source == "decoded":
         load_decoder(c.data_dir)  # a folder without its decoder is one line now, not at the first batch
@@ -715,7 +724,7 @@ def eval_only(model, c, meta, ctx, step, rank=0, world=1):
         say(f"| model | params | NLL ± SE | accuracy | PPL |   ({result.windows} val windows{subset}, "
             f"{result.tokens:,} tokens, tokenizer {meta.get('tokenizer')}, checkpoint of step {step})")
         fed = f" ({c.mel_source} mel)" if c.hybrid else ""
-        say(f"| {model_name(c)}{fed} | {model.num_params() / 1e6:.2f} M | {result.nll:.3f} ± {result.se:.3f} | "
+        say(f"| {model_name(c)}{fed} | {model.num_params() / 1e6:.2f} M | {result.nll:.3f} {plus_minus(result.se)} | "
             f"{result.acc:.2%} | {math.exp(result.nll):.2f} |")
         refs = meta.get("baselines")
         if refs:
