@@ -30,7 +30,7 @@ from encodec.modules.conv import SConv1d, SConvTranspose1d, pad1d
 from encodec.modules.lstm import SLSTM
 from encodec.modules.seanet import SEANetResnetBlock
 
-from checks import UserError, load_torch_file
+from checks import UserError, first_non_finite, load_torch_file
 
 SAMPLE_RATE = 24000   # Hz, EnCodec 24 kHz model
 HOP = 320             # samples per token = 75 tokens per second
@@ -49,6 +49,7 @@ ENCODEC_CKPT = "encodec_24khz-d7cc33bc.th"
 ENCODEC_URL = "https://dl.fbaipublicfiles.com/encodec/v0/" + ENCODEC_CKPT
 ENCODEC_SHA256 = "d7cc33bc"  # prefix of the checkpoint's sha256, as torch.hub checks it
 DOWNLOAD_TIMEOUT = 10        # seconds without a byte before a download gives up
+ENCODEC_NAME = "encodec_24khz"
 OFFLINE_NAME = "offline-random-encodec-kmeans"
 TOKENIZER_FILE = "tokenizer.pt"
 KMEANS_ITERS = 20     # Lloyd iterations of the offline codebook's fit
@@ -67,6 +68,16 @@ def to_model_rate(audio: np.ndarray, rate: int) -> torch.Tensor:
     if rate != SAMPLE_RATE:
         wav = torchaudio.functional.resample(wav, rate, SAMPLE_RATE)
     return wav[:len(wav) - len(wav) % HOP]
+
+
+def unreadable(error) -> str:
+    """Why soundfile cannot read a regular file, from its LibsndfileError: libsndfile's own reason, but for the one
+    its mp3 reader gives a file with no MPEG frames in it (a text file named .mp3, say): "not a regular file
+    (possibly a pipe?)", which the callers have already ruled out."""
+    reason = error.error_string.rstrip(".")
+    if "possibly a pipe" in reason:
+        reason = "no wav, flac, ogg or mp3 audio in it"
+    return f"not audio that soundfile can read ({reason})"
 
 
 def log_mel(wav: torch.Tensor) -> torch.Tensor:
@@ -115,6 +126,16 @@ def normalise_mel(mel: torch.Tensor, meta: dict) -> torch.Tensor:
     mean = torch.tensor(meta["mel_mean"], dtype=mel.dtype, device=mel.device)
     std = torch.tensor(meta["mel_std"], dtype=mel.dtype, device=mel.device)
     return (mel - mean) / std
+
+
+def check_vocabulary(meta: dict, path):
+    """Refuse a meta.json (at path) of one of prepare.py's tokenizers whose vocabulary is not the tokenizer's VOCAB
+    (EnCodec's codebook 0, or the offline k-means codebook of its size): edited or damaged, it would give a model
+    the wrong width for the tokens."""
+    if meta.get("tokenizer") in (ENCODEC_NAME, OFFLINE_NAME) and meta.get("vocab_size") != VOCAB:
+        raise UserError(f"{path} says vocab_size {meta.get('vocab_size')}, but its tokenizer {meta['tokenizer']} has "
+                        f"{VOCAB} tokens: the file was edited or is damaged; make the data again with python "
+                        "prepare.py --overwrite")
 
 
 def read_meta(data_dir) -> dict:
@@ -244,7 +265,8 @@ class Tokenizer:
         state = {"name": self.name, "seed": self.seed, "codebook": self.codebook.cpu(),  # weights: float32 values
                  **{part: {k: v.float() for k, v in getattr(self.model, part).state_dict().items()}
                     for part in ("encoder", "decoder")}}
-        torch.save(state, f"{path}.tmp")
+        with open(f"{path}.tmp", "wb") as f:  # a file of ours, closed on error: a full disk's room is free again
+            torch.save(state, f)
         os.replace(f"{path}.tmp", path)
 
 
@@ -284,7 +306,7 @@ def encodec_tokenizer(ckpt=None, device="cpu") -> Tokenizer:
     model = encodec_skeleton()
     model.load_state_dict(state)
     codebook = model.quantizer.vq.layers[0]._codebook.embed.detach().clone()  # (VOCAB, EMB_DIM)
-    return Tokenizer(model.to(device), codebook.to(device), "encodec_24khz", False, where)
+    return Tokenizer(model.to(device), codebook.to(device), ENCODEC_NAME, False, where)
 
 
 def offline_tokenizer(seed, device="cpu", saved=None) -> Tokenizer:
@@ -392,6 +414,10 @@ def save_token_mel(data_dir, meta=None) -> Path:
     tokens = np.memmap(Path(data_dir) / "train_tokens.bin", np.uint16, "r")
     mel = np.memmap(Path(data_dir) / "train_mel.bin", np.float16, "r").reshape(-1, meta["n_mels"])
     path = Path(data_dir) / DECODER_FILE
+    bad = first_non_finite(Path(data_dir) / "train_mel.bin", meta["n_mels"])
+    if bad is not None:  # its tokens' rows of the table would be nan
+        raise UserError(f"{Path(data_dir) / 'train_mel.bin'} holds a nan or inf in row {bad:,}: the file is damaged; "
+                        f"make {data_dir} again with python prepare.py --overwrite")
     np.save(f"{path}.tmp.npy", fit_token_mel(tokens, mel, meta["vocab_size"]))
     os.replace(f"{path}.tmp.npy", path)
     return path
@@ -454,12 +480,29 @@ def load_decoder(data_dir, device="cpu") -> Decoder:
     tokenizer = load_tokenizer(data_dir, device)
     if not tokenizer.offline:
         return Decoder(tokenizer, meta)
-    path = Path(data_dir) / DECODER_FILE
+    return Decoder(tokenizer, meta, read_token_mel(data_dir, meta))
+
+
+def read_token_mel(data_dir, meta) -> np.ndarray:
+    """The offline decoder's table of data_dir (VOCAB, n_mel) float32, whole and finite, or one line saying to run
+    prepare.py again: it makes the table again (or for the first time, in data made before there was one) in
+    seconds, from the train split, and keeps the data."""
+    path, again = Path(data_dir) / DECODER_FILE, (f"run the prepare.py command that made it once more (e.g. python "
+                                                  f"prepare.py --dataset {Path(data_dir).name}): it makes the "
+                                                  "decoder again in seconds and keeps the data")
     if not path.is_file():
-        raise UserError(f"{data_dir} has no offline decoder ({DECODER_FILE}; data made before there was one): run "
-                        f"the prepare.py command that made it once more (e.g. python prepare.py --dataset "
-                        f"{Path(data_dir).name}): it adds the decoder in seconds and keeps the data")
-    return Decoder(tokenizer, meta, np.load(path))
+        raise UserError(f"{data_dir} has no offline decoder ({DECODER_FILE}; data made before there was one): {again}")
+    try:
+        table = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # cut short, or not a .npy: numpy's first sentence says which
+        raise UserError(f"{path} is damaged ({str(e).split('. ')[0][:120]}): {again}") from None
+    if table.shape != (meta["vocab_size"], meta["n_mels"]) or table.dtype != np.float32:
+        raise UserError(f"{path} is damaged (a {table.dtype} table of shape {table.shape}, not float32 "
+                        f"({meta['vocab_size']}, {meta['n_mels']})): {again}")
+    bad = ~np.isfinite(table).all(1)
+    if bad.any():
+        raise UserError(f"{path} is damaged (a nan or inf in row {int(bad.argmax())}, the mel of that token): {again}")
+    return table
 
 
 class DecodedSplit:

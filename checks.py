@@ -7,12 +7,16 @@ imports them from here.
 """
 import argparse
 import contextlib
+import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
 import pickle
 import re
+import shutil
+import stat
 import sys
 import tempfile
 
@@ -52,6 +56,17 @@ def load_torch_file(path, device="cpu"):
         raise UserError(f"{path} is not a whole torch file of tensors ({reason}): copy or make it again") from e
 
 
+def file_kind(path):
+    """What path is when it is not a regular file ("a folder", "a named pipe (FIFO)", "a socket", "a device"), told
+    by os.stat alone, since opening a pipe or a device can block for ever; None for a regular file. Raises OSError
+    (FileNotFoundError, say) where there is nothing to stat."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        return None
+    return ("a folder" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket"
+            if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+
+
 def check_device(device, flag="--device"):
     """Refuse, before any work, a device that torch cannot use here: no GPU, no such GPU, not a device at all."""
     try:
@@ -81,6 +96,35 @@ def check_writable(folder, flag):
     except OSError as e:
         raise UserError(f"{flag} {folder}: cannot write in {where} ({e.strerror}): pass a folder you can "
                         "write to") from None
+
+
+def disk_full(e):
+    """Whether e is a write that found the disk full: ENOSPC or EDQUOT, or the RuntimeError that torch.save raises
+    instead (its zip writer checks how far it got, not errno: "unexpected pos", "PytorchStreamWriter failed")."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in ("unexpected pos", "PytorchStreamWriter failed"))
+
+
+@contextlib.contextmanager
+def room_to_write(folder, need, fix, temporary=()):
+    """A full disk while the with-block writes into folder is one line: the folder, about how much the writes need
+    (need, bytes) and how much is free, then fix (what to do). The half-written files (temporary: glob patterns;
+    every file is written under a temporary name and renamed whole) are removed first."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not disk_full(e):
+            raise
+        for path in (path for pattern in temporary for path in glob.glob(pattern)):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        where = os.path.abspath(folder)
+        while not os.path.isdir(where):  # the disk's free space is that of the nearest folder that exists
+            where = os.path.dirname(where)
+        free = shutil.disk_usage(where).free
+        raise UserError(f"the disk of {folder} is full: the files written there need about {need / 1e6:,.1f} MB and "
+                        f"it has {free / 1e6:,.1f} MB free; {fix}") from None
 
 
 def validate(c):
@@ -118,9 +162,9 @@ def check_data(c, recorded=None):
     """whisper_gpt.py's data contract, checked before the first step, so that bad data is one line naming the file,
     not a traceback hours in: meta.json parses and has what training needs; a resumed or evaluated run reads the
     data it was trained on (recorded: the fingerprint in its checkpoint, where it has one) with its vocabulary;
-    every memmap holds whole rows, as many as meta.json says; the mel has one row per token; every token id is below
-    the vocabulary. A new model takes its vocabulary and mel bins from meta.json (a resumed one has them from its
-    checkpoint). Returns meta."""
+    every memmap holds whole rows, as many as meta.json says; the mel has one row per token, all of them finite (a
+    nan trains the model to nan); every token id is below the vocabulary. A new model takes its vocabulary and mel
+    bins from meta.json (a resumed one has them from its checkpoint). Returns meta."""
     path, fix = os.path.join(c.data_dir, "meta.json"), f"make {c.data_dir} again with python prepare.py"
     if not os.path.isfile(path):
         raise UserError(f"no prepared data in {c.data_dir}: run python prepare.py --dataset {c.dataset}")
@@ -162,12 +206,30 @@ def check_data(c, recorded=None):
         if n < c.block_size + 1:
             raise UserError(f"the {split} split has {n} tokens, fewer than a crop of --block_size {c.block_size} "
                             f"+ 1: use a smaller --block_size or prepare more audio")
+        mel = os.path.join(c.data_dir, f"{split}_mel.bin")
+        bad = first_non_finite(mel, c.n_mel) if c.hybrid and c.mel_source == "audio" else None
+        if bad is not None:
+            raise UserError(f"{mel} holds a nan or inf in row {bad:,} (token {bad:,} of the {split} split): the file "
+                            f"is damaged, and a model fed it would train to nan; {fix}")
         top = int(np.memmap(os.path.join(c.data_dir, f"{split}_tokens.bin"), dtype=np.uint16, mode="r").max())
         if top >= c.vocab_size:
             raise UserError(f"{os.path.join(c.data_dir, split + '_tokens.bin')} holds token id {top}, not below the "
                             f"model's vocabulary of {c.vocab_size}, which is its own meta.json's: the file is "
                             f"damaged; {fix}")
     return meta
+
+
+def first_non_finite(path, row, chunk=1 << 16):
+    """The first row of a float16 memmap of rows of `row` values that holds a nan or an inf, or None. Streamed,
+    `chunk` rows at a time, as integers: a float16 is nan or inf where its five exponent bits are all set, and that
+    test runs at over 10 GB/s on one core (np.isfinite on float16: 2 GB/s), so the 6.9 GB of the paper's 200 h
+    take well under a second from the page cache: the disk's speed, once, beside the epochs that read it."""
+    bits = np.memmap(path, dtype=np.uint16, mode="r")
+    for start in range(0, len(bits), chunk * row):
+        bad = (bits[start:start + chunk * row] & 0x7C00) == 0x7C00
+        if bad.any():
+            return (start + int(bad.argmax())) // row
+    return None
 
 
 def data_fingerprint(data_dir, meta):
@@ -204,15 +266,16 @@ def check_same_data(recorded, now, run):
 
 
 @contextlib.contextmanager
-def hold_folder(folder, flag="--out_dir"):
+def hold_folder(folder, flag="--out_dir", holders="a training, an evaluation or a sweep"):
     """One writer per folder: an exclusive lock on folder/lock while the with-block runs, so that a second training
-    (or sweep) into it is refused in one line. The kernel lets go of the lock however the process ends, a kill
-    included; the file names the holder's process and is emptied on the way out, so a process named in a lock that
-    was free was killed, and its lock is taken over with a note. A lock held by this process's parent counts as its
-    own: sweep.py holds a run's folder across the training and the evaluation it starts there, and passes the open
-    lock file (what the with-block gets; None where the parent holds the lock) to them, so that a training goes on
-    holding it should the sweep die. A folder made here that holds nothing but the lock at the end (the work was
-    refused) is removed."""
+    (or sweep; or prepare.py into a data folder: holders says what may hold it) into it is refused in one line. The
+    kernel lets go of the lock however the process ends, a kill included; the file names the holder's process and is
+    emptied on the way out, so a process named in a lock that was free was killed, and its lock is taken over with a
+    note. A lock held by this process's parent counts as its own: sweep.py holds a run's folder across the training
+    and the evaluation it starts there, and passes the open lock file (what the with-block gets; None where the
+    parent holds the lock) to them, so that a training goes on holding it should the sweep die; the child adds its
+    own process to the file meanwhile, so that a refusal names it, not the sweep, once the sweep has died. A folder
+    made here that holds nothing but the lock at the end (the work was refused) is removed."""
     made, lock = not os.path.isdir(folder), os.path.join(folder, "lock")
     os.makedirs(folder, exist_ok=True)
     with open(lock, "a+") as f:
@@ -222,25 +285,46 @@ def hold_folder(folder, flag="--out_dir"):
         except BlockingIOError:
             mine = False
         f.seek(0)
-        holder = f.read().strip()
-        if not mine and holder != str(os.getppid()):
-            raise UserError(f"{folder} is in use: {'process ' + holder if holder else 'another process'} holds its "
-                            f"lock (a training, an evaluation or a sweep): let it end, or pass another {flag}")
-        if mine and holder:
-            print(f"note: {folder}/lock names process {holder}, which ended without letting go of it (killed?): "
-                  "taken over", flush=True)
-        if mine:
-            f.truncate(0)
-            f.write(str(os.getpid()))  # "a+" appends: at 0, the file being empty
-            f.flush()
+        pids = f.read().split()  # the holder, then the child holding it with it (a sweep's training), if any
+        if not mine and pids[:1] != [str(os.getppid())]:
+            raise UserError(f"{folder} is in use: {lock_holder(pids)} holds its lock ({holders}): let it end, or pass "
+                            f"another {flag}")
+        if mine and pids:
+            print(f"note: {folder}/lock names process {', '.join(pids)}, which ended without letting go of it "
+                  "(killed?): taken over", flush=True)
+        f.truncate(0)  # "a+" appends: at 0, the file being empty
+        f.write(str(os.getpid()) if mine else f"{pids[0]} {os.getpid()}")
+        f.flush()
         try:
             yield f if mine else None
         finally:
-            if mine:
-                f.truncate(0)
-                if made and os.listdir(folder) == ["lock"]:
-                    os.remove(lock)  # while it is still held: a process that opened it meanwhile is refused
-                    os.rmdir(folder)
+            f.truncate(0)
+            if not mine:
+                f.write(pids[0])  # the parent's again
+                f.flush()
+            if mine and made and os.listdir(folder) == ["lock"]:
+                os.remove(lock)  # while it is still held: a process that opened it meanwhile is refused
+                os.rmdir(folder)
+
+
+def lock_holder(pids):
+    """Who holds a lock whose file names pids: the process that took it, or, once that one has ended (a sweep
+    killed), the child that goes on holding it (its training)."""
+    if not pids:
+        return "another process"
+    if len(pids) > 1 and not alive(pids[0]) and alive(pids[1]):
+        return f"process {pids[1]} (started by process {pids[0]}, which has ended)"
+    return f"process {pids[0]}"
+
+
+def alive(pid):
+    try:
+        os.kill(int(pid), 0)  # signal 0: nothing is sent, only whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True  # another user's process; or not a number, which only a person writes: say what it says
+    return True
 
 
 # -----------------------------------------------------------------------------
@@ -261,8 +345,10 @@ def append_record(path, record):
         with open(path, "rb") as f:
             f.seek(-1, os.SEEK_END)
             cut = f.read(1) != b"\n"
-    with open(path, "a") as f:
-        f.write(("\n" + json.dumps(CUT) + "\n" if cut else "") + json.dumps(record) + "\n")
+    line = ("\n" + json.dumps(CUT) + "\n" if cut else "") + json.dumps(record) + "\n"
+    with room_to_write(os.path.dirname(path) or ".", len(line), "free some space, then resume the run (a line cut "
+                       "short is skipped by the readers)"), open(path, "a") as f:
+        f.write(line)
 
 
 def read_records(path):

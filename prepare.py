@@ -19,6 +19,8 @@ itself (the mel, the tokenizer, the decoders) is audio.py's; the built-in corpor
 fetching LibriTTS) are corpora.py's.
 """
 import argparse
+import errno
+import glob
 import hashlib
 import json
 import math
@@ -42,9 +44,10 @@ import torch
 import corpora
 from audio import (CONTEXT, DECODER_FILE, ENCODEC_CKPT, FRAME_RATE, HOP, N_MELS, OFFLINE_NAME, SEGMENT, SAMPLE_RATE,
                    SILENCE_PEAK, TOKENIZER_FILE, VOCAB, WIN, Tokenizer, embed, encodec_skeleton, encodec_tokenizer,
-                   fast_cpu, fit_codebook, log_mel, offline_tokenizer, read_meta, save_token_mel, to_model_rate,
-                   weights_help)
-from checks import Parser, UserError, check_device, check_writable, load_torch_file, run_script
+                   fast_cpu, fit_codebook, log_mel, offline_tokenizer, read_meta, read_token_mel, save_token_mel,
+                   to_model_rate, unreadable, weights_help)
+from checks import (Parser, UserError, check_device, check_writable, file_kind, hold_folder, load_torch_file,
+                    room_to_write, run_script)
 from corpora import BadAudio, Source, piece_of
 
 FORMAT_VERSION = 1    # of meta.json and the work shards
@@ -61,6 +64,8 @@ FIT_FRAMES = 50_000          # train embeddings the offline codebook is fitted o
 PREFETCH = 4                 # files loaded ahead of the encoder, per worker process
 BYTES_PER_TOKEN = (2 + 2 * N_MELS) + (2 + 4 * N_MELS)  # the memmaps (uint16 token, float16 mel row), and the work
                              # shards (float32 mel), which stay until the memmaps are whole: 29 kB/s, 105 MB/h
+OFFLINE_BYTES = 61_000_000   # the offline tokenizer.pt (EnCodec's encoder and decoder in float32: 60.5 MB) and its
+                             # decoder's table (0.3 MB), whatever the hours
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3"}
 
 
@@ -117,9 +122,15 @@ def load_source(src: Source) -> tuple:
     if src.rendering:
         wav = corpora.render(src)
     else:
+        kind = file_kind(src.path)  # before any open: reading a pipe or a device can wait for ever
+        if kind:
+            raise BadAudio(f"{kind}, not a regular file: skipped unopened")
         if os.path.getsize(src.path) == 0:
             raise BadAudio("empty file (0 bytes)")
-        wav = to_model_rate(*sf.read(src.path, dtype="float32", always_2d=True))
+        try:
+            wav = to_model_rate(*sf.read(src.path, dtype="float32", always_2d=True))
+        except sf.LibsndfileError as e:
+            raise BadAudio(unreadable(e)) from None
     if len(wav) == 0:
         raise BadAudio(f"empty (shorter than one {HOP}-sample token)")
     if not torch.isfinite(wav).all():
@@ -419,8 +430,8 @@ def assemble(shards: list, data_dir: Path, tok: Tokenizer, extra: dict) -> dict:
     std = np.maximum(np.sqrt(np.maximum(total_sq / counts["train"] - mean ** 2, 0)), MEL_STD_FLOOR)
     files = []
     for split in ("train", "val"):
-        tokens = np.memmap(data_dir / f"{split}_tokens.bin.tmp", np.uint16, "w+", shape=(counts[split],))
-        mels = np.memmap(data_dir / f"{split}_mel.bin.tmp", np.float16, "w+", shape=(counts[split], N_MELS))
+        tokens = allocated(data_dir / f"{split}_tokens.bin.tmp", np.uint16, (counts[split],))
+        mels = allocated(data_dir / f"{split}_mel.bin.tmp", np.float16, (counts[split], N_MELS))
         offset = 0
         for member, t, mel in split_files(shards, split):
             tokens[offset:offset + len(t)] = t
@@ -452,6 +463,18 @@ def assemble(shards: list, data_dir: Path, tok: Tokenizer, extra: dict) -> dict:
             (data_dir / name).unlink(missing_ok=True)
     os.replace(data_dir / "meta.json.tmp", data_dir / "meta.json")
     return meta
+
+
+def allocated(path: Path, dtype, shape: tuple) -> np.memmap:
+    """A new memmap whose disk blocks are allocated first, so that a full disk is an OSError here rather than a
+    SIGBUS at the first page written that finds no room."""
+    with open(path, "wb") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, math.prod(shape) * np.dtype(dtype).itemsize)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot: written as it goes
+                raise
+    return np.memmap(path, dtype, "r+", shape=shape)
 
 
 def split_files(shards: list, split: str):
@@ -507,6 +530,9 @@ def parse_args(argv=None):
     if args.corpus_hours and args.dataset != "music":
         p.error("--corpus_hours measures the music corpus: use it with --dataset music")
     args.name = args.name or args.dataset
+    if args.name in ("", ".", "..") or any(sep and sep in args.name for sep in ("/", os.sep, os.altsep, "\0")):
+        p.error(f"--name {args.name!r} names a folder in --data_root, not a path: pass a plain name (and --data_root "
+                "for another place)")
     if args.dataset in ("music", "tts") and args.hours is None:
         args.hours = BUILT_IN_HOURS
     if args.hours is not None and not 0 < args.hours < float("inf"):  # written so that nan fails too
@@ -550,14 +576,15 @@ def list_sources(args) -> tuple:
 
 def duration(path: str) -> float:
     try:
-        return sf.info(path).duration
+        return 0.0 if file_kind(path) else sf.info(path).duration  # a pipe is never opened: it could block
     except Exception:  # unreadable files are reported when they are loaded; here they only count as 0 s
         return 0.0
 
 
-def check_disk(data_dir: Path, seconds: float):
-    """Refuse to start when the disk that will hold data_dir has less room than `seconds` of audio need."""
-    need = seconds * FRAME_RATE * BYTES_PER_TOKEN
+def check_disk(data_dir: Path, seconds: float, offline: bool) -> float:
+    """Refuse to start when the disk that will hold data_dir has less room than `seconds` of audio need, with the
+    offline tokenizer's files where it may be the one (offline); returns the bytes needed."""
+    need = seconds * FRAME_RATE * BYTES_PER_TOKEN + (OFFLINE_BYTES if offline else 0)
     where = data_dir
     while not where.exists():  # the nearest folder that exists is on the disk data_dir will be on
         where = where.parent
@@ -565,8 +592,21 @@ def check_disk(data_dir: Path, seconds: float):
     if need > free:
         raise UserError(f"not enough disk space for {data_dir}: {seconds / 3600:,.1f} h of audio need about "
                         f"{need / 1e9:,.1f} GB ({FRAME_RATE * BYTES_PER_TOKEN * 3600 / 1e6:.0f} MB/h: memmaps plus the "
-                        f"work shards they are made from) and {where.resolve()} has {free / 1e9:,.1f} GB free: free "
-                        f"some space, pass another --data_root, or ask for fewer --hours")
+                        f"work shards they are made from" + (f"; and {OFFLINE_BYTES / 1e6:.0f} MB of offline tokenizer"
+                                                             if offline else "") +
+                        f") and {where.resolve()} has {free / 1e9:,.1f} GB free: free some space, pass another "
+                        f"--data_root, or ask for fewer --hours")
+    return need
+
+
+def decoder_whole(data_dir: Path, meta: dict) -> bool:
+    """Whether a finished offline corpus has its decoder's table, whole: data made before there was one has none,
+    and a damaged one (cut short, nan) is made again."""
+    try:
+        read_token_mel(data_dir, meta)
+    except UserError:
+        return False
+    return True
 
 
 def main(argv=None):
@@ -576,34 +616,41 @@ def main(argv=None):
         return
     data_dir = Path(args.data_root) / args.name
     check_writable(data_dir, "--data_root")
+    with hold_folder(data_dir, "--name", "a prepare.py making it"):  # one writer per corpus, as per run folder
+        make(args, data_dir)
+
+
+def make(args, data_dir: Path):
+    """Make (or resume making) data_dir, whose lock this process holds."""
     if (data_dir / "meta.json").is_file() and not args.overwrite:  # meta.json is written last: the corpus is whole
-        if read_meta(data_dir)["tokenizer_offline"] and not (data_dir / DECODER_FILE).is_file():
+        meta = read_meta(data_dir)
+        if meta["tokenizer_offline"] and not decoder_whole(data_dir, meta):
             print(f"{data_dir} is prepared; added its offline decoder {save_token_mel(data_dir)} (the mean mel of "
-                  "each token over its train split); the data is unchanged", flush=True)
+                  "each token over its train split), which was missing or damaged; the data is unchanged", flush=True)
             return
         raise UserError(f"{data_dir} already holds a prepared corpus: pass --overwrite to make it again (runs trained "
                         "on it will then refuse it), or another --name; nothing was changed")
     t0 = time.time()
     sources, total_s, describe = list_sources(args)
     work = data_dir / "work"
-    check_disk(data_dir, min(total_s, args.hours * 3600) if args.hours else total_s)
+    need = check_disk(data_dir, min(total_s, args.hours * 3600) if args.hours else total_s, args.tokenizer != "encodec")
     job = job_id(sources, args)
     clear_other_work(work, job)
     tok = choose_tokenizer(args, work)
-    existed = data_dir.exists()
     print(f"{len(sources):,} sources -> {data_dir} with tokenizer {tok.name} on {args.device}", file=sys.stderr,
           flush=True)
-    try:
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "job").write_text(job)
-        with fast_cpu(args.device):  # the cores belong to the workers
-            shards = encode_corpus(sources, work, tok, args, total_s)
-        meta = assemble(shards, data_dir, tok, {**describe, "seed": args.seed, "hours_asked": args.hours})
-    except UserError:
-        shutil.rmtree(work, ignore_errors=True)  # nothing usable: leave no files behind
-        if not existed:
-            shutil.rmtree(data_dir, ignore_errors=True)
-        raise
+    full = (f"free some space and run the same command again, which resumes from the shards finished in {work}; or "
+            "pass another --data_root")  # the work is kept: what a disk that filled up cost is not lost
+    with room_to_write(data_dir, need, full, [os.path.join(glob.escape(str(d)), "*.tmp*") for d in (data_dir, work)]):
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+            (work / "job").write_text(job)
+            with fast_cpu(args.device):  # the cores belong to the workers
+                shards = encode_corpus(sources, work, tok, args, total_s)
+            meta = assemble(shards, data_dir, tok, {**describe, "seed": args.seed, "hours_asked": args.hours})
+        except UserError:  # nothing usable: leave no files behind (hold_folder removes a folder it made)
+            shutil.rmtree(work, ignore_errors=True)
+            raise
     shutil.rmtree(work)
     summarise(meta, data_dir, time.time() - t0, args.workers)
 

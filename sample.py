@@ -16,6 +16,7 @@ Griffin-Lim. Every run prints how far the decoded mel (and the audio's own) is f
 every hybrid run how far its slices are from the whole output decoded at once.
 """
 import argparse
+import glob
 import math
 import os
 import textwrap
@@ -28,10 +29,10 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from audio import (FRAME_RATE, HOP, SAMPLE_RATE, WIN, StreamingDecoder, load_decoder, log_mel, normalise_mel,
-                   read_meta, to_model_rate, without_onednn)
+from audio import (FRAME_RATE, HOP, SAMPLE_RATE, WIN, StreamingDecoder, check_vocabulary, load_decoder, log_mel,
+                   normalise_mel, read_meta, to_model_rate, unreadable, without_onednn)
 from checks import (Parser, UserError, check_device, check_same_data, check_writable, data_fingerprint,
-                    run_script)
+                    file_kind, room_to_write, run_script)
 from whisper_gpt import load_checkpoint, open_split
 
 AUDIO_FORMATS = {"wav": "FLOAT", "flac": "PCM_16", "ogg": "VORBIS"}  # --audio_format: soundfile's subtype of each
@@ -115,6 +116,7 @@ def load_run(out_dir, ckpt, device, data_dir=None):
     model.eval()
     data_dir = data_dir or config.data_dir or os.path.join("data", config.dataset)
     meta = read_meta(data_dir)
+    check_vocabulary(meta, os.path.join(data_dir, "meta.json"))
     if saved.get("data"):  # the fingerprint of the data it was trained on (runs before it have none)
         check_same_data(saved["data"], data_fingerprint(data_dir, meta), f"the run in {out_dir}")
     if meta.get("vocab_size") != config.vocab_size:
@@ -125,13 +127,15 @@ def load_run(out_dir, ckpt, device, data_dir=None):
 
 def read_audio(path, max_seconds):
     """An audio file -> (S,) float32 mono at 24 kHz, at most max_seconds, S a multiple of HOP."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"--prompt {path}: no such file")
+    kind = file_kind(path)  # before any open: reading a pipe waits for a writer, maybe for ever
+    if kind:
+        raise UserError(f"--prompt {path} is {kind}, not a file: give a wav, flac, ogg or mp3 file")
     try:
         wav, sr = sf.read(path, dtype="float32", always_2d=True)  # (S, channels)
     except sf.LibsndfileError as e:
-        raise UserError(f"--prompt {path} is not audio that soundfile can read "
-                        f"({e.error_string.rstrip('.')}): give a wav, flac, ogg or mp3 file") from None
+        raise UserError(f"--prompt {path} is {unreadable(e)}: give a wav, flac, ogg or mp3 file") from None
     if not np.isfinite(wav).all():  # EnCodec would make token 0 of them, and the mel nan
         raise UserError(f"--prompt {path} has {int((~np.isfinite(wav)).sum()):,} non-finite samples (nan or inf): "
                         "give a clean audio file")
@@ -357,7 +361,11 @@ def main(argv=None):
     print("\n".join(mel_report(decoder, idx, original.expand(B, -1, -1), n_prompt, audio)), flush=True)
     title = (f"{run}: {n_prompt / FRAME_RATE:.2f} s prompt + {n_new / FRAME_RATE:.2f} s generated "
              f"(tokenizer {decoder.tokenizer.name}; audio: {decoder.name})")
-    write_samples(args.sample_dir or args.out_dir, idx, audio, n_prompt, title, args.audio_format)
+    sample_dir = args.sample_dir or args.out_dir
+    need = audio.nbytes + idx.numel() * 2 + B * 200_000  # float32 wav at most, uint16 tokens, a PNG each
+    with room_to_write(sample_dir, need, "free some space, or pass another --sample_dir",
+                       [os.path.join(glob.escape(sample_dir), "sample_*.tmp*")]):
+        write_samples(sample_dir, idx, audio, n_prompt, title, args.audio_format)
 
 
 if __name__ == "__main__":

@@ -132,8 +132,9 @@ def train(name, flags, runs_dir, threads, extra_flags=()):
     run = this_run(os.path.join(out_dir, "log.jsonl"))
     final = rows(run, trained_with(run))[-1]
     if how != "done":
-        say(f"{name}: val NLL {final['val_nll']:.3f} ± {final['val_nll_se']:.3f}, {final['params']:,} parameters, "
-            f"{(time.time() - t0) / 60:.1f} min")
+        se = final["val_nll_se"]  # None for a val split of one window
+        say(f"{name}: val NLL {final['val_nll']:.3f} " + ("(one window: no SE)" if se is None else f"± {se:.3f}") +
+            f", {final['params']:,} parameters, {(time.time() - t0) / 60:.1f} min")
     return final
 
 

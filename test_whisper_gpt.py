@@ -684,6 +684,11 @@ def test_an_eval_only_on_a_subset_of_windows_never_becomes_the_runs_table_row(tm
     full = wg.train(train_config(tmp_path, eval_only=True))
     quick = wg.train(train_config(tmp_path, eval_only=True, final_windows=2))
     assert "2 val windows of 31: a subset, which the tables never take" in capsys.readouterr().out
+    one = wg.train(train_config(tmp_path, eval_only=True, final_windows=1))  # no spread to measure: no "± nan"
+    out = capsys.readouterr().out
+    assert f"{one['val_nll']:.3f} (one window: no SE) |" in out and "nan" not in out and one["val_nll_se"] is None
+    assert json.loads((tmp_path / "out" / "log.jsonl").read_text().splitlines()[-1],
+                      parse_constant=lambda name: pytest.fail(f"{name} in the log: not JSON"))["val_nll_se"] is None
     assert not full["subset"] and quick["subset"] and quick["val_nll"] != full["val_nll"]
     assert plot_curves.read_log(str(tmp_path / "out" / "log.jsonl"))["final"] == full
     assert sweep.state(str(tmp_path / "out")) == "done"
@@ -1063,6 +1068,14 @@ def damage(data_dir, case):
         (data_dir / "meta.json").write_text(json.dumps(meta))
     elif case == "fewer mel rows than tokens":
         (data_dir / "val_mel.bin").write_bytes((data_dir / "val_mel.bin").read_bytes()[:-128])
+    elif case in ("nan rows in train_mel.bin", "an inf in val_mel.bin"):
+        split = case.split()[-1].split("_")[0]
+        mel = np.memmap(data_dir / f"{split}_mel.bin", np.float16, "r+").reshape(-1, 64)
+        if split == "train":
+            mel[123:125] = np.nan  # two whole rows
+        else:
+            mel[456, 7] = -np.inf  # one value
+        mel.flush()
     else:  # token ids of 5000 (vocabulary 1024) in one split
         split = case.split()[-2]
         tokens = np.fromfile(data_dir / f"{split}_tokens.bin", dtype=np.uint16)
@@ -1077,6 +1090,8 @@ def damage(data_dir, case):
     ("meta.json without n_mels", "meta.json lacks n_mels"),
     ("fewer mel rows than tokens", "val_mel.bin holds 999 64-bin float16 mel rows but meta.json says the val split "
                                    "has 1,000 tokens"),
+    ("nan rows in train_mel.bin", "train_mel.bin holds a nan or inf in row 123 (token 123 of the train split)"),
+    ("an inf in val_mel.bin", "val_mel.bin holds a nan or inf in row 456 (token 456 of the val split)"),
     ("token ids beyond the vocabulary in val split", "val_tokens.bin holds token id 5000, not below the model's "
                                                      "vocabulary of 1024"),
     ("token ids beyond the vocabulary in train split", "train_tokens.bin holds token id 5000"),
@@ -1087,6 +1102,53 @@ def test_bad_data_is_one_line_naming_the_file_before_the_first_step(tmp_path, ca
         wg.train(train_config(tmp_path, hybrid=True, max_iters=2))
     assert "\n" not in str(e.value) and "prepare.py" in str(e.value)
     assert not (tmp_path / "out").exists()  # refused before a step, a log line or a checkpoint
+
+
+def test_a_loss_that_turns_nan_stops_the_training_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    """A learning rate of 1e30 makes the weights inf after the first step, and the loss nan at the second: the run
+    stops there, before it logs or saves anything of it (its checkpoint of step 0 is the last one, finite)."""
+    make_data(tmp_path / "data")
+    for log_interval in (0, 1):  # caught at the next eval, or at once on the progress line
+        with pytest.raises(wg.UserError, match=r"the training loss turned nan or inf at step 2, so the training "
+                                               r"stopped; .*ckpt_latest.pt, of step 0, is the last good checkpoint"):
+            wg.train(train_config(tmp_path, max_iters=8, eval_interval=4, lr=1e30, log_interval=log_interval,
+                                  out_dir=str(tmp_path / f"out{log_interval}")))
+        ckpt = torch.load(tmp_path / f"out{log_interval}" / "ckpt_latest.pt", weights_only=True)
+        assert ckpt["iter"] == 0 and all(t.isfinite().all() for t in ckpt["model"].values())
+        assert [r["iter"] for r in evals_of(tmp_path / f"out{log_interval}")] == [0]
+
+
+def test_a_full_disk_under_the_run_is_one_line_and_keeps_the_last_whole_checkpoint(tmp_path, monkeypatch):
+    """torch.save on a full disk raises "unexpected pos" (its zip writer's, not ENOSPC), and a log write ENOSPC:
+    each is one line naming the folder and the room needed, the half-written file removed, the last whole
+    checkpoint kept."""
+    import checks
+    make_data(tmp_path / "data")
+    save, saves = torch.save, []
+
+    def save_then_fill(obj, f):
+        saves.append(obj["iter"])
+        if len(saves) < 3:  # the checkpoints of step 0: latest and best
+            return save(obj, f)
+        f.write(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2423936 vs 2423824")
+    monkeypatch.setattr(torch, "save", save_then_fill)
+    out = tmp_path / "out"
+    with pytest.raises(wg.UserError, match=f"the disk of {re.escape(str(out))} is full: the files written there need "
+                                           r"about \d\.\d MB and it has [\d,.]+ MB free; free some space"):
+        wg.train(train_config(tmp_path, max_iters=4, eval_interval=2))
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt_best.pt", "ckpt_latest.pt", "lock", "log.jsonl"]
+    assert torch.load(out / "ckpt_latest.pt", weights_only=True)["iter"] == 0
+    monkeypatch.undo()
+
+    def open_full(path, mode="r", *a, **kw):
+        f = open(path, mode, *a, **kw)
+        if str(path).endswith("log.jsonl") and mode == "a":
+            f.write = lambda text: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+        return f
+    monkeypatch.setattr(checks, "open", open_full, raising=False)
+    with pytest.raises(wg.UserError, match=f"the disk of {re.escape(str(out))} is full"):
+        wg.train(train_config(tmp_path, max_iters=4, eval_interval=2, init_from="resume"))
 
 
 def test_bad_data_from_the_command_line_is_one_line_without_a_traceback(tmp_path, capsys):
@@ -1118,6 +1180,40 @@ def test_a_resumed_run_names_the_model_flags_it_ignored(tmp_path, capsys):
     assert "--n_head 4 (the checkpoint's: 2)" in line and "--n_layer" not in line  # as the checkpoint: not named
     _, config, _ = wg.load_checkpoint(str(tmp_path / "out" / "ckpt_latest.pt"))
     assert (config.n_embd, config.n_head) == (16, 2) and [r["iter"] for r in evals_of(tmp_path / "out")] == [0, 2, 4]
+
+
+def test_a_resume_keeps_its_recipe_and_a_log_that_vanished_is_begun_again_with_its_start(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """A flag that changes what a step is, set on a resume to another value than the run's, is refused in one line
+    before anything is written; left out, the run's own is taken (here a batch of 2 and seed 7, not the defaults),
+    so the resumed run logs what an unbroken one does. A log.jsonl deleted under the running training is begun
+    again with the run's start record, so every reader still reads it."""
+    make_data(tmp_path / "data")
+    recipe = dict(batch_size=2, seed=7, eval_interval=2)
+    wg.train(train_config(tmp_path, out_dir=str(tmp_path / "whole"), max_iters=4, **recipe))
+    wg.train(train_config(tmp_path, max_iters=2, **recipe))
+    log = (tmp_path / "out" / "log.jsonl").read_text()
+    for flag, value, run in (("batch_size", 4, 2), ("seed", 1, 7), ("lr", 0.5, 0.001), ("micro_batch", 1, 0)):
+        with pytest.raises(wg.UserError, match=re.escape(f"ckpt_latest.pt was trained with another recipe than "
+                                                         f"--{flag} {value} (the run's: {run}): a resumed run goes on")):
+            wg.train(train_config(tmp_path, max_iters=4, init_from="resume", **{**recipe, flag: value}))
+    assert (tmp_path / "out" / "log.jsonl").read_text() == log
+    left_out = dict(init_from="resume", eval_interval=2, batch_size=Config.batch_size)  # and the seed: defaults
+    wg.train(train_config(tmp_path, max_iters=4, **left_out))
+    assert [(r["iter"], r["tokens"], r["val_nll"]) for r in evals_of(tmp_path / "out")] == [
+        (r["iter"], r["tokens"], r["val_nll"]) for r in evals_of(tmp_path / "whole")]
+
+    evaluate = wg.evaluate
+    def vanish(*a, **kw):  # the log deleted while the eval of step 6 runs
+        (tmp_path / "out" / "log.jsonl").unlink(missing_ok=True)
+        return evaluate(*a, **kw)
+    monkeypatch.setattr(wg, "evaluate", vanish)
+    capsys.readouterr()
+    wg.train(train_config(tmp_path, max_iters=6, **left_out))
+    assert f"{tmp_path / 'out' / 'log.jsonl'} has vanished (deleted or moved?)" in capsys.readouterr().out
+    records = read_log(tmp_path / "out")
+    assert [r["event"] for r in records] == ["start", "eval"] and records[0]["log_begun_again_at"] == 6
+    assert [e["iter"] for e in plot_curves.read_log(str(tmp_path / "out" / "log.jsonl"))["evals"]] == [6]
 
 
 def test_a_resumed_or_evaluated_run_reads_its_own_data_and_refuses_other_data_naming_both(tmp_path):
@@ -1158,6 +1254,22 @@ def test_a_vocabulary_that_is_not_the_models_is_named_never_called_damaged(tmp_p
     with pytest.raises(wg.UserError, match="has a vocabulary of 1024 tokens and the checkpoint's model reads 300") as e:
         wg.train(train_config(tmp_path, max_iters=4, eval_interval=2, init_from="resume"))
     assert "damaged" not in str(e.value)
+
+
+def test_a_vocabulary_in_meta_json_that_is_not_its_tokenizers_is_refused(tiny_run, tmp_path, capsys):
+    """meta.json of the offline tokenizer (1024 tokens) edited to say 2048: a new model would be 2048 wide on
+    1024-token data, so training refuses it, and sampling too, in one line naming the file, before any work."""
+    import shutil
+    data = shutil.copytree(tiny_run["data"], tmp_path / "tiny")
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "vocab_size": 2048}))
+    message = f"{data / 'meta.json'} says vocab_size 2048, but its tokenizer offline-random-encodec-kmeans has 1024"
+    with pytest.raises(wg.UserError, match=re.escape(message)):
+        wg.train(train_config(tmp_path, data_dir=str(data), max_iters=1))
+    status, err = main_in_process("sample.py", ["--out_dir", tiny_run["gpt"], "--data_dir", str(data),
+                                                "--sample_dir", str(tmp_path / "samples")], capsys)
+    assert status == 1 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "samples").exists()
 
 
 # -----------------------------------------------------------------------------
@@ -1252,9 +1364,40 @@ def test_bad_files_are_skipped_with_their_reason(prepared_dir, audio_corpus):
     assert set(reasons) == set(bad)
     for name, words in bad.items():
         assert words in reasons[name], (name, reasons[name])
+    assert sum((prepared_dir / name).stat().st_size for name in ("tokenizer.pt", "token_mel.npy")) < prepare.OFFLINE_BYTES
     assert sorted(p.name for p in prepared_dir.iterdir()) == sorted(
-        ["meta.json", "token_mel.npy", "tokenizer.pt", "train_mel.bin", "train_tokens.bin", "val_mel.bin",
-         "val_tokens.bin"])
+        ["lock", "meta.json", "token_mel.npy", "tokenizer.pt", "train_mel.bin", "train_tokens.bin", "val_mel.bin",
+         "val_tokens.bin"])  # lock: empty, free (prepare.py held it while it made the folder)
+
+
+NO_HANG = """
+import json, sys
+import prepare, sample
+args = prepare.parse_args(["--audio_dir", sys.argv[1], "--name", "x", "--workers", "0"])
+sources, seconds, _ = prepare.list_sources(args)
+reasons = {s.name: prepare.try_load(s).reason for s in sources}
+try:
+    sample.read_audio(sys.argv[2], 1.0)
+except sample.UserError as e:
+    reasons["prompt"] = str(e)
+print(json.dumps(reasons))
+"""
+
+
+def test_a_pipe_is_skipped_unopened_and_a_text_file_named_mp3_is_not_audio(tmp_path):
+    """A FIFO among the sources (or given as a prompt) is named and never opened, since its read would wait for a
+    writer for ever; a text file named .mp3 is called what it is. In a process of its own, with a timeout: were a
+    read to block, the test fails instead of hanging."""
+    make_corpus(tmp_path / "audio", n=2)
+    os.mkfifo(tmp_path / "audio" / "x.wav")
+    (tmp_path / "audio" / "notes.mp3").write_text("not audio\n")
+    r = subprocess.run([sys.executable, "-c", NO_HANG, str(tmp_path / "audio"), str(tmp_path / "audio" / "x.wav")],
+                       capture_output=True, text=True, cwd=HERE, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    reasons = json.loads(r.stdout.splitlines()[-1])
+    assert reasons["x.wav"] == "BadAudio: a named pipe (FIFO), not a regular file: skipped unopened"
+    assert reasons["notes.mp3"] == "BadAudio: not audio that soundfile can read (no wav, flac, ogg or mp3 audio in it)"
+    assert [reasons[f"d{i}/good{i}.{ext}"] for i, ext in enumerate(["wav", "flac"])] == [None, None]
+    assert reasons["prompt"].endswith("x.wav is a named pipe (FIFO), not a file: give a wav, flac, ogg or mp3 file")
 
 
 @pytest.mark.parametrize("kind", ["empty", "missing", "nothing usable", "one usable"])
@@ -1300,6 +1443,30 @@ def test_a_finished_corpus_is_made_again_only_with_overwrite(prepared_dir, audio
     monkeypatch.setattr(prepare, "list_sources", lambda args: (_ for _ in ()).throw(Began()))  # the first work
     with pytest.raises(Began):
         run_prepare(prepared_dir.parent, *args, "--overwrite")
+
+
+def test_one_prepare_at_a_time_writes_a_corpus_and_a_name_is_never_a_path(tmp_path, monkeypatch, capsys):
+    """A second prepare.py into a data/<name> that one is making is refused in one line before it touches the
+    first's work; a --name that would lead out of --data_root is refused before anything is written."""
+    import fcntl
+    make_corpus(tmp_path / "audio", n=2)
+    (tmp_path / "data" / "c" / "work").mkdir(parents=True)
+    (tmp_path / "data" / "c" / "work" / "job").write_text("the first one's")
+    monkeypatch.setattr(prepare, "list_sources", lambda args: pytest.fail("work started"))
+    with open(tmp_path / "data" / "c" / "lock", "w") as first:  # as the first prepare.py holds it
+        fcntl.flock(first, fcntl.LOCK_EX)
+        first.write("4242")
+        first.flush()
+        with pytest.raises(wg.UserError, match=re.escape(f"{tmp_path / 'data' / 'c'} is in use: process 4242 holds its "
+                                                         "lock (a prepare.py making it): let it end, or pass another "
+                                                         "--name")):
+            run_prepare(tmp_path / "data", "--audio_dir", str(tmp_path / "audio"), "--name", "c")
+    assert (tmp_path / "data" / "c" / "work" / "job").read_text() == "the first one's"
+    for name in ("../../escape", "a/b", "..", "/abs"):
+        with pytest.raises(SystemExit):
+            run_prepare(tmp_path / "root" / "data", "--audio_dir", str(tmp_path / "audio"), "--name", name)
+        assert f"--name {name!r} names a folder in --data_root, not a path" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audio", "data"]
 
 
 def test_resume_after_interruption_redoes_nothing_finished(tmp_path, monkeypatch):
@@ -1390,9 +1557,19 @@ def test_too_little_disk_is_one_clear_error_before_any_work(tmp_path, monkeypatc
     usage = prepare.shutil.disk_usage(tmp_path)
     monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage._replace(free=10_000))
     monkeypatch.setattr(prepare, "load_source", lambda src: pytest.fail("work started"))
-    with pytest.raises(prepare.UserError, match=r"not enough disk space .* about 0\.0 GB .* 0\.0 GB free") as e:
+    with pytest.raises(prepare.UserError, match=r"not enough disk space .* about 0\.1 GB .* and 61 MB of offline "
+                                                r"tokenizer\) and .* 0\.0 GB free") as e:  # the tokenizer counted
         run_prepare(tmp_path / "data", "--audio_dir", str(tmp_path / "audio"), "--name", "d", "--tokenizer", "offline")
     assert "\n" not in str(e.value) and not (tmp_path / "data" / "d").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(prepare, "write_shard", lambda path, *a: (open(f"{path}.tmp", "wb").write(b"half"), (
+        _ for _ in ()).throw(OSError(28, "No space left on device")))[1])  # the disk fills up after the check
+    with pytest.raises(prepare.UserError, match=r"the disk of .*/d is full: the files written there need about 61\.\d "
+                                                r"MB and it has [\d,.]+ MB free; free some space and run the same "
+                                                r"command again, which resumes from the shards finished in") as e:
+        run_prepare(tmp_path / "data", "--audio_dir", str(tmp_path / "audio"), "--name", "d", "--tokenizer", "offline")
+    work = tmp_path / "data" / "d" / "work"
+    assert (work / "tokenizer.pt").is_file() and not list(work.glob("*.tmp")) and not list(work.parent.glob("*.tmp*"))
     seconds = 200 * 3600  # the paper's scale: about 21 GB
     assert 20e9 < seconds * audio.FRAME_RATE * prepare.BYTES_PER_TOKEN < 22e9
 
@@ -1701,16 +1878,35 @@ def test_the_offline_decoders_audio_has_the_mel_it_was_made_from(notes_run):
     assert (heard[1:] - given[:-1]).abs().mean().item() > 1.2 * err  # aligned to the slice, not a frame off
 
 
-def test_a_data_folder_without_the_decoder_is_one_line_and_prepare_adds_it(tiny_run, tmp_path, capsys):
+@pytest.mark.parametrize("case, message", [
+    ("missing", "{data} has no offline decoder (token_mel.npy; data made before there was one)"),
+    ("cut short", "{data}/token_mel.npy is damaged (Failed to read all data for array)"),
+    ("nan", "{data}/token_mel.npy is damaged (a nan or inf in row 5, the mel of that token)")])
+def test_a_data_folder_without_a_whole_decoder_is_one_line_and_prepare_makes_it(tiny_run, tmp_path, capsys, case,
+                                                                               message):
+    """Training on the decoded mel and sampling refuse a decoder table that is missing, cut short or nan in one
+    line (not numpy's traceback, nor a nan loss, nor sampling's "probability tensor contains nan"), which says to
+    run prepare.py again; and that makes the table again, the data unchanged."""
     import shutil
     data = shutil.copytree(tiny_run["data"], tmp_path / "tiny")
-    (data / audio.DECODER_FILE).unlink()
-    before = {f.name: f.read_bytes() for f in data.iterdir()}
-    status, err = main_in_process("whisper_gpt.py", ["--hybrid", "--mel_source", "decoded", "--data_dir", str(data),
-                                                     "--out_dir", str(tmp_path / "run"), "--max_iters", "1"] + [
-                                                     f"--{k}={v}" for k, v in TINY.items()], capsys)
-    assert status == 1 and err.count("\n") == 1
-    assert f"{data} has no offline decoder (token_mel.npy; data made before there was one)" in err
+    table = data / audio.DECODER_FILE
+    if case == "missing":
+        table.unlink()
+    elif case == "cut short":
+        table.write_bytes(table.read_bytes()[:1000])
+    else:
+        rows = np.load(table)
+        rows[5, 3] = np.nan
+        np.save(table, rows)
+    before = {f.name: f.read_bytes() for f in data.iterdir() if f.name != audio.DECODER_FILE}
+    for script, argv in (("whisper_gpt.py", ["--hybrid", "--mel_source", "decoded", "--data_dir", str(data), "--out_dir",
+                                             str(tmp_path / "run"), "--max_iters", "1"]
+                          + [f"--{k}={v}" for k, v in TINY.items()]),
+                         ("sample.py", ["--out_dir", tiny_run["hybrid"], "--data_dir", str(data), "--sample_dir",
+                                        str(tmp_path / "samples")])):
+        status, err = main_in_process(script, argv, capsys)
+        assert status == 1 and err.count("\n") == 1, err
+        assert message.format(data=data) in err and "run the prepare.py command that made it once more" in err
     assert not (tmp_path / "run" / "log.jsonl").exists()
     prepare.main(["--audio_dir", "unused", "--name", "tiny", "--data_root", str(tmp_path)])
     assert "added its offline decoder" in capsys.readouterr().out
@@ -2452,6 +2648,7 @@ def mistakes(tmp_path_factory):
     weights do not fit its model (a bug-like failure, not a user's mistake)."""
     root = tmp_path_factory.mktemp("mistakes")
     (root / "notes.txt").write_text("not audio\n")
+    (root / "notes.mp3").write_text("not audio\n")
     wav = tone(0.5, 24000, 440).astype(np.float32)
     wav[1000:1100] = np.nan
     sf.write(root / "nan.wav", wav, 24000, subtype="FLOAT")
@@ -2473,6 +2670,9 @@ def mistakes(tmp_path_factory):
 MISTAKES = [
     ("sample.py", ["--out_dir", "{root}/run", "--prompt", "{root}/notes.txt"], "notes.txt is not audio"),
     ("sample.py", ["--out_dir", "{root}/run", "--prompt", "{root}/missing.wav"], "missing.wav: no such file"),
+    ("sample.py", ["--out_dir", "{root}/run", "--prompt", "{root}"], "is a folder, not a file: give a wav"),
+    ("sample.py", ["--out_dir", "{root}/run", "--prompt", "{root}/notes.mp3"], "notes.mp3 is not audio that soundfile "
+                                                                               "can read (no wav, flac, ogg or mp3"),
     ("sample.py", ["--out_dir", "{root}/nothing"], "no checkpoint at {root}/nothing/ckpt_best.pt: train one"),
     ("sample.py", ["--out_dir", "{root}/run", "--ckpt", "latest"], "pass --ckpt best"),
     ("sample.py", ["--out_dir", "{root}/truncated"], "{root}/truncated/ckpt_best.pt is not a whole torch file"),
@@ -2486,6 +2686,8 @@ MISTAKES = [
     ("whisper_gpt.py", ["--out_dir", "{root}/truncated", "--eval_only"], "ckpt_best.pt is not a whole torch file"),
     ("whisper_gpt.py", ["--data_dir", "{root}/gone", "--out_dir", "{root}/new"], "no prepared data in {root}/gone: run"),
     ("whisper_gpt.py", ["--n_embd", "63"], "--n_embd 63 is not divisible by --n_head 8"),
+    ("whisper_gpt.py", ["--mel_source", "decoded", "--out_dir", "{root}/new"], "--mel_source decoded is the mel fed to "
+                                                                              "the hybrid's mel stack, and a token-only"),
     ("whisper_gpt.py", ["--batch_size", "eight"], "invalid int value: 'eight'"),
     # each of these was a traceback, or nonsense accepted
     ("whisper_gpt.py", ["--out_dir", "{root}/run", "--eval_only", "--device", "cuda:99"],
@@ -2555,7 +2757,7 @@ def test_a_users_mistake_is_one_line_without_a_traceback(mistakes, capsys, scrip
     assert message.format(root=mistakes) in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("script, args, message", [MISTAKES[i] for i in (4, 8, 11)])  # one per script
+@pytest.mark.parametrize("script, args, message", [MISTAKES[i] for i in (6, 10, 13)])  # one per script
 def test_each_script_prints_a_users_mistake_as_one_line_without_a_traceback(mistakes, script, args, message):
     """The scripts themselves, end to end: the `__main__` block turns the error into one line on stderr."""
     r = subprocess.run([sys.executable, os.path.join(HERE, script), *script_argv(mistakes, script, args)],
@@ -2607,6 +2809,42 @@ def test_a_second_writer_into_a_run_folder_is_refused_and_a_killed_ones_lock_tak
                           init_from="resume"))
     assert f"{out}/lock names process {first.pid}, which ended without letting go of it" in capsys.readouterr().out
     assert (out / "lock").read_text() == ""  # let go of on the way out
+
+
+SWEEPER = """
+import subprocess, sys, time
+from checks import hold_folder
+child = "import sys, time; from checks import hold_folder\\nwith hold_folder(sys.argv[1]):\\n    time.sleep(120)"
+with hold_folder(sys.argv[1]) as lock:  # as sweep.py trains a run: the lock passed on to the training
+    training = subprocess.Popen([sys.executable, "-c", child, sys.argv[1]], pass_fds=(lock.fileno(),))
+    print(training.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_sweep_killed_mid_run_leaves_a_lock_that_names_its_training(tmp_path):
+    """A sweep's training goes on holding its run folder's lock when the sweep is killed: a second writer is then
+    refused naming that training, the process that holds the lock, not the dead sweep."""
+    run = tmp_path / "run"
+    sweeper = subprocess.Popen([sys.executable, "-c", SWEEPER, str(run)], stdout=subprocess.PIPE, text=True, cwd=HERE,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    training = int(sweeper.stdout.readline())
+    try:
+        deadline = time.monotonic() + 60
+        while len((run / "lock").read_text().split()) < 2:  # the training has added itself
+            assert time.monotonic() < deadline and sweeper.poll() is None
+            time.sleep(0.05)
+        sweeper.kill()
+        sweeper.wait()
+        with pytest.raises(wg.UserError) as e:
+            with wg.hold_folder(str(run)):
+                pass
+    finally:
+        sweeper.kill()
+        os.kill(training, signal.SIGKILL)
+    assert str(e.value) == (f"{run} is in use: process {training} (started by process {sweeper.pid}, which has "
+                            "ended) holds its lock (a training, an evaluation or a sweep): let it end, or pass another "
+                            "--out_dir")
 
 
 def test_a_log_line_cut_by_a_kill_is_skipped_with_a_note_and_a_resume_starts_a_new_line(tmp_path, capsys):

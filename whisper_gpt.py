@@ -10,6 +10,7 @@ first, then the data, evaluation and training loop, the command line last; check
 """
 import argparse
 import dataclasses
+import glob
 import inspect
 import math
 import os
@@ -24,9 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cpu_attention
-from audio import DecodedSplit, load_decoder
+from audio import DecodedSplit, check_vocabulary, load_decoder
 from checks import (Parser, UserError, append_record, check_data, check_writable, data_fingerprint, hold_folder,
-                    load_torch_file, run_script, validate)
+                    load_torch_file, room_to_write, run_script, validate)
 
 
 # -----------------------------------------------------------------------------
@@ -76,6 +77,7 @@ class Config:
 MODEL_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dense", "dropout", "hybrid",
                 "n_mel", "mel_hidden", "mel_layer", "mel_head")
 FROM_DATA = ("vocab_size", "n_mel")  # fixed by the data (meta.json), so no flags
+RECIPE_FIELDS = ("batch_size", "micro_batch", "seed", "lr", "lr_drop_at")  # what a step is: a resume keeps them
 
 
 def model_name(c):
@@ -328,9 +330,21 @@ def load_checkpoint(path, device="cpu"):
 
 
 def save_checkpoint(path, obj):
-    """Write atomically: a file that has the final name is complete."""
-    torch.save(obj, path + ".tmp")
+    """Write atomically: a file that has the final name is complete; a full disk is one line, the last whole
+    checkpoint kept."""
+    fix = "free some space (or copy the run elsewhere), then resume the run from its last whole checkpoint"
+    with room_to_write(os.path.dirname(path) or ".", tensor_bytes(obj), fix, [glob.escape(path) + ".tmp"]):
+        with open(path + ".tmp", "wb") as f:  # a file of ours, closed on error: a full disk's room is free again
+            torch.save(obj, f)
     os.replace(path + ".tmp", path)
+
+
+def tensor_bytes(obj):
+    """Bytes of the tensors in nested dicts and lists: about a checkpoint's size (the model and Adam's moments)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(map(tensor_bytes, values))
 
 
 # -----------------------------------------------------------------------------
@@ -380,7 +394,7 @@ class EvalResult:
     acc: float  # top-1 accuracy
     tokens: int  # predicted positions
     windows: int
-    se: float  # standard error of nll over windows (std of the per-window means / sqrt(windows)); nan for one
+    se: float  # standard error of nll over windows (std of the per-window means / sqrt(windows)); None for one
     window_nll: list  # mean NLL of each window, in order: two models' differences can be paired window by window
 
 
@@ -408,10 +422,10 @@ def evaluate(model, c, limit, rank=0, world=1):
         torch.distributed.all_reduce(sums)
     per_window = sums.cpu().numpy() / c.block_size  # (windows, 2): every window predicts block_size tokens; a sync
     nll = per_window[:, 0]
-    se = nll.std(ddof=1) / math.sqrt(len(nll)) if len(nll) > 1 else float("nan")
+    se = float(nll.std(ddof=1) / math.sqrt(len(nll))) if len(nll) > 1 else None  # None: null in the log, not NaN
     # python floats, not numpy's: checkpoints hold them and load weights_only
     return EvalResult(float(nll.mean()), float(per_window[:, 1].mean()), len(starts) * c.block_size, len(starts),
-                      float(se), nll.tolist())
+                      se, nll.tolist())
 
 
 # -----------------------------------------------------------------------------
@@ -435,8 +449,21 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def log_event(out_dir, record):
-    append_record(os.path.join(out_dir, "log.jsonl"), record)
+def plus_minus(se, spec=".3f"):
+    """'± se', or what stands in its place for an evaluation on one window, where there is no spread to measure."""
+    return "(one window: no SE)" if se is None else f"± {se:{spec}}"
+
+
+def log_event(out_dir, record, start=None):
+    """Append record to out_dir/log.jsonl. A log that vanished under a running training (deleted, moved) is begun
+    again with the run's start record (start), marked, and a note: the run, hours of it maybe, goes on, and the log
+    that every reader finds opens with its start (evals after no start are refused by plot_curves for good)."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if start is not None and not os.path.isfile(path):
+        say(f"note: {path} has vanished (deleted or moved?): begun again with this run's start record; the records "
+            f"before step {record['iter']} are not in it")
+        append_record(path, {**start, "log_begun_again_at": record["iter"]})
+    append_record(path, record)
 
 
 def launched_by_torchrun():
@@ -485,6 +512,14 @@ def resume_model(c, master):
         say(f"{path} fixes the model, so these flags are ignored: {', '.join(ignored)}")
     for name in MODEL_FIELDS:
         setattr(c, name, getattr(saved, name))
+    changed = [f"--{name} {getattr(c, name)} (the run's: {getattr(saved, name)})" for name in RECIPE_FIELDS
+               if getattr(c, name) not in (getattr(saved, name), getattr(Config, name))]  # set, and not the run's
+    if changed and not c.eval_only:
+        raise UserError(f"{path} was trained with another recipe than {', '.join(changed)}: a resumed run goes on "
+                        "with its own (its log counts tokens and epochs by it): leave these flags out (more --epochs "
+                        "or --max_iters are fine), or train a new run")
+    for name in RECIPE_FIELDS if not c.eval_only else ():
+        setattr(c, name, getattr(saved, name))
     if not c.eval_only and c.mel_source != saved.mel_source:  # a run trains on with the mel it began with;
         if master and c.mel_source != Config.mel_source:      # --eval_only may feed another (the table's rows)
             say(f"{path} was trained with --mel_source {saved.mel_source}, so it goes on with it")
@@ -524,15 +559,15 @@ def make_optimizer(c, model, ckpt):
     return optimizer, scaler, ckpt["iter"], ckpt["best_val_nll"], ckpt.get("elapsed_s", 0.0)
 
 
-def log_eval(c, it, spe, lr, train_nll, tok_s, result, elapsed):
-    """An eval's line, and its record in log.jsonl."""
+def log_eval(c, it, spe, lr, train_nll, tok_s, result, elapsed, start=None):
+    """An eval's line, and its record in log.jsonl (start: the run's start record, see log_event)."""
     say(f"epoch {it / spe:6.2f} | step {it:6d} | train {fmt(train_nll, '.4f')} | val {result.nll:.4f} "
-        f"± {result.se:.4f} | acc {result.acc:6.2%} | ppl {math.exp(result.nll):7.2f} | "
+        f"{plus_minus(result.se, '.4f')} | acc {result.acc:6.2%} | ppl {math.exp(result.nll):7.2f} | "
         f"{fmt(tok_s, ',.0f')} tok/s | {elapsed:6.0f} s")
     log_event(c.out_dir, {"event": "eval", "iter": it, "epoch": it / spe, "tokens": it * c.batch_size * c.block_size,
                           "lr": lr, "train_nll": train_nll, "val_nll": result.nll, "val_nll_se": result.se,
                           "val_acc": result.acc, "val_ppl": math.exp(result.nll), "tokens_per_s": tok_s,
-                          "elapsed_s": elapsed})
+                          "elapsed_s": elapsed}, start)
 
 
 def train(c):
@@ -553,9 +588,13 @@ def train_or_eval(c):
     if c.init_from == "scratch" and not c.eval_only and os.path.isfile(os.path.join(c.out_dir, "ckpt_latest.pt")):
         raise UserError(f"{c.out_dir} already holds a run: continue it with --init_from resume, or pass "
                         "another --out_dir (nothing was overwritten)")
-    micro, accum = micro_batches(c, world)
     model, ckpt = resume_model(c, master) if c.init_from == "resume" or c.eval_only else (None, None)
+    micro, accum = micro_batches(c, world)  # of the run's own batch, where it is resumed
+    if c.mel_source == "decoded" and not c.hybrid:
+        raise UserError("--mel_source decoded is the mel fed to the hybrid's mel stack, and a token-only model has "
+                        "none: add --hybrid, or leave the flag out")
     meta, ctx = check_data(c, None if ckpt is None else ckpt.get("data")), autocast_context(c)
+    check_vocabulary(meta, os.path.join(c.data_dir, "meta.json"))
     data = data_fingerprint(c.data_dir, meta)  # kept in the log and every checkpoint: the run knows its data
     if c.hybrid and c.mel_source == "decoded":
         load_decoder(c.data_dir)  # a folder without its decoder is one line now, not at the first batch
@@ -576,10 +615,11 @@ def train_or_eval(c):
         say(f"{name}: {params:,} parameters | {meta['n_train']:,} train tokens, {spe} steps/epoch of {c.batch_size} "
             f"crops, {max_iters} steps | tokenizer {meta.get('tokenizer')} | {c.device} {c.dtype} | DDP world "
             f"{world}, {accum} x {micro} crops per process and step")
-        if c.init_from == "scratch":
-            log_event(c.out_dir, {"event": "start", "model": name, "params": params, "dataset": c.dataset,
-                                  "tokenizer": meta.get("tokenizer"), "baselines": meta.get("baselines"),
-                                  "data": data, "config": dataclasses.asdict(c)})
+    start = {"event": "start", "model": name, "params": params, "dataset": c.dataset,
+             "tokenizer": meta.get("tokenizer"), "baselines": meta.get("baselines"), "data": data,
+             "config": dataclasses.asdict(c)}
+    if master and c.init_from == "scratch":
+        log_event(c.out_dir, start)
     if c.compile:
         model = torch.compile(model)
     eval_model = model  # evaluate() runs the plain or compiled module, never through DDP's collectives
@@ -588,6 +628,8 @@ def train_or_eval(c):
 
     eval_every, tokens_per_step = c.eval_interval or spe, c.batch_size * c.block_size
     train_sum = torch.zeros((), device=c.device)  # summed on the device: no CPU-GPU sync per step
+    first_bad = torch.tensor(max_iters + 1, device=c.device)  # the first step whose loss was nan or inf, if any
+    saved = start_iter if c.init_from == "resume" else None  # the step of the last good checkpoint
     train_steps = log_steps = 0
     t0 = time.time() - elapsed  # a resumed run's clock goes on from its checkpoint's
     t_eval = t_log = time.time()
@@ -600,12 +642,16 @@ def train_or_eval(c):
             # (a resumed run skips its first eval: the checkpoint it started from already logged it)
             if world > 1:
                 torch.distributed.all_reduce(train_sum)  # every process reaches this line at the same steps
+                torch.distributed.all_reduce(first_bad, torch.distributed.ReduceOp.MIN)
             train_nll = train_sum.item() / world / train_steps if train_steps else None  # sync: the steps are done
             tok_s = train_steps * tokens_per_step / (time.time() - t_eval) if train_steps else None
             result = evaluate(eval_model, c, c.eval_windows, rank, world)
+            stop_if_diverged(c, "the training loss", train_nll, first_bad.item(), saved)  # nothing of it saved
+            stop_if_diverged(c, "the val NLL", result.nll, it, saved)
+            saved = it
             if master:
                 elapsed = time.time() - t0
-                log_eval(c, it, spe, lr, train_nll, tok_s, result, elapsed)
+                log_eval(c, it, spe, lr, train_nll, tok_s, result, elapsed, start)
                 best_val = min(best_val, result.nll)
                 state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "config": dataclasses.asdict(c), "iter": it,
@@ -629,6 +675,7 @@ def train_or_eval(c):
                     batch = get_batch(c, it + 1, rank, world)  # fetch the next batch while the GPU works
                 scaler.scale(loss / accum).backward()
             train_sum += loss.detach() / accum
+            first_bad = torch.where(loss.detach().isfinite(), first_bad, first_bad.clamp(max=it + 1))  # no sync
         x, y, mel = batch
         scaler.step(optimizer)
         scaler.update()
@@ -637,11 +684,24 @@ def train_or_eval(c):
         log_steps += 1
         if master and c.log_interval and (it + 1) % c.log_interval == 0:
             dt = (time.time() - t_log) / log_steps  # s/step since the last line or eval (loss.item() syncs)
+            if world == 1:  # a process of several that stopped alone would leave the others waiting: the eval does
+                stop_if_diverged(c, "the training loss", loss.item(), first_bad.item(), saved)
             say(f"step {it + 1:6d}/{max_iters} | loss {loss.item():.4f} | lr {lr:.2e} | {dt * 1000:6.0f} ms/step | "
                 f"{tokens_per_step / dt:9,.0f} tok/s | ETA {(max_iters - it - 1) * dt / 60:5.1f} min")
             log_steps, t_log = 0, time.time()
     if world > 1:
         torch.distributed.destroy_process_group()
+
+
+def stop_if_diverged(c, what, value, step, saved):
+    """Stop a run whose loss turned nan or inf before anything of it is logged or saved: one line naming the step,
+    and the last good checkpoint kept (a resume from it, the same recipe, would only diverge the same way)."""
+    if value is None or math.isfinite(value):
+        return
+    kept = (f"{os.path.join(c.out_dir, 'ckpt_latest.pt')}, of step {saved}, is the last good checkpoint and is kept"
+            if saved is not None else "no checkpoint was written")
+    raise UserError(f"{what} turned nan or inf at step {step}, so the training stopped; {kept}: check the data, "
+                    f"or train a new run with a lower --lr" + (" or --dtype bfloat16" if c.dtype == "float16" else ""))
 
 
 def eval_only(model, c, meta, step, rank=0, world=1):
@@ -658,7 +718,7 @@ def eval_only(model, c, meta, step, rank=0, world=1):
         say(f"| model | params | NLL ± SE | accuracy | PPL |   ({result.windows} val windows{subset}, "
             f"{result.tokens:,} tokens, tokenizer {meta.get('tokenizer')}, checkpoint of step {step})")
         fed = f" ({c.mel_source} mel)" if c.hybrid else ""
-        say(f"| {model_name(c)}{fed} | {model.num_params() / 1e6:.2f} M | {result.nll:.3f} ± {result.se:.3f} | "
+        say(f"| {model_name(c)}{fed} | {model.num_params() / 1e6:.2f} M | {result.nll:.3f} {plus_minus(result.se)} | "
             f"{result.acc:.2%} | {math.exp(result.nll):.2f} |")
         refs = meta.get("baselines")
         if refs:
