@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import whisper_gpt
-from checks import Parser, UserError, run_script
+from checks import Parser, run_script
 from whisper_gpt import (MLP, MODEL_FIELDS, WhisperGPT, add_config_flags, autocast_context, config_from, model_name,
                          say, sinusoids)
 
