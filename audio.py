@@ -6,6 +6,7 @@ with the real weights or the named offline stand-in), its weights, and EnCodec's
 Token t of a file covers samples [320t, 320(t+1)); mel slice t is the 960-sample window that ENDS at sample
 320(t+1), so it never hears a sample after the audio its token covers.
 """
+
 import contextlib
 import functools
 import hashlib
@@ -32,34 +33,43 @@ from encodec.modules.seanet import SEANetResnetBlock
 
 from checks import UserError, first_non_finite, load_torch_file
 
-SAMPLE_RATE = 24000   # Hz, EnCodec 24 kHz model
-HOP = 320             # samples per token = 75 tokens per second
-FRAME_RATE = 75       # tokens per second
-WIN = 960             # samples in a mel window = 40 ms
-N_MELS = 64           # mel bins per slice
-VOCAB = 1024          # codebook 0 of EnCodec 24 kHz
-EMB_DIM = 128         # width of the EnCodec latent that codebook 0 quantises
-LOG_FLOOR = 1e-10     # mel power floor before the natural log
-SILENCE_PEAK = 1e-4   # a file whose peak is below this (-80 dBFS) is silent
+SAMPLE_RATE = 24000  # Hz, EnCodec 24 kHz model
+HOP = 320  # samples per token = 75 tokens per second
+FRAME_RATE = 75  # tokens per second
+WIN = 960  # samples in a mel window = 40 ms
+N_MELS = 64  # mel bins per slice
+VOCAB = 1024  # codebook 0 of EnCodec 24 kHz
+EMB_DIM = 128  # width of the EnCodec latent that codebook 0 quantises
+LOG_FLOOR = 1e-10  # mel power floor before the natural log
+SILENCE_PEAK = 1e-4  # a file whose peak is below this (-80 dBFS) is silent
 
-SEGMENT = 10 * SAMPLE_RATE   # samples per encoder row: bounds memory (~0.4 GB) whatever the file length
-CONTEXT = SAMPLE_RATE        # samples before a later segment that warm up its encoder state (frames dropped)
+SEGMENT = (
+    10 * SAMPLE_RATE
+)  # samples per encoder row: bounds memory (~0.4 GB) whatever the file length
+CONTEXT = (
+    SAMPLE_RATE  # samples before a later segment that warm up its encoder state (frames dropped)
+)
 
 ENCODEC_CKPT = "encodec_24khz-d7cc33bc.th"
 ENCODEC_URL = "https://dl.fbaipublicfiles.com/encodec/v0/" + ENCODEC_CKPT
 ENCODEC_SHA256 = "d7cc33bc"  # prefix of the checkpoint's sha256, as torch.hub checks it
-DOWNLOAD_TIMEOUT = 10        # seconds without a byte before a download gives up
+DOWNLOAD_TIMEOUT = 10  # seconds without a byte before a download gives up
 ENCODEC_NAME = "encodec_24khz"
 OFFLINE_NAME = "offline-random-encodec-kmeans"
 TOKENIZER_FILE = "tokenizer.pt"
-KMEANS_ITERS = 20     # Lloyd iterations of the offline codebook's fit
-DECODE_HOLD = 16      # tokens: EnCodec's decoder starts on the first token held this long (Tokenizer.decode)
-OFFLINE_DTYPE = torch.float64  # the offline tokenizer's arithmetic, and its latents rounded to LATENT_ROUNDING:
+KMEANS_ITERS = 20  # Lloyd iterations of the offline codebook's fit
+DECODE_HOLD = (
+    16  # tokens: EnCodec's decoder starts on the first token held this long (Tokenizer.decode)
+)
+OFFLINE_DTYPE = (
+    torch.float64
+)  # the offline tokenizer's arithmetic, and its latents rounded to LATENT_ROUNDING:
 LATENT_ROUNDING = torch.bfloat16  # the same tokens on every kind of CPU (NOTES.md)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # loading, and the mel
+
 
 def to_model_rate(audio: np.ndarray, rate: int) -> torch.Tensor:
     """audio (S, channels) at any rate -> (S',) float64 mono at 24 kHz, trimmed to a multiple of HOP. In float64
@@ -67,7 +77,7 @@ def to_model_rate(audio: np.ndarray, rate: int) -> torch.Tensor:
     wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float64)).mean(1)
     if rate != SAMPLE_RATE:
         wav = torchaudio.functional.resample(wav, rate, SAMPLE_RATE)
-    return wav[:len(wav) - len(wav) % HOP]
+    return wav[: len(wav) - len(wav) % HOP]
 
 
 def unreadable(error) -> str:
@@ -92,16 +102,18 @@ def log_mel(wav: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"log_mel needs a multiple of {HOP} samples, got {wav.shape[-1]}")
     wav = wav.double()
     window, fbank = mel_basis(wav.device)
-    frames = F.pad(wav, (WIN - HOP, 0)).unfold(-1, WIN, HOP)                      # (..., T, WIN)
-    power = torch.fft.rfft(frames * window).abs().pow(2)                           # (..., T, WIN//2+1)
+    frames = F.pad(wav, (WIN - HOP, 0)).unfold(-1, WIN, HOP)  # (..., T, WIN)
+    power = torch.fft.rfft(frames * window).abs().pow(2)  # (..., T, WIN//2+1)
     return torch.log(torch.clamp(power @ fbank, min=LOG_FLOOR)).float()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mel_basis(device):
     """The periodic Hann window (WIN,) and the Slaney mel filterbank (WIN//2+1, N_MELS), float64, made once per
     device: sample.py calls log_mel once per generated token."""
-    return torch.hann_window(WIN, dtype=torch.float64, device=device), torch.from_numpy(slaney_fbank()).to(device)
+    return torch.hann_window(WIN, dtype=torch.float64, device=device), torch.from_numpy(
+        slaney_fbank()
+    ).to(device)
 
 
 def slaney_fbank(n_freqs=WIN // 2 + 1, n_mels=N_MELS, rate=SAMPLE_RATE) -> np.ndarray:
@@ -109,12 +121,12 @@ def slaney_fbank(n_freqs=WIN // 2 + 1, n_mels=N_MELS, rate=SAMPLE_RATE) -> np.nd
     float64 with the band edges from Python's own log and exp (torchaudio's float32 filterbank moves by 1e-6 with
     the CPU's vector width): triangles between n_mels + 2 points evenly spaced in Slaney mels over 0 to rate / 2,
     each scaled to unit area -> (n_freqs, n_mels)."""
-    step, knee = math.log(6.4) / 27, 1000.0                               # Slaney: linear below 1 kHz, log above
+    step, knee = math.log(6.4) / 27, 1000.0  # Slaney: linear below 1 kHz, log above
     to_mel = lambda hz: hz / (200 / 3) if hz < knee else 15 + math.log(hz / knee) / step
     to_hz = lambda mel: mel * (200 / 3) if mel < 15 else knee * math.exp(step * (mel - 15))
     top = to_mel(rate / 2)
-    edges = np.array([to_hz(top * i / (n_mels + 1)) for i in range(n_mels + 2)])          # (n_mels + 2,) Hz
-    freqs = np.arange(n_freqs) * (rate // 2) / (n_freqs - 1)                                 # (n_freqs,) Hz
+    edges = np.array([to_hz(top * i / (n_mels + 1)) for i in range(n_mels + 2)])  # (n_mels + 2,) Hz
+    freqs = np.arange(n_freqs) * (rate // 2) / (n_freqs - 1)  # (n_freqs,) Hz
     slopes = edges[None, :] - freqs[:, None]
     widths = np.diff(edges)
     down, up = -slopes[:, :-2] / widths[:-1], slopes[:, 2:] / widths[1:]
@@ -133,31 +145,38 @@ def check_vocabulary(meta: dict, path):
     (EnCodec's codebook 0, or the offline k-means codebook of its size): edited or damaged, it would give a model
     the wrong width for the tokens."""
     if meta.get("tokenizer") in (ENCODEC_NAME, OFFLINE_NAME) and meta.get("vocab_size") != VOCAB:
-        raise UserError(f"{path} says vocab_size {meta.get('vocab_size')}, but its tokenizer {meta['tokenizer']} has "
-                        f"{VOCAB} tokens: the file was edited or is damaged; make the data again with python "
-                        "prepare.py --overwrite")
+        raise UserError(
+            f"{path} says vocab_size {meta.get('vocab_size')}, but its tokenizer {meta['tokenizer']} has "
+            f"{VOCAB} tokens: the file was edited or is damaged; make the data again with python "
+            "prepare.py --overwrite"
+        )
 
 
 def read_meta(data_dir) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
-        raise UserError(f"{path} not found: make it with `python prepare.py` (an unfinished run has none)")
+        raise UserError(
+            f"{path} not found: make it with `python prepare.py` (an unfinished run has none)"
+        )
     return json.loads(path.read_text())
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the tokenizer: EnCodec 24 kHz encoder + codebook 0, real weights or the offline stand-in
 
+
 def nearest(x: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     """x (..., D), codebook (K, D) -> (...) int64 index of the nearest row, with the distance written exactly as
     EnCodec's quantizer writes it (so the codes equal its codes[:, 0]), chunked to keep memory at chunk x K."""
-    flat = x.reshape(-1, x.shape[-1]).to(codebook.dtype)                 # (N, D)
-    embed = codebook.t()                                                 # (D, K)
+    flat = x.reshape(-1, x.shape[-1]).to(codebook.dtype)  # (N, D)
+    embed = codebook.t()  # (D, K)
     out = torch.empty(len(flat), dtype=torch.long, device=x.device)
     for i in range(0, len(flat), chunk):
-        xi = flat[i:i + chunk]
-        dist = -(xi.pow(2).sum(1, keepdim=True) - 2 * xi @ embed + embed.pow(2).sum(0, keepdim=True))  # (chunk, K)
-        out[i:i + chunk] = dist.max(-1).indices
+        xi = flat[i : i + chunk]
+        dist = -(
+            xi.pow(2).sum(1, keepdim=True) - 2 * xi @ embed + embed.pow(2).sum(0, keepdim=True)
+        )  # (chunk, K)
+        out[i : i + chunk] = dist.max(-1).indices
     return out.reshape(x.shape[:-1])
 
 
@@ -198,7 +217,7 @@ def embed(encoder, wavs: list, batch_size: int = 1) -> list:
 
 
 def embed_rows(encoder, wavs: list, batch_size: int, device) -> list:
-    rows = []                                                            # (file, segment, first sample, end, context)
+    rows = []  # (file, segment, first sample, end, context)
     for i, wav in enumerate(wavs):
         for k, start in enumerate(range(0, len(wav), SEGMENT)):
             context = min(start, CONTEXT)
@@ -207,15 +226,17 @@ def embed_rows(encoder, wavs: list, batch_size: int, device) -> list:
     parts = [[None] * -(-len(wav) // SEGMENT) for wav in wavs]
     dtype = next(encoder.parameters()).dtype
     for b in range(0, len(rows), batch_size):
-        batch = rows[b:b + batch_size]
-        x = torch.zeros(len(batch), 1, max(end - lo for _, _, lo, end, _ in batch), dtype=dtype)  # (rows, 1, samples)
+        batch = rows[b : b + batch_size]
+        x = torch.zeros(
+            len(batch), 1, max(end - lo for _, _, lo, end, _ in batch), dtype=dtype
+        )  # (rows, 1, samples)
         for j, (i, _, lo, end, _) in enumerate(batch):
-            x[j, 0, :end - lo] = wavs[i][lo:end]
-        emb = encoder(x.to(device)).transpose(1, 2).cpu()                # (rows, frames, EMB_DIM)
+            x[j, 0, : end - lo] = wavs[i][lo:end]
+        emb = encoder(x.to(device)).transpose(1, 2).cpu()  # (rows, frames, EMB_DIM)
         if dtype == OFFLINE_DTYPE:
             emb = emb.to(LATENT_ROUNDING).to(dtype)
         for j, (i, k, lo, end, context) in enumerate(batch):
-            parts[i][k] = emb[j, context // HOP:(end - lo) // HOP]
+            parts[i][k] = emb[j, context // HOP : (end - lo) // HOP]
     return [torch.cat(p) for p in parts]
 
 
@@ -247,10 +268,14 @@ class Tokenizer:
         EnCodec's convs reflect-pad the start of what they decode, so its first frames would hear up to 6 tokens
         ahead; the decoder starts instead on the first token held for DECODE_HOLD tokens, whose audio is dropped."""
         held = hold_first(tokens)
-        emb = self.codebook[held.to(self.codebook.device)].transpose(1, 2)          # (B, EMB_DIM, HOLD + T)
-        torch.set_flush_denormal(True)  # for this thread (the decoder has an LSTM too); thread count: the caller's
+        emb = self.codebook[held.to(self.codebook.device)].transpose(1, 2)  # (B, EMB_DIM, HOLD + T)
+        torch.set_flush_denormal(
+            True
+        )  # for this thread (the decoder has an LSTM too); thread count: the caller's
         dtype = next(self.model.decoder.parameters()).dtype
-        return self.model.decoder(emb.to(self.device, dtype))[:, 0, DECODE_HOLD * HOP:held.shape[1] * HOP].float()
+        return self.model.decoder(emb.to(self.device, dtype))[
+            :, 0, DECODE_HOLD * HOP : held.shape[1] * HOP
+        ].float()
 
     def fingerprint(self) -> str:
         """A hash of everything that decides the tokens: shards made by another tokenizer are not reused."""
@@ -262,10 +287,18 @@ class Tokenizer:
     def save(self, path):
         """Everything load_tokenizer needs to rebuild the offline tokenizer exactly (weights kept as well as the
         seed, since torch's random streams may change between versions)."""
-        state = {"name": self.name, "seed": self.seed, "codebook": self.codebook.cpu(),  # weights: float32 values
-                 **{part: {k: v.float() for k, v in getattr(self.model, part).state_dict().items()}
-                    for part in ("encoder", "decoder")}}
-        with open(f"{path}.tmp", "wb") as f:  # a file of ours, closed on error: a full disk's room is free again
+        state = {
+            "name": self.name,
+            "seed": self.seed,
+            "codebook": self.codebook.cpu(),  # weights: float32 values
+            **{
+                part: {k: v.float() for k, v in getattr(self.model, part).state_dict().items()}
+                for part in ("encoder", "decoder")
+            },
+        }
+        with open(
+            f"{path}.tmp", "wb"
+        ) as f:  # a file of ours, closed on error: a full disk's room is free again
             torch.save(state, f)
         os.replace(f"{path}.tmp", path)
 
@@ -294,7 +327,9 @@ def encodec_weights(ckpt=None) -> tuple:
         try:
             download(ENCODEC_URL, cached)
         except OSError as e:
-            raise UserError(f"not in the torch hub cache ({cached}) and the download failed ({e})") from e
+            raise UserError(
+                f"not in the torch hub cache ({cached}) and the download failed ({e})"
+            ) from e
     with open(cached, "rb") as f:
         if not hashlib.file_digest(f, "sha256").hexdigest().startswith(ENCODEC_SHA256):
             raise UserError(f"{cached} is corrupt (sha256 mismatch): delete it")
@@ -337,7 +372,9 @@ def random_weights(model: EncodecModel, seed: int) -> EncodecModel:
                 if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
                     fan_in = nn.init._calculate_fan_in_and_fan_out(module.weight_v)[0]
                     v = uniform(module.weight_v.shape, 1 / np.sqrt(fan_in))
-                    g = np.sqrt((v.double().numpy() ** 2).sum(axis=tuple(range(1, v.dim())), keepdims=True))
+                    g = np.sqrt(
+                        (v.double().numpy() ** 2).sum(axis=tuple(range(1, v.dim())), keepdims=True)
+                    )
                     module.weight_v.copy_(v)
                     module.weight_g.copy_(torch.from_numpy(g.astype(np.float32)))
                     module.bias.copy_(uniform(module.bias.shape, 1 / np.sqrt(fan_in)))
@@ -354,11 +391,15 @@ def fit_codebook(emb: torch.Tensor, seed: int) -> torch.Tensor:
     dtype (float64 offline)."""
     g = torch.Generator().manual_seed(seed)
     n = len(emb)
-    start = torch.randperm(n, generator=g)[:VOCAB] if n >= VOCAB else torch.randint(n, (VOCAB,), generator=g)
+    start = (
+        torch.randperm(n, generator=g)[:VOCAB]
+        if n >= VOCAB
+        else torch.randint(n, (VOCAB,), generator=g)
+    )
     centroids = emb[start]
     for _ in range(KMEANS_ITERS):
-        assign = nearest(emb, centroids)                                  # (N,)
-        counts = torch.bincount(assign, minlength=VOCAB)[:, None]        # (VOCAB, 1)
+        assign = nearest(emb, centroids)  # (N,)
+        counts = torch.bincount(assign, minlength=VOCAB)[:, None]  # (VOCAB, 1)
         sums = torch.zeros_like(centroids).index_add_(0, assign, emb)
         reseed = emb[torch.randint(n, (VOCAB,), generator=g)]
         centroids = torch.where(counts > 0, sums / counts.clamp(min=1), reseed)
@@ -371,8 +412,10 @@ def load_tokenizer(data_dir, device="cpu") -> Tokenizer:
     meta = read_meta(data_dir)
     if meta["tokenizer_offline"]:
         if not (Path(data_dir) / TOKENIZER_FILE).is_file():
-            raise UserError(f"{Path(data_dir) / TOKENIZER_FILE} not found: the offline tokenizer that made "
-                            f"{data_dir} is gone; make the data again with `python prepare.py`")
+            raise UserError(
+                f"{Path(data_dir) / TOKENIZER_FILE} not found: the offline tokenizer that made "
+                f"{data_dir} is gone; make the data again with `python prepare.py`"
+            )
         saved = load_torch_file(Path(data_dir) / TOKENIZER_FILE)
         return offline_tokenizer(saved["seed"], device, saved)
     ckpt = meta.get("tokenizer_weights")
@@ -383,29 +426,42 @@ def load_tokenizer(data_dir, device="cpu") -> Tokenizer:
 
 
 def weights_help(reason: str) -> str:
-    return (f"pretrained EnCodec 24 kHz weights unavailable: {reason}. Supply them one of three ways: (1) run "
-            f"with internet access once (they download from {ENCODEC_URL}); (2) copy {ENCODEC_CKPT} into "
-            f"{Path(torch.hub.get_dir()) / 'checkpoints'}/; (3) pass --encodec_ckpt PATH (the file, or its folder).")
+    return (
+        f"pretrained EnCodec 24 kHz weights unavailable: {reason}. Supply them one of three ways: (1) run "
+        f"with internet access once (they download from {ENCODEC_URL}); (2) copy {ENCODEC_CKPT} into "
+        f"{Path(torch.hub.get_dir()) / 'checkpoints'}/; (3) pass --encodec_ckpt PATH (the file, or its folder)."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # decoding: from tokens alone, the mel the hybrid is fed while it generates and the audio a person hears
 
-DECODER_FILE = "token_mel.npy"  # the offline decoder's table, beside tokenizer.pt: (VOCAB, N_MELS) float32
-GRIFFIN_LIM_ITERS = 64          # phase-recovery iterations of the offline decoder's audio
+DECODER_FILE = (
+    "token_mel.npy"  # the offline decoder's table, beside tokenizer.pt: (VOCAB, N_MELS) float32
+)
+GRIFFIN_LIM_ITERS = 64  # phase-recovery iterations of the offline decoder's audio
 
 
-def fit_token_mel(tokens: np.ndarray, mel: np.ndarray, vocab: int = VOCAB, chunk: int = 1 << 18) -> np.ndarray:
+def fit_token_mel(
+    tokens: np.ndarray, mel: np.ndarray, vocab: int = VOCAB, chunk: int = 1 << 18
+) -> np.ndarray:
     """The offline decoder's table: each token's mean normalised mel slice, tokens (N,) with their slices mel
     (N, n_mel), summed in float64 a chunk at a time -> (vocab, n_mel) float32. The mean is the least-squares
     estimate of a slice from its token alone; a token the split never has gets the mean of all slices."""
-    sums, counts = torch.zeros(vocab, mel.shape[1], dtype=torch.float64), torch.zeros(vocab, dtype=torch.float64)
+    sums, counts = (
+        torch.zeros(vocab, mel.shape[1], dtype=torch.float64),
+        torch.zeros(vocab, dtype=torch.float64),
+    )
     for i in range(0, len(tokens), chunk):
-        t = torch.from_numpy(tokens[i:i + chunk].astype(np.int64))
-        sums.index_add_(0, t, torch.from_numpy(mel[i:i + chunk].astype(np.float64)))
+        t = torch.from_numpy(tokens[i : i + chunk].astype(np.int64))
+        sums.index_add_(0, t, torch.from_numpy(mel[i : i + chunk].astype(np.float64)))
         counts += torch.bincount(t, minlength=vocab).double()
     overall = sums.sum(0) / counts.sum()
-    return torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], overall).float().numpy()
+    return (
+        torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], overall)
+        .float()
+        .numpy()
+    )
 
 
 def save_token_mel(data_dir, meta=None) -> Path:
@@ -416,8 +472,10 @@ def save_token_mel(data_dir, meta=None) -> Path:
     path = Path(data_dir) / DECODER_FILE
     bad = first_non_finite(Path(data_dir) / "train_mel.bin", meta["n_mels"])
     if bad is not None:  # its tokens' rows of the table would be nan
-        raise UserError(f"{Path(data_dir) / 'train_mel.bin'} holds a nan or inf in row {bad:,}: the file is damaged; "
-                        f"make {data_dir} again with python prepare.py --overwrite")
+        raise UserError(
+            f"{Path(data_dir) / 'train_mel.bin'} holds a nan or inf in row {bad:,}: the file is damaged; "
+            f"make {data_dir} again with python prepare.py --overwrite"
+        )
     np.save(f"{path}.tmp.npy", fit_token_mel(tokens, mel, meta["vocab_size"]))
     os.replace(f"{path}.tmp.npy", path)
     return path
@@ -433,15 +491,25 @@ class Decoder:
 
     def __init__(self, tokenizer, meta, table=None):
         self.tokenizer, self.meta = tokenizer, meta
-        self.table = None if table is None else torch.as_tensor(table, dtype=torch.float32)  # (VOCAB, n_mel)
-        self.name = ("per-token mean mel + Griffin-Lim (offline stand-in for EnCodec's decoder)" if table is not None
-                     else f"{tokenizer.name} decoder (codebook 0)" + (", random weights" if tokenizer.offline else ""))
+        self.table = (
+            None if table is None else torch.as_tensor(table, dtype=torch.float32)
+        )  # (VOCAB, n_mel)
+        self.name = (
+            "per-token mean mel + Griffin-Lim (offline stand-in for EnCodec's decoder)"
+            if table is not None
+            else f"{tokenizer.name} decoder (codebook 0)"
+            + (", random weights" if tokenizer.offline else "")
+        )
 
     def mel(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) int64 -> (B, T, n_mel) float32 normalised decoded mel, on the tokens' device."""
         if self.table is not None:
             return self.table.to(tokens.device)[tokens]
-        return normalise_mel(log_mel(self.tokenizer.decode(tokens)), self.meta).float().to(tokens.device)
+        return (
+            normalise_mel(log_mel(self.tokenizer.decode(tokens)), self.meta)
+            .float()
+            .to(tokens.device)
+        )
 
     def audio(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) int64 -> (B, T * HOP) float32 audio at 24 kHz."""
@@ -450,29 +518,43 @@ class Decoder:
         return mel_to_audio(self.mel(tokens.cpu()), self.meta).to(tokens.device)
 
 
-def mel_to_audio(mel: torch.Tensor, meta: dict, n_iter: int = GRIFFIN_LIM_ITERS, seed: int = 0) -> torch.Tensor:
+def mel_to_audio(
+    mel: torch.Tensor, meta: dict, n_iter: int = GRIFFIN_LIM_ITERS, seed: int = 0
+) -> torch.Tensor:
     """Normalised log-mel (B, T, n_mel) -> audio (B, T * HOP) whose causal log-mel approximates it: the mel power
     back to a linear power spectrum (InverseMelScale: least squares over the Slaney filterbank, negatives to 0),
     then Griffin-Lim's phase (seeded: the same mel gives the same audio), shifted by half a hop so that frame t
     of its centred STFT lands on causal slice t (whose window ends at sample 320(t+1))."""
     std, mean = (torch.tensor(meta[k], dtype=torch.float32) for k in ("mel_std", "mel_mean"))
-    power = torch.exp(mel.float() * std + mean).transpose(1, 2)                 # (B, n_mel, T): mel power
-    power = torch.cat([power, power[..., -1:]], dim=-1)                        # (B, n_mel, T + 1): see below
-    inverse = torchaudio.transforms.InverseMelScale(WIN // 2 + 1, mel.size(-1), SAMPLE_RATE, 0.0, SAMPLE_RATE / 2,
-                                                    norm="slaney", mel_scale="slaney", driver="gelsd")
+    power = torch.exp(mel.float() * std + mean).transpose(1, 2)  # (B, n_mel, T): mel power
+    power = torch.cat([power, power[..., -1:]], dim=-1)  # (B, n_mel, T + 1): see below
+    inverse = torchaudio.transforms.InverseMelScale(
+        WIN // 2 + 1,
+        mel.size(-1),
+        SAMPLE_RATE,
+        0.0,
+        SAMPLE_RATE / 2,
+        norm="slaney",
+        mel_scale="slaney",
+        driver="gelsd",
+    )
     # a centred frame t is centred on sample 320t, causal slice t on 320t - 160: drop the first 160 samples, so
     # T * HOP samples out take T * HOP + 160 in, T + 1 centred frames (the last slice repeated)
-    shift, n = WIN // 2 - HOP // 2 - HOP // 2, mel.size(1) * HOP                # 160 samples; the output length
-    griffin_lim = torchaudio.transforms.GriffinLim(WIN, n_iter, hop_length=HOP, power=2.0, length=n + shift)
+    shift, n = WIN // 2 - HOP // 2 - HOP // 2, mel.size(1) * HOP  # 160 samples; the output length
+    griffin_lim = torchaudio.transforms.GriffinLim(
+        WIN, n_iter, hop_length=HOP, power=2.0, length=n + shift
+    )
     rows = []
-    for row in power:  # one row at a time, its random initial phase from the seed: the same audio in any batch
+    for row in (
+        power
+    ):  # one row at a time, its random initial phase from the seed: the same audio in any batch
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            rows.append(griffin_lim(inverse(row[None])))                       # (1, n + shift)
+            rows.append(griffin_lim(inverse(row[None])))  # (1, n + shift)
     return torch.cat(rows)[:, shift:].contiguous()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_decoder(data_dir, device="cpu") -> Decoder:
     """The decoder of the tokenizer that made data_dir, loaded once per process: the offline one reads its table,
     and a folder made before there was one gets one line saying how to add it."""
@@ -487,21 +569,36 @@ def read_token_mel(data_dir, meta) -> np.ndarray:
     """The offline decoder's table of data_dir (VOCAB, n_mel) float32, whole and finite, or one line saying to run
     prepare.py again: it makes the table again (or for the first time, in data made before there was one) in
     seconds, from the train split, and keeps the data."""
-    path, again = Path(data_dir) / DECODER_FILE, (f"run the prepare.py command that made it once more (e.g. python "
-                                                  f"prepare.py --dataset {Path(data_dir).name}): it makes the "
-                                                  "decoder again in seconds and keeps the data")
+    path, again = (
+        Path(data_dir) / DECODER_FILE,
+        (
+            f"run the prepare.py command that made it once more (e.g. python "
+            f"prepare.py --dataset {Path(data_dir).name}): it makes the "
+            "decoder again in seconds and keeps the data"
+        ),
+    )
     if not path.is_file():
-        raise UserError(f"{data_dir} has no offline decoder ({DECODER_FILE}; data made before there was one): {again}")
+        raise UserError(
+            f"{data_dir} has no offline decoder ({DECODER_FILE}; data made before there was one): {again}"
+        )
     try:
         table = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:  # cut short, or not a .npy: numpy's first sentence says which
+    except (
+        ValueError,
+        OSError,
+        EOFError,
+    ) as e:  # cut short, or not a .npy: numpy's first sentence says which
         raise UserError(f"{path} is damaged ({str(e).split('. ')[0][:120]}): {again}") from None
     if table.shape != (meta["vocab_size"], meta["n_mels"]) or table.dtype != np.float32:
-        raise UserError(f"{path} is damaged (a {table.dtype} table of shape {table.shape}, not float32 "
-                        f"({meta['vocab_size']}, {meta['n_mels']})): {again}")
+        raise UserError(
+            f"{path} is damaged (a {table.dtype} table of shape {table.shape}, not float32 "
+            f"({meta['vocab_size']}, {meta['n_mels']})): {again}"
+        )
     bad = ~np.isfinite(table).all(1)
     if bad.any():
-        raise UserError(f"{path} is damaged (a nan or inf in row {int(bad.argmax())}, the mel of that token): {again}")
+        raise UserError(
+            f"{path} is damaged (a nan or inf in row {int(bad.argmax())}, the mel of that token): {again}"
+        )
     return table
 
 
@@ -516,12 +613,13 @@ class DecodedSplit:
         return len(self.tokens)
 
     def __getitem__(self, rows: slice) -> np.ndarray:
-        tokens = torch.from_numpy(self.tokens[rows].astype(np.int64))[None]    # (1, j - i)
+        tokens = torch.from_numpy(self.tokens[rows].astype(np.int64))[None]  # (1, j - i)
         return self.decoder.mel(tokens)[0].numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # downloads (the EnCodec weights here; prepare.py also fetches LibriTTS with it)
+
 
 def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT):
     """Fetch url into dest through dest.part: an existing .part is resumed with an HTTP Range request (restarted
@@ -545,10 +643,14 @@ def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT):
     else:
         have, total = 0, response.headers.get("Content-Length", "*")
     free = shutil.disk_usage(dest.parent).free
-    if total != "*" and int(total) - have > free:  # checked before a byte is written (or a .part truncated)
+    if (
+        total != "*" and int(total) - have > free
+    ):  # checked before a byte is written (or a .part truncated)
         response.close()
-        raise OSError(f"{dest.name} needs {(int(total) - have) / 1e6:,.1f} MB more and {dest.parent} has "
-                      f"{free / 1e6:,.1f} MB free: free some space or pass another --data_root")
+        raise OSError(
+            f"{dest.name} needs {(int(total) - have) / 1e6:,.1f} MB more and {dest.parent} has "
+            f"{free / 1e6:,.1f} MB free: free some space or pass another --data_root"
+        )
     with response, open(part, "ab" if resume else "wb") as f:
         of = f"{int(total) / 1e6:,.0f}" if total != "*" else "?"
         last_print = time.time()
@@ -557,7 +659,12 @@ def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT):
             have += len(chunk)
             if time.time() - last_print > 1:
                 last_print = time.time()
-                print(f"\r{dest.name}: {have / 1e6:,.0f} of {of} MB", end="", file=sys.stderr, flush=True)
+                print(
+                    f"\r{dest.name}: {have / 1e6:,.0f} of {of} MB",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
     if total != "*" and part.stat().st_size != int(total):
         raise OSError(f"{url}: got {part.stat().st_size} of {total} bytes; run again to resume")
     os.replace(part, dest)
@@ -565,6 +672,7 @@ def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT):
 
 # ----------------------------------------------------------------------------------------------------------------
 # EnCodec's decoder as a stream: one token's work per token
+
 
 class StreamingDecoder:
     """EnCodec's causal SEANet decoder run incrementally, exactly: each layer keeps the past it needs (a causal
@@ -574,7 +682,9 @@ class StreamingDecoder:
 
     def __init__(self, tokenizer):
         self.codebook = tokenizer.codebook  # (VOCAB, 128): token -> the latent the decoder reads
-        dtype = next(tokenizer.model.decoder.parameters()).dtype  # the tokenizer's own (float64 offline)
+        dtype = next(
+            tokenizer.model.decoder.parameters()
+        ).dtype  # the tokenizer's own (float64 offline)
         decoder = encodec_skeleton().decoder.to(tokenizer.device, dtype).eval()  # a copy to change:
         decoder.load_state_dict(tokenizer.model.decoder.state_dict())
         for m in decoder.modules():  # fold weight norm into the weights once, not at every call
@@ -587,7 +697,9 @@ class StreamingDecoder:
     def __call__(self, tokens):
         """tokens (B, n) that follow the ones fed before -> their audio (B, n * HOP). The first call starts on its
         first token held DECODE_HOLD tokens, as Tokenizer.decode does."""
-        torch.set_flush_denormal(True)  # for this thread: the LSTM's state decays into denormals, 16x slower
+        torch.set_flush_denormal(
+            True
+        )  # for this thread: the LSTM's state decays into denormals, 16x slower
         hold = 0 if self.started else DECODE_HOLD
         if hold:
             tokens = hold_first(tokens)
@@ -595,7 +707,7 @@ class StreamingDecoder:
         x = self.codebook[tokens].transpose(1, 2)  # (B, 128, n)
         for layer in self.layers:
             x = layer(x)
-        return x[:, 0, hold * HOP:].float()
+        return x[:, 0, hold * HOP :].float()
 
 
 def streamed(m):
@@ -608,11 +720,13 @@ def streamed(m):
         return StreamedLSTM(m.lstm, m.skip)
     if isinstance(m, SEANetResnetBlock):
         shortcut, block = streamed(m.shortcut), [streamed(b) for b in m.block]
+
         def residual(x):
             y = x
             for layer in block:
                 y = layer(y)
             return shortcut(x) + y
+
         return residual
     if isinstance(m, (nn.ELU, nn.Identity)):
         return m
@@ -641,8 +755,12 @@ class StreamedConv:
 
     def __call__(self, x):
         if self.context:  # the first call pads as SConv1d does (reflection at the very start)
-            x = pad1d(x, (self.context, 0), mode=self.pad_mode) if self.past is None else torch.cat([self.past, x], -1)
-            self.past = x[..., -self.context:]
+            x = (
+                pad1d(x, (self.context, 0), mode=self.pad_mode)
+                if self.past is None
+                else torch.cat([self.past, x], -1)
+            )
+            self.past = x[..., -self.context :]
         return F.conv1d(x, self.weight, self.bias, dilation=self.dilation)
 
 
@@ -656,9 +774,14 @@ class StreamedConvTranspose:
         self.tail = None
 
     def __call__(self, x):
-        y = F.conv_transpose1d(x, self.weight, self.bias, stride=self.stride)  # (B, C, (L - 1) * s + k)
+        y = F.conv_transpose1d(
+            x, self.weight, self.bias, stride=self.stride
+        )  # (B, C, (L - 1) * s + k)
         if self.tail is not None:
-            y = torch.cat([y[..., :self.overlap] + self.tail - self.bias[:, None], y[..., self.overlap:]], dim=-1)
+            y = torch.cat(
+                [y[..., : self.overlap] + self.tail - self.bias[:, None], y[..., self.overlap :]],
+                dim=-1,
+            )
         n = x.size(-1) * self.stride
         self.tail = y[..., n:]
         return y[..., :n]

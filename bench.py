@@ -14,6 +14,7 @@ gains over the plain way of writing it.
 
 Its other flags are whisper_gpt.py's.
 """
+
 import argparse
 import dataclasses
 import functools
@@ -27,16 +28,26 @@ import torch.nn.functional as F
 
 import whisper_gpt
 from checks import Parser, run_script
-from whisper_gpt import (MLP, MODEL_FIELDS, WhisperGPT, add_config_flags, autocast_context, config_from, model_name,
-                         say, sinusoids)
+from whisper_gpt import (
+    MLP,
+    MODEL_FIELDS,
+    WhisperGPT,
+    add_config_flags,
+    autocast_context,
+    config_from,
+    model_name,
+    say,
+    sinusoids,
+)
 
 H100_BF16_PEAK = 989e12  # FLOP/s, dense, H100 SXM
 
 
 def textbook_stack(width, n_head, n_layer, dropout):
     """A causal pre-norm stack of PyTorch's own textbook layers (nn.TransformerEncoderLayer), MLP 4x, GELU."""
-    layer = nn.TransformerEncoderLayer(width, n_head, 4 * width, dropout, activation="gelu", batch_first=True,
-                                       norm_first=True)
+    layer = nn.TransformerEncoderLayer(
+        width, n_head, 4 * width, dropout, activation="gelu", batch_first=True, norm_first=True
+    )
     return nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False)
 
 
@@ -48,10 +59,15 @@ def textbook_gpt(c):
         def __init__(self):
             super().__init__()
             tok_width = c.n_embd // 2 if c.hybrid else c.n_embd
-            self.wte, self.wpe = nn.Embedding(c.vocab_size, tok_width), nn.Embedding(c.block_size, tok_width)
+            self.wte, self.wpe = (
+                nn.Embedding(c.vocab_size, tok_width),
+                nn.Embedding(c.block_size, tok_width),
+            )
             if c.hybrid:  # the mel half: per-slice MLP, sinusoids, causal layers, a final norm (as whisper_gpt.py)
                 self.slice_mlp = MLP(c.n_mel, c.mel_hidden, tok_width)
-                self.register_buffer("mel_pos", sinusoids(c.block_size, tok_width), persistent=False)
+                self.register_buffer(
+                    "mel_pos", sinusoids(c.block_size, tok_width), persistent=False
+                )
                 self.mel_stack = textbook_stack(tok_width, c.mel_head, c.mel_layer, c.dropout)
                 self.mel_ln = nn.LayerNorm(tok_width)
             self.stack = textbook_stack(c.n_embd, c.n_head, c.n_layer, c.dropout)
@@ -62,8 +78,12 @@ def textbook_gpt(c):
             mask = nn.Transformer.generate_square_subsequent_mask(T, device=idx.device)
             x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
             if c.hybrid:
-                m = self.slice_mlp(F.pad(mel, (0, 0, 1, 0))[:, :T]) + self.mel_pos[:T]  # the shift by 2
-                x = torch.cat([x, self.mel_ln(self.mel_stack(m, mask=mask, is_causal=True))], dim=-1)
+                m = (
+                    self.slice_mlp(F.pad(mel, (0, 0, 1, 0))[:, :T]) + self.mel_pos[:T]
+                )  # the shift by 2
+                x = torch.cat(
+                    [x, self.mel_ln(self.mel_stack(m, mask=mask, is_causal=True))], dim=-1
+                )
             logits = self.head(self.ln_f(self.stack(x, mask=mask, is_causal=True)))  # (B, T, vocab)
             return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
@@ -84,7 +104,9 @@ def setup(c, reference=False):
     optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, fused=c.device.startswith("cuda"))
     if c.compile:
         model = torch.compile(model)
-    ctx = nullcontext() if reference else autocast_context(c)  # the reference is the plain float32 model
+    ctx = (
+        nullcontext() if reference else autocast_context(c)
+    )  # the reference is the plain float32 model
     x = torch.randint(0, c.vocab_size, (c.batch_size, c.block_size), device=c.device)
     y = torch.randint(0, c.vocab_size, (c.batch_size, c.block_size), device=c.device)
     mel = torch.randn(c.batch_size, c.block_size, c.n_mel, device=c.device) if c.hybrid else None
@@ -95,6 +117,7 @@ def setup(c, reference=False):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return model, params, step
 
 
@@ -109,7 +132,9 @@ def profile(c, steps=2, top=12):
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-    say(f"profile {model_name(c)}: {steps} steps of batch {c.batch_size} x {c.block_size} | {c.device} {c.dtype}")
+    say(
+        f"profile {model_name(c)}: {steps} steps of batch {c.batch_size} x {c.block_size} | {c.device} {c.dtype}"
+    )
     say(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
 
 
@@ -165,9 +190,11 @@ def bench(c, steps=20, reference=False):
     name = f"textbook {model_name(c)}" if reference else model_name(c)
     dtype = "float32" if reference else c.dtype
     flops, (top, top_name) = flops_per_token(c, params) * tok_s, peak(c)
-    say(f"bench {name}: {params:,} params | batch {c.batch_size} x {c.block_size} | {c.device} {dtype} | {steps} "
+    say(
+        f"bench {name}: {params:,} params | batch {c.batch_size} x {c.block_size} | {c.device} {dtype} | {steps} "
         f"steps in {dt:.2f} s | {tok_s:,.0f} tokens/s | {flops / 1e9:.1f} GFLOP/s model, MFU {flops / top:.1%} of "
-        f"{top_name}")
+        f"{top_name}"
+    )
     return tok_s
 
 
@@ -178,17 +205,26 @@ def torch_attention(q, k, v, dropout=0.0):
     if q.device.type != "cpu" or d >= 16:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
     q, k, v = (F.pad(t, (0, 16 - d)) for t in (q, k, v))  # (B, n_head, T, 16), zeros after head_dim
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=d ** -0.5)[..., :d]
+    return F.scaled_dot_product_attention(
+        q, k, v, dropout_p=dropout, is_causal=True, scale=d**-0.5
+    )[..., :d]
 
 
 def compare(c, steps, rounds):
     """The textbook float32 reference, this model before cpu_attention (torch_attention), after it in float32, and
     after it with --dtype bfloat16, timed in turn for `rounds` rounds, so that the machine's drift hits all alike;
     prints each and the median ratios."""
-    kept, fp32, bf16 = whisper_gpt.causal_attention, dataclasses.replace(c, dtype="float32"), \
-        dataclasses.replace(c, dtype="bfloat16")
-    kinds = {"reference": (fp32, True, kept), "before": (fp32, False, torch_attention),
-             "after": (fp32, False, kept), "after bf16": (bf16, False, kept)}
+    kept, fp32, bf16 = (
+        whisper_gpt.causal_attention,
+        dataclasses.replace(c, dtype="float32"),
+        dataclasses.replace(c, dtype="bfloat16"),
+    )
+    kinds = {
+        "reference": (fp32, True, kept),
+        "before": (fp32, False, torch_attention),
+        "after": (fp32, False, kept),
+        "after bf16": (bf16, False, kept),
+    }
     runs = {kind: [] for kind in kinds}
     for _ in range(rounds):
         for kind, (config, reference, attention) in kinds.items():
@@ -198,10 +234,12 @@ def compare(c, steps, rounds):
             finally:
                 whisper_gpt.causal_attention = kept
     ratio = lambda a, b: statistics.median(x / y for x, y in zip(runs[a], runs[b]))
-    say(f"compare {model_name(c)} ({rounds} rounds, interleaved, {torch.get_num_threads()} threads, "
+    say(
+        f"compare {model_name(c)} ({rounds} rounds, interleaved, {torch.get_num_threads()} threads, "
         f"{torch.backends.cpu.get_cpu_capability()}, {native_bf16()[1]}): after / before {ratio('after', 'before'):.2f}x"
         f" | over the textbook float32 reference: after {ratio('after', 'reference'):.2f}x, "
-        f"after bf16 {ratio('after bf16', 'reference'):.2f}x")
+        f"after bf16 {ratio('after bf16', 'reference'):.2f}x"
+    )
     return {kind: statistics.median(times) for kind, times in runs.items()}
 
 
@@ -219,26 +257,48 @@ def attention(c, steps, rounds):
                 fn(q, k, v).sum().backward()
             times.append((time.perf_counter() - t0) / steps * 1000)
     before, after = (statistics.median(t) for t in ms.values())
-    say(f"attention forward + backward of {B} x {H} heads x {T} x {d} ({c.device}, {torch.get_num_threads()} threads, "
-        f"{rounds} rounds in turn): before {before:.1f} ms, after {after:.1f} ms: {before / after:.2f}x")
+    say(
+        f"attention forward + backward of {B} x {H} heads x {T} x {d} ({c.device}, {torch.get_num_threads()} threads, "
+        f"{rounds} rounds in turn): before {before:.1f} ms, after {after:.1f} ms: {before / after:.2f}x"
+    )
     return before, after
 
 
 def parse_args(argv=None):
     """(Config, steps, reference, profile, rounds) from the command line: whisper_gpt.py's flags and this script's
     own."""
-    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=20, help="steps timed, after 3 warm-up steps")
-    parser.add_argument("--reference", action="store_true", help="time the textbook nn.TransformerEncoder GPT "
-                        "of the same shape instead")
-    parser.add_argument("--rounds", type=int, default=0, help="time the textbook reference, the model before and "
-                        "after cpu_attention and after it in bf16, interleaved, this many rounds; print the ratios "
-                        "(0: off)")
-    parser.add_argument("--attention", action="store_true", help="time one layer's attention (forward and "
-                        "backward) before and after cpu_attention instead, --rounds rounds (at least 1) in turn")
-    parser.add_argument("--profile", action="store_true", help="print where the time of --steps steps goes "
-                        "(torch.profiler, ops by self CPU time) instead of timing them")
-    add_config_flags(parser, MODEL_FIELDS + ("batch_size", "lr", "device", "dtype", "compile", "seed"))
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="time the textbook nn.TransformerEncoder GPT of the same shape instead",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="time the textbook reference, the model before and "
+        "after cpu_attention and after it in bf16, interleaved, this many rounds; print the ratios "
+        "(0: off)",
+    )
+    parser.add_argument(
+        "--attention",
+        action="store_true",
+        help="time one layer's attention (forward and "
+        "backward) before and after cpu_attention instead, --rounds rounds (at least 1) in turn",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print where the time of --steps steps goes "
+        "(torch.profiler, ops by self CPU time) instead of timing them",
+    )
+    add_config_flags(
+        parser, MODEL_FIELDS + ("batch_size", "lr", "device", "dtype", "compile", "seed")
+    )
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")

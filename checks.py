@@ -5,6 +5,7 @@ checks of whisper_gpt.py's flags and data folder, and what keeps work from being
 the lock of a run folder (one writer), and log.jsonl lines that survive a process cut off mid-line. Every script
 imports them from here.
 """
+
 import argparse
 import contextlib
 import errno
@@ -52,8 +53,12 @@ def load_torch_file(path, device="cpu"):
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
-        reason = re.split(r"\.\s", str(e).strip())[0][:150] or type(e).__name__  # torch's first sentence
-        raise UserError(f"{path} is not a whole torch file of tensors ({reason}): copy or make it again") from e
+        reason = (
+            re.split(r"\.\s", str(e).strip())[0][:150] or type(e).__name__
+        )  # torch's first sentence
+        raise UserError(
+            f"{path} is not a whole torch file of tensors ({reason}): copy or make it again"
+        ) from e
 
 
 def file_kind(path):
@@ -63,8 +68,17 @@ def file_kind(path):
     mode = os.stat(path).st_mode
     if stat.S_ISREG(mode):
         return None
-    return ("a folder" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket"
-            if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+    return (
+        "a folder"
+        if stat.S_ISDIR(mode)
+        else "a named pipe (FIFO)"
+        if stat.S_ISFIFO(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "not a file"
+    )
 
 
 def check_device(device, flag="--device"):
@@ -77,7 +91,9 @@ def check_device(device, flag="--device"):
     if kind == "cuda" and not gpus:
         raise UserError(f"{flag} {device}, but torch sees no GPU here: use {flag} cpu")
     if kind == "cuda" and index is not None and index >= gpus:
-        raise UserError(f"{flag} {device}, but torch sees {gpus} GPU(s) here: use cuda:0 to cuda:{gpus - 1}")
+        raise UserError(
+            f"{flag} {device}, but torch sees {gpus} GPU(s) here: use cuda:0 to cuda:{gpus - 1}"
+        )
     if kind == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"{flag} mps, but torch sees no Apple GPU here: use {flag} cpu")
     if kind not in ("cpu", "cuda", "mps"):
@@ -94,8 +110,10 @@ def check_writable(folder, flag):
     try:
         tempfile.TemporaryFile(dir=where).close()
     except OSError as e:
-        raise UserError(f"{flag} {folder}: cannot write in {where} ({e.strerror}): pass a folder you can "
-                        "write to") from None
+        raise UserError(
+            f"{flag} {folder}: cannot write in {where} ({e.strerror}): pass a folder you can "
+            "write to"
+        ) from None
 
 
 def disk_full(e):
@@ -103,7 +121,9 @@ def disk_full(e):
     instead (its zip writer checks how far it got, not errno: "unexpected pos", "PytorchStreamWriter failed")."""
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(e, RuntimeError) and any(s in str(e) for s in ("unexpected pos", "PytorchStreamWriter failed"))
+    return isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ("unexpected pos", "PytorchStreamWriter failed")
+    )
 
 
 @contextlib.contextmanager
@@ -120,39 +140,67 @@ def room_to_write(folder, need, fix, temporary=()):
             with contextlib.suppress(OSError):
                 os.remove(path)
         where = os.path.abspath(folder)
-        while not os.path.isdir(where):  # the disk's free space is that of the nearest folder that exists
+        while not os.path.isdir(
+            where
+        ):  # the disk's free space is that of the nearest folder that exists
             where = os.path.dirname(where)
         free = shutil.disk_usage(where).free
-        raise UserError(f"the disk of {folder} is full: the files written there need about {need / 1e6:,.1f} MB and "
-                        f"it has {free / 1e6:,.1f} MB free; {fix}") from None
+        raise UserError(
+            f"the disk of {folder} is full: the files written there need about {need / 1e6:,.1f} MB and "
+            f"it has {free / 1e6:,.1f} MB free; {fix}"
+        ) from None
 
 
 def validate(c):
     """Raise one clear error for an impossible combination of whisper_gpt.py's flags (c is its Config)."""
-    for name in ("block_size", "n_layer", "n_head", "n_embd", "dense", "mel_hidden", "mel_head", "batch_size",
-                 "epochs", "vocab_size"):  # first: a width or head count of 0 would divide by zero below
+    for name in (
+        "block_size",
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "dense",
+        "mel_hidden",
+        "mel_head",
+        "batch_size",
+        "epochs",
+        "vocab_size",
+    ):  # first: a width or head count of 0 would divide by zero below
         if getattr(c, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(c, name)}")
     if c.n_embd % c.n_head:
-        raise UserError(f"--n_embd {c.n_embd} is not divisible by --n_head {c.n_head}: pick a width that is")
+        raise UserError(
+            f"--n_embd {c.n_embd} is not divisible by --n_head {c.n_head}: pick a width that is"
+        )
     if c.hybrid and c.n_embd % 2:
         raise UserError(f"--hybrid needs an even --n_embd (half token, half mel); got {c.n_embd}")
     if c.hybrid and (c.n_embd // 2) % c.mel_head:
-        raise UserError(f"the mel stack width {c.n_embd // 2} is not divisible by --mel_head {c.mel_head}")
+        raise UserError(
+            f"the mel stack width {c.n_embd // 2} is not divisible by --mel_head {c.mel_head}"
+        )
     if c.init_from not in ("scratch", "resume"):
         raise UserError(f"--init_from must be 'scratch' or 'resume', not {c.init_from!r}")
     if c.mel_source not in ("audio", "decoded"):
         raise UserError(f"--mel_source must be 'audio' or 'decoded', not {c.mel_source!r}")
     if c.dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype must be float32, bfloat16 or float16, not {c.dtype!r}")
-    for name in ("micro_batch", "log_interval", "eval_interval", "max_iters", "eval_windows", "final_windows",
-                 "mel_layer", "seed"):
+    for name in (
+        "micro_batch",
+        "log_interval",
+        "eval_interval",
+        "max_iters",
+        "eval_windows",
+        "final_windows",
+        "mel_layer",
+        "seed",
+    ):
         if getattr(c, name) < 0:
             raise UserError(f"--{name} must be 0 or more, got {getattr(c, name)}")
     if not 0 < c.lr < float("inf"):  # written so that nan fails too
         raise UserError(f"--lr must be a positive number, got {c.lr}")
     if not 0 <= c.lr_drop_at <= 1:
-        raise UserError(f"--lr_drop_at is a fraction of the run, between 0 and 1; got {c.lr_drop_at}")
+        raise UserError(
+            f"--lr_drop_at is a fraction of the run, between 0 and 1; got {c.lr_drop_at}"
+        )
     if not 0 <= c.dropout < 1:
         raise UserError(f"--dropout is a probability below 1, got {c.dropout}")
     check_device(c.device)
@@ -165,57 +213,91 @@ def check_data(c, recorded=None):
     every memmap holds whole rows, as many as meta.json says; the mel has one row per token, all of them finite (a
     nan trains the model to nan); every token id is below the vocabulary. A new model takes its vocabulary and mel
     bins from meta.json (a resumed one has them from its checkpoint). Returns meta."""
-    path, fix = os.path.join(c.data_dir, "meta.json"), f"make {c.data_dir} again with python prepare.py"
+    path, fix = (
+        os.path.join(c.data_dir, "meta.json"),
+        f"make {c.data_dir} again with python prepare.py",
+    )
     if not os.path.isfile(path):
-        raise UserError(f"no prepared data in {c.data_dir}: run python prepare.py --dataset {c.dataset}")
+        raise UserError(
+            f"no prepared data in {c.data_dir}: run python prepare.py --dataset {c.dataset}"
+        )
     try:
         with open(path) as f:
             meta = json.load(f)
     except ValueError as e:  # json's errors and UnicodeDecodeError are ValueErrors
         raise UserError(f"{path} is not JSON ({e}): {fix}") from None
-    missing = [k for k in ("vocab_size", "n_mels", "n_train", "n_val")
-               if not isinstance(meta, dict) or not isinstance(meta.get(k), int) or meta[k] < 1]
+    missing = [
+        k
+        for k in ("vocab_size", "n_mels", "n_train", "n_val")
+        if not isinstance(meta, dict) or not isinstance(meta.get(k), int) or meta[k] < 1
+    ]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)} (positive whole numbers): {fix}")
     if recorded:
         check_same_data(recorded, data_fingerprint(c.data_dir, meta), f"the run in {c.out_dir}")
     if c.init_from == "scratch" and not c.eval_only:
         c.vocab_size, c.n_mel = meta["vocab_size"], meta["n_mels"]
-    elif c.vocab_size != meta["vocab_size"]:  # other data, not damaged data: a healthy file is never called damaged
-        raise UserError(f"{path} has a vocabulary of {meta['vocab_size']} tokens and the checkpoint's model reads "
-                        f"{c.vocab_size}: the data of another tokenizer; train a new run on it")
+    elif (
+        c.vocab_size != meta["vocab_size"]
+    ):  # other data, not damaged data: a healthy file is never called damaged
+        raise UserError(
+            f"{path} has a vocabulary of {meta['vocab_size']} tokens and the checkpoint's model reads "
+            f"{c.vocab_size}: the data of another tokenizer; train a new run on it"
+        )
     elif c.hybrid and c.n_mel != meta["n_mels"]:
-        raise UserError(f"{path} has {meta['n_mels']} mel bins and the checkpoint's model reads {c.n_mel}: "
-                        f"train a new run on this data")
+        raise UserError(
+            f"{path} has {meta['n_mels']} mel bins and the checkpoint's model reads {c.n_mel}: "
+            f"train a new run on this data"
+        )
     for split in ("train", "val"):
         n, files = meta[f"n_{split}"], [(f"{split}_tokens.bin", 2, "uint16 tokens", fix)]
         if c.hybrid:
-            files.append((f"{split}_mel.bin", 2 * c.n_mel, f"{c.n_mel}-bin float16 mel rows",
-                          "--hybrid needs the mel memmaps of prepare.py"))
+            files.append(
+                (
+                    f"{split}_mel.bin",
+                    2 * c.n_mel,
+                    f"{c.n_mel}-bin float16 mel rows",
+                    "--hybrid needs the mel memmaps of prepare.py",
+                )
+            )
         for name, row, what, if_missing in files:
             file = os.path.join(c.data_dir, name)
             if not os.path.isfile(file):
                 raise UserError(f"{c.data_dir} has no {name}: {if_missing}")
             size = os.path.getsize(file)
             if size % row:
-                raise UserError(f"{file}: {size:,} bytes is not a whole number of {what} ({row} bytes each), so it "
-                                f"is cut short or not prepare.py's: {fix}")
+                raise UserError(
+                    f"{file}: {size:,} bytes is not a whole number of {what} ({row} bytes each), so it "
+                    f"is cut short or not prepare.py's: {fix}"
+                )
             if size // row != n:
-                raise UserError(f"{file} holds {size // row:,} {what} but meta.json says the {split} split has "
-                                f"{n:,} tokens (one mel row per token): {fix}")
+                raise UserError(
+                    f"{file} holds {size // row:,} {what} but meta.json says the {split} split has "
+                    f"{n:,} tokens (one mel row per token): {fix}"
+                )
         if n < c.block_size + 1:
-            raise UserError(f"the {split} split has {n} tokens, fewer than a crop of --block_size {c.block_size} "
-                            f"+ 1: use a smaller --block_size or prepare more audio")
+            raise UserError(
+                f"the {split} split has {n} tokens, fewer than a crop of --block_size {c.block_size} "
+                f"+ 1: use a smaller --block_size or prepare more audio"
+            )
         mel = os.path.join(c.data_dir, f"{split}_mel.bin")
         bad = first_non_finite(mel, c.n_mel) if c.hybrid and c.mel_source == "audio" else None
         if bad is not None:
-            raise UserError(f"{mel} holds a nan or inf in row {bad:,} (token {bad:,} of the {split} split): the file "
-                            f"is damaged, and a model fed it would train to nan; {fix}")
-        top = int(np.memmap(os.path.join(c.data_dir, f"{split}_tokens.bin"), dtype=np.uint16, mode="r").max())
+            raise UserError(
+                f"{mel} holds a nan or inf in row {bad:,} (token {bad:,} of the {split} split): the file "
+                f"is damaged, and a model fed it would train to nan; {fix}"
+            )
+        top = int(
+            np.memmap(
+                os.path.join(c.data_dir, f"{split}_tokens.bin"), dtype=np.uint16, mode="r"
+            ).max()
+        )
         if top >= c.vocab_size:
-            raise UserError(f"{os.path.join(c.data_dir, split + '_tokens.bin')} holds token id {top}, not below the "
-                            f"model's vocabulary of {c.vocab_size}, which is its own meta.json's: the file is "
-                            f"damaged; {fix}")
+            raise UserError(
+                f"{os.path.join(c.data_dir, split + '_tokens.bin')} holds token id {top}, not below the "
+                f"model's vocabulary of {c.vocab_size}, which is its own meta.json's: the file is "
+                f"damaged; {fix}"
+            )
     return meta
 
 
@@ -226,7 +308,7 @@ def first_non_finite(path, row, chunk=1 << 16):
     take well under a second from the page cache: the disk's speed, once, beside the epochs that read it."""
     bits = np.memmap(path, dtype=np.uint16, mode="r")
     for start in range(0, len(bits), chunk * row):
-        bad = (bits[start:start + chunk * row] & 0x7C00) == 0x7C00
+        bad = (bits[start : start + chunk * row] & 0x7C00) == 0x7C00
         if bad.any():
             return (start + int(bad.argmax())) // row
     return None
@@ -245,8 +327,14 @@ def data_fingerprint(data_dir, meta):
             with open(path, "rb") as f:
                 while chunk := f.read(1 << 24):
                     digest.update(chunk)
-    return {"data_dir": data_dir, "tokenizer": meta.get("tokenizer"), "vocab_size": meta.get("vocab_size"),
-            "n_train": meta.get("n_train", 0), "n_val": meta.get("n_val", 0), "sha256": digest.hexdigest()[:16]}
+    return {
+        "data_dir": data_dir,
+        "tokenizer": meta.get("tokenizer"),
+        "vocab_size": meta.get("vocab_size"),
+        "n_train": meta.get("n_train", 0),
+        "n_val": meta.get("n_val", 0),
+        "sha256": digest.hexdigest()[:16],
+    }
 
 
 def check_same_data(recorded, now, run):
@@ -256,13 +344,20 @@ def check_same_data(recorded, now, run):
         return
 
     def described(f):
-        return (f"{f['data_dir']}: tokenizer {f['tokenizer']}, vocabulary {f['vocab_size']}, {f['n_train']:,} "
-                f"train and {f['n_val']:,} val tokens")
+        return (
+            f"{f['data_dir']}: tokenizer {f['tokenizer']}, vocabulary {f['vocab_size']}, {f['n_train']:,} "
+            f"train and {f['n_val']:,} val tokens"
+        )
+
     if os.path.realpath(recorded["data_dir"]) == os.path.realpath(now["data_dir"]):
-        raise UserError(f"{now['data_dir']} was made again after {run} was trained on it (then {described(recorded)}; "
-                        f"now {described(now)}): train a new run on it")
-    raise UserError(f"{run} was trained on {described(recorded)}; not on {described(now)}: leave out --data_dir and "
-                    f"--dataset to use the run's own data, or train a new run on the other")
+        raise UserError(
+            f"{now['data_dir']} was made again after {run} was trained on it (then {described(recorded)}; "
+            f"now {described(now)}): train a new run on it"
+        )
+    raise UserError(
+        f"{run} was trained on {described(recorded)}; not on {described(now)}: leave out --data_dir and "
+        f"--dataset to use the run's own data, or train a new run on the other"
+    )
 
 
 @contextlib.contextmanager
@@ -285,13 +380,20 @@ def hold_folder(folder, flag="--out_dir", holders="a training, an evaluation or 
         except BlockingIOError:
             mine = False
         f.seek(0)
-        pids = f.read().split()  # the holder, then the child holding it with it (a sweep's training), if any
+        pids = (
+            f.read().split()
+        )  # the holder, then the child holding it with it (a sweep's training), if any
         if not mine and pids[:1] != [str(os.getppid())]:
-            raise UserError(f"{folder} is in use: {lock_holder(pids)} holds its lock ({holders}): let it end, or pass "
-                            f"another {flag}")
+            raise UserError(
+                f"{folder} is in use: {lock_holder(pids)} holds its lock ({holders}): let it end, or pass "
+                f"another {flag}"
+            )
         if mine and pids:
-            print(f"note: {folder}/lock names process {', '.join(pids)}, which ended without letting go of it "
-                  "(killed?): taken over", flush=True)
+            print(
+                f"note: {folder}/lock names process {', '.join(pids)}, which ended without letting go of it "
+                "(killed?): taken over",
+                flush=True,
+            )
         f.truncate(0)  # "a+" appends: at 0, the file being empty
         f.write(str(os.getpid()) if mine else f"{pids[0]} {os.getpid()}")
         f.flush()
@@ -303,7 +405,9 @@ def hold_folder(folder, flag="--out_dir", holders="a training, an evaluation or 
                 f.write(pids[0])  # the parent's again
                 f.flush()
             if mine and made and os.listdir(folder) == ["lock"]:
-                os.remove(lock)  # while it is still held: a process that opened it meanwhile is refused
+                os.remove(
+                    lock
+                )  # while it is still held: a process that opened it meanwhile is refused
                 os.rmdir(folder)
 
 
@@ -330,7 +434,10 @@ def alive(pid):
 # -----------------------------------------------------------------------------
 # log.jsonl: one JSON record a line, appended by whisper_gpt.py, read by plot_curves.py and sweep.py
 
-CUT = {"event": "cut", "note": "the line before this one was cut off when its process stopped: readers skip it"}
+CUT = {
+    "event": "cut",
+    "note": "the line before this one was cut off when its process stopped: readers skip it",
+}
 
 
 class LogError(UserError, ValueError):
@@ -346,8 +453,14 @@ def append_record(path, record):
             f.seek(-1, os.SEEK_END)
             cut = f.read(1) != b"\n"
     line = ("\n" + json.dumps(CUT) + "\n" if cut else "") + json.dumps(record) + "\n"
-    with room_to_write(os.path.dirname(path) or ".", len(line), "free some space, then resume the run (a line cut "
-                       "short is skipped by the readers)"), open(path, "a") as f:
+    with (
+        room_to_write(
+            os.path.dirname(path) or ".",
+            len(line),
+            "free some space, then resume the run (a line cut short is skipped by the readers)",
+        ),
+        open(path, "a") as f,
+    ):
         f.write(line)
 
 
@@ -356,7 +469,9 @@ def read_records(path):
     killed process is skipped with a note: the last line, left without its newline, or one a later writer marked
     cut. Any other line that is not a record is one error naming the file and the line."""
     with open(path, errors="replace") as f:
-        lines = f.read().split("\n")  # after a final newline, "": a last line with text is unterminated
+        lines = f.read().split(
+            "\n"
+        )  # after a final newline, "": a last line with text is unterminated
     records = []
     for i, line in enumerate(lines):
         if not line.strip():
@@ -364,12 +479,17 @@ def read_records(path):
         try:
             record = json.loads(line)
         except ValueError as e:
-            if i == len(lines) - 1 or marked_cut(lines[i + 1:]):
-                print(f"note: {path}:{i + 1}: skipped a line cut off when its run stopped: {line[:60]!r}",
-                      file=sys.stderr, flush=True)
+            if i == len(lines) - 1 or marked_cut(lines[i + 1 :]):
+                print(
+                    f"note: {path}:{i + 1}: skipped a line cut off when its run stopped: {line[:60]!r}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 continue
-            raise LogError(f"{path}:{i + 1}: not valid JSON ({getattr(e, 'msg', e)}) in the middle of the log, so "
-                           f"damaged, not cut off: {line[:80]!r}") from None
+            raise LogError(
+                f"{path}:{i + 1}: not valid JSON ({getattr(e, 'msg', e)}) in the middle of the log, so "
+                f"damaged, not cut off: {line[:80]!r}"
+            ) from None
         if not isinstance(record, dict) or "event" not in record:
             raise LogError(f"{path}:{i + 1}: a record must be a JSON object with an 'event' key")
         if record["event"] != CUT["event"]:

