@@ -36,7 +36,6 @@ from whisper_gpt import (
     autocast_context,
     config_from,
     model_name,
-    say,
     sinusoids,
 )
 
@@ -132,10 +131,10 @@ def profile(c, steps=2, top=12):
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-    say(
+    print(
         f"profile {model_name(c)}: {steps} steps of batch {c.batch_size} x {c.block_size} | {c.device} {c.dtype}"
     )
-    say(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
 
 
 def native_bf16():
@@ -190,7 +189,7 @@ def bench(c, steps=20, reference=False):
     name = f"textbook {model_name(c)}" if reference else model_name(c)
     dtype = "float32" if reference else c.dtype
     flops, (top, top_name) = flops_per_token(c, params) * tok_s, peak(c)
-    say(
+    print(
         f"bench {name}: {params:,} params | batch {c.batch_size} x {c.block_size} | {c.device} {dtype} | {steps} "
         f"steps in {dt:.2f} s | {tok_s:,.0f} tokens/s | {flops / 1e9:.1f} GFLOP/s model, MFU {flops / top:.1%} of "
         f"{top_name}"
@@ -234,7 +233,7 @@ def compare(c, steps, rounds):
             finally:
                 whisper_gpt.causal_attention = kept
     ratio = lambda a, b: statistics.median(x / y for x, y in zip(runs[a], runs[b]))
-    say(
+    print(
         f"compare {model_name(c)} ({rounds} rounds, interleaved, {torch.get_num_threads()} threads, "
         f"{torch.backends.cpu.get_cpu_capability()}, {native_bf16()[1]}): after / before {ratio('after', 'before'):.2f}x"
         f" | over the textbook float32 reference: after {ratio('after', 'reference'):.2f}x, "
@@ -257,7 +256,7 @@ def attention(c, steps, rounds):
                 fn(q, k, v).sum().backward()
             times.append((time.perf_counter() - t0) / steps * 1000)
     before, after = (statistics.median(t) for t in ms.values())
-    say(
+    print(
         f"attention forward + backward of {B} x {H} heads x {T} x {d} ({c.device}, {torch.get_num_threads()} threads, "
         f"{rounds} rounds in turn): before {before:.1f} ms, after {after:.1f} ms: {before / after:.2f}x"
     )

@@ -179,8 +179,20 @@ def validate(c):
         )
     if c.init_from not in ("scratch", "resume"):
         raise UserError(f"--init_from must be 'scratch' or 'resume', not {c.init_from!r}")
-    if c.mel_source not in ("audio", "decoded"):
-        raise UserError(f"--mel_source must be 'audio' or 'decoded', not {c.mel_source!r}")
+    if c.mel_source not in ("audio", "decoded", "prompt", "self"):
+        raise UserError(
+            f"--mel_source must be audio, decoded, prompt or self, not {c.mel_source!r}"
+        )
+    if c.continue_mel not in ("", "decoded", "none", "self"):
+        raise UserError(f"--continue_mel must be decoded, none or self, not {c.continue_mel!r}")
+    from audio import FRAME_RATE  # here: audio.py imports this file
+
+    window_s = c.block_size / FRAME_RATE  # the default 3 s on a short window: no continuation row
+    if not c.prompt_seconds >= 0 or c.eval_only and window_s <= c.prompt_seconds != 3.0:
+        raise UserError(
+            f"--prompt_seconds must be 0 or more and shorter than a window ({window_s:g} s of "
+            f"--block_size {c.block_size}), got {c.prompt_seconds}"
+        )
     if c.dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype must be float32, bfloat16 or float16, not {c.dtype!r}")
     for name in (
@@ -281,7 +293,7 @@ def check_data(c, recorded=None):
                 f"+ 1: use a smaller --block_size or prepare more audio"
             )
         mel = os.path.join(c.data_dir, f"{split}_mel.bin")
-        bad = first_non_finite(mel, c.n_mel) if c.hybrid and c.mel_source == "audio" else None
+        bad = first_non_finite(mel, c.n_mel) if c.hybrid and c.mel_source != "decoded" else None
         if bad is not None:
             raise UserError(
                 f"{mel} holds a nan or inf in row {bad:,} (token {bad:,} of the {split} split): the file "

@@ -58,7 +58,10 @@ REQUIRED = {
     "start": ("model", "params", "dataset", "tokenizer"),
     "eval": ("iter", "epoch", "val_nll", "val_acc", "val_ppl"),
     "eval_only": ("params", "val_nll", "val_acc", "val_ppl"),
+    "continuation": ("prompt_seconds", "val_nll", "val_acc"),
 }
+# whisper_gpt.py's continuation row: what a hybrid was fed after the prompt, as Fig. 5 names it
+AFTER = {"decoded": "the decoded mel", "none": "no mel", "self": "its own mel"}
 # the recipe: runs compared in one figure or table must agree on these (where their logs record them)
 RECIPE = ("block_size", "batch_size", "epochs", "lr", "lr_drop_at", "max_iters", "dropout", "dtype")
 
@@ -88,6 +91,7 @@ def read_log(path):
                 "evals": [],
                 "final": None,
                 "other_mel": {},
+                "continued": {},  # continue_mel (None: a GPT) -> its continuation row
                 "baselines": rec.get("baselines"),
                 "config": rec.get("config") or {},
                 **{k: rec[k] for k in REQUIRED["start"]},
@@ -106,6 +110,8 @@ def read_log(path):
             run["other_mel"][rec["mel_source"]] = rec
         elif rec["event"] == "eval_only":
             run["final"] = rec
+        elif rec["event"] == "continuation" and not rec.get("subset"):
+            run["continued"][rec.get("continue_mel")] = rec
     if run is None:
         raise LogError(f"{path}: no 'start' record")
     return run
@@ -145,16 +151,21 @@ def find_logs(run_dirs):
 
 
 def label_of(run):
-    """The paper's name for the paper's three models (the hybrid at its width of 64 only), else model and width."""
+    """The paper's name for the paper's three models (the hybrid at its width of 64 only), the mel
+    it was trained on for the other hybrids, else model and width."""
     width = run["config"].get("n_embd")
-    if (
-        run["model"] == "hybrid" and mel_source(run) == "decoded"
-    ):  # another experiment than the paper's hybrid
-        return "hybrid, decoded mel" + ("" if width in (None, 64) else f" w{width}")
-    if run["model"] in ("GPT-S", "GPT-L") or (run["model"] == "hybrid" and width in (None, 64)):
+    wide = "" if width in (None, 64) else f" w{width}"
+    if run["model"] == "hybrid" and mel_source(run) != "audio":  # another experiment
+        noise = run["config"].get("mel_noise") or 0
+        return {
+            "decoded": "hybrid, decoded mel",
+            "prompt": "hybrid, prompt's mel",
+            "self": f"hybrid, own mel, {f'noise {noise:g}' if noise else 'no noise'}",
+        }[mel_source(run)] + wide
+    if run["model"] in ("GPT-S", "GPT-L") or (run["model"] == "hybrid" and not wide):
         return run["model"]
     if width is not None:
-        return f"{'hybrid' if run['model'] == 'hybrid' else 'GPT'} w{width}"
+        return f"{'hybrid' if run['model'] == 'hybrid' else 'GPT'}{wide}"
     return f"{run['model']} ({os.path.basename(run['dir'])})"
 
 
@@ -274,6 +285,43 @@ def paired_over_seeds(runs_a, runs_b):
     if len(pairs) == 1:
         return pairs[0][0], pairs[0][1], 1, pairs[0][2]
     return (*mean_se([p[0] for p in pairs]), len(pairs), pairs[0][2])
+
+
+def continued_runs(runs, after):
+    """The runs with a continuation row fed after (the mel after the prompt; None for a GPT), each
+    as a run whose final row is that row: summary() and paired_over_seeds() take them as they are."""
+    return [dict(run, final=run["continued"][after]) for run in runs if after in run["continued"]]
+
+
+def continuation_lines(group):
+    """Fig. 5's lines, [(label, runs)]: GPT-S, GPT-L, then each hybrid of width 64 with each mel it
+    was continued with; the token-only sizes of the sweep are Fig. 4's."""
+    labels = [m for m in MODELS if m in group] + sorted(
+        label for label in group if label.startswith("hybrid,") and " w" not in label
+    )
+    lines = []
+    for label in labels:
+        for after in sorted({a for run in group[label] for a in run["continued"]}, key=str):
+            name = label if after is None else f"{label}; after the prompt: {AFTER[after]}"
+            lines.append((name, continued_runs(group[label], after)))
+    return lines
+
+
+def bins_over_seeds(runs):
+    """Each bin's mean NLL over seeds and its SE (over seeds, or over windows for one seed); a bin
+    the windows do not reach is None."""
+    by_seed = [run["final"]["bin_nll"] for run in runs]
+    out = []
+    for k in range(len(by_seed[0])):
+        values = [b[k] for b in by_seed if b[k] is not None]
+        if not values:
+            out.append((None, None))
+        elif len(values) > 1:
+            out.append(mean_se(values))
+        else:  # one seed: the spread over its windows
+            windows = [w[k] for w in runs[0]["final"]["window_bin_nll"] if w[k] is not None]
+            out.append((values[0], mean_se(windows)[1]))
+    return out
 
 
 def baselines(group):
@@ -547,6 +595,43 @@ def plot_size(dataset, group, sweep, path):
     save(fig, path)
 
 
+def plot_continuation(dataset, group, lines, path):
+    """Fig. 5: NLL of the true continuation against seconds after the prompt ends, one line per
+    model and the mel it is fed after the prompt (mean ± SE over seeds), the count baselines as
+    lines."""
+    first = lines[0][1][0]["final"]
+    edges = first["bins"]
+    fig, ax = plt.subplots(figsize=(7.4, 4.4), dpi=120)
+    x = list(range(len(edges) - 1))
+    for i, (label, runs) in enumerate(lines):
+        points = [(k, m, se) for k, (m, se) in zip(x, bins_over_seeds(runs)) if m is not None]
+        seeds = summary(runs)["seeds"]
+        ax.errorbar(
+            [k for k, _, _ in points],
+            [m for _, m, _ in points],
+            yerr=[0.0 if se is None or math.isnan(se) else se for _, _, se in points],
+            marker="o",
+            markersize=3,
+            capsize=3,
+            color=COLORS.get(label, f"C{3 + i}"),
+            label=f"{label} ({seeds} seed{'s' if seeds > 1 else ''})",
+        )
+    styles = {"unigram": ":", "bigram": "--"}
+    for kind, nll in baselines(group).items():
+        ax.axhline(nll, color="gray", linestyle=styles[kind], linewidth=1, label=f"count {kind}")
+    ax.set_xticks(x, [f"{a:g}-{b:g}" for a, b in zip(edges, edges[1:], strict=False)])
+    ax.set_xlabel(f"seconds after the {first['prompt_seconds']:g} s prompt ends")
+    ax.set_ylabel("NLL of the true continuation (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    ax.set_title(
+        f"Fig. 5: {paper_names(dataset)[2]}, continuing audio (tokenizer: {tokenizers(group)})",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    save(fig, path)
+
+
 # -----------------------------------------------------------------------------
 # the tables
 
@@ -712,6 +797,44 @@ def generation_markdown(group):
     return lines
 
 
+def continuation_markdown(dataset, group, lines):
+    """Fig. 5's table: each model's NLL of the true continuation of a val window's first seconds
+    (the tokens true; a hybrid fed the audio's mel in the prompt and, after it, what generation
+    has), paired window by window with GPT-S and GPT-L, and by seconds after the prompt."""
+    first = lines[0][1][0]["final"]
+    edges = first["bins"]
+    spans = [f"{a:g}-{b:g} s" for a, b in zip(edges, edges[1:], strict=False)]
+    pair = lambda runs, other: paired_over_seeds(runs, dict(lines).get(other, []))
+    cell = lambda d: "-" if d is None else f"{d[0]:+.3f} ± {d[1]:.3f}"
+    out = [
+        f"**Fig. 5's table: continuing {first['prompt_seconds']:g} s of audio** "
+        f"({paper_names(dataset)[2]}). Each val window's first {first['prompt_seconds']:g} s "
+        "are given (the tokens, and a hybrid the audio's mel); after them the tokens stay the "
+        "true ones and a hybrid is fed what it has while generating. NLL of the tokens after the "
+        "prompt, mean ± SE over seeds (over val windows for one seed); paired: the same windows.",
+        "",
+        f"| Model; the mel after the prompt | seeds | NLL ± SE | − GPT-S | − GPT-L | "
+        f"{' | '.join(spans)} |",
+        "| --- | --- | --- | --- | --- |" + " --- |" * len(spans),
+    ]
+    for label, runs in lines:
+        s = summary(runs)
+        by_bin = [fmt_pair(m, se) for m, se in bins_over_seeds(runs)]
+        out.append(
+            f"| {label} | {s['seeds']} | {nll_cell(s)} | {cell(pair(runs, 'GPT-S'))} | "
+            f"{cell(pair(runs, 'GPT-L'))} | {' | '.join(by_bin)} |"
+        )
+    for kind, nll in baselines(group).items():
+        out.append(f"| count {kind} (all val tokens) | - | {nll:.3f} | - | - |" + " - |" * len(spans))
+    return "\n".join(out)
+
+
+def fmt_pair(mean, se):
+    if mean is None:
+        return "-"
+    return f"{mean:.3f}" + ("" if se is None or math.isnan(se) else f" ± {se:.3f}")
+
+
 def sweep_markdown(dataset, group, sweep):
     """The size sweep behind Fig. 4: every size's parameters, FLOPs, seeds and NLL, and the matching size."""
     name = paper_names(dataset)[2]
@@ -795,6 +918,13 @@ def main(argv=None):
             path = os.path.join(args.out_dir, png)
             plot_dataset(dataset, group, missing, path)
             print(f"{name}: {fig_name} -> {path}", flush=True)
+        lines = continuation_lines(group)
+        if lines:
+            suffix = os.path.splitext(png)[0].split("_", 1)[1]
+            path = os.path.join(args.out_dir, f"fig5_continuation_{suffix}.png")
+            plot_continuation(dataset, group, lines, path)
+            tables += [continuation_markdown(dataset, group, lines), ""]
+            print(f"{name}: Fig. 5 -> {path}", flush=True)
         sweep = size_sweep(group)
         if sweep:
             path = os.path.join(

@@ -57,7 +57,7 @@ from checks import (
     room_to_write,
     run_script,
 )
-from whisper_gpt import load_checkpoint, open_split
+from whisper_gpt import continuation_mel, load_checkpoint, open_split
 
 AUDIO_FORMATS = {
     "wav": "FLOAT",
@@ -432,32 +432,39 @@ def write_samples(sample_dir, idx, audio, n_prompt, title, audio_format="wav"):
 
 
 def generate(model, decoder, tokens, mel, n_new, args):
-    """Continue tokens (B, T) by n_new tokens and decode them to audio. The hybrid is fed the decoded mel of each
-    token it makes (DecodedMel). Returns idx (B, T + n_new), audio (B, (T + n_new) * HOP), the hybrid's mel_fn
-    (None for GPT) and the seconds it all took."""
-    hybrid = model.config.hybrid
-    mel_fn = DecodedMel(decoder, args.mel_window) if hybrid else None
+    """Continue tokens (B, T) by n_new tokens and decode them to audio. After the prompt the hybrid
+    is fed what it was trained to be fed: the decoded mel of each token it makes (DecodedMel), its
+    own predicted mel (--mel_source self) or no mel (--mel_source prompt: NaN rows), as the
+    continuation evaluation feeds it (whisper_gpt.continuation_mel). Returns idx (B, T + n_new),
+    audio (B, (T + n_new) * HOP), the mel fed (B, T + n_new - 1, n_mel) or None, the DecodedMel
+    (None where none is used) and the seconds it all took."""
+    c = model.config
+    after = continuation_mel(c, c.mel_source)[1] if c.hybrid else None
+    mel_fn = DecodedMel(decoder, args.mel_window) if after == "decoded" else None
+    if after == "none":
+        mel_fn = lambda idx: torch.full((idx.size(0), c.n_mel), float("nan"), device=idx.device)
     generators = [
         torch.Generator(tokens.device).manual_seed(args.seed + i) for i in range(len(tokens))
     ]
     t0 = time.perf_counter()
-    # oneDNN sets each call up (~15 us for the GELU of 256 numbers): at one token a step that costs more than the
-    # arithmetic, and the one-token step runs ~10% faster on the plain CPU kernels
+    # oneDNN sets each call up (~15 us for the GELU of 256 numbers): at one token a step that
+    # costs more than the arithmetic, and the one-token step runs ~10% faster on the plain CPU
+    # kernels
     with without_onednn():
-        idx = model.generate(
+        idx, fed = model.generate(
             tokens,
             n_new,
-            mel=mel if hybrid else None,
+            mel=mel if c.hybrid else None,
             mel_fn=mel_fn,
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
             generator=generators,
+            return_mel=True,
         )
-    audio = (
-        mel_fn.audio(idx) if hybrid else decoder.audio(idx)
-    )  # (B, S): the stream's, or the whole output's
-    return idx, audio, mel_fn, time.perf_counter() - t0
+    decoded = mel_fn if isinstance(mel_fn, DecodedMel) else None
+    audio = decoded.audio(idx) if decoded else decoder.audio(idx)  # the stream's, or all at once
+    return idx, audio, fed, decoded, time.perf_counter() - t0
 
 
 def main(argv=None):
@@ -496,7 +503,7 @@ def main(argv=None):
         mel = decoder.mel(tokens)
     B, n_prompt, n_new = args.num_samples, tokens.size(1), round(args.seconds * FRAME_RATE)
     tokens, mel = tokens.expand(B, -1), mel.expand(B, -1, -1)
-    idx, audio, mel_fn, seconds = generate(model, decoder, tokens, mel, n_new, args)
+    idx, audio, _, mel_fn, seconds = generate(model, decoder, tokens, mel, n_new, args)
     if args.bench:
         print(
             f"bench {run}: {B} x {n_new} tokens in {seconds:.2f} s, audio decoding included, "

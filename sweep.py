@@ -28,16 +28,13 @@ from concurrent.futures import ThreadPoolExecutor
 from checks import Parser, UserError, hold_folder, read_records, run_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SEEDS = (
-    1337,
-    1338,
-    1339,
-)  # the default seed and two more: --seed sets the initialisation and the crops
+SEEDS = (1337, 1338, 1339)  # the default seed and two more: --seed sets the init and the crops
+SELF_NOISE = "0.5"  # --mel_source self: the pilot's choice of remedy (NOTES.md), against none
 WIDTHS = (32, 48, 96, 128, 192, 384, 512)  # token-only widths beside GPT-S (64) and GPT-L (256)
 DATASETS = (
     "music",
     "tts",
-)  # music: all the runs below; another built-in corpus: the paper's three models x seeds
+)  # music: all the runs below; tts: the paper's models and hybrids x seeds
 
 
 def heads(width):
@@ -56,9 +53,14 @@ def runs(dataset="music"):
     Every run differs only in its model flags and seed: the default recipe, on data/<dataset>. Another dataset
     than music has the paper's three models with three seeds, named <dataset>-<model>-s<seed>."""
     paper = {"gpt-s": gpt(64), "hybrid": ["--hybrid", "--n_embd", "64"], "gpt-l": gpt(256)}
-    decoded = {
-        "hybrid-decoded": paper["hybrid"] + ["--mel_source", "decoded"]
-    }  # trained on what generation has
+    hybrid = paper["hybrid"]
+    decoded = {  # the hybrids that generate from what generation has (issues 32 and 38)
+        "hybrid-decoded": hybrid + ["--mel_source", "decoded"],  # trained on the decoded mel
+        "hybrid-prompt": hybrid
+        + ["--mel_source", "prompt"],  # the audio's mel up to a cut, none on
+        "hybrid-self": hybrid + ["--mel_source", "self", "--mel_noise", SELF_NOISE],  # its own mel
+    }
+    pilot = {"hybrid-self-nonoise": hybrid + ["--mel_source", "self", "--mel_noise", "0"]}
     prefix = "" if dataset == "music" else f"{dataset}-"
 
     def seeded(name, flags, seed):
@@ -76,21 +78,31 @@ def runs(dataset="music"):
     order += [seeded(name, flags, seed) for seed in SEEDS[1:] for name, flags in paper.items()]
     order += [seeded("hybrid-w128", ["--hybrid", "--n_embd", "128"], SEEDS[0])]
     order += [seeded(f"gpt-w{w}", gpt(w), SEEDS[0]) for w in WIDTHS if w > 192]
-    return order + [seeded(name, flags, seed) for seed in SEEDS for name, flags in decoded.items()]
+    order += [seeded(name, flags, seed) for seed in SEEDS for name, flags in decoded.items()]
+    return order + [seeded(name, flags, SEEDS[0]) for name, flags in pilot.items()]
 
 
 def state(out_dir):
-    """'done' (its eval_only row on all val windows is logged), 'trained' (its last eval is of its last epoch: the
-    eval_only is left to do), 'resume' (a checkpoint to continue from) or 'new'."""
+    """'done' (its eval_only row and its continuation row on all val windows are logged), 'trained'
+    (a finished checkpoint: the evaluation is left to do), 'resume' (a checkpoint to continue from)
+    or 'new' (also a logged run whose checkpoint is gone and whose continuation row is missing: it
+    trains again, to the same digits, and its log gains the run once more)."""
     run = this_run(os.path.join(out_dir, "log.jsonl"))
-    if rows(run, trained_with(run)):
+    done = rows(run, trained_with(run))
+    if done and (continued(run) or not done[-1].get("continues", True)):
         return "done"
+    if os.path.isfile(os.path.join(out_dir, "ckpt_best.pt")) and rows(run, trained_with(run)):
+        return "trained"
     if not os.path.isfile(os.path.join(out_dir, "ckpt_latest.pt")):
         return "new"
-    evals = [
-        r for r in run if r["event"] == "eval"
-    ]  # the sweep's runs have no --max_iters: they end with an epoch
+    evals = [r for r in run if r["event"] == "eval"]  # the sweep's runs end with an epoch
     return "trained" if evals and evals[-1]["epoch"] >= run[0]["config"]["epochs"] else "resume"
+
+
+def continued(run):
+    """The run's continuation rows (whisper_gpt.py --eval_only, a 3 s prompt) on all val windows,
+    with the mel after the prompt that the run generates with (a token-only run: its own row)."""
+    return [r for r in run if r["event"] == "continuation" and not r.get("subset")]
 
 
 def trained_with(run):
@@ -141,21 +153,16 @@ def train(name, flags, runs_dir, threads, extra_flags=()):
         open(os.path.join(out_dir, "train.log"), "a") as out,
     ):
         how = state(out_dir)
-        steps = (
-            []
-            if how == "done"
-            else {"resume": [["--init_from", "resume"]], "trained": [], "new": [[]]}[how]
-            + [["--eval_only"]]
-        )  # the row, with the mel the run was trained with (its flags)
-        if (
-            "--hybrid" in flags
-            and "--mel_source" not in flags
-            and not rows(this_run(os.path.join(out_dir, "log.jsonl")), "decoded")
-            and (how != "done" or os.path.isfile(os.path.join(out_dir, "ckpt_best.pt")))
-        ):
-            steps.append(
-                ["--eval_only", "--mel_source", "decoded"]
-            )  # a hybrid's row with what generation has
+        # the row and the continuation row, with the mel the run was trained with (its flags)
+        steps = {"done": [], "resume": [["--init_from", "resume"]], "trained": [], "new": [[]]}[how]
+        steps += [] if how == "done" else [["--eval_only"]]
+        if how != "done" and "--hybrid" in flags:  # and with the mel generation can have
+            steps += {
+                "audio": [["--eval_only", "--mel_source", "decoded", "--prompt_seconds", "0"]],
+                "prompt": [["--eval_only", "--continue_mel", "decoded"]],
+            }.get(
+                flags[flags.index("--mel_source") + 1] if "--mel_source" in flags else "audio", []
+            )
         if how != "done":
             say(
                 f"{name}: "

@@ -421,6 +421,162 @@ def test_no_future_token_or_mel_leaks(hybrid):
         torch.testing.assert_close(changed[:, :5], logits[:, :5], rtol=0, atol=1e-6)
 
 
+def test_prompt_hybrid_hides_the_mel_from_its_cut_and_leaks_nothing():
+    """--mel_source prompt: from the cut on a window has no mel (NaN rows, read as the learned no_mel);
+    every row at and after the cut is hidden, the shift by 2 holds at the cut, nothing later leaks."""
+    torch.manual_seed(0)
+    model = WhisperGPT(tiny(hybrid=True, mel_source="prompt")).eval()
+    with torch.no_grad():
+        model.mel.no_mel.normal_()  # as if trained: no mel is not a zero
+    idx, mel = torch.randint(0, 1024, (2, 24)), torch.randn(2, 24, 64)
+    cut = torch.tensor([7, 15])
+    fed = wg.fed_mel(mel, None, cut)
+    for b, k in enumerate(cut.tolist()):
+        assert torch.equal(fed[b, :k], mel[b, :k]) and fed[b, k:].isnan().all()
+    logits, _ = model(idx, fed)
+    assert logits.isfinite().all()
+    other = mel.clone()
+    other[0, 7:], other[1, 15:] = torch.randn(17, 64) * 5, torch.randn(9, 64) * 5
+    changed, _ = model(idx, wg.fed_mel(other, None, cut))
+    assert torch.equal(changed, logits)  # every row at and after the cut is hidden
+    leaky = wg.fed_mel(other, None, cut + 1)  # one row let through: position cut + 1 hears it
+    changed, _ = model(idx, leaky)
+    assert (changed[0, 8] - logits[0, 8]).abs().max() > 1e-4
+    torch.testing.assert_close(changed[0, :8], logits[0, :8], rtol=0, atol=1e-6)
+    at_cut = mel.clone()
+    at_cut[0, 6] += 3.0  # the last row before the cut reaches position 7 (the shift), none earlier
+    changed, _ = model(idx, wg.fed_mel(at_cut, None, cut))
+    assert (changed[0, 7] - logits[0, 7]).abs().max() > 1e-4
+    torch.testing.assert_close(changed[0, :7], logits[0, :7], rtol=0, atol=1e-6)
+    for i in (0, 5, 20):  # no leak: later tokens and later mel move no earlier logit
+        later_idx, later_mel = idx.clone(), mel.clone()
+        later_idx[:, i + 1 :] = torch.randint(0, 1024, (2, 23 - i))
+        later_mel[:, i:] = torch.randn(2, 24 - i, 64)
+        changed, _ = model(later_idx, wg.fed_mel(later_mel, None, cut))
+        torch.testing.assert_close(changed[:, : i + 1], logits[:, : i + 1], rtol=0, atol=1e-6)
+    with torch.no_grad():
+        model.mel.no_mel.add_(torch.randn(8))  # the no-mel rows are read through no_mel
+    changed, _ = model(idx, fed)
+    torch.testing.assert_close(changed[0, :8], logits[0, :8], rtol=0, atol=1e-6)
+    assert (changed[0, 8:] - logits[0, 8:]).abs().max() > 1e-4
+
+
+def test_prompt_training_cuts_each_crop_and_keeps_the_other_crops(tmp_path):
+    """get_batch with --mel_source prompt: the same crops as the audio's mel, each one's mel kept up
+    to a cut of its own and NaN from it on; the cuts spread over the crop."""
+    make_data(tmp_path / "data")
+    audio_c = train_config(tmp_path, hybrid=True, batch_size=8)
+    prompt_c = train_config(tmp_path, hybrid=True, batch_size=8, mel_source="prompt")
+    cuts = []
+    for it in range(6):
+        x, y, mel = wg.get_batch(audio_c, it)
+        px, py, pmel = wg.get_batch(prompt_c, it)
+        assert torch.equal(x, px) and torch.equal(y, py)
+        for b in range(8):
+            absent = pmel[b].isnan().all(-1)
+            k = int((~absent).sum())
+            assert not absent[:k].any() and absent[k:].all()  # one cut: mel, then none
+            assert torch.equal(pmel[b, :k], mel[b, :k])
+            cuts.append(k)
+    assert min(cuts) < 8 and max(cuts) > 24 and len(set(cuts)) > 20
+
+
+def test_continuation_feeds_the_audio_mel_in_the_prompt_and_the_generated_mel_after(tiny_run):
+    """evaluate(prompt=p): each window reads the audio's mel for slices 0..p-1 and, from p on, the
+    decoded mel (a run trained on the audio's) or none (--mel_source prompt); a run trained on the
+    decoded mel reads it throughout. Only the positions that predict tokens p.. count."""
+    tokens, audio_mel = wg.open_split(tiny_run["data"], "val", 64)
+    _, decoded = wg.open_split(tiny_run["data"], "val", 64, "decoded")
+    p, T = 15, TINY["block_size"]
+    starts = wg.val_windows(len(tokens), T)
+    for trained, before, after in (
+        ("audio", audio_mel, decoded),
+        ("decoded", decoded, decoded),
+        ("prompt", audio_mel, None),
+    ):
+        torch.manual_seed(0)
+        c = wg.Config(**TINY, hybrid=True, mel_source=trained, data_dir=tiny_run["data"])
+        c.device, c.batch_size = "cpu", 2
+        model = WhisperGPT(c).eval()
+        fed, forward = [], model.forward
+        model.forward = lambda idx, mel=None, *a, **k: fed.append(mel) or forward(idx, mel, *a, **k)
+        result = wg.evaluate(model, c, 0, prompt=p)
+        window = torch.cat(fed)
+        assert window.shape[0] == len(starts)
+        for w, s in enumerate(starts):
+            want = torch.from_numpy(np.asarray(before[s : s + p], dtype=np.float32))
+            assert torch.equal(window[w, :p], want)
+            if after is None:
+                assert window[w, p:].isnan().all()
+            else:
+                want = torch.from_numpy(np.asarray(after[s + p : s + T], dtype=np.float32))
+                assert torch.equal(window[w, p:], want)
+        assert result.tokens == len(starts) * (T - p + 1)
+        assert result.bin_nll[0] == pytest.approx(result.nll) and result.bin_nll[1] is None
+
+
+def test_a_gpt_continuation_is_its_nll_on_the_positions_after_the_prompt(tiny_run, capsys):
+    """A token-only model's continuation row is its teacher-forced NLL over the positions that
+    predict tokens after the prompt, binned by seconds; --eval_only logs it beside the table row."""
+    model, c, _ = wg.load_checkpoint(os.path.join(tiny_run["gpt"], "ckpt_best.pt"))
+    c.device, c.data_dir, c.block_size = "cpu", tiny_run["data"], 32
+    tokens, _ = wg.open_split(c.data_dir, "val")
+    starts = wg.val_windows(len(tokens), 32)
+    x, y, _ = wg.crops(c, tokens, None, starts)
+    with torch.no_grad():
+        logits, _ = model(x)
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")
+    p = 9  # 0.12 s: the bins 0-0.25 s only
+    result = wg.evaluate(model, c, 0, prompt=p)
+    torch.testing.assert_close(result.window_nll, nll[:, p - 1 :].mean(1).tolist())
+    assert result.nll == pytest.approx(nll[:, p - 1 :].mean().item())
+    wg.main(["--out_dir", tiny_run["gpt"], "--eval_only", "--prompt_seconds", "0.12"])
+    log = read_log(tiny_run["gpt"])
+    assert [r["event"] for r in log[-2:]] == ["eval_only", "continuation"]
+    assert log[-1]["val_nll"] == pytest.approx(result.nll) and log[-1]["prompt"] == p
+    assert "continuation of 0.12 s prompts" in capsys.readouterr().out
+    with pytest.raises(wg.UserError, match="--prompt_seconds must be"):
+        wg.parse_args(["--prompt_seconds", "10", "--eval_only", "--out_dir", tiny_run["gpt"]])
+
+
+def test_self_mel_hybrid_predicts_slice_t_at_position_t_and_leaks_nothing():
+    """--mel_source self: the head's slice t hears tokens 0..t and slices 0..t-1 only (changing
+    every later token and slice moves no earlier logit or predicted slice), and its loss is the
+    NLL plus mel_weight times the L1 to the true slice t."""
+    torch.manual_seed(0)
+    model = WhisperGPT(tiny(hybrid=True, mel_source="self", mel_weight=0.5)).eval()
+    idx, mel = torch.randint(0, 1024, (2, 24)), torch.randn(2, 24, 64)
+    logits, loss = model(idx, mel, idx)
+    pred = model.last_mel
+    nll = torch.nn.functional.cross_entropy(logits.view(-1, 1024), idx.view(-1))
+    torch.testing.assert_close(loss, nll + 0.5 * (pred - mel).abs().mean())
+    for i in (0, 5, 23):
+        later_idx, later_mel = idx.clone(), mel.clone()
+        later_idx[:, i + 1 :] = torch.randint(0, 1024, (2, 23 - i))
+        later_mel[:, i:] = torch.randn(2, 24 - i, 64) * 5
+        changed, _ = model(later_idx, later_mel)
+        torch.testing.assert_close(changed[:, : i + 1], logits[:, : i + 1], rtol=0, atol=1e-6)
+        torch.testing.assert_close(model.last_mel[:, : i + 1], pred[:, : i + 1], rtol=0, atol=1e-6)
+    token = idx.clone()
+    token[:, 5] = (token[:, 5] + 1) % 1024  # token t itself reaches slice t's prediction
+    model(token, mel)
+    assert (model.last_mel[:, 5] - pred[:, 5]).abs().max() > 1e-4
+
+
+def test_self_mel_evaluation_feeds_what_generation_feeds_back():
+    """The continuation of a self-mel hybrid (self_fed) reads, on the same tokens, the very mel
+    generate() feeds back while sampling: the audio's for the prompt, its own slices after."""
+    torch.manual_seed(0)
+    model = WhisperGPT(tiny(hybrid=True, mel_source="self")).eval()
+    prompt, mel = torch.randint(0, 1024, (2, 10)), torch.randn(2, 10, 64)
+    idx, fed = model.generate(prompt, 14, mel=mel, temperature=0, return_mel=True)
+    assert idx.shape == (2, 24) and torch.equal(fed[:, :10], mel)
+    with torch.no_grad():
+        logits, evaluated = wg.self_fed(model, idx.clone(), mel, 10)
+    assert torch.equal(evaluated[:, :23], fed[:, :23])  # row 23 is read by no position
+    assert torch.equal(logits[:, 9:].argmax(-1)[:, :-1], idx[:, 10:])  # greedy: the same tokens
+
+
 @pytest.mark.parametrize("head", [4, 8, 16])
 @pytest.mark.parametrize("length", [40, 203])
 def test_cpu_attention_kernel_is_exact_attention_in_values_and_gradients(head, length):
@@ -3158,11 +3314,11 @@ def test_a_batch_of_samples_equals_the_samples_one_by_one(tiny_run, kind):
     decoder = decoders(tiny_run)[kind]
     prompt = torch.randint(0, audio.VOCAB, (3, 8), generator=torch.Generator().manual_seed(4))
     mel = decoder.mel(prompt)
-    batch, wave, _, _ = sample.generate(
+    batch, wave, _, _, _ = sample.generate(
         model, decoder, prompt, mel, 40, sample_args(top_p=0.95, seed=10)
     )
     for i in range(3):  # sample i draws from a generator seeded seed + i
-        alone, alone_audio, _, _ = sample.generate(
+        alone, alone_audio, _, _, _ = sample.generate(
             model,
             decoder,
             prompt[i : i + 1],
@@ -3172,6 +3328,30 @@ def test_a_batch_of_samples_equals_the_samples_one_by_one(tiny_run, kind):
         )
         assert torch.equal(alone[0], batch[i])
         assert torch.allclose(alone_audio[0], wave[i], atol=1e-5)
+
+
+def test_sample_feeds_each_hybrid_the_mel_its_continuation_row_is_evaluated_with(tiny_run):
+    """sample.generate after the prompt: --mel_source prompt is fed no mel at all (NaN rows, no
+    decoder in the loop), self its own slices (those the evaluation's self_fed computes on the
+    same tokens), the paper's hybrid the decoded mel of each token it makes."""
+    decoder = decoders(tiny_run)["table"]
+    prompt = torch.randint(0, audio.VOCAB, (2, 8), generator=torch.Generator().manual_seed(4))
+    mel = torch.randn(2, 8, 64)
+    for source in ("prompt", "self", "audio"):
+        torch.manual_seed(0)
+        model = WhisperGPT(tiny(hybrid=True, mel_source=source)).eval()
+        idx, _, fed, decoded, _ = sample.generate(model, decoder, prompt, mel, 16, sample_args())
+        assert fed.shape == (2, 23, 64) and torch.equal(fed[:, :8], mel)
+        assert (decoded is not None) == (source == "audio")  # a decoder in the loop: that one only
+        if source == "prompt":
+            assert fed[:, 8:].isnan().all()
+        elif source == "self":
+            with torch.no_grad():
+                _, own = wg.self_fed(model, idx, mel, 8)
+            assert fed[:, 8:].isfinite().all()  # sample.py runs without oneDNN: float rounding
+            torch.testing.assert_close(fed, own[:, :23], rtol=0, atol=1e-5)
+        else:
+            torch.testing.assert_close(fed[:, 8:], decoder.mel(idx)[:, 8:23])
 
 
 @pytest.mark.parametrize("kind", ["table", "network"])
@@ -3804,6 +3984,67 @@ def test_the_table_of_what_the_hybrid_sees_when_it_generates(tmp_path):
     ) in markdown
 
 
+def add_continuation(run_dir, after, window_nll, window_bin_nll):
+    """Append a continuation row, as whisper_gpt.py --eval_only logs it, to a write_log run."""
+    bins = [sum(w[k] for w in window_bin_nll) / len(window_bin_nll) for k in range(2)]
+    record = {"event": "continuation", "prompt_seconds": 3.0, "prompt": 225, "continue_mel": after}
+    record |= {"val_nll": sum(window_nll) / len(window_nll), "val_nll_se": 0.01, "val_acc": 0.4}
+    record |= {"n_windows": len(window_nll), "subset": False, "bins": [0.0, 0.25, 0.5]}
+    record |= {"window_nll": window_nll, "bin_nll": bins, "window_bin_nll": window_bin_nll}
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def test_fig5_pairs_each_continuation_with_gpt_s_and_gpt_l_window_by_window(tmp_path):
+    """plot_curves.py: Fig. 5 and its table from the continuation rows, one line per model and mel
+    after the prompt (a prompt-mel hybrid twice: no mel, and the decoded mel), mean ± SE over seeds,
+    each paired window by window with GPT-S and GPT-L of its own seed."""
+    runs = []
+    for name, model, flags, base in (
+        ("gpt-s", "GPT-S", {"n_embd": 64}, 2.0),
+        ("gpt-l", "GPT-L", {"n_embd": 256}, 1.8),
+        ("hybrid-prompt", "hybrid", {"hybrid": True, "mel_source": "prompt"}, 1.9),
+    ):
+        for seed in (1, 2):
+            config = {"seed": seed, "lr": 1e-3, **flags}
+            run = write_log(tmp_path / f"{name}-s{seed}", model, "music", 3e6, [5.0], 1.5, config=config)
+            windows = [base + 0.1 * seed, base + 0.1 * seed + 0.2]  # seed 2 is 0.1 above seed 1
+            by_bin = [[w - 0.1, w + 0.1] for w in windows]
+            for after in ("none", "decoded") if name == "hybrid-prompt" else (None,):
+                shift = 0.05 if after == "decoded" else 0.0
+                add_continuation(run, after, [w + shift for w in windows], by_bin)
+            runs.append(run)
+    plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
+    assert (tmp_path / "fig" / "fig5_continuation_music.png").stat().st_size > 10_000
+    tables = table_rows((tmp_path / "fig" / "tables.md").read_text())
+    rows = next(t for t in tables if "count bigram (all val tokens)" in t)
+    none = rows["hybrid, prompt's mel; after the prompt: no mel"]
+    assert none[1:5] == ["2", "2.150 ± 0.050", "-0.100 ± 0.000", "+0.100 ± 0.000"]
+    assert rows["hybrid, prompt's mel; after the prompt: the decoded mel"][3] == "-0.050 ± 0.000"
+    assert rows["GPT-S"][2:4] == ["2.250 ± 0.050", "+0.000 ± 0.000"]
+    assert none[5:7] == ["2.050 ± 0.050", "2.250 ± 0.050"]  # the bins, over seeds
+    assert rows["count bigram (all val tokens)"][2] == f"{BASELINES['bigram_nll']:.3f}"
+
+
+def test_the_sweep_evaluates_or_trains_again_a_logged_run_without_its_continuation_row(tmp_path):
+    """sweep.state: a logged run with its table row but no continuation row is not done: evaluated
+    again from its checkpoint where it has one, trained again (to the same digits) where it has not;
+    a run whose window is too short for a prompt is done without one."""
+    import sweep
+
+    run = write_log(tmp_path / "r", "GPT-S", "music", 3e6, [5.0], 2.0, config={"epochs": 1})
+    assert sweep.state(run) == "new"
+    (tmp_path / "r" / "ckpt_best.pt").write_bytes(b"")
+    assert sweep.state(run) == "trained"
+    add_continuation(run, None, [2.1, 2.2], [[2.0, 2.2], [2.1, 2.3]])
+    assert sweep.state(run) == "done"
+    short = write_log(tmp_path / "s", "GPT-S", "music", 3e6, [5.0], 2.0, config={"epochs": 1})
+    lines = (tmp_path / "s" / "log.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1]) | {"continues": False}  # --eval_only said no row follows
+    (tmp_path / "s" / "log.jsonl").write_text("\n".join(lines[:-1] + [json.dumps(last)]) + "\n")
+    assert sweep.state(short) == "done"
+
+
 def test_the_matching_size_is_interpolated_in_log_parameters():
     curve = [(1e6, 3.0), (4e6, 2.0), (16e6, 1.5)]
     assert plot_curves.matching_size(curve, 1.75) == pytest.approx(
@@ -4086,7 +4327,11 @@ def test_every_progress_and_summary_line_is_flushed():
         "plot_curves.py",
         "sweep.py",
     ):
-        tree = ast.parse(open(os.path.join(HERE, name)).read())
+        source = open(os.path.join(HERE, name)).read()
+        if name == "whisper_gpt.py":  # its main makes stdout line-buffered: every line goes out
+            assert "sys.stdout.reconfigure(line_buffering=True)" in source
+            continue
+        tree = ast.parse(source)
         prints = [
             n
             for n in ast.walk(tree)
@@ -4559,14 +4804,15 @@ def test_the_sweep_has_three_seeds_of_each_paper_model_and_one_head_rule():
     import sweep
 
     runs, tts = dict(sweep.runs()), dict(sweep.runs("tts"))
-    assert (
-        len(tts) == 12
-    )  # another corpus: the paper's three models and the hybrid on the decoded mel, 3 seeds each
+    assert len(tts) == 18  # another corpus: the paper's three models and three hybrids, 3 seeds
+    self_mel = ["--mel_source", "self", "--mel_noise", sweep.SELF_NOISE]
     for model, flags in (
         ("gpt-s", ["--n_embd", "64", "--n_head", "8"]),
         ("hybrid", ["--hybrid", "--n_embd", "64"]),
         ("gpt-l", ["--n_embd", "256", "--n_head", "16"]),
         ("hybrid-decoded", ["--hybrid", "--n_embd", "64", "--mel_source", "decoded"]),
+        ("hybrid-prompt", ["--hybrid", "--n_embd", "64", "--mel_source", "prompt"]),
+        ("hybrid-self", ["--hybrid", "--n_embd", "64"] + self_mel),
     ):
         assert [runs[f"{model}-s{seed}"] for seed in sweep.SEEDS] == [
             ["--dataset", "music"] + flags + ["--seed", str(s)] for s in sweep.SEEDS
