@@ -32,6 +32,7 @@ from encodec.modules.lstm import SLSTM
 from encodec.modules.seanet import SEANetResnetBlock
 
 from checks import UserError, first_non_finite, load_torch_file
+from runlog import write_atomic
 
 SAMPLE_RATE = 24000  # Hz, EnCodec 24 kHz model
 HOP = 320  # samples per token = 75 tokens per second
@@ -296,11 +297,9 @@ class Tokenizer:
                 for part in ("encoder", "decoder")
             },
         }
-        with open(
-            f"{path}.tmp", "wb"
-        ) as f:  # a file of ours, closed on error: a full disk's room is free again
+        # a file of ours, closed on error: a full disk's room is free again
+        with write_atomic(path) as tmp, open(tmp, "wb") as f:
             torch.save(state, f)
-        os.replace(f"{path}.tmp", path)
 
 
 def hold_first(tokens: torch.Tensor) -> torch.Tensor:
@@ -476,8 +475,8 @@ def save_token_mel(data_dir, meta=None) -> Path:
             f"{Path(data_dir) / 'train_mel.bin'} holds a nan or inf in row {bad:,}: the file is damaged; "
             f"make {data_dir} again with python prepare.py --overwrite"
         )
-    np.save(f"{path}.tmp.npy", fit_token_mel(tokens, mel, meta["vocab_size"]))
-    os.replace(f"{path}.tmp.npy", path)
+    with write_atomic(path, ".npy") as tmp:
+        np.save(tmp, fit_token_mel(tokens, mel, meta["vocab_size"]))
     return path
 
 

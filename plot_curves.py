@@ -27,7 +27,16 @@ matplotlib.use("Agg")  # no display: write files only
 import matplotlib.pyplot as plt
 
 from bench import flops_per_token
-from checks import LogError, Parser, UserError, check_writable, read_records, run_script
+from checks import Parser, UserError, check_writable, run_script
+from runlog import (
+    LogError,
+    continuation_rows,
+    read_records,
+    table_rows,
+    this_run,
+    trained_with,
+    write_atomic,
+)
 from whisper_gpt import Config
 
 MODELS = ("GPT-S", "GPT-L", "hybrid")  # the paper's three models, in its row order
@@ -73,53 +82,48 @@ RECIPE = ("block_size", "batch_size", "epochs", "lr", "lr_drop_at", "max_iters",
 def read_log(path):
     """Parse one log.jsonl into a run dict {dir, model, params, dataset, tokenizer, evals, final}.
 
-    The run is the last "start" line and everything after it (an earlier start belongs to a run that
-    this folder's newer run replaced). A resume re-logs evals from its checkpoint on: an eval whose iter
-    is not past the previous one's drops the evals it overlaps. An eval_only on a subset of the val windows (a
-    quick look) is never taken for the run's result, nor one that fed a hybrid another mel than it was trained on
+    The run is the one in the folder now (runlog.this_run: the last "start" record on). A resume
+    re-logs evals from its checkpoint on: an eval whose iter is not past the previous one's drops
+    the evals it overlaps. An eval_only on a subset of the val windows (a quick look) is never taken
+    for the run's result, nor one that fed a hybrid another mel than it was trained on
     (--mel_source): those go to run["other_mel"][source]."""
     records = read_records(path)
     if not records:
         raise LogError(f"{path}: empty log, no records")
-    run = None
     for lineno, rec in records:
         check_record(path, lineno, rec)
-        if rec["event"] == "start":
-            run = {
-                "dir": os.path.dirname(path) or ".",
-                "log": path,
-                "evals": [],
-                "final": None,
-                "other_mel": {},
-                "continued": {},  # continue_mel (None: a GPT) -> its continuation row
-                "baselines": rec.get("baselines"),
-                "config": rec.get("config") or {},
-                **{k: rec[k] for k in REQUIRED["start"]},
-            }
-        elif run is None:
-            raise LogError(f"{path}:{lineno}: '{rec['event']}' record before any 'start' record")
-        elif rec["event"] == "eval":
+    lineno, first = records[0]
+    if first["event"] != "start":
+        raise LogError(f"{path}:{lineno}: '{first['event']}' record before any 'start' record")
+    numbered = this_run(records)
+    start, records = numbered[0][1], [rec for _, rec in numbered]
+    run = {
+        "dir": os.path.dirname(path) or ".",
+        "log": path,
+        "evals": [],
+        "mel_source": trained_with(records),
+        "baselines": start.get("baselines"),
+        "config": start.get("config") or {},
+        **{k: start[k] for k in REQUIRED["start"]},
+    }
+    for lineno, rec in numbered:
+        if rec["event"] == "eval":
             run["evals"] = [e for e in run["evals"] if e["iter"] < rec["iter"]] + [rec]
         elif rec["event"] == "eval_only" and rec.get("subset"):
             print(
-                f"note: {path}:{lineno}: an eval_only of {rec.get('n_windows')} val windows, a subset: not in the "
-                "tables",
+                f"note: {path}:{lineno}: an eval_only of {rec.get('n_windows')} val windows, a "
+                "subset: not in the tables",
                 flush=True,
             )
-        elif rec["event"] == "eval_only" and rec.get("mel_source") not in (None, mel_source(run)):
-            run["other_mel"][rec["mel_source"]] = rec
-        elif rec["event"] == "eval_only":
-            run["final"] = rec
-        elif rec["event"] == "continuation" and not rec.get("subset"):
-            run["continued"][rec.get("continue_mel")] = rec
-    if run is None:
-        raise LogError(f"{path}: no 'start' record")
+    own = table_rows(records, run["mel_source"])
+    run["final"] = own[-1] if own else None
+    others = table_rows(records)
+    run["other_mel"] = {
+        r["mel_source"]: r for r in others if r.get("mel_source") not in (None, run["mel_source"])
+    }
+    # continue_mel (None: a GPT) -> its continuation row
+    run["continued"] = {r.get("continue_mel"): r for r in continuation_rows(records)}
     return run
-
-
-def mel_source(run):
-    """The mel a run was trained with: the audio's (the paper's, and every run before the flag) or decoded."""
-    return run["config"].get("mel_source", "audio")
 
 
 def check_record(path, lineno, rec):
@@ -155,13 +159,13 @@ def label_of(run):
     it was trained on for the other hybrids, else model and width."""
     width = run["config"].get("n_embd")
     wide = "" if width in (None, 64) else f" w{width}"
-    if run["model"] == "hybrid" and mel_source(run) != "audio":  # another experiment
+    if run["model"] == "hybrid" and run["mel_source"] != "audio":  # another experiment
         noise = run["config"].get("mel_noise") or 0
         return {
             "decoded": "hybrid, decoded mel",
             "prompt": "hybrid, prompt's mel",
             "self": f"hybrid, own mel, {f'noise {noise:g}' if noise else 'no noise'}",
-        }[mel_source(run)] + wide
+        }[run["mel_source"]] + wide
     if run["model"] in ("GPT-S", "GPT-L") or (run["model"] == "hybrid" and not wide):
         return run["model"]
     if width is not None:
@@ -455,10 +459,9 @@ def params_label(n):
 
 def save(fig, path):
     """Write a figure atomically: a PNG that has its final name is complete."""
-    tmp = path + ".tmp.png"  # matplotlib picks the format from the suffix
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    with write_atomic(path, ".png") as tmp:  # matplotlib picks the format from the suffix
+        fig.savefig(tmp)
+        plt.close(fig)
 
 
 def plot_dataset(dataset, group, missing, path):
@@ -858,13 +861,6 @@ def sweep_markdown(dataset, group, sweep):
     return "\n".join(lines + ["", match_sentence(sweep)])
 
 
-def write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def default_out_dir(logs):
     """figures/ for the committed runs (runs/*/, the default); any other set of runs would overwrite the committed
     figures and tables with its own, so it names a folder of its own."""
@@ -934,7 +930,8 @@ def main(argv=None):
             tables += [sweep_markdown(dataset, group, sweep), ""]
             print(f"{name}: Fig. 4 -> {path}\n{match_sentence(sweep)}", flush=True)
     table_path = os.path.join(args.out_dir, "tables.md")
-    write_atomic(table_path, "\n".join(tables))
+    with write_atomic(table_path) as tmp, open(tmp, "w") as f:
+        f.write("\n".join(tables))
     print(f"tables -> {table_path}", flush=True)
 
 

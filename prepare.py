@@ -78,12 +78,12 @@ from checks import (
     check_device,
     check_writable,
     file_kind,
-    hold_folder,
     load_torch_file,
     room_to_write,
     run_script,
 )
 from corpora import BadAudio, Source, piece_of
+from runlog import hold_folder, write_atomic
 
 FORMAT_VERSION = 1  # of meta.json and the work shards
 MEL_STD_FLOOR = 0.1  # nats: a bin that hardly varies over the corpus is divided by this, not by ~0
@@ -330,9 +330,8 @@ def write_shard(path: Path, group: list, tokens: list):
     usable = [item for item in group if item.reason is None]
     arrays = {f"tokens{j}": t.numpy().astype(np.uint16) for j, t in enumerate(tokens)}
     arrays |= {f"mel{j}": item.mel for j, item in enumerate(usable)}
-    with open(f"{path}.tmp", "wb") as f:
+    with write_atomic(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, members=np.array(json.dumps(members)), **arrays)
-    os.replace(f"{path}.tmp", path)
 
 
 def shard_members(path: Path) -> list:

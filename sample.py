@@ -50,13 +50,12 @@ from checks import (
     Parser,
     UserError,
     check_device,
-    check_same_data,
     check_writable,
-    data_fingerprint,
     file_kind,
     room_to_write,
     run_script,
 )
+from runlog import check_same_data, data_fingerprint, write_atomic
 from whisper_gpt import continuation_mel, load_checkpoint, open_split
 
 AUDIO_FORMATS = {
@@ -379,15 +378,13 @@ def mel_report(decoder, tokens, mel, n_prompt, audio_out, seed=0):
 def write_audio(path, audio):
     """audio (S,) at 24 kHz -> path, in the format its suffix names (wav: float, flac: 16 bit, ogg: Vorbis)."""
     suffix = os.path.splitext(path)[1]
-    tmp = path + ".tmp" + suffix  # soundfile picks the format from the suffix
-    sf.write(tmp, audio, SAMPLE_RATE, subtype=AUDIO_FORMATS[suffix[1:]])
-    os.replace(tmp, path)
+    with write_atomic(path, suffix) as tmp:  # soundfile picks the format from the suffix
+        sf.write(tmp, audio, SAMPLE_RATE, subtype=AUDIO_FORMATS[suffix[1:]])
 
 
 def write_npy(path, array):
-    tmp = path + ".tmp.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with write_atomic(path, ".npy") as tmp:
+        np.save(tmp, array)
 
 
 def write_spectrogram(path, mel, boundary_s, title):
@@ -404,10 +401,9 @@ def write_spectrogram(path, mel, boundary_s, title):
     ax.legend(loc="upper right", fontsize=8)
     fig.colorbar(im, ax=ax, label="ln mel power")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    with write_atomic(path, ".png") as tmp:
+        fig.savefig(tmp)
+        plt.close(fig)
 
 
 def write_samples(sample_dir, idx, audio, n_prompt, title, audio_format="wav"):

@@ -25,7 +25,15 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from checks import Parser, UserError, hold_folder, read_records, run_script
+from checks import Parser, UserError, run_script
+from runlog import (
+    continuation_rows,
+    hold_folder,
+    read_records,
+    table_rows,
+    this_run,
+    trained_with,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEEDS = (1337, 1338, 1339)  # the default seed and two more: --seed sets the init and the crops
@@ -87,11 +95,11 @@ def state(out_dir):
     (a finished checkpoint: the evaluation is left to do), 'resume' (a checkpoint to continue from)
     or 'new' (also a logged run whose checkpoint is gone and whose continuation row is missing: it
     trains again, to the same digits, and its log gains the run once more)."""
-    run = this_run(os.path.join(out_dir, "log.jsonl"))
-    done = rows(run, trained_with(run))
-    if done and (continued(run) or not done[-1].get("continues", True)):
+    run = logged_run(out_dir)
+    done = table_rows(run, trained_with(run))
+    if done and (continuation_rows(run) or not done[-1].get("continues", True)):
         return "done"
-    if os.path.isfile(os.path.join(out_dir, "ckpt_best.pt")) and rows(run, trained_with(run)):
+    if os.path.isfile(os.path.join(out_dir, "ckpt_best.pt")) and done:
         return "trained"
     if not os.path.isfile(os.path.join(out_dir, "ckpt_latest.pt")):
         return "new"
@@ -99,34 +107,11 @@ def state(out_dir):
     return "trained" if evals and evals[-1]["epoch"] >= run[0]["config"]["epochs"] else "resume"
 
 
-def continued(run):
-    """The run's continuation rows (whisper_gpt.py --eval_only, a 3 s prompt) on all val windows,
-    with the mel after the prompt that the run generates with (a token-only run: its own row)."""
-    return [r for r in run if r["event"] == "continuation" and not r.get("subset")]
-
-
-def trained_with(run):
-    """The mel a run's records (this_run) say it was trained with: 'audio' (also every run before the flag)."""
-    return run[0]["config"].get("mel_source", "audio") if run else "audio"
-
-
-def rows(run, mel_source):
-    """The run's table rows (eval_only on all val windows) evaluated with mel_source (a GPT's, and every row before
-    the flag, count as the audio's)."""
-    return [
-        r
-        for r in run
-        if r["event"] == "eval_only"
-        and not r.get("subset")
-        and (r.get("mel_source") or "audio") == mel_source
-    ]
-
-
-def this_run(log):
-    """The records of a log.jsonl from its last start on (the run in the folder now), or [] without a log."""
-    records = [r for _, r in read_records(log)] if os.path.isfile(log) else []
-    starts = [i for i, r in enumerate(records) if r["event"] == "start"]
-    return records[starts[-1] :] if starts else []
+def logged_run(out_dir):
+    """The records of the run in out_dir now (runlog.this_run, without line numbers), or [] without
+    a log."""
+    log = os.path.join(out_dir, "log.jsonl")
+    return [r for _, r in this_run(read_records(log))] if os.path.isfile(log) else []
 
 
 def say(*args):
@@ -136,7 +121,7 @@ def say(*args):
 def train(name, flags, runs_dir, threads, extra_flags=()):
     """Train one run to the end and log its table row. Returns its eval_only record; raises on a failed step.
 
-    The run folder's lock (checks.hold_folder), held by the training process too (its file descriptor is
+    The run folder's lock (runlog.hold_folder), held by the training process too (its file descriptor is
     inherited), keeps a second sweep from training the same folder while the first one's process still runs, even
     if that sweep died."""
     out_dir = os.path.join(runs_dir, name)
@@ -187,8 +172,8 @@ def train(name, flags, runs_dir, threads, extra_flags=()):
                     f"{name}: {' '.join(command[1:] + extra)} exited with status {rc}; "
                     f"its output is in {out.name}"
                 )
-    run = this_run(os.path.join(out_dir, "log.jsonl"))
-    final = rows(run, trained_with(run))[-1]
+    run = logged_run(out_dir)
+    final = table_rows(run, trained_with(run))[-1]
     if how != "done":
         se = final["val_nll_se"]  # None for a val split of one window
         say(

@@ -38,6 +38,7 @@ import corpora
 import cpu_attention
 import plot_curves
 import prepare
+import runlog
 import sample
 import whisper_gpt as wg
 from whisper_gpt import Config, WhisperGPT
@@ -1667,8 +1668,6 @@ def test_a_full_disk_under_the_run_is_one_line_and_keeps_the_last_whole_checkpoi
     """torch.save on a full disk raises "unexpected pos" (its zip writer's, not ENOSPC), and a log write ENOSPC:
     each is one line naming the folder and the room needed, the half-written file removed, the last whole
     checkpoint kept."""
-    import checks
-
     make_data(tmp_path / "data")
     save, saves = torch.save, []
 
@@ -1704,7 +1703,7 @@ def test_a_full_disk_under_the_run_is_one_line_and_keeps_the_last_whole_checkpoi
             f.write = lambda text: (_ for _ in ()).throw(OSError(28, "No space left on device"))
         return f
 
-    monkeypatch.setattr(checks, "open", open_full, raising=False)
+    monkeypatch.setattr(runlog, "open", open_full, raising=False)
     with pytest.raises(wg.UserError, match=f"the disk of {re.escape(str(out))} is full"):
         wg.train(train_config(tmp_path, max_iters=4, eval_interval=2, init_from="resume"))
 
@@ -3172,7 +3171,7 @@ def test_sampling_reads_the_runs_own_data_and_refuses_other_data(tiny_run, tmp_p
     ckpt = torch.load(os.path.join(tiny_run["gpt"], "ckpt_best.pt"), weights_only=True)
     ckpt["config"]["data_dir"], ckpt["data"] = (
         own,
-        wg.data_fingerprint(own, meta),
+        runlog.data_fingerprint(own, meta),
     )  # as train() records them
     os.makedirs(tmp_path / "run")
     wg.save_checkpoint(str(tmp_path / "run" / "ckpt_best.pt"), ckpt)
@@ -4400,7 +4399,7 @@ def test_a_bug_still_shows_its_traceback(mistakes, script, args):
 
 
 # -----------------------------------------------------------------------------
-# checks.py: a run folder's lock (one writer), and log lines that survive a cut
+# runlog.py: a run folder's lock (one writer), log lines that survive a cut, the run there now
 
 
 def test_a_second_writer_into_a_run_folder_is_refused_and_a_killed_ones_lock_taken_over(
@@ -4468,8 +4467,8 @@ def test_a_second_writer_into_a_run_folder_is_refused_and_a_killed_ones_lock_tak
 
 SWEEPER = """
 import subprocess, sys, time
-from checks import hold_folder
-child = "import sys, time; from checks import hold_folder\\nwith hold_folder(sys.argv[1]):\\n    time.sleep(120)"
+from runlog import hold_folder
+child = "import sys, time; from runlog import hold_folder\\nwith hold_folder(sys.argv[1]):\\n    time.sleep(120)"
 with hold_folder(sys.argv[1]) as lock:  # as sweep.py trains a run: the lock passed on to the training
     training = subprocess.Popen([sys.executable, "-c", child, sys.argv[1]], pass_fds=(lock.fileno(),))
     print(training.pid, flush=True)
@@ -4497,7 +4496,7 @@ def test_a_sweep_killed_mid_run_leaves_a_lock_that_names_its_training(tmp_path):
         sweeper.kill()
         sweeper.wait()
         with pytest.raises(wg.UserError) as e:
-            with wg.hold_folder(str(run)):
+            with runlog.hold_folder(str(run)):
                 pass
     finally:
         sweeper.kill()
@@ -4543,6 +4542,25 @@ def test_a_log_line_cut_by_a_kill_is_skipped_with_a_note_and_a_resume_starts_a_n
             match=f"{re.escape(str(log))}:5: not valid JSON .* in the middle of the log",
         ):
             read()
+
+
+def test_the_run_in_a_folder_is_its_last_start_on_for_the_sweep_and_the_figures(tmp_path):
+    """A folder trained again from scratch logs a second start: the sweep and the figures read the
+    run there now, the second (runlog.this_run), and neither takes the first run's rows for its
+    own."""
+    import sweep
+
+    first = write_log(tmp_path / "first", "GPT-S", "music", 3e6, [5.0, 4.0], 3.5)
+    continuation = {"event": "continuation", "prompt_seconds": 3.0, "val_nll": 3.6, "val_acc": 0.3}
+    runlog.append_record(os.path.join(first, "log.jsonl"), continuation)
+    assert sweep.state(first) == "done"  # the control: the first run alone has its rows
+    now = write_log(tmp_path / "now", "GPT-S", "music", 3e6, [4.5])
+    log = Path(now, "log.jsonl")
+    log.write_text(Path(first, "log.jsonl").read_text() + log.read_text())
+    assert sweep.state(now) == "new"
+    run = plot_curves.read_log(str(log))
+    assert [e["val_nll"] for e in run["evals"]] == [4.5]
+    assert run["final"] is None and run["continued"] == {}
 
 
 # -----------------------------------------------------------------------------

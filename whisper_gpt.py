@@ -31,16 +31,14 @@ from audio import FRAME_RATE, DecodedSplit, check_vocabulary, load_decoder
 from checks import (
     Parser,
     UserError,
-    append_record,
     check_data,
     check_writable,
-    data_fingerprint,
-    hold_folder,
     load_torch_file,
     room_to_write,
     run_script,
     validate,
 )
+from runlog import append_record, data_fingerprint, hold_folder, write_atomic
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass of defaults; argparse is generated from its fields.
@@ -437,9 +435,8 @@ def save_checkpoint(path, obj):
         os.path.dirname(path) or ".", tensor_bytes(obj), fix, [glob.escape(path) + ".tmp"]
     ):
         # a file of ours, closed on error: a full disk's room is free again
-        with open(path + ".tmp", "wb") as f:
+        with write_atomic(path) as tmp, open(tmp, "wb") as f:
             torch.save(obj, f)
-    os.replace(path + ".tmp", path)
 
 
 def tensor_bytes(obj):
