@@ -35,6 +35,7 @@ from whisper_gpt import (
     add_config_flags,
     autocast_context,
     config_from,
+    flops_per_token,
     model_name,
     sinusoids,
 )
@@ -87,12 +88,6 @@ def textbook_gpt(c):
             return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
     return TextbookGPT()
-
-
-def flops_per_token(c, params):
-    """Training FLOPs per token (PaLM appendix B, as nanoGPT): 6 per parameter plus attention's 12 L T d."""
-    attn = c.n_layer * c.n_embd + (c.mel_layer * c.n_embd // 2 if c.hybrid else 0)
-    return 6 * params + 12 * attn * c.block_size
 
 
 def setup(c, reference=False):

@@ -26,7 +26,6 @@ import matplotlib
 matplotlib.use("Agg")  # no display: write files only
 import matplotlib.pyplot as plt
 
-from bench import flops_per_token
 from checks import Parser, UserError, check_writable, run_script
 from runlog import (
     LogError,
@@ -37,7 +36,7 @@ from runlog import (
     trained_with,
     write_atomic,
 )
-from whisper_gpt import Config
+from whisper_gpt import Config, flops_per_token
 
 MODELS = ("GPT-S", "GPT-L", "hybrid")  # the paper's three models, in its row order
 COLORS = {"GPT-S": "C0", "GPT-L": "C1", "hybrid": "C2"}  # one colour per model in every figure

@@ -4102,7 +4102,7 @@ def test_fig4_and_the_sweep_table_state_the_matching_size_with_its_range(
         f"log parameters; {low / 1e6:.1f} to {high / 1e6:.1f} M within the standard errors over seeds)."
     )
     assert sentence in markdown and sentence in capsys.readouterr().out
-    assert bench.flops_per_token(Config(n_embd=64), 1_000_000) == 6_000_000 + 12 * 8 * 64 * 750
+    assert wg.flops_per_token(Config(n_embd=64), 1_000_000) == 6_000_000 + 12 * 8 * 64 * 750
 
 
 def test_a_sweep_that_never_reaches_the_hybrid_says_so(tmp_path):

@@ -374,6 +374,12 @@ class WhisperGPT(nn.Module):
         return (idx, mel) if return_mel else idx
 
 
+def flops_per_token(c, params):
+    """Training FLOPs per token (PaLM appendix B, as nanoGPT): 6 a parameter, plus 12 L T d."""
+    attn = c.n_layer * c.n_embd + (c.mel_layer * c.n_embd // 2 if c.hybrid else 0)
+    return 6 * params + 12 * attn * c.block_size
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits (B, vocab) -> next tokens (B, 1): temperature, then top-k, then nucleus (top-p)."""
     if temperature == 0:
