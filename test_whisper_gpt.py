@@ -563,6 +563,33 @@ def test_self_mel_hybrid_predicts_slice_t_at_position_t_and_leaks_nothing():
     assert (model.last_mel[:, 5] - pred[:, 5]).abs().max() > 1e-4
 
 
+def test_self_mel_feedback_trains_on_its_own_slices_from_a_cut_and_scores_the_true_ones():
+    """--mel_feedback: in training the mel stack reads the audio's slices up to a cut per crop and
+    from it on the slices a first pass predicted; the mel loss still scores the true slices."""
+    torch.manual_seed(0)
+    model = WhisperGPT(tiny(hybrid=True, mel_source="self", mel_feedback=True)).train()
+    idx, mel = torch.randint(0, 1024, (4, 24)), torch.randn(4, 24, 64)
+    with torch.no_grad():
+        model(idx, mel)  # a plain pass (no targets): the audio's mel throughout
+        first = model.last_mel.clone()
+    read = []
+    hook = model.mel.register_forward_pre_hook(lambda _, args: read.append(args[0].clone()))
+    _, loss = model(idx, mel, idx)
+    hook.remove()
+    assert len(read) == 2  # the first pass, then the one trained
+    fed, cuts = read[1][:, 1:], []  # row t + 1 is slice t
+    for b in range(4):
+        own = ~torch.isclose(fed[b], mel[b, :23]).all(-1)
+        k = int(own.float().argmax()) if own.any() else 23
+        assert not own[:k].any() and own[k:].all()  # the audio's mel, then its own, from one cut
+        torch.testing.assert_close(fed[b, k:], first[b, k:23])
+        cuts.append(k)
+    assert min(cuts) < 23 and len(set(cuts)) > 1  # cuts of their own, inside the crops
+    torch.testing.assert_close(model.mel_l1, (model.last_mel - mel).abs().mean())
+    with pytest.raises(wg.UserError, match="remedies of --mel_source self only"):
+        WhisperGPT(tiny(hybrid=True, mel_feedback=True))
+
+
 def test_self_mel_evaluation_feeds_what_generation_feeds_back():
     """The continuation of a self-mel hybrid (self_fed) reads, on the same tokens, the very mel
     generate() feeds back while sampling: the audio's for the prompt, its own slices after."""
