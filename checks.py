@@ -184,6 +184,8 @@ def validate(c):
         raise UserError(
             f"--mel_source must be audio, decoded, prompt or self, not {c.mel_source!r}"
         )
+    if (c.mel_feedback or c.mel_noise) and c.mel_source != "self":
+        raise UserError("--mel_feedback and --mel_noise are remedies of --mel_source self only")
     if c.continue_mel not in ("", "decoded", "none", "self"):
         raise UserError(f"--continue_mel must be decoded, none or self, not {c.continue_mel!r}")
     from audio import FRAME_RATE  # here: audio.py imports this file

@@ -409,6 +409,53 @@ def size_sweep(group):
     }
 
 
+def matches(group, sweep):
+    """Each hybrid of width 64 against the token-only sizes on the same footing: teacher-forced (its
+    table row against theirs) and continuing (its continuation rows against theirs, on the same
+    prompts). [(model, fed, summary, the matching token-only size or None, the largest size run)]."""
+
+    def curve(continuing):
+        points = []
+        for label, _ in sweep["curve"]:
+            runs = continued_runs(group[label], None) if continuing else group[label]
+            s = summary(runs) if runs else None
+            points += [(s["params"], s["nll"])] if s else []
+        return sorted(points)
+
+    given, going = curve(False), curve(True)
+    rows = []
+    for label in [m for m in group if m == "hybrid" or m.startswith("hybrid,") and " w" not in m]:
+        s = summary(group[label])
+        if s and given:
+            rows.append((label, "teacher-forced", s, matching_size(given, s["nll"]), given[-1][0]))
+        for after in sorted({a for run in group[label] for a in run["continued"]}, key=str):
+            c = summary(continued_runs(group[label], after))
+            if c and going:
+                fed = f"continuing, then {AFTER[after]}"
+                rows.append((label, fed, c, matching_size(going, c["nll"]), going[-1][0]))
+    return rows
+
+
+def matches_markdown(rows):
+    """The table of matches(): how many times larger a token-only GPT must be to match each."""
+    out = [
+        "**How much larger must a token-only GPT be?** For each hybrid, the token-only size (the "
+        "sweep's curve, interpolated in log parameters) whose NLL comes down to the hybrid's: "
+        "teacher-forced, the table rows; continuing, the continuation rows of both (Fig. 5's).",
+        "",
+        "| Model | fed | # params | seeds | NLL ± SE | matching token-only size | times its size |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, fed, s, size, largest in rows:
+        if size is None:
+            match = f"none up to {params_label(largest)} | > {largest / s['params']:.1f}x"
+        else:
+            match = f"{params_label(size)} | {size / s['params']:.1f}x"
+        head = f"| {label} | {fed} | {params_label(s['params'])} | {s['seeds']} | {nll_cell(s)}"
+        out.append(f"{head} | {match} |")
+    return "\n".join(out)
+
+
 def match_sentence(sweep):
     """tables.md's and the README's one sentence: the token-only size that matches the hybrid."""
     h, curve = sweep["hybrid"], sweep["curve"]
@@ -519,76 +566,92 @@ def plot_dataset(dataset, group, missing, path):
 
 
 def plot_size(dataset, group, sweep, path):
-    """Fig. 4: val NLL against parameters and against training FLOPs per token (log axes): the token-only sweep
-    as a curve (mean ± SE over seeds, every seed a dot), the hybrids as stars, the count bigram as a line."""
+    """Fig. 4: val NLL against parameters and against training FLOPs per token (log axes): the
+    token-only sweep as a curve (mean ± SE over seeds, every seed a dot), the hybrids as stars, the
+    count bigram as a line; below, where runs have continuation rows, the same for continuing 3 s
+    of audio (Fig. 5's NLL), each hybrid with each mel it is fed after the prompt."""
     name = paper_names(dataset)[2]
     millions = lambda x, _=None: f"{x / 1e6:g} M"
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120, sharey=True)
-    for ax, x_of, xlabel in (
-        (axes[0], lambda s: s["params"], "parameters"),
-        (axes[1], flops, "training FLOPs per token"),
-    ):
-        curve = sweep["curve"]
-        ax.errorbar(
-            [x_of(s) for _, s in curve],
-            [s["nll"] for _, s in curve],
-            color="C0",
-            marker="o",
-            markersize=4,
-            capsize=3,
-            label="token-only GPT, 8 layers",
-            yerr=[s["se"] if s["se_over"] == "seeds" else 0.0 for _, s in curve],
-        )
-        for label, s in curve:
-            ax.plot([x_of(s)] * s["seeds"], s["nlls"], ".", color="C0", alpha=0.4)
-            ax.annotate(
-                label.replace("GPT w", "w"),
-                (x_of(s), s["nll"]),
-                textcoords="offset points",
-                xytext=(4, 6),
-                fontsize=7,
-            )
-        for i, (label, s) in enumerate(sweep["hybrids"]):
+    going = [(label, continued_runs(group[label], None)) for label, _ in sweep["curve"]]
+    going_hybrids = [
+        (f"{label}, then {AFTER[after]}", continued_runs(group[label], after))
+        for label, _ in sweep["hybrids"]
+        for after in sorted({a for run in group[label] for a in run["continued"]}, key=str)
+    ]
+    panels = [("given the audio (teacher-forced)", sweep["curve"], sweep["hybrids"])]
+    if any(runs for _, runs in going):
+        summarised = lambda pairs: [(label, summary(runs)) for label, runs in pairs if runs]
+        panels.append(("continuing 3 s of audio", summarised(going), summarised(going_hybrids)))
+    fig, axes = plt.subplots(
+        len(panels), 2, figsize=(10, 4.2 * len(panels)), dpi=120, sharey="row", squeeze=False
+    )
+    for row, (what, curve, hybrids) in zip(axes, panels, strict=True):
+        for ax, x_of, xlabel in (
+            (row[0], lambda s: s["params"], "parameters"),
+            (row[1], flops, "training FLOPs per token"),
+        ):
             ax.errorbar(
-                [x_of(s)],
-                [s["nll"]],
-                yerr=[s["se"] if s["se_over"] == "seeds" else 0.0],
-                marker="*",
-                markersize=12,
+                [x_of(s) for _, s in curve],
+                [s["nll"] for _, s in curve],
+                color="C0",
+                marker="o",
+                markersize=4,
                 capsize=3,
-                linestyle="none",
-                color=f"C{2 + i}",
-                label=f"{label} ({params_label(s['params'])})",
+                label="token-only GPT, 8 layers",
+                yerr=[s["se"] if s["se_over"] == "seeds" else 0.0 for _, s in curve],
             )
-        for kind, nll in baselines(group).items():
-            if kind == "bigram":
-                ax.axhline(
-                    nll,
-                    color="gray",
-                    linestyle="--",
-                    linewidth=1,
-                    label="count bigram of this val split",
+            for label, s in curve:
+                ax.plot([x_of(s)] * s["seeds"], s["nlls"], ".", color="C0", alpha=0.4)
+                ax.annotate(
+                    label.replace("GPT w", "w"),
+                    (x_of(s), s["nll"]),
+                    textcoords="offset points",
+                    xytext=(4, 6),
+                    fontsize=7,
                 )
-        ax.set_xscale("log")
-        # in millions, and between the powers of ten only at 2, 3 and 5, so the labels do not run together
-        ax.xaxis.set_major_formatter(millions)
-        ax.xaxis.set_minor_formatter(
-            lambda x, _: (
-                millions(x) if round(x / 10 ** math.floor(math.log10(x))) in (2, 3, 5) else ""
+            for i, (label, s) in enumerate(hybrids):
+                ax.errorbar(
+                    [x_of(s)],
+                    [s["nll"]],
+                    yerr=[s["se"] if s["se_over"] == "seeds" else 0.0],
+                    marker="*",
+                    markersize=12,
+                    capsize=3,
+                    linestyle="none",
+                    color=f"C{2 + i}",
+                    label=f"{label} ({params_label(s['params'])})",
+                )
+            for kind, nll in baselines(group).items():
+                if kind == "bigram":
+                    ax.axhline(
+                        nll,
+                        color="gray",
+                        linestyle="--",
+                        linewidth=1,
+                        label="count bigram of this val split",
+                    )
+            ax.set_xscale("log")
+            # in millions, and between the powers of ten only at 2, 3 and 5, so the labels do
+            # not run together
+            ax.xaxis.set_major_formatter(millions)
+            ax.xaxis.set_minor_formatter(
+                lambda x, _: (
+                    millions(x) if round(x / 10 ** math.floor(math.log10(x))) in (2, 3, 5) else ""
+                )
             )
-        )
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3, which="both")
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3, which="both")
+        row[0].set_ylabel(f"val NLL, {what}")
+        row[0].legend(fontsize=7)
     if sweep["match"] is not None:
-        axes[0].axvline(
+        axes[0][0].axvline(
             sweep["match"],
             color="C2",
             linestyle=":",
             linewidth=1,
             label=f"token-only size matching the hybrid: {params_label(sweep['match'])}",
         )
-    axes[0].set_ylabel("val NLL (nats/token)")
-    axes[0].legend(fontsize=7)
+        axes[0][0].legend(fontsize=7)
     fig.suptitle(
         f"Fig. 4: {name}, how large must a token-only GPT be? (tokenizer: {tokenizers(group)})",
         fontsize=9,
@@ -827,7 +890,9 @@ def continuation_markdown(dataset, group, lines):
             f"{cell(pair(runs, 'GPT-L'))} | {' | '.join(by_bin)} |"
         )
     for kind, nll in baselines(group).items():
-        out.append(f"| count {kind} (all val tokens) | - | {nll:.3f} | - | - |" + " - |" * len(spans))
+        out.append(
+            f"| count {kind} (all val tokens) | - | {nll:.3f} | - | - |" + " - |" * len(spans)
+        )
     return "\n".join(out)
 
 
@@ -857,7 +922,10 @@ def sweep_markdown(dataset, group, sweep):
         )
     for kind, nll in baselines(group).items():
         lines.append(f"| count {kind} | - | - | - | - | - | {nll:.3f} | - | - |")
-    return "\n".join(lines + ["", match_sentence(sweep)])
+    rows = matches(group, sweep)
+    return "\n".join(
+        lines + ["", match_sentence(sweep)] + (["", matches_markdown(rows)] if rows else [])
+    )
 
 
 def default_out_dir(logs):

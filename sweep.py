@@ -68,7 +68,10 @@ def runs(dataset="music"):
         + ["--mel_source", "prompt"],  # the audio's mel up to a cut, none on
         "hybrid-self": hybrid + ["--mel_source", "self", "--mel_noise", SELF_NOISE],  # its own mel
     }
-    pilot = {"hybrid-self-nonoise": hybrid + ["--mel_source", "self", "--mel_noise", "0"]}
+    pilot = {  # the self-mel hybrid's remedies for exposure bias, one seed each (NOTES.md)
+        "hybrid-self-nonoise": hybrid + ["--mel_source", "self", "--mel_noise", "0"],
+        "hybrid-self-feedback": hybrid + ["--mel_source", "self", "--mel_feedback"],
+    }
     prefix = "" if dataset == "music" else f"{dataset}-"
 
     def seeded(name, flags, seed):

@@ -564,6 +564,33 @@ def test_self_mel_hybrid_predicts_slice_t_at_position_t_and_leaks_nothing():
     assert (model.last_mel[:, 5] - pred[:, 5]).abs().max() > 1e-4
 
 
+def test_self_mel_feedback_trains_on_its_own_slices_from_a_cut_and_scores_the_true_ones():
+    """--mel_feedback: in training the mel stack reads the audio's slices up to a cut per crop and
+    from it on the slices a first pass predicted; the mel loss still scores the true slices."""
+    torch.manual_seed(0)
+    model = WhisperGPT(tiny(hybrid=True, mel_source="self", mel_feedback=True)).train()
+    idx, mel = torch.randint(0, 1024, (4, 24)), torch.randn(4, 24, 64)
+    with torch.no_grad():
+        model(idx, mel)  # a plain pass (no targets): the audio's mel throughout
+        first = model.last_mel.clone()
+    read = []
+    hook = model.mel.register_forward_pre_hook(lambda _, args: read.append(args[0].clone()))
+    _, loss = model(idx, mel, idx)
+    hook.remove()
+    assert len(read) == 2  # the first pass, then the one trained
+    fed, cuts = read[1][:, 1:], []  # row t + 1 is slice t
+    for b in range(4):
+        own = ~torch.isclose(fed[b], mel[b, :23]).all(-1)
+        k = int(own.float().argmax()) if own.any() else 23
+        assert not own[:k].any() and own[k:].all()  # the audio's mel, then its own, from one cut
+        torch.testing.assert_close(fed[b, k:], first[b, k:23])
+        cuts.append(k)
+    assert min(cuts) < 23 and len(set(cuts)) > 1  # cuts of their own, inside the crops
+    torch.testing.assert_close(model.mel_l1, (model.last_mel - mel).abs().mean())
+    with pytest.raises(wg.UserError, match="remedies of --mel_source self only"):
+        WhisperGPT(tiny(hybrid=True, mel_feedback=True))
+
+
 def test_self_mel_evaluation_feeds_what_generation_feeds_back():
     """The continuation of a self-mel hybrid (self_fed) reads, on the same tokens, the very mel
     generate() feeds back while sampling: the audio's for the prompt, its own slices after."""
@@ -4006,7 +4033,9 @@ def test_fig5_pairs_each_continuation_with_gpt_s_and_gpt_l_window_by_window(tmp_
     ):
         for seed in (1, 2):
             config = {"seed": seed, "lr": 1e-3, **flags}
-            run = write_log(tmp_path / f"{name}-s{seed}", model, "music", 3e6, [5.0], 1.5, config=config)
+            run = write_log(
+                tmp_path / f"{name}-s{seed}", model, "music", 3e6, [5.0], 1.5, config=config
+            )
             windows = [base + 0.1 * seed, base + 0.1 * seed + 0.2]  # seed 2 is 0.1 above seed 1
             by_bin = [[w - 0.1, w + 0.1] for w in windows]
             for after in ("none", "decoded") if name == "hybrid-prompt" else (None,):
@@ -4042,6 +4071,30 @@ def test_the_sweep_evaluates_or_trains_again_a_logged_run_without_its_continuati
     last = json.loads(lines[-1]) | {"continues": False}  # --eval_only said no row follows
     (tmp_path / "s" / "log.jsonl").write_text("\n".join(lines[:-1] + [json.dumps(last)]) + "\n")
     assert sweep.state(short) == "done"
+
+
+def test_each_hybrid_is_matched_on_the_token_only_curve_teacher_forced_and_continuing(tmp_path):
+    """plot_curves.matches: a hybrid's table row is matched on the token-only sizes' table rows, its
+    continuation rows on their continuation rows (the same prompts), or none up to the largest."""
+    runs = []
+    for name, model, flags, params, final, going in (
+        ("gpt-s", "GPT-S", {"n_embd": 64}, 1e6, 3.0, 3.2),
+        ("gpt-w128", "custom", {"n_embd": 128}, 4e6, 2.0, 2.2),
+        ("gpt-l", "GPT-L", {"n_embd": 256}, 16e6, 1.5, 1.7),
+        ("hybrid", "hybrid", {"hybrid": True}, 1e6, 1.4, 2.7),
+    ):
+        config = {"seed": 1, "lr": 1e-3, **flags}
+        run = write_log(tmp_path / name, model, "music", params, [5.0], final, config=config)
+        add_continuation(run, "decoded" if name == "hybrid" else None, [going], [[going, going]])
+        runs.append(run)
+    plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
+    markdown = (tmp_path / "fig" / "tables.md").read_text()
+    given = "| hybrid | teacher-forced | 1.0 M | 1 | 1.400 ± 0.010 | none up to 16.0 M | > 16.0x |"
+    assert given in markdown
+    assert (
+        "| hybrid | continuing, then the decoded mel | 1.0 M | 1 | 2.700 ± 0.010 | 2.0 M | 2.0x |"
+        in markdown
+    )
 
 
 def test_the_matching_size_is_interpolated_in_log_parameters():

@@ -67,6 +67,7 @@ class Config:
     mel_source: str = "audio"  # hybrid: 'audio' (the paper's), 'decoded', 'prompt' or 'self'
     mel_weight: float = 1.0  # --mel_source self: the weight of its mel loss (L1) beside the NLL
     mel_noise: float = 0.0  # --mel_source self: std of the noise on the fed mel in training
+    mel_feedback: bool = False  # --mel_source self: from a cut per crop on, train fed its own mel
     # The recipe: the paper's shape (Adam, constant, halved 40 % of the way in), scaled to the
     # default 1 h corpus on a 2-core CPU (NOTES.md, Training). The paper's: --epochs 25 --lr 2e-4
     # --batch_size 16 on 200 h.
@@ -309,8 +310,11 @@ class WhisperGPT(nn.Module):
             # The paper's "shift by 2": position t predicts token t+1 and sees mel slices 0..t-1,
             # never slice t or later. So the mel stack reads the slices one step late, behind a zero
             # slice at position 0.
+            fed = mel
+            if self.training and targets is not None and self.config.mel_feedback:
+                fed = self.own_mel(idx, mel)
             # (B, T, n_mel): row t is slice t-1
-            mel_in = F.pad(mel, (0, 0, 1, 0))[:, start : start + T]
+            mel_in = F.pad(fed, (0, 0, 1, 0))[:, start : start + T]
             if self.training and self.mel_head is not None and self.config.mel_noise:
                 mel_in = mel_in + self.config.mel_noise * torch.randn_like(mel_in)  # CALM's remedy
             # (B, T, n_embd): token | mel
@@ -331,6 +335,17 @@ class WhisperGPT(nn.Module):
                 self.mel_l1 = (self.last_mel - mel[:, :T].float()).abs().mean()
                 loss = loss + self.config.mel_weight * self.mel_l1
         return logits, loss
+
+    @torch.no_grad()
+    def own_mel(self, idx, mel):
+        """--mel_feedback: the audio's mel up to a cut drawn per crop, from it on the slices a first
+        pass predicts (each from the audio's mel before it): what the model reads once it feeds
+        itself, one step deep (the second pass of the remedies for exposure bias)."""
+        self(idx, mel)
+        B, T = idx.shape
+        cut = torch.randint(0, T + 1, (B, 1, 1), device=idx.device)
+        later = torch.arange(T, device=idx.device)[None, :, None] >= cut
+        return torch.where(later, self.last_mel.to(mel.dtype), mel[:, :T])
 
     @torch.inference_mode()
     def generate(
