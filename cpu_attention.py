@@ -1,20 +1,24 @@
 """
-Exact causal attention for narrow heads on the CPU: a small C kernel, compiled once by the machine's C compiler
-and called through ctypes. whisper_gpt.causal_attention uses it on the CPU for heads of at most MAX_HEAD.
+Exact causal attention for narrow heads on the CPU: a small C kernel, compiled once by the machine's
+C compiler and called through ctypes. whisper_gpt.causal_attention uses it on the CPU for heads of
+at most MAX_HEAD.
 
-Why: at a head size of 8 (GPT-S, and both stacks of the hybrid) attention costs T^2 exponentials per head and layer
-for 2 T^2 d multiply-adds of work, so it is bound by its exponentials and by the loop around them, not by FLOPs.
-torch's CPU flash kernel runs such a head far below the CPU's speed (it was 43 % of a GPT-S step, NOTES.md,
-"Speed of training"). Here one query row at a time sees all of its keys at once, in order, vectorised over the
-keys: the scores, their exponentials and the weighted sum of the values stay in the first-level cache, and the
-masked half (a key after its query) is never computed. The backward pass recomputes the probabilities from the
-saved log-sum-exp, as flash attention does, so nothing of size T^2 is ever stored.
+Why: at a head size of 8 (GPT-S, and both stacks of the hybrid) attention costs T^2 exponentials per
+head and layer for 2 T^2 d multiply-adds of work, so it is bound by its exponentials and by the loop
+around them, not by FLOPs. torch's CPU flash kernel runs such a head far below the CPU's speed (it
+was 43 % of a GPT-S step, NOTES.md, "Speed of training"). Here one query row at a time sees all of
+its keys at once, in order, vectorised over the keys: the scores, their exponentials and the
+weighted sum of the values stay in the first-level cache, and the masked half (a key after its
+query) is never computed. The backward pass recomputes the probabilities from the saved log-sum-exp,
+as flash attention does, so nothing of size T^2 is ever stored.
 
-The same bits on every CPU: every sum runs over 16 fixed lanes in a fixed order, the exponential is this file's own
-polynomial, and no multiply-add is fused (-ffp-contract=off), so an AVX2 and an AVX-512 machine give equal results.
-Heads are independent, so they are shared among threads (OpenMP) with no effect on the result.
+The same bits on every CPU: every sum runs over 16 fixed lanes in a fixed order, the exponential is
+this file's own polynomial, and no multiply-add is fused (-ffp-contract=off), so an AVX2 and an
+AVX-512 machine give equal results. Heads are independent, so they are shared among threads (OpenMP)
+with no effect on the result.
 
-Without a C compiler (or with WHISPER_GPT_CPU_ATTENTION=0) kernel() returns None and torch's own call is used.
+Without a C compiler (or with WHISPER_GPT_CPU_ATTENTION=0) kernel() returns None and torch's own
+call is used.
 """
 
 import ctypes
@@ -26,14 +30,16 @@ import tempfile
 
 import torch
 
-MAX_HEAD = 16  # heads up to this size take the kernel (measured faster than torch's at 4, 8 and 16: NOTES.md)
+# heads up to this size take the kernel (measured faster than torch's at 4, 8 and 16: NOTES.md)
+MAX_HEAD = 16
 
 C_SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 
-/* 16 float lanes, written with GCC's vector extensions: the compiler maps them onto the machine's registers
-   (one AVX-512 register, two AVX2 ones), and every sum has these 16 lanes whatever the machine. */
+/* 16 float lanes, written with GCC's vector extensions: the compiler maps them onto the machine's
+   registers (one AVX-512 register, two AVX2 ones), and every sum has these 16 lanes whatever the
+   machine. */
 typedef float vf __attribute__((vector_size(64), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(64), aligned(4)));
 #define L 16
@@ -42,8 +48,8 @@ static inline vf splat(float x) { return (vf){0} + x; }
 
 static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
-/* exp(x) for x <= 0: 2^k * p(r), x = k ln2 + r, |r| <= ln2 / 2, p a degree-6 Taylor polynomial (rel. error
-   ~2e-7); k by rounding with 1.5 * 2^23; below -87, 0 */
+/* exp(x) for x <= 0: 2^k * p(r), x = k ln2 + r, |r| <= ln2 / 2, p a degree-6 Taylor polynomial
+   (rel. error ~2e-7); k by rounding with 1.5 * 2^23; below -87, 0 */
 static inline vf vexp(vf x) {
     vi keep = x >= -87.0f;
     x = select(keep, x, splat(-87.0f));
@@ -70,10 +76,12 @@ static inline float hmax(vf a) {
 }
 
 /* s[0..n) = scale * (x_i . y_j) for the d rows of yT (d, tp); n a multiple of L */
-static inline void scores(const float *xi, const float *yT, int d, int tp, int n, float scale, float *s) {
+static inline void scores(const float *xi, const float *yT, int d, int tp, int n, float scale,
+                          float *s) {
     for (int j = 0; j < n; j += L) {
         vf acc = {0};
-        for (int c = 0; c < d; c++) acc += (xi[c] * scale) * *(const vf *)(yT + (int64_t)c * tp + j);
+        for (int c = 0; c < d; c++)
+            acc += (xi[c] * scale) * *(const vf *)(yT + (int64_t)c * tp + j);
         *(vf *)(s + j) = acc;
     }
 }
@@ -97,19 +105,22 @@ static inline void exp_masked(float *s, int i, int n, float shift) {
     }
 }
 
-/* q, o: (heads, t, d); kT, vT: (heads, d, tp), tp = t rounded up to L, zero past t; lse: (heads, t);
-   work: threads * 2 * tp floats */
-void attn_forward(const float *q, const float *kT, const float *vT, float *o, float *lse, float *work,
-                  int heads, int t, int d, int tp, float scale, int threads) {
+/* q, o: (heads, t, d); kT, vT: (heads, d, tp), tp = t rounded up to L, zero past t;
+   lse: (heads, t); work: threads * 2 * tp floats */
+void attn_forward(const float *q, const float *kT, const float *vT, float *o, float *lse,
+                  float *work, int heads, int t, int d, int tp, float scale, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int h = 0; h < heads; h++) {
         float *s = work + (int64_t)omp_thread() * 2 * tp;
-        const float *qh = q + (int64_t)h * t * d, *kh = kT + (int64_t)h * d * tp, *vh = vT + (int64_t)h * d * tp;
+        const float *qh = q + (int64_t)h * t * d, *kh = kT + (int64_t)h * d * tp,
+                    *vh = vT + (int64_t)h * d * tp;
         for (int i = 0; i < t; i++) {
-            int n = (i / L + 1) * L;  /* keys 0..i, rounded up to whole lanes; those after i are masked */
+            /* keys 0..i, rounded up to whole lanes; those after i are masked */
+            int n = (i / L + 1) * L;
             scores(qh + (int64_t)i * d, kh, d, tp, n, scale, s);
             float m = s[0];
-            for (int j = 1; j <= i % L; j++) m = s[n - L + j] > m ? s[n - L + j] : m;  /* the last, partial lane */
+            /* the last, partial lane */
+            for (int j = 1; j <= i % L; j++) m = s[n - L + j] > m ? s[n - L + j] : m;
             for (int j = 0; j < n - L; j += L) m = fmaxf(m, hmax(*(vf *)(s + j)));
             exp_masked(s, i, n, m);
             vf acc = {0};
@@ -122,25 +133,30 @@ void attn_forward(const float *q, const float *kT, const float *vT, float *o, fl
     }
 }
 
-/* gradients: dq (heads, t, d); dkT, dvT (heads, d, tp), zeroed by the caller; delta (heads, t) = rowsum(do * o) */
-void attn_backward(const float *q, const float *kT, const float *vT, const float *dout, const float *lse,
-                   const float *delta, float *dq, float *dkT, float *dvT, float *work,
-                   int heads, int t, int d, int tp, float scale, int threads) {
+/* gradients: dq (heads, t, d); dkT, dvT (heads, d, tp), zeroed by the caller;
+   delta (heads, t) = rowsum(do * o) */
+void attn_backward(const float *q, const float *kT, const float *vT, const float *dout,
+                   const float *lse, const float *delta, float *dq, float *dkT, float *dvT,
+                   float *work, int heads, int t, int d, int tp, float scale, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int h = 0; h < heads; h++) {
         float *p = work + (int64_t)omp_thread() * 2 * tp, *ds = p + tp;
-        const float *qh = q + (int64_t)h * t * d, *kh = kT + (int64_t)h * d * tp, *vh = vT + (int64_t)h * d * tp;
+        const float *qh = q + (int64_t)h * t * d, *kh = kT + (int64_t)h * d * tp,
+                    *vh = vT + (int64_t)h * d * tp;
         float *dkh = dkT + (int64_t)h * d * tp, *dvh = dvT + (int64_t)h * d * tp;
         for (int i = 0; i < t; i++) {
             int n = (i / L + 1) * L;
             const float *qi = qh + (int64_t)i * d, *doi = dout + ((int64_t)h * t + i) * d;
             float *dqi = dq + ((int64_t)h * t + i) * d;
             scores(qi, kh, d, tp, n, scale, p);
-            exp_masked(p, i, n, lse[(int64_t)h * t + i]);  /* the forward's probabilities, recomputed */
-            scores(doi, vh, d, tp, n, 1.0f, ds);            /* dp_j = do_i . v_j */
+            /* the forward's probabilities, recomputed */
+            exp_masked(p, i, n, lse[(int64_t)h * t + i]);
+            scores(doi, vh, d, tp, n, 1.0f, ds);  /* dp_j = do_i . v_j */
             vf di = splat(delta[(int64_t)h * t + i]);
-            for (int j = 0; j < n; j += L) *(vf *)(ds + j) = *(vf *)(p + j) * (*(vf *)(ds + j) - di);
-            row_dots(ds, kh, d, tp, n, dqi);                /* softmax's backward, then the two products */
+            for (int j = 0; j < n; j += L)
+                *(vf *)(ds + j) = *(vf *)(p + j) * (*(vf *)(ds + j) - di);
+            /* softmax's backward, then the two products */
+            row_dots(ds, kh, d, tp, n, dqi);
             for (int c = 0; c < d; c++) dqi[c] *= scale;
             for (int c = 0; c < d; c++) {
                 const float qc = qi[c] * scale, gc = doi[c];
@@ -168,7 +184,8 @@ _lib = False  # not yet tried; None once it failed
 
 
 def _compile():
-    """The kernel's shared library, compiled once per source, flags and CPU into a cache folder, or None."""
+    """The kernel's shared library, compiled once per source, flags and CPU into a cache folder, or
+    None."""
     if os.environ.get("WHISPER_GPT_CPU_ATTENTION", "1") == "0":
         return None
     source = "#include <omp.h>\n#define omp_thread omp_get_thread_num\n" + C_SOURCE
@@ -198,7 +215,8 @@ def _compile():
                 os.replace(out, path)
         except (OSError, subprocess.SubprocessError) as e:
             print(
-                f"cpu_attention: no C kernel ({type(e).__name__}: {str(e)[:200]}); using torch's attention",
+                f"cpu_attention: no C kernel ({type(e).__name__}: {str(e)[:200]}); using torch's "
+                "attention",
                 file=sys.stderr,
             )
             return None
@@ -218,7 +236,8 @@ def kernel():
 
 
 def _transposed(x, tp):
-    """(B, H, T, d) -> (B * H, d, tp) float32, contiguous, zero past T: the layout the kernel reads keys in."""
+    """(B, H, T, d) -> (B * H, d, tp) float32, contiguous, zero past T: the layout the kernel reads
+    keys in."""
     B, H, T, d = x.shape
     out = x.new_zeros(B * H, d, tp, dtype=torch.float32)
     out[:, :, :T] = x.reshape(B * H, T, d).transpose(1, 2)
@@ -230,7 +249,8 @@ def _ptr(x):
 
 
 class NarrowCausalAttention(torch.autograd.Function):
-    """softmax(q k^T * scale, causal) v for q, k, v (B, H, T, d) on the CPU, in float32, with its exact gradients."""
+    """softmax(q k^T * scale, causal) v for q, k, v (B, H, T, d) on the CPU, in float32, with its
+    exact gradients."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale):
@@ -296,7 +316,9 @@ class NarrowCausalAttention(torch.autograd.Function):
         return dq.view(B, H, T, d).to(qt), dk.to(kt), dv.to(vt), None
 
 
-@torch.compiler.disable  # a foreign call: torch.compile runs it as it is, between the graphs before and after
+# a foreign call: torch.compile runs it as it is, between the graphs before and after
+@torch.compiler.disable
 def narrow_causal_attention(q, k, v, scale=None):
-    """Causal attention of q, k, v (B, H, T, d) -> (B, H, T, d) float32, on the CPU, by the C kernel."""
+    """Causal attention of q, k, v (B, H, T, d) -> (B, H, T, d) float32, on the CPU, by the C
+    kernel."""
     return NarrowCausalAttention.apply(q, k, v, q.size(-1) ** -0.5 if scale is None else scale)

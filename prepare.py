@@ -1,21 +1,28 @@
 """
-Prepare an audio corpus for whisper-gpt: EnCodec codebook-0 tokens and causal log-mel slices, one of each per
-320 samples (75 per second), written as memmaps.
+Prepare an audio corpus for whisper-gpt: EnCodec codebook-0 tokens and causal log-mel slices, one of
+each per 320 samples (75 per second), written as memmaps.
 
-    python prepare.py --dataset music                # renders 1 h from the music21 corpus: no download
-    python prepare.py --dataset music --hours 200    # the paper's scale: two rendering passes over the corpus
-    python prepare.py --dataset music --corpus_hours # how long one pass is (from music21's metadata), then exit
-    python prepare.py --dataset tts                  # 1 h of speech read by a bundled Piper voice: no download
-    python prepare.py --dataset speech               # downloads LibriTTS train-clean-100
-    python prepare.py --audio_dir DIR --name NAME    # any folder tree of wav/flac/ogg/mp3
+    # renders 1 h from the music21 corpus: no download
+    python prepare.py --dataset music
+    # the paper's scale: two rendering passes over the corpus
+    python prepare.py --dataset music --hours 200
+    # how long one pass is (from music21's metadata), then exit
+    python prepare.py --dataset music --corpus_hours
+    # 1 h of speech read by a bundled Piper voice: no download
+    python prepare.py --dataset tts
+    # downloads LibriTTS train-clean-100
+    python prepare.py --dataset speech
+    # any folder tree of wav/flac/ogg/mp3
+    python prepare.py --audio_dir DIR --name NAME
 
-Writes data/<name>/: {train,val}_tokens.bin (uint16 [N]), {train,val}_mel.bin (float16 [N, 64], normalised with
-the train split's per-bin mean and std), meta.json, and for the offline tokenizer tokenizer.pt and token_mel.npy
-(its stand-in decoder: each token's mean mel slice over the train split; prepare.py run again on a finished folder
-made before it adds it). Token t of a file covers samples [320t, 320(t+1)); mel slice t is the 960-sample window
-that ENDS at sample 320(t+1). Work in progress lives in data/<name>/work/, one shard per group of files, so an
-interrupted run resumes where it stopped; the finished files are renamed into place only at the end. The audio
-itself (the mel, the tokenizer, the decoders) is audio.py's; the built-in corpora (rendering music and speech,
+Writes data/<name>/: {train,val}_tokens.bin (uint16 [N]), {train,val}_mel.bin (float16 [N, 64],
+normalised with the train split's per-bin mean and std), meta.json, and for the offline tokenizer
+tokenizer.pt and token_mel.npy (its stand-in decoder: each token's mean mel slice over the train
+split; prepare.py run again on a finished folder made before it adds it). Token t of a file covers
+samples [320t, 320(t+1)); mel slice t is the 960-sample window that ENDS at sample 320(t+1). Work in
+progress lives in data/<name>/work/, one shard per group of files, so an interrupted run resumes
+where it stopped; the finished files are renamed into place only at the end. The audio itself (the
+mel, the tokenizer, the decoders) is audio.py's; the built-in corpora (rendering music and speech,
 fetching LibriTTS) are corpora.py's.
 """
 
@@ -93,23 +100,23 @@ GROUP_SECONDS = 300  # ... or fewer, once the group holds this much audio
 VAL_EVERY = 8  # 1 usable file in 8 goes to val (the first, the 9th, ...): 12.5 %, at least one.
 # On the default 1 h that is about 7 min, 40-odd windows of 10 s: enough for a
 # standard error that tells models apart (5 % of 0.5 h was one minute, 6 windows).
-BUILT_IN_HOURS = 1.0  # default music and tts corpus: rendered and encoded in under 10 min on 2 CPU cores, and enough
-# that GPT-S does not overfit before the default run ends (0.5 h did, by epoch 11)
+BUILT_IN_HOURS = 1.0  # default music and tts corpus: rendered and encoded in under 10 min on 2 CPU
+# cores, and enough that GPT-S does not overfit before the default run ends (0.5 h did, by epoch 11)
 FIT_FRAMES = 50_000  # train embeddings the offline codebook is fitted on (about 11 min of audio)
 PREFETCH = 4  # files loaded ahead of the encoder, per worker process
 BYTES_PER_TOKEN = (2 + 2 * N_MELS) + (
     2 + 4 * N_MELS
 )  # the memmaps (uint16 token, float16 mel row), and the work
 # shards (float32 mel), which stay until the memmaps are whole: 29 kB/s, 105 MB/h
-OFFLINE_BYTES = 61_000_000  # the offline tokenizer.pt (EnCodec's encoder and decoder in float32: 60.5 MB) and its
-# decoder's table (0.3 MB), whatever the hours
+OFFLINE_BYTES = 61_000_000  # the offline tokenizer.pt (EnCodec's encoder and decoder in float32:
+# 60.5 MB) and its decoder's table (0.3 MB), whatever the hours
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3"}
 
 
 def choose_tokenizer(args, work: Path) -> Tokenizer:
-    """--tokenizer encodec: the real weights or a clear error; auto: the real ones, else the offline tokenizer
-    with a warning that cannot be missed; offline: the offline one. An interrupted run's fitted offline codebook
-    (work/tokenizer.pt) is reused, so its shards stay valid."""
+    """--tokenizer encodec: the real weights or a clear error; auto: the real ones, else the offline
+    tokenizer with a warning that cannot be missed; offline: the offline one. An interrupted run's
+    fitted offline codebook (work/tokenizer.pt) is reused, so its shards stay valid."""
     if args.tokenizer != "offline":
         try:
             return encodec_tokenizer(args.encodec_ckpt, args.device)
@@ -119,9 +126,9 @@ def choose_tokenizer(args, work: Path) -> Tokenizer:
             bar = "!" * 100
             print(
                 f"{bar}\nWARNING: {weights_help(str(e))}\nFalling back to the OFFLINE tokenizer "
-                f"'{OFFLINE_NAME}': EnCodec's architecture with RANDOM weights and a codebook fitted by k-means on "
-                f"this corpus.\nIts tokens are NOT EnCodec tokens: numbers made with them do not compare with the "
-                f"paper's.\n{bar}",
+                f"'{OFFLINE_NAME}': EnCodec's architecture with RANDOM weights and a codebook "
+                "fitted by k-means on this corpus.\nIts tokens are NOT EnCodec tokens: numbers "
+                f"made with them do not compare with the paper's.\n{bar}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -134,8 +141,8 @@ def choose_tokenizer(args, work: Path) -> Tokenizer:
 
 
 def file_sources(folders: list, base: Path, seed: int) -> list:
-    """Every audio file under `folders`, in a seeded order, named relative to `base`; the key changes when a
-    file does."""
+    """Every audio file under `folders`, in a seeded order, named relative to `base`; the key
+    changes when a file does."""
     for folder in folders:
         if not Path(folder).is_dir():
             raise UserError(f"audio folder {folder} does not exist")
@@ -162,8 +169,8 @@ def file_sources(folders: list, base: Path, seed: int) -> list:
 
 
 def load_source(src: Source) -> tuple:
-    """-> (wav (S,) float64 numpy at 24 kHz, S a multiple of HOP; mel (S // HOP, N_MELS) float32 numpy), or
-    raises BadAudio / the reader's error for audio that cannot be used."""
+    """-> (wav (S,) float64 numpy at 24 kHz, S a multiple of HOP; mel (S // HOP, N_MELS) float32
+    numpy), or raises BadAudio / the reader's error for audio that cannot be used."""
     if src.rendering:
         wav = corpora.render(src)
     else:
@@ -206,8 +213,8 @@ def _worker_init(encoder_state):
 
 
 def try_load(src: Source) -> Loaded:
-    """Read or render one source, take its mel, and, in an encoding worker, its EnCodec latents. A file that
-    cannot be used comes back with the reason: one bad file never stops the others."""
+    """Read or render one source, take its mel, and, in an encoding worker, its EnCodec latents. A
+    file that cannot be used comes back with the reason: one bad file never stops the others."""
     try:
         wav, mel = load_source(src)
     except Exception as e:  # any reader or renderer failure makes a skipped file with its reason
@@ -218,7 +225,8 @@ def try_load(src: Source) -> Loaded:
 
 
 def serve(conn, load, encoder_state):
-    """A worker process: load each source that comes down the pipe, send back what load made, until None comes."""
+    """A worker process: load each source that comes down the pipe, send back what load made, until
+    None comes."""
     signal.signal(
         signal.SIGINT, signal.SIG_IGN
     )  # Ctrl-C is for the parent, which then stops its workers
@@ -228,11 +236,12 @@ def serve(conn, load, encoder_state):
 
 
 def loaded(sources, workers: int, encoder_state=None, load=try_load):
-    """load (try_load) over sources, in order. With workers > 0 they run in worker processes, source j in worker
-    j % workers, a few files ahead of the consumer (bounded, so memory stays flat); given encoder_state, the workers
-    also encode, one thread each: on the CPU that beats one process with many threads. Each worker has a pipe of its
-    own, so when one dies (killed, out of memory, crashed) the parent knows the file it was on and raises
-    a UserError naming it; a pool would wait for that file's result forever."""
+    """load (try_load) over sources, in order. With workers > 0 they run in worker processes, source
+    j in worker j % workers, a few files ahead of the consumer (bounded, so memory stays flat);
+    given encoder_state, the workers also encode, one thread each: on the CPU that beats one process
+    with many threads. Each worker has a pipe of its own, so when one dies (killed, out of memory,
+    crashed) the parent knows the file it was on and raises a UserError naming it; a pool would wait
+    for that file's result forever."""
     if workers == 0:
         yield from map(load, sources)
         return
@@ -264,7 +273,8 @@ def loaded(sources, workers: int, encoder_state=None, load=try_load):
 
 
 def receive(proc, conn, src: Source) -> Loaded:
-    """The worker's result for src, its oldest file in flight; a UserError if the worker exits before sending it."""
+    """The worker's result for src, its oldest file in flight; a UserError if the worker exits
+    before sending it."""
     wait([conn, proc.sentinel])
     try:
         if conn.poll():
@@ -275,14 +285,15 @@ def receive(proc, conn, src: Source) -> Loaded:
     code = proc.exitcode
     how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
     raise UserError(
-        f"a worker process died ({how}) while loading {src.name}: SIGKILL usually means out of memory, "
-        f"so run again with fewer --workers (finished shards are kept: the run resumes); if it dies on "
-        f"this file again, the file crashes the audio reader, so remove it"
+        f"a worker process died ({how}) while loading {src.name}: SIGKILL usually means out of "
+        "memory, so run again with fewer --workers (finished shards are kept: the run resumes); "
+        "if it dies on this file again, the file crashes the audio reader, so remove it"
     )
 
 
 def groups(items):
-    """Consecutive loaded files in groups of GROUP_FILES, or fewer once a group holds GROUP_SECONDS of audio."""
+    """Consecutive loaded files in groups of GROUP_FILES, or fewer once a group holds GROUP_SECONDS
+    of audio."""
     group, seconds = [], 0.0
     for item in items:
         group.append(item)
@@ -294,13 +305,13 @@ def groups(items):
         yield group
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # encoding into work shards, resumable
 
 
 def shard_path(work: Path, tok: Tokenizer, first: Source) -> Path:
-    """A group's shard is named by its first file and everything that decides its content, so a re-run finds the
-    chain of shards an interrupted run finished and reuses them."""
+    """A group's shard is named by its first file and everything that decides its content, so a
+    re-run finds the chain of shards an interrupted run finished and reuses them."""
     settings = [
         FORMAT_VERSION,
         tok.fingerprint(),
@@ -314,8 +325,8 @@ def shard_path(work: Path, tok: Tokenizer, first: Source) -> Path:
 
 
 def write_shard(path: Path, group: list, tokens: list):
-    """One group of files: their names, splits and frame counts (or skip reasons), tokens and mels, written to a
-    temporary name and renamed, so a shard that exists is whole."""
+    """One group of files: their names, splits and frame counts (or skip reasons), tokens and mels,
+    written to a temporary name and renamed, so a shard that exists is whole."""
     members = [
         {
             "key": item.src.key,
@@ -353,8 +364,8 @@ def job_id(sources: list, args) -> str:
 
 
 def clear_other_work(work: Path, job: str):
-    """Remove a work folder left by a different job, so that an offline codebook fitted on other audio is never
-    reused; an interrupted run of this very job is kept, to resume."""
+    """Remove a work folder left by a different job, so that an offline codebook fitted on other
+    audio is never reused; an interrupted run of this very job is kept, to resume."""
     if work.exists() and (not (work / "job").is_file() or (work / "job").read_text() != job):
         shutil.rmtree(work)
 
@@ -374,9 +385,10 @@ def progress(done_s: float, total_s: float, files: int, t0: float):
 
 
 def encode_corpus(sources: list, work: Path, tok: Tokenizer, args, total_s: float) -> list:
-    """Tokenise every source (until --hours of usable audio) into shards under `work`; returns their paths in
-    order. Shards an interrupted run finished are reused. The offline tokenizer's codebook is fitted on the
-    first FIT_FRAMES train embeddings; the groups that wait for it are quantised as soon as it is."""
+    """Tokenise every source (until --hours of usable audio) into shards under `work`; returns their
+    paths in order. Shards an interrupted run finished are reused. The offline tokenizer's codebook
+    is fitted on the first FIT_FRAMES train embeddings; the groups that wait for it are quantised as
+    soon as it is."""
     budget = args.hours * 3600 if args.hours else float("inf")
     shards, done_s, files, usable_files, i, t0, splits = [], 0.0, 0, 0, 0, time.time(), {}
     while tok.codebook is not None and i < len(sources) and done_s < budget:
@@ -418,10 +430,10 @@ def encode_corpus(sources: list, work: Path, tok: Tokenizer, args, total_s: floa
 
 
 def assign_splits(group: list, usable_files: int, splits: dict) -> tuple:
-    """Split by file: the k-th usable file (counting from 0, in source order) goes to val when k % VAL_EVERY == 0,
-    so val holds 1 in 8 files and is never empty while two files are usable. A later rendering pass of a piece
-    takes the split of its first (`splits`: piece -> split, updated here), so no score is both trained on and
-    validated on."""
+    """Split by file: the k-th usable file (counting from 0, in source order) goes to val when k %
+    VAL_EVERY == 0, so val holds 1 in 8 files and is never empty while two files are usable. A later
+    rendering pass of a piece takes the split of its first (`splits`: piece -> split, updated here),
+    so no score is both trained on and validated on."""
     out = []
     for item in group:
         if item.reason is None:
@@ -435,11 +447,14 @@ def assign_splits(group: list, usable_files: int, splits: dict) -> tuple:
 
 
 def embed_rest(group: list, tok: Tokenizer, batch_size: int) -> list:
-    """Embed here (batched, on the tokenizer's device) the files of a group that no worker has encoded."""
+    """Embed here (batched, on the tokenizer's device) the files of a group that no worker has
+    encoded."""
     todo = [k for k, item in enumerate(group) if item.wav is not None]
     group = list(group)
     for k, emb in zip(
-        todo, tok.embed_many([torch.from_numpy(group[k].wav) for k in todo], batch_size)
+        todo,
+        tok.embed_many([torch.from_numpy(group[k].wav) for k in todo], batch_size),
+        strict=True,
     ):
         group[k] = group[k]._replace(wav=None, emb=emb)
     return group
@@ -456,8 +471,8 @@ def train_embeddings(waiting: list) -> list:
 
 
 def fit_offline(tok: Tokenizer, waiting: list, work: Path, seed: int):
-    """Fit the offline codebook on (a seeded subsample of) the train latents waiting, and save the tokenizer in
-    `work`, so that a resumed run quantises with the very same codebook."""
+    """Fit the offline codebook on (a seeded subsample of) the train latents waiting, and save the
+    tokenizer in `work`, so that a resumed run quantises with the very same codebook."""
     emb = train_embeddings(waiting)
     if not emb:
         raise UserError(
@@ -485,23 +500,26 @@ def flush(work: Path, tok: Tokenizer, group: list) -> Path:
 
 
 def no_usable(split: str, skipped: list) -> str:
-    """One line: the split is empty, why a corpus needs two usable files, and the first files skipped."""
+    """One line: the split is empty, why a corpus needs two usable files, and the first files
+    skipped."""
     reasons = "; ".join(f"{name}: {reason}" for name, reason in skipped[:3])
     return (
-        f"no usable audio in the {split} split: the split is by file (the first usable file and every "
-        f"{VAL_EVERY}th after it go to val), so a corpus needs at least two usable files; {len(skipped)} files "
-        f"skipped" + (f" ({reasons}{'; ...' if len(skipped) > 3 else ''})" if skipped else "")
+        f"no usable audio in the {split} split: the split is by file (the first usable file and "
+        f"every {VAL_EVERY}th after it go to val), so a corpus needs at least two usable files; "
+        f"{len(skipped)} files skipped"
+        + (f" ({reasons}{'; ...' if len(skipped) > 3 else ''})" if skipped else "")
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # assembling the memmaps
 
 
 def count_baselines(train: np.ndarray, val: np.ndarray, vocab: int = VOCAB) -> dict:
-    """The references every model must beat: mean NLL (nats/token) of the val tokens under a unigram and a bigram
-    counted on the train tokens, add-one smoothed. Pairs run over the concatenated memmap, as the models' crops
-    do; the unigram scores every val token, the bigram every val token after the first."""
+    """The references every model must beat: mean NLL (nats/token) of the val tokens under a unigram
+    and a bigram counted on the train tokens, add-one smoothed. Pairs run over the concatenated
+    memmap, as the models' crops do; the unigram scores every val token, the bigram every val token
+    after the first."""
     train, val = train.astype(np.int64), val.astype(np.int64)
     unigram = np.bincount(train, minlength=vocab) + 1.0  # (vocab,)
     pairs = (
@@ -518,9 +536,10 @@ def count_baselines(train: np.ndarray, val: np.ndarray, vocab: int = VOCAB) -> d
 
 
 def assemble(shards: list, data_dir: Path, tok: Tokenizer, extra: dict) -> dict:
-    """Concatenate the shards into {train,val}_{tokens,mel}.bin (mel normalised with the train per-bin mean and
-    std, summed in float64 in a first pass), streaming file by file; everything is written under temporary names
-    and renamed into place at the end, meta.json last, so a folder with meta.json is complete."""
+    """Concatenate the shards into {train,val}_{tokens,mel}.bin (mel normalised with the train
+    per-bin mean and std, summed in float64 in a first pass), streaming file by file; everything is
+    written under temporary names and renamed into place at the end, meta.json last, so a folder
+    with meta.json is complete."""
     members = [m for path in shards for m in shard_members(path)]
     if extra.get("dataset") == "music":  # rendered music: how many passes over the corpus it took
         extra = {**extra, "passes": max((m["rendering"] or {}).get("pass", 1) for m in members)}
@@ -598,8 +617,8 @@ def assemble(shards: list, data_dir: Path, tok: Tokenizer, extra: dict) -> dict:
 
 
 def allocated(path: Path, dtype, shape: tuple) -> np.memmap:
-    """A new memmap whose disk blocks are allocated first, so that a full disk is an OSError here rather than a
-    SIGBUS at the first page written that finds no room."""
+    """A new memmap whose disk blocks are allocated first, so that a full disk is an OSError here
+    rather than a SIGBUS at the first page written that finds no room."""
     with open(path, "wb") as f:
         try:
             os.posix_fallocate(f.fileno(), 0, math.prod(shape) * np.dtype(dtype).itemsize)
@@ -613,8 +632,8 @@ def allocated(path: Path, dtype, shape: tuple) -> np.memmap:
 
 
 def split_files(shards: list, split: str):
-    """(member, tokens (T,) uint16, mel (T, N_MELS) float32) for each usable file of one split, in order, one
-    shard open at a time."""
+    """(member, tokens (T,) uint16, mel (T, N_MELS) float32) for each usable file of one split, in
+    order, one shard open at a time."""
     for path in shards:
         with np.load(path) as shard:
             usable = [m for m in json.loads(str(shard["members"])) if not m["skipped"]]
@@ -623,7 +642,7 @@ def split_files(shards: list, split: str):
                     yield member, shard[f"tokens{j}"], shard[f"mel{j}"]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
@@ -653,8 +672,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--corpus_hours",
         action="store_true",
-        help="with --dataset music: print how long one rendering "
-        "pass of the corpus is, from music21's metadata (nothing rendered), and exit (default: off)",
+        help="with --dataset music: print how long one rendering pass of the corpus is, from "
+        "music21's metadata (nothing rendered), and exit (default: off)",
     )
     p.add_argument(
         "--seed",
@@ -672,9 +691,9 @@ def parse_args(argv=None):
         "--tokenizer",
         choices=["auto", "encodec", "offline"],
         default="auto",
-        help="auto: pretrained EnCodec if its weights can be had, else the offline tokenizer; encodec: "
-        "the pretrained one or an error; offline: random EnCodec weights + k-means codebook "
-        "(default: %(default)s)",
+        help="auto: pretrained EnCodec if its weights can be had, else the offline tokenizer; "
+        "encodec: the pretrained one or an error; offline: random EnCodec weights + k-means "
+        "codebook (default: %(default)s)",
     )
     p.add_argument(
         "--encodec_ckpt",
@@ -704,9 +723,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="make data/<name>/ again where it holds a finished "
-        "corpus; runs trained on the old one then refuse it (default: off: such a folder is refused, and "
-        "an unfinished one resumed)",
+        help="make data/<name>/ again where it holds a finished corpus; runs trained on the old "
+        "one then refuse it (default: off: such a folder is refused, and an unfinished one "
+        "resumed)",
     )
     args = p.parse_args(argv)
     if args.audio_dir and not args.name:
@@ -718,8 +737,8 @@ def parse_args(argv=None):
         sep and sep in args.name for sep in ("/", os.sep, os.altsep, "\0")
     ):
         p.error(
-            f"--name {args.name!r} names a folder in --data_root, not a path: pass a plain name (and --data_root "
-            "for another place)"
+            f"--name {args.name!r} names a folder in --data_root, not a path: pass a plain name "
+            "(and --data_root for another place)"
         )
     if args.dataset in ("music", "tts") and args.hours is None:
         args.hours = BUILT_IN_HOURS
@@ -748,8 +767,8 @@ def parse_args(argv=None):
 
 
 def list_sources(args) -> tuple:
-    """-> (sources, estimated seconds of audio, a description for meta.json); raises a UserError when there is
-    nothing to read."""
+    """-> (sources, estimated seconds of audio, a description for meta.json); raises a UserError
+    when there is nothing to read."""
     if args.dataset == "music":
         describe = {
             "dataset": "music",
@@ -793,8 +812,9 @@ def duration(path: str) -> float:
 
 
 def check_disk(data_dir: Path, seconds: float, offline: bool) -> float:
-    """Refuse to start when the disk that will hold data_dir has less room than `seconds` of audio need, with the
-    offline tokenizer's files where it may be the one (offline); returns the bytes needed."""
+    """Refuse to start when the disk that will hold data_dir has less room than `seconds` of audio
+    need, with the offline tokenizer's files where it may be the one (offline); returns the bytes
+    needed."""
     need = seconds * FRAME_RATE * BYTES_PER_TOKEN + (OFFLINE_BYTES if offline else 0)
     where = data_dir
     while not where.exists():  # the nearest folder that exists is on the disk data_dir will be on
@@ -803,18 +823,18 @@ def check_disk(data_dir: Path, seconds: float, offline: bool) -> float:
     if need > free:
         raise UserError(
             f"not enough disk space for {data_dir}: {seconds / 3600:,.1f} h of audio need about "
-            f"{need / 1e9:,.1f} GB ({FRAME_RATE * BYTES_PER_TOKEN * 3600 / 1e6:.0f} MB/h: memmaps plus the "
-            f"work shards they are made from"
+            f"{need / 1e9:,.1f} GB ({FRAME_RATE * BYTES_PER_TOKEN * 3600 / 1e6:.0f} MB/h: memmaps "
+            "plus the work shards they are made from"
             + (f"; and {OFFLINE_BYTES / 1e6:.0f} MB of offline tokenizer" if offline else "")
-            + f") and {where.resolve()} has {free / 1e9:,.1f} GB free: free some space, pass another "
-            f"--data_root, or ask for fewer --hours"
+            + f") and {where.resolve()} has {free / 1e9:,.1f} GB free: free some space, pass "
+            "another --data_root, or ask for fewer --hours"
         )
     return need
 
 
 def decoder_whole(data_dir: Path, meta: dict) -> bool:
-    """Whether a finished offline corpus has its decoder's table, whole: data made before there was one has none,
-    and a damaged one (cut short, nan) is made again."""
+    """Whether a finished offline corpus has its decoder's table, whole: data made before there was
+    one has none, and a damaged one (cut short, nan) is made again."""
     try:
         read_token_mel(data_dir, meta)
     except UserError:
@@ -843,14 +863,15 @@ def make(args, data_dir: Path):
         meta = read_meta(data_dir)
         if meta["tokenizer_offline"] and not decoder_whole(data_dir, meta):
             print(
-                f"{data_dir} is prepared; added its offline decoder {save_token_mel(data_dir)} (the mean mel of "
-                "each token over its train split), which was missing or damaged; the data is unchanged",
+                f"{data_dir} is prepared; added its offline decoder {save_token_mel(data_dir)} "
+                "(the mean mel of each token over its train split), which was missing or damaged; "
+                "the data is unchanged",
                 flush=True,
             )
             return
         raise UserError(
-            f"{data_dir} already holds a prepared corpus: pass --overwrite to make it again (runs trained "
-            "on it will then refuse it), or another --name; nothing was changed"
+            f"{data_dir} already holds a prepared corpus: pass --overwrite to make it again (runs "
+            "trained on it will then refuse it), or another --name; nothing was changed"
         )
     t0 = time.time()
     sources, total_s, describe = list_sources(args)
@@ -869,8 +890,8 @@ def make(args, data_dir: Path):
         flush=True,
     )
     full = (
-        f"free some space and run the same command again, which resumes from the shards finished in {work}; or "
-        "pass another --data_root"
+        "free some space and run the same command again, which resumes from the shards finished "
+        f"in {work}; or pass another --data_root"
     )  # the work is kept: what a disk that filled up cost is not lost
     with room_to_write(
         data_dir,
@@ -913,20 +934,22 @@ def summarise(meta: dict, data_dir: Path, seconds: float, workers: int):
         lines.append(
             f"  rendering passes over the music21 corpus: {meta['passes']}"
             + (
-                " (after the first: other instruments, tempi and transpositions; every pass of a piece in one split)"
+                " (after the first: other instruments, tempi and transpositions; every pass of a "
+                "piece in one split)"
                 if meta["passes"] > 1
                 else ""
             )
         )
     if meta["hours_asked"] and total_h < 0.99 * meta["hours_asked"]:
         lines.append(
-            f"  asked for {meta['hours_asked']:g} h: the sources listed hold only {total_h:.3f} h of usable "
-            f"audio"
+            f"  asked for {meta['hours_asked']:g} h: the sources listed hold only {total_h:.3f} h "
+            "of usable audio"
         )
     lines.append(f"  tokenizer: {meta['tokenizer']}{label}")
     lines.append(
-        f"  val NLL of the count baselines (train counts, add-one): unigram "
-        f"{meta['baselines']['unigram_nll']:.3f}, bigram {meta['baselines']['bigram_nll']:.3f} nats/token"
+        "  val NLL of the count baselines (train counts, add-one): unigram "
+        f"{meta['baselines']['unigram_nll']:.3f}, "
+        f"bigram {meta['baselines']['bigram_nll']:.3f} nats/token"
     )
     lines.append(
         f"  skipped {len(meta['skipped'])} files"
