@@ -160,10 +160,13 @@ def label_of(run):
     wide = "" if width in (None, 64) else f" w{width}"
     if run["model"] == "hybrid" and run["mel_source"] != "audio":  # another experiment
         noise = run["config"].get("mel_noise") or 0
+        remedy = f"noise {noise:g}" if noise else "no remedy"
+        if run["config"].get("mel_feedback"):
+            remedy = "second pass" + (f", noise {noise:g}" if noise else "")
         return {
             "decoded": "hybrid, decoded mel",
             "prompt": "hybrid, prompt's mel",
-            "self": f"hybrid, own mel, {f'noise {noise:g}' if noise else 'no noise'}",
+            "self": f"hybrid, own mel, {remedy}",
         }[run["mel_source"]] + wide
     if run["model"] in ("GPT-S", "GPT-L") or (run["model"] == "hybrid" and not wide):
         return run["model"]
