@@ -415,7 +415,8 @@ def size_sweep(group):
 def matches(group, sweep):
     """Each hybrid of width 64 against the token-only sizes on the same footing: teacher-forced (its
     table row against theirs) and continuing (its continuation rows against theirs, on the same
-    prompts). [(model, fed, summary, the matching token-only size or None, the largest size run)]."""
+    prompts). [(model, fed, summary, the matching token-only size or None, the largest size run,
+    whether the smallest size run is already lower)]."""
 
     def curve(continuing):
         points = []
@@ -430,12 +431,15 @@ def matches(group, sweep):
     for label in [m for m in group if m == "hybrid" or m.startswith("hybrid,") and " w" not in m]:
         s = summary(group[label])
         if s and given:
-            rows.append((label, "teacher-forced", s, matching_size(given, s["nll"]), given[-1][0]))
+            below = s["nll"] > given[0][1]
+            size = matching_size(given, s["nll"])
+            rows.append((label, "teacher-forced", s, size, given[-1][0], below))
         for after in sorted({a for run in group[label] for a in run["continued"]}, key=str):
             c = summary(continued_runs(group[label], after))
             if c and going:
                 fed = f"continuing, then {AFTER[after]}"
-                rows.append((label, fed, c, matching_size(going, c["nll"]), going[-1][0]))
+                size, below = matching_size(going, c["nll"]), c["nll"] > going[0][1]
+                rows.append((label, fed, c, size, going[-1][0], below))
     return rows
 
 
@@ -449,9 +453,11 @@ def matches_markdown(rows):
         "| Model | fed | # params | seeds | NLL ± SE | matching token-only size | times its size |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for label, fed, s, size, largest in rows:
+    for label, fed, s, size, largest, below in rows:
         if size is None:
             match = f"none up to {params_label(largest)} | > {largest / s['params']:.1f}x"
+        elif below:  # the smallest size run already does better
+            match = f"at most {params_label(size)} | ≤ {size / s['params']:.1f}x"
         else:
             match = f"{params_label(size)} | {size / s['params']:.1f}x"
         head = f"| {label} | {fed} | {params_label(s['params'])} | {s['seeds']} | {nll_cell(s)}"
