@@ -1,7 +1,9 @@
 """
-The audio side of whisper-gpt, shared by prepare.py (which makes the data) and sample.py (which continues a
-prompt): the constants, the causal log-mel and its normalisation, the tokenizer (EnCodec 24 kHz codebook 0,
-with the real weights or the named offline stand-in), its weights, and EnCodec's decoder run as a stream.
+The audio side of whisper-gpt, shared by prepare.py (which makes the data) and sample.py (which
+continues a prompt): the constants, the causal log-mel and its normalisation, the tokenizer (EnCodec
+24 kHz codebook 0, with the real weights or the named offline stand-in), its weights, the decoder
+(tokens back to mel and audio, all at once or a token at a time) and EnCodec's decoder run as a
+stream.
 
 Token t of a file covers samples [320t, 320(t+1)); mel slice t is the 960-sample window that ENDS at sample
 320(t+1), so it never hears a sample after the audio its token covers.
@@ -481,28 +483,39 @@ def save_token_mel(data_dir, meta=None) -> Path:
 
 
 class Decoder:
-    """Tokens (B, T) -> their decoded mel (B, T, n_mel), normalised, and their audio (B, T * HOP): the one meaning of
-    "decoded mel" in the project, the mel the hybrid can have of tokens while it generates them.
-    - The real EnCodec: its decoder on codebook 0, and the causal log-mel of that audio (slice t hears tokens <= t).
-    - Offline, EnCodec's decoder has random weights: its audio is noise whatever the tokens. So the stand-in
-      decoder maps each token to its mean mel slice over the train split (DECODER_FILE, made by prepare.py), and
-      the audio comes from that mel by torchaudio's InverseMelScale + GriffinLim. Slice t is token t's alone."""
+    """Tokens (B, T) -> their decoded mel (B, T, n_mel), normalised, and their audio (B, T * HOP):
+    the one meaning of "decoded mel" in the project, the mel the hybrid can have of tokens while it
+    generates them. stepper() gives the same mel and audio a token at a time, as generation makes
+    the tokens.
+    - The real EnCodec: its decoder on codebook 0, and the causal log-mel of that audio (slice t
+      hears tokens <= t).
+    - Offline, EnCodec's decoder has random weights: its audio is noise whatever the tokens. So the
+      stand-in decoder maps each token to its mean mel slice over the train split (DECODER_FILE,
+      made by prepare.py), and the audio comes from that mel by torchaudio's InverseMelScale +
+      GriffinLim. Slice t is token t's alone."""
 
     def __init__(self, tokenizer, meta, table=None):
         self.tokenizer, self.meta = tokenizer, meta
-        self.table = (
-            None if table is None else torch.as_tensor(table, dtype=torch.float32)
-        )  # (VOCAB, n_mel)
+        # (VOCAB, n_mel)
+        self.table = None if table is None else torch.as_tensor(table, dtype=torch.float32)
         self.name = (
             "per-token mean mel + Griffin-Lim (offline stand-in for EnCodec's decoder)"
-            if table is not None
+            if self.offline
             else f"{tokenizer.name} decoder (codebook 0)"
             + (", random weights" if tokenizer.offline else "")
         )
 
+    @property
+    def offline(self) -> bool:
+        """Whether this is the offline stand-in decoder (the table), not EnCodec's decoder network
+        (whose weights are random for the offline tokenizer: a Decoder of it made without the table
+        is that network)."""
+        return self.table is not None
+
     def mel(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) int64 -> (B, T, n_mel) float32 normalised decoded mel, on the tokens' device."""
-        if self.table is not None:
+        """tokens (B, T) int64 -> (B, T, n_mel) float32 normalised decoded mel, on the tokens'
+        device."""
+        if self.offline:
             return self.table.to(tokens.device)[tokens]
         return (
             normalise_mel(log_mel(self.tokenizer.decode(tokens)), self.meta)
@@ -512,9 +525,14 @@ class Decoder:
 
     def audio(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) int64 -> (B, T * HOP) float32 audio at 24 kHz."""
-        if self.table is None:
-            return self.tokenizer.decode(tokens)
-        return mel_to_audio(self.mel(tokens.cpu()), self.meta).to(tokens.device)
+        if self.offline:
+            return mel_to_audio(self.mel(tokens.cpu()), self.meta).to(tokens.device)
+        return self.tokenizer.decode(tokens)
+
+    def stepper(self, window: int = 0) -> "DecoderStepper":
+        """The decoded mel of tokens that grow by one a call (WhisperGPT.generate's mel_fn), and
+        their audio at the end; window: see DecoderStepper."""
+        return DecoderStepper(self, window)
 
 
 def mel_to_audio(
@@ -614,6 +632,69 @@ class DecodedSplit:
     def __getitem__(self, rows: slice) -> np.ndarray:
         tokens = torch.from_numpy(self.tokens[rows].astype(np.int64))[None]  # (1, j - i)
         return self.decoder.mel(tokens)[0].numpy()
+
+
+class DecoderStepper:
+    """A Decoder fed tokens that grow by one a call, as WhisperGPT.generate makes them: each call
+    returns the newest token's decoded slice, as Decoder.mel of all the tokens gives it, and audio()
+    the audio of all of them. How a token becomes its slice is chosen once, here (`how`):
+    - "table": the offline decoder: a slice is its token's row of the table alone (window unused);
+    - "stream": EnCodec's decoder, window 0: StreamingDecoder fed the new tokens only (exact; its
+      audio is the output's);
+    - "window": EnCodec's decoder, window W: the newest W tokens decoded from scratch every step
+      (its context cut to W tokens: an approximation), the audio decoded at once at the end.
+    Every slice returned is kept by token index, to be checked against the whole output decoded at
+    once."""
+
+    def __init__(self, decoder: Decoder, window: int = 0):
+        self.decoder, self.window = decoder, window
+        self.how = "table" if decoder.offline else "window" if window else "stream"
+        self.slices = {}  # token index -> (B, n_mel)
+        self.stream, self.fed, self.pieces = None, None, []
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T), those of the call before and one more -> the newest token's slice
+        (B, n_mel)."""
+        if self.how == "table":
+            last = self.decoder.mel(tokens[:, -1:])[:, 0]  # (B, n_mel)
+        else:
+            # only the last WIN samples enter the last slice: the mel of those alone, its last row
+            mel = log_mel(self.recent_audio(tokens)[:, -WIN:])  # (B, <= 3, n_mel)
+            last = normalise_mel(mel[:, -1], self.decoder.meta).float()  # (B, n_mel)
+        self.slices[tokens.size(1) - 1] = last
+        return last
+
+    def recent_audio(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The newest tokens' audio (B, >= WIN samples past the start), EnCodec's decoder's."""
+        if self.how == "window":
+            return self.decoder.tokenizer.decode(tokens[:, -self.window :])  # (B, W * HOP)
+        self.feed(tokens)
+        return torch.cat(self.pieces[-WIN // HOP :], dim=1)
+
+    def feed(self, tokens: torch.Tensor):
+        """Stream the tokens (B, n) not fed yet. Starts afresh when tokens do not extend those fed
+        before."""
+        n = 0 if self.fed is None else self.fed.size(1)
+        if self.fed is None or tokens.size(1) <= n or not torch.equal(tokens[:, :n], self.fed):
+            self.stream, self.pieces, n = StreamingDecoder(self.decoder.tokenizer), [], 0
+        self.pieces.append(self.stream(tokens[:, n:]))  # (B, (len - n) * HOP)
+        self.fed = tokens.clone()
+
+    def audio(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The audio (B, T * HOP) of all the tokens (B, T): the stream's, fed the rest first; else
+        Decoder.audio's."""
+        if self.how != "stream":
+            return self.decoder.audio(tokens)
+        self.feed(tokens)
+        return torch.cat(self.pieces, dim=1)
+
+    def error_against(self, reference: torch.Tensor) -> tuple:
+        """Mean and max |slice returned - reference slice|, and how many slices; reference
+        (B, T, n_mel) from Decoder.mel of the whole output."""
+        if not self.slices:
+            return float("nan"), float("nan"), 0
+        diff = torch.stack([(s - reference[:, t]).abs() for t, s in sorted(self.slices.items())])
+        return diff.mean().item(), diff.max().item(), len(self.slices)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,14 +6,16 @@ the tokens (.npy) and a PNG of the log-mel spectrogram with the prompt boundary 
     python sample.py --out_dir out-gpt-s-music --num_samples 4 --top_k 100   # prompt: a crop of the val split
     python sample.py --out_dir out-hybrid-music --bench                       # tokens/s and realtime factor
 
-The hybrid needs the mel slice of every token it makes, and all it has is the tokens: it is fed their decoded
-mel (audio.Decoder), as `whisper_gpt.py --mel_source decoded` evaluates it. With the real EnCodec weights each new
-token is decoded to audio by EnCodec's decoder run incrementally (StreamingDecoder: one token's work per step, and
-exactly the audio a decode of the whole output gives), and audio.log_mel reads the slice; --mel_window W instead
-decodes the newest W tokens from scratch every step (slower, an approximation). Offline, where EnCodec's decoder has
-random weights, the stand-in decoder gives each token its mean mel slice over the train split and the audio by
-Griffin-Lim. Every run prints how far the decoded mel (and the audio's own) is from the prompt's original mel, and
-every hybrid run how far its slices are from the whole output decoded at once.
+The hybrid needs the mel slice of every token it makes, and all it has is the tokens: it is fed
+their decoded mel (audio.Decoder, a token at a time by its stepper), as `whisper_gpt.py --mel_source
+decoded` evaluates it. With the real EnCodec weights each new token is decoded to audio by EnCodec's
+decoder run incrementally (StreamingDecoder: one token's work per step, and exactly the audio a
+decode of the whole output gives), and audio.log_mel reads the slice; --mel_window W instead decodes
+the newest W tokens from scratch every step (slower, an approximation). Offline, where EnCodec's
+decoder has random weights, the stand-in decoder gives each token its mean mel slice over the train
+split and the audio by Griffin-Lim. Every run prints how far the decoded mel (and the audio's own)
+is from the prompt's original mel, and every hybrid run how far its slices are from the whole output
+decoded at once.
 """
 
 import argparse
@@ -36,7 +38,6 @@ from audio import (
     HOP,
     SAMPLE_RATE,
     WIN,
-    StreamingDecoder,
     check_vocabulary,
     load_decoder,
     log_mel,
@@ -287,58 +288,7 @@ def prompt_from_val(data_dir, meta, max_seconds, device):
 
 
 # -----------------------------------------------------------------------------
-# the hybrid's mel slices of its own output
-
-
-class DecodedMel:
-    """mel_fn for WhisperGPT.generate: the decoded mel slice (audio.Decoder) of the newest token, as the evaluation
-    with --mel_source decoded computes it. Offline: the token's row of the decoder's table. With EnCodec's decoder:
-    window=0 exact, StreamingDecoder fed the new tokens only; window=W, the newest W tokens decoded from scratch
-    every step (its context cut to W tokens: an approximation). Every slice returned is kept by token index, to be
-    checked against the whole output decoded at once afterwards."""
-
-    def __init__(self, decoder, window=0):
-        self.decoder, self.window = decoder, window
-        self.slices = {}  # token index -> (B, 64)
-        self.stream, self.fed, self.pieces = None, None, []
-
-    def __call__(self, tokens):
-        if self.decoder.table is not None:  # the offline decoder: a slice is its token's alone
-            last = self.decoder.mel(tokens[:, -1:])[:, 0]  # (B, 64)
-        else:
-            if self.window:
-                recent = self.decoder.tokenizer.decode(tokens[:, -self.window :])  # (B, W * HOP)
-            else:
-                self.feed(tokens)
-                recent = torch.cat(self.pieces[-WIN // HOP :], dim=1)  # (B, >= WIN) past the start
-            # only the last WIN samples enter the last slice: the mel of those alone, its last row
-            mel = log_mel(recent[:, -WIN:])  # (B, <= 3, 64)
-            last = normalise_mel(mel[:, -1], self.decoder.meta).float()  # (B, 64)
-        self.slices[tokens.size(1) - 1] = last
-        return last
-
-    def feed(self, tokens):
-        """Stream the tokens (B, n) not fed yet. Starts afresh when tokens do not extend those fed before."""
-        n = 0 if self.fed is None else self.fed.size(1)
-        if self.fed is None or tokens.size(1) <= n or not torch.equal(tokens[:, :n], self.fed):
-            self.stream, self.pieces, n = StreamingDecoder(self.decoder.tokenizer), [], 0
-        self.pieces.append(self.stream(tokens[:, n:]))  # (B, (len - n) * HOP)
-        self.fed = tokens.clone()
-
-    def audio(self, tokens):
-        """The audio of all the tokens (B, T): the stream's, fed the rest first, when it ran; else decoded."""
-        if self.decoder.table is not None or self.window:
-            return self.decoder.audio(tokens)
-        self.feed(tokens)
-        return torch.cat(self.pieces, dim=1)
-
-    def error_against(self, reference):
-        """Mean and max |slice returned - reference slice|, and how many slices; reference (B, T, 64) from
-        Decoder.mel of the whole output."""
-        if not self.slices:
-            return float("nan"), float("nan"), 0
-        diff = torch.stack([(s - reference[:, t]).abs() for t, s in sorted(self.slices.items())])
-        return diff.mean().item(), diff.max().item(), len(self.slices)
+# how far the audio follows the tokens
 
 
 def mel_report(decoder, tokens, mel, n_prompt, audio_out, seed=0):
@@ -429,14 +379,17 @@ def write_samples(sample_dir, idx, audio, n_prompt, title, audio_format="wav"):
 
 def generate(model, decoder, tokens, mel, n_new, args):
     """Continue tokens (B, T) by n_new tokens and decode them to audio. After the prompt the hybrid
-    is fed what it was trained to be fed: the decoded mel of each token it makes (DecodedMel), its
-    own predicted mel (--mel_source self) or no mel (--mel_source prompt: NaN rows), as the
-    continuation evaluation feeds it (whisper_gpt.continuation_mel). Returns idx (B, T + n_new),
-    audio (B, (T + n_new) * HOP), the mel fed (B, T + n_new - 1, n_mel) or None, the DecodedMel
-    (None where none is used) and the seconds it all took."""
+    is fed what it was trained to be fed: the decoded mel of each token it makes (the decoder's
+    stepper), its own predicted mel (--mel_source self) or no mel (--mel_source prompt: NaN rows),
+    as the continuation evaluation feeds it (whisper_gpt.continuation_mel). Returns idx
+    (B, T + n_new), audio (B, (T + n_new) * HOP), the mel fed (B, T + n_new - 1, n_mel) or None,
+    the audio.DecoderStepper (None where none is used) and the seconds it all took."""
     c = model.config
     after = continuation_mel(c, c.mel_source)[1] if c.hybrid else None
-    mel_fn = DecodedMel(decoder, args.mel_window) if after == "decoded" else None
+    # after the prompt: the decoder's slices ('decoded'), NaN rows ('none'), or nothing ('self':
+    # the model feeds its own)
+    stepper = decoder.stepper(args.mel_window) if after == "decoded" else None
+    mel_fn = stepper
     if after == "none":
         mel_fn = lambda idx: torch.full((idx.size(0), c.n_mel), float("nan"), device=idx.device)
     generators = [
@@ -458,9 +411,8 @@ def generate(model, decoder, tokens, mel, n_new, args):
             generator=generators,
             return_mel=True,
         )
-    decoded = mel_fn if isinstance(mel_fn, DecodedMel) else None
-    audio = decoded.audio(idx) if decoded else decoder.audio(idx)  # the stream's, or all at once
-    return idx, audio, fed, decoded, time.perf_counter() - t0
+    audio = stepper.audio(idx) if stepper else decoder.audio(idx)  # the stream's, or all at once
+    return idx, audio, fed, stepper, time.perf_counter() - t0
 
 
 def main(argv=None):
@@ -479,7 +431,7 @@ def main(argv=None):
         args.out_dir, args.ckpt, args.device, args.data_dir
     )
     run = os.path.basename(os.path.normpath(args.out_dir))
-    if decoder.table is not None:
+    if decoder.offline:
         print(
             f"note: tokenizer {decoder.tokenizer.name} is the offline stand-in (random-weight EnCodec), whose own "
             "decoder makes noise whatever the tokens; the audio comes from the offline stand-in decoder instead "
@@ -499,7 +451,7 @@ def main(argv=None):
         mel = decoder.mel(tokens)
     B, n_prompt, n_new = args.num_samples, tokens.size(1), round(args.seconds * FRAME_RATE)
     tokens, mel = tokens.expand(B, -1), mel.expand(B, -1, -1)
-    idx, audio, _, mel_fn, seconds = generate(model, decoder, tokens, mel, n_new, args)
+    idx, audio, _, stepper, seconds = generate(model, decoder, tokens, mel, n_new, args)
     if args.bench:
         print(
             f"bench {run}: {B} x {n_new} tokens in {seconds:.2f} s, audio decoding included, "
@@ -507,11 +459,11 @@ def main(argv=None):
             f"{B * n_new / FRAME_RATE / seconds:.2f} (above 1 is faster than realtime)",
             flush=True,
         )
-    if mel_fn is not None:
-        mean, worst, n = mel_fn.error_against(decoder.mel(idx))
+    if stepper is not None:
+        mean, worst, n = stepper.error_against(decoder.mel(idx))
         how = (
             f"last {args.mel_window} tokens decoded per step"
-            if args.mel_window and decoder.table is None
+            if stepper.how == "window"
             else "as generated"
         )
         print(

@@ -2827,6 +2827,85 @@ def test_a_data_folder_without_a_whole_decoder_is_one_line_and_prepare_makes_it(
     )
 
 
+@pytest.mark.parametrize("window", [0, 64])
+def test_the_hybrid_mel_path_gives_prepare_log_mel_slices(tiny_run, window):
+    """The slices the decoder's stepper hands the hybrid equal audio.log_mel, normalised, of the
+    same tokens decoded at once (window 64 covers the whole sequence, so the window path is exact
+    here too)."""
+    tokenizer, meta = tiny_run["tokenizer"], tiny_run["meta"]
+    tokens = torch.randint(0, audio.VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    reference = audio.normalise_mel(audio.log_mel(tokenizer.decode(tokens)), meta)  # (2, 40, 64)
+    mel_fn = audio.Decoder(tokenizer, meta).stepper(window)
+    slices = torch.stack([mel_fn(tokens[:, :n]) for n in range(25, 41)], dim=1)  # slices 24..39
+    assert slices.shape == (2, 16, 64)
+    diff = (slices - reference[:, 24:]).abs()
+    # float error, logged: ~1e-4
+    assert diff.mean() < 1e-3 and diff.max() < 2e-2, (diff.mean(), diff.max())
+    off_by_one = (reference[:, 24:] - reference[:, 23:-1]).abs()
+    assert off_by_one.mean() > 10 * diff.mean()  # the neighbouring slice is much further off
+    assert mel_fn.error_against(reference)[0] == pytest.approx(diff.mean().item(), rel=1e-4)
+
+
+def test_a_short_mel_window_is_an_approximation_that_is_measured(tiny_run):
+    tokenizer, meta = tiny_run["tokenizer"], tiny_run["meta"]
+    tokens = torch.randint(0, audio.VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
+    mel_fn = audio.Decoder(tokenizer, meta).stepper(window=4)
+    for n in range(25, 41):
+        mel_fn(tokens[:, :n])
+    reference = audio.normalise_mel(audio.log_mel(tokenizer.decode(tokens)), meta)  # (1, 40, 64)
+    mean, worst, n = mel_fn.error_against(reference)
+    # the decoder's context is cut to 4 tokens: the slices differ, but little (0.24 and 1.3 here):
+    # a slice from a wrong row of the window, or unnormalised, is off by 5 to 9
+    assert n == 16 and mean > 1e-3 and worst > mean
+    assert mean < 0.5 and worst < 3
+
+
+@pytest.mark.parametrize(
+    "kind, window, how",
+    [
+        ("table", 0, "table"),
+        ("table", 8, "table"),
+        ("network", 0, "stream"),
+        ("network", 8, "window"),
+    ],
+)
+def test_the_decoder_chooses_once_how_a_token_becomes_its_slice_and_audio(
+    tiny_run, kind, window, how
+):
+    """Decoder.stepper: the offline table gives each token its own row, whatever the window; EnCodec's
+    decoder is streamed (window 0), and the stream's audio is the output decoded at once, or it
+    decodes the newest W tokens every step. The audio at the end is the decoder's of all tokens."""
+    decoder = decoders(tiny_run)[kind]
+    stepper = decoder.stepper(window)
+    tokens = torch.randint(0, audio.VOCAB, (2, 20), generator=torch.Generator().manual_seed(7))
+    slices = torch.stack([stepper(tokens[:, :n]) for n in range(4, 21)], dim=1)  # slices 3..19
+    assert stepper.how == how and decoder.offline == (kind == "table")
+    if kind == "table":
+        assert torch.equal(slices, decoder.table[tokens[:, 3:]])
+    torch.testing.assert_close(stepper.audio(tokens), decoder.audio(tokens), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["table", "network"])
+def test_the_val_splits_decoded_mel_is_the_same_in_evaluation_and_in_sampling(tiny_run, kind):
+    """One meaning of "decoded mel": the slices sample.py feeds the hybrid token by token (the
+    decoder's stepper, as generate calls it) are the rows --mel_source decoded evaluates a val
+    window with (DecodedSplit, as crops() reads it)."""
+    decoder = decoders(tiny_run)[kind]
+    tokens, _ = wg.open_split(tiny_run["data"], "val", 64)
+    start = wg.val_windows(len(tokens), 32)[0]
+    # (32, 64)
+    evaluated = torch.from_numpy(audio.DecodedSplit(tokens, decoder)[start : start + 32])
+    x = torch.from_numpy(tokens[start : start + 32].astype(np.int64))[None]
+    # its stream starts on a prompt of 8 tokens, as sample.py's on its prompt
+    mel_fn = decoder.stepper()
+    fed = torch.stack([mel_fn(x[:, :n]) for n in range(8, 33)], dim=1)[0]  # (25, 64): the newest's
+    diff = (fed - evaluated[7:]).abs()
+    # float error of the streamed network
+    assert diff.mean() < 1e-3 and diff.max() < 2e-2, (diff.mean(), diff.max())
+    # and the rows differ: not a constant
+    assert (evaluated[1:] - evaluated[:-1]).abs().mean() > 0.05
+
+
 # -----------------------------------------------------------------------------
 # corpora.py: the built-in music corpus
 
@@ -3270,41 +3349,6 @@ def test_an_audio_prompt_is_resampled_to_24khz_mono(tiny_run, tmp_path, capsys):
         sample.read_audio(str(tmp_path / "short.wav"), 3.0)
 
 
-@pytest.mark.parametrize("window", [0, 64])
-def test_the_hybrid_mel_path_gives_prepare_log_mel_slices(tiny_run, window):
-    """The slices mel_fn hands the hybrid equal audio.log_mel, normalised, of the same tokens decoded at once
-    (window 64 covers the whole sequence, so the window path is exact here too)."""
-    tokenizer, meta = tiny_run["tokenizer"], tiny_run["meta"]
-    tokens = torch.randint(0, audio.VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
-    reference = audio.normalise_mel(audio.log_mel(tokenizer.decode(tokens)), meta)  # (2, 40, 64)
-    mel_fn = sample.DecodedMel(audio.Decoder(tokenizer, meta), window)
-    slices = torch.stack([mel_fn(tokens[:, :n]) for n in range(25, 41)], dim=1)  # slices 24..39
-    assert slices.shape == (2, 16, 64)
-    diff = (slices - reference[:, 24:]).abs()
-    assert diff.mean() < 1e-3 and diff.max() < 2e-2, (
-        diff.mean(),
-        diff.max(),
-    )  # float error, logged: ~1e-4
-    off_by_one = (reference[:, 24:] - reference[:, 23:-1]).abs()
-    assert off_by_one.mean() > 10 * diff.mean()  # the neighbouring slice is much further off
-    assert mel_fn.error_against(reference)[0] == pytest.approx(diff.mean().item(), rel=1e-4)
-
-
-def test_a_short_mel_window_is_an_approximation_that_is_measured(tiny_run):
-    tokenizer, meta = tiny_run["tokenizer"], tiny_run["meta"]
-    tokens = torch.randint(0, audio.VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
-    mel_fn = sample.DecodedMel(audio.Decoder(tokenizer, meta), window=4)
-    for n in range(25, 41):
-        mel_fn(tokens[:, :n])
-    reference = audio.normalise_mel(audio.log_mel(tokenizer.decode(tokens)), meta)  # (1, 40, 64)
-    mean, worst, n = mel_fn.error_against(reference)
-    assert (
-        n == 16 and mean > 1e-3 and worst > mean
-    )  # the decoder's context is cut to 4 tokens: the slices differ
-    # but little (0.24 and 1.3 here): a slice from a wrong row of the window, or unnormalised, is off by 5 to 9
-    assert mean < 0.5 and worst < 3
-
-
 @pytest.mark.parametrize("kind", ["gpt", "hybrid"])
 def test_cached_sampling_equals_uncached_past_the_window(tiny_run, kind):
     """With the real mel path (decoded audio), 45 new tokens after 10 slide the 32-token window twice
@@ -3324,7 +3368,7 @@ def test_cached_sampling_equals_uncached_past_the_window(tiny_run, kind):
             mel=mel,
             top_k=100,
             use_cache=use_cache,
-            mel_fn=sample.DecodedMel(audio.Decoder(tokenizer, meta)) if config.hybrid else None,
+            mel_fn=audio.Decoder(tokenizer, meta).stepper() if config.hybrid else None,
             generator=[torch.Generator().manual_seed(s) for s in (5, 6)],
         )
         for use_cache in (True, False)
@@ -3380,33 +3424,6 @@ def test_sample_feeds_each_hybrid_the_mel_its_continuation_row_is_evaluated_with
             torch.testing.assert_close(fed[:, 8:], decoder.mel(idx)[:, 8:23])
 
 
-@pytest.mark.parametrize("kind", ["table", "network"])
-def test_the_val_splits_decoded_mel_is_the_same_in_evaluation_and_in_sampling(tiny_run, kind):
-    """One meaning of "decoded mel": the slices sample.py feeds the hybrid token by token (DecodedMel, as generate
-    calls it) are the rows --mel_source decoded evaluates a val window with (DecodedSplit, as crops() reads it)."""
-    decoder = decoders(tiny_run)[kind]
-    tokens, _ = wg.open_split(tiny_run["data"], "val", 64)
-    start = wg.val_windows(len(tokens), 32)[0]
-    evaluated = torch.from_numpy(
-        audio.DecodedSplit(tokens, decoder)[start : start + 32]
-    )  # (32, 64)
-    x = torch.from_numpy(tokens[start : start + 32].astype(np.int64))[None]
-    mel_fn = sample.DecodedMel(
-        decoder
-    )  # its stream starts on a prompt of 8 tokens, as sample.py's on its prompt
-    fed = torch.stack([mel_fn(x[:, :n]) for n in range(8, 33)], dim=1)[
-        0
-    ]  # (25, 64): each the newest token's
-    diff = (fed - evaluated[7:]).abs()
-    assert diff.mean() < 1e-3 and diff.max() < 2e-2, (
-        diff.mean(),
-        diff.max(),
-    )  # float error of the streamed network
-    assert (
-        evaluated[1:] - evaluated[:-1]
-    ).abs().mean() > 0.05  # and the rows differ: not a constant
-
-
 def report(printed):
     """sample.py's numbers of how far the audio follows the tokens (mel_report), as floats."""
     m = re.search(
@@ -3438,6 +3455,21 @@ def test_offline_samples_follow_the_tokens(notes_run, tmp_path, capsys, monkeypa
         before,
         ours,
     )
+
+
+@pytest.mark.parametrize(
+    "kind, how", [("table", "as generated"), ("network", "last 8 tokens decoded per step")]
+)
+def test_sample_says_how_the_hybrids_slices_were_made(
+    tiny_run, tmp_path, capsys, monkeypatch, kind, how
+):
+    """--mel_window W decodes the newest W tokens every step with EnCodec's decoder only: the
+    offline table's slices are their tokens' rows, as generated, and the line that compares the
+    slices with the whole output decoded at once says which."""
+    monkeypatch.setattr(sample, "load_decoder", lambda *a: decoders(tiny_run)[kind])
+    args = ["--out_dir", tiny_run["hybrid"], "--seconds", "0.2", "--prompt_seconds", "0.2"]
+    sample.main(args + ["--mel_window", "8", "--sample_dir", str(tmp_path)])
+    assert f"hybrid mel slices ({how}) against the whole output" in capsys.readouterr().out
 
 
 def test_bench_prints_tokens_per_second_and_realtime_factor(tiny_run, tmp_path, capsys):

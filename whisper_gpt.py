@@ -216,10 +216,11 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class MelDecoder(nn.Module):
-    """The paper's "Whisper-decoder": Whisper's encoder made causal and small. Each mel slice goes
-    through a per-slice MLP (n_mel -> 2048 -> width), gets sinusoidal positions, then causal decoder
-    layers."""
+class MelStack(nn.Module):
+    """The hybrid's mel stack, what the paper calls its "Whisper-decoder" (not audio.Decoder, which
+    turns tokens back into mel and audio): Whisper's encoder made causal and small. Each mel slice
+    goes through a per-slice MLP (n_mel -> 2048 -> width), gets sinusoidal positions, then causal
+    decoder layers."""
 
     def __init__(self, c):
         super().__init__()
@@ -253,7 +254,8 @@ class WhisperGPT(nn.Module):
         tok_width = c.n_embd // 2 if c.hybrid else c.n_embd
         self.wte = nn.Embedding(c.vocab_size, tok_width)
         self.register_buffer("pos", sinusoids(c.block_size, tok_width), persistent=False)
-        self.mel = MelDecoder(c) if c.hybrid else None
+        # named mel, as the checkpoints' state-dict keys are
+        self.mel = MelStack(c) if c.hybrid else None
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head, c.dropout) for _ in range(c.n_layer))
         self.ln_f = nn.LayerNorm(c.n_embd)
