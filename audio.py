@@ -5,8 +5,8 @@ continues a prompt): the constants, the causal log-mel and its normalisation, th
 (tokens back to mel and audio, all at once or a token at a time) and EnCodec's decoder run as a
 stream.
 
-Token t of a file covers samples [320t, 320(t+1)); mel slice t is the 960-sample window that ENDS at sample
-320(t+1), so it never hears a sample after the audio its token covers.
+Token t of a file covers samples [320t, 320(t+1)); mel slice t is the 960-sample window that ENDS at
+sample 320(t+1), so it never hears a sample after the audio its token covers.
 """
 
 import contextlib
@@ -70,13 +70,14 @@ OFFLINE_DTYPE = (
 LATENT_ROUNDING = torch.bfloat16  # the same tokens on every kind of CPU (NOTES.md)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # loading, and the mel
 
 
 def to_model_rate(audio: np.ndarray, rate: int) -> torch.Tensor:
-    """audio (S, channels) at any rate -> (S',) float64 mono at 24 kHz, trimmed to a multiple of HOP. In float64
-    (as log_mel and the offline tokenizer), so that a CPU's vector width changes no bit that is kept."""
+    """audio (S, channels) at any rate -> (S',) float64 mono at 24 kHz, trimmed to a multiple of
+    HOP. In float64 (as log_mel and the offline tokenizer), so that a CPU's vector width changes no
+    bit that is kept."""
     wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float64)).mean(1)
     if rate != SAMPLE_RATE:
         wav = torchaudio.functional.resample(wav, rate, SAMPLE_RATE)
@@ -84,9 +85,9 @@ def to_model_rate(audio: np.ndarray, rate: int) -> torch.Tensor:
 
 
 def unreadable(error) -> str:
-    """Why soundfile cannot read a regular file, from its LibsndfileError: libsndfile's own reason, but for the one
-    its mp3 reader gives a file with no MPEG frames in it (a text file named .mp3, say): "not a regular file
-    (possibly a pipe?)", which the callers have already ruled out."""
+    """Why soundfile cannot read a regular file, from its LibsndfileError: libsndfile's own reason,
+    but for the one its mp3 reader gives a file with no MPEG frames in it (a text file named .mp3,
+    say): "not a regular file (possibly a pipe?)", which the callers have already ruled out."""
     reason = error.error_string.rstrip(".")
     if "possibly a pipe" in reason:
         reason = "no wav, flac, ogg or mp3 audio in it"
@@ -97,9 +98,10 @@ def log_mel(wav: torch.Tensor) -> torch.Tensor:
     """Causal 64-bin log-mel, one slice per token: wav (..., S) float at 24 kHz, S a multiple of HOP
     -> (..., S // HOP, N_MELS) float32, natural log, not normalised; computed in float64.
 
-    Slice t is the power spectrum of the 960-sample periodic Hann window that ENDS at sample 320(t+1) (the wav is
-    left-padded with 640 zeros and framed with hop 320, never centred), mapped to 64 Slaney mel bands over
-    0-12 kHz and logged with a floor of 1e-10. No per-clip statistics: a slice depends on its own window only.
+    Slice t is the power spectrum of the 960-sample periodic Hann window that ENDS at sample
+    320(t+1) (the wav is left-padded with 640 zeros and framed with hop 320, never centred), mapped
+    to 64 Slaney mel bands over 0-12 kHz and logged with a floor of 1e-10. No per-clip statistics: a
+    slice depends on its own window only.
     """
     if wav.shape[-1] % HOP:
         raise ValueError(f"log_mel needs a multiple of {HOP} samples, got {wav.shape[-1]}")
@@ -112,18 +114,19 @@ def log_mel(wav: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def mel_basis(device):
-    """The periodic Hann window (WIN,) and the Slaney mel filterbank (WIN//2+1, N_MELS), float64, made once per
-    device: sample.py calls log_mel once per generated token."""
+    """The periodic Hann window (WIN,) and the Slaney mel filterbank (WIN//2+1, N_MELS), float64,
+    made once per device: sample.py calls log_mel once per generated token."""
     return torch.hann_window(WIN, dtype=torch.float64, device=device), torch.from_numpy(
         slaney_fbank()
     ).to(device)
 
 
 def slaney_fbank(n_freqs=WIN // 2 + 1, n_mels=N_MELS, rate=SAMPLE_RATE) -> np.ndarray:
-    """torchaudio's melscale_fbanks(n_freqs, 0, rate / 2, n_mels, rate, norm="slaney", mel_scale="slaney"), in
-    float64 with the band edges from Python's own log and exp (torchaudio's float32 filterbank moves by 1e-6 with
-    the CPU's vector width): triangles between n_mels + 2 points evenly spaced in Slaney mels over 0 to rate / 2,
-    each scaled to unit area -> (n_freqs, n_mels)."""
+    """torchaudio's melscale_fbanks(n_freqs, 0, rate / 2, n_mels, rate, norm="slaney",
+    mel_scale="slaney"), in float64 with the band edges from Python's own log and exp (torchaudio's
+    float32 filterbank moves by 1e-6 with the CPU's vector width): triangles between n_mels + 2
+    points evenly spaced in Slaney mels over 0 to rate / 2, each scaled to unit area -> (n_freqs,
+    n_mels)."""
     step, knee = math.log(6.4) / 27, 1000.0  # Slaney: linear below 1 kHz, log above
     to_mel = lambda hz: hz / (200 / 3) if hz < knee else 15 + math.log(hz / knee) / step
     to_hz = lambda mel: mel * (200 / 3) if mel < 15 else knee * math.exp(step * (mel - 15))
@@ -144,14 +147,14 @@ def normalise_mel(mel: torch.Tensor, meta: dict) -> torch.Tensor:
 
 
 def check_vocabulary(meta: dict, path):
-    """Refuse a meta.json (at path) of one of prepare.py's tokenizers whose vocabulary is not the tokenizer's VOCAB
-    (EnCodec's codebook 0, or the offline k-means codebook of its size): edited or damaged, it would give a model
-    the wrong width for the tokens."""
+    """Refuse a meta.json (at path) of one of prepare.py's tokenizers whose vocabulary is not the
+    tokenizer's VOCAB (EnCodec's codebook 0, or the offline k-means codebook of its size): edited or
+    damaged, it would give a model the wrong width for the tokens."""
     if meta.get("tokenizer") in (ENCODEC_NAME, OFFLINE_NAME) and meta.get("vocab_size") != VOCAB:
         raise UserError(
-            f"{path} says vocab_size {meta.get('vocab_size')}, but its tokenizer {meta['tokenizer']} has "
-            f"{VOCAB} tokens: the file was edited or is damaged; make the data again with python "
-            "prepare.py --overwrite"
+            f"{path} says vocab_size {meta.get('vocab_size')}, but its tokenizer "
+            f"{meta['tokenizer']} has {VOCAB} tokens: the file was edited or is damaged; make the "
+            "data again with python prepare.py --overwrite"
         )
 
 
@@ -164,13 +167,14 @@ def read_meta(data_dir) -> dict:
     return json.loads(path.read_text())
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # the tokenizer: EnCodec 24 kHz encoder + codebook 0, real weights or the offline stand-in
 
 
 def nearest(x: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """x (..., D), codebook (K, D) -> (...) int64 index of the nearest row, with the distance written exactly as
-    EnCodec's quantizer writes it (so the codes equal its codes[:, 0]), chunked to keep memory at chunk x K."""
+    """x (..., D), codebook (K, D) -> (...) int64 index of the nearest row, with the distance
+    written exactly as EnCodec's quantizer writes it (so the codes equal its codes[:, 0]), chunked
+    to keep memory at chunk x K."""
     flat = x.reshape(-1, x.shape[-1]).to(codebook.dtype)  # (N, D)
     embed = codebook.t()  # (D, K)
     out = torch.empty(len(flat), dtype=torch.long, device=x.device)
@@ -186,10 +190,11 @@ def nearest(x: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) -> torch
 @contextlib.contextmanager
 def fast_cpu(device="cpu"):
     """How EnCodec runs fast on a CPU (nothing changes on a GPU):
-    - one torch thread: torch's threads meet at each of the LSTM's 1,500 small steps per 10 s of audio and stall
-      there whenever another process holds a core (30x slower, seen here); worker processes give the parallelism;
-    - denormal floats flushed to zero (left on afterwards) in the calling thread, whose flag it is: the LSTM state
-      decays into them, 16x slower."""
+    - one torch thread: torch's threads meet at each of the LSTM's 1,500 small steps per 10 s of
+      audio and stall there whenever another process holds a core (30x slower, seen here); worker
+      processes give the parallelism;
+    - denormal floats flushed to zero (left on afterwards) in the calling thread, whose flag it is:
+      the LSTM state decays into them, 16x slower."""
     threads = torch.get_num_threads()
     if torch.device(device).type == "cpu":
         torch.set_num_threads(1)
@@ -205,14 +210,16 @@ def embed(encoder, wavs: list, batch_size: int = 1) -> list:
     """EnCodec encoder latents: wavs, a list of (S_i,) float tensors at 24 kHz with S_i % HOP == 0
     -> a list of (S_i // HOP, EMB_DIM) tensors on the CPU, in the encoder's dtype.
 
-    An encoder in OFFLINE_DTYPE (the offline tokenizer's) has its latents rounded to LATENT_ROUNDING's 8
-    significant bits: float64's last-bit differences between CPUs (about 1e-14 here) then reach no kept bit, and
-    latents that differ only by them (a silence's, say) become equal, so no near-tie decides a k-means step.
+    An encoder in OFFLINE_DTYPE (the offline tokenizer's) has its latents rounded to
+    LATENT_ROUNDING's 8 significant bits: float64's last-bit differences between CPUs (about 1e-14
+    here) then reach no kept bit, and latents that differ only by them (a silence's, say) become
+    equal, so no near-tie decides a k-means step.
 
-    Each file is cut into rows of at most SEGMENT samples; a row after the first also gets the CONTEXT samples
-    before it, whose frames are dropped, so its encoder state starts warm. That bounds memory for any file
-    length and lets rows of many files share an encoder call. Rows are sorted by length and right-padded to
-    the longest in their batch: the encoder is causal, so padding changes no frame before it.
+    Each file is cut into rows of at most SEGMENT samples; a row after the first also gets the
+    CONTEXT samples before it, whose frames are dropped, so its encoder state starts warm. That
+    bounds memory for any file length and lets rows of many files share an encoder call. Rows are
+    sorted by length and right-padded to the longest in their batch: the encoder is causal, so
+    padding changes no frame before it.
     """
     device = next(encoder.parameters()).device
     with fast_cpu(device):
@@ -244,8 +251,9 @@ def embed_rows(encoder, wavs: list, batch_size: int, device) -> list:
 
 
 class Tokenizer:
-    """Audio <-> codebook-0 tokens. `model` is an EncodecModel (its quantizer is unused); `codebook` (VOCAB, EMB_DIM)
-    is the real model's first codebook, or, for the offline tokenizer, a k-means fit (None until fitted)."""
+    """Audio <-> codebook-0 tokens. `model` is an EncodecModel (its quantizer is unused); `codebook`
+    (VOCAB, EMB_DIM) is the real model's first codebook, or, for the offline tokenizer, a k-means
+    fit (None until fitted)."""
 
     def __init__(self, model, codebook, name, offline, weights, seed=None):
         self.model = model.eval()
@@ -266,10 +274,11 @@ class Tokenizer:
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) int64 -> (B, T * HOP) float32 audio at 24 kHz, from codebook 0 alone (so coarse; and
-        noise for the offline tokenizer, whose decoder is random). Causal: sample t hears tokens <= t // HOP only.
-        EnCodec's convs reflect-pad the start of what they decode, so its first frames would hear up to 6 tokens
-        ahead; the decoder starts instead on the first token held for DECODE_HOLD tokens, whose audio is dropped."""
+        """tokens (B, T) int64 -> (B, T * HOP) float32 audio at 24 kHz, from codebook 0 alone (so
+        coarse; and noise for the offline tokenizer, whose decoder is random). Causal: sample t
+        hears tokens <= t // HOP only. EnCodec's convs reflect-pad the start of what they decode, so
+        its first frames would hear up to 6 tokens ahead; the decoder starts instead on the first
+        token held for DECODE_HOLD tokens, whose audio is dropped."""
         held = hold_first(tokens)
         emb = self.codebook[held.to(self.codebook.device)].transpose(1, 2)  # (B, EMB_DIM, HOLD + T)
         torch.set_flush_denormal(
@@ -281,15 +290,16 @@ class Tokenizer:
         ].float()
 
     def fingerprint(self) -> str:
-        """A hash of everything that decides the tokens: shards made by another tokenizer are not reused."""
+        """A hash of everything that decides the tokens: shards made by another tokenizer are not
+        reused."""
         h = hashlib.sha1(self.name.encode())
         for tensor in [self.codebook, *self.model.encoder.state_dict().values()]:
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
     def save(self, path):
-        """Everything load_tokenizer needs to rebuild the offline tokenizer exactly (weights kept as well as the
-        seed, since torch's random streams may change between versions)."""
+        """Everything load_tokenizer needs to rebuild the offline tokenizer exactly (weights kept as
+        well as the seed, since torch's random streams may change between versions)."""
         state = {
             "name": self.name,
             "seed": self.seed,
@@ -305,7 +315,8 @@ class Tokenizer:
 
 
 def hold_first(tokens: torch.Tensor) -> torch.Tensor:
-    """tokens (B, T) -> (B, DECODE_HOLD + T): the first token held before them, where a decode starts."""
+    """tokens (B, T) -> (B, DECODE_HOLD + T): the first token held before them, where a decode
+    starts."""
     return torch.cat([tokens[:, :1].expand(-1, DECODE_HOLD), tokens], 1)
 
 
@@ -316,8 +327,9 @@ def encodec_skeleton() -> EncodecModel:
 
 
 def encodec_weights(ckpt=None) -> tuple:
-    """The pretrained EnCodec 24 kHz state dict and where it came from: `ckpt` (a file or a folder holding it),
-    else the torch hub cache, else a download into that cache. Raises UserError saying what failed."""
+    """The pretrained EnCodec 24 kHz state dict and where it came from: `ckpt` (a file or a folder
+    holding it), else the torch hub cache, else a download into that cache. Raises UserError saying
+    what failed."""
     if ckpt:
         path = Path(ckpt) / ENCODEC_CKPT if Path(ckpt).is_dir() else Path(ckpt)
         if not path.is_file():
@@ -346,8 +358,8 @@ def encodec_tokenizer(ckpt=None, device="cpu") -> Tokenizer:
 
 
 def offline_tokenizer(seed, device="cpu", saved=None) -> Tokenizer:
-    """EnCodec 24 kHz with random weights drawn from `seed` (or restored from a saved state), run in float64; its
-    codebook is fitted later by fit_codebook, unless restored too."""
+    """EnCodec 24 kHz with random weights drawn from `seed` (or restored from a saved state), run in
+    float64; its codebook is fitted later by fit_codebook, unless restored too."""
     model = random_weights(encodec_skeleton(), seed).to(OFFLINE_DTYPE)
     codebook = None
     if saved is not None:
@@ -358,10 +370,11 @@ def offline_tokenizer(seed, device="cpu", saved=None) -> Tokenizer:
 
 
 def random_weights(model: EncodecModel, seed: int) -> EncodecModel:
-    """Fill the encoder's and decoder's parameters, in order, from numpy's generator seeded with `seed`, with the
-    bounds of torch's default init: U(+-1/sqrt(fan_in)) for a convolution's weight and bias (its weight norm g
-    then being the norm of v, as weight_norm sets it), U(+-1/sqrt(hidden)) for the LSTMs. torch's own init rounds
-    differently with the CPU's vector width; numpy's float64 stream is the same bits everywhere."""
+    """Fill the encoder's and decoder's parameters, in order, from numpy's generator seeded with
+    `seed`, with the bounds of torch's default init: U(+-1/sqrt(fan_in)) for a convolution's weight
+    and bias (its weight norm g then being the norm of v, as weight_norm sets it),
+    U(+-1/sqrt(hidden)) for the LSTMs. torch's own init rounds differently with the CPU's vector
+    width; numpy's float64 stream is the same bits everywhere."""
     rng = np.random.default_rng(seed)
 
     def uniform(shape, bound):
@@ -386,10 +399,10 @@ def random_weights(model: EncodecModel, seed: int) -> EncodecModel:
 
 
 def fit_codebook(emb: torch.Tensor, seed: int) -> torch.Tensor:
-    """The offline tokenizer's codebook: Lloyd k-means of emb (N, EMB_DIM) into (VOCAB, EMB_DIM), distances by
-    matrix product (EnCodec's own kmeans builds an N x VOCAB x EMB_DIM tensor: 26 GB for 50,000 points). Starts
-    from VOCAB random points (repeats when N < VOCAB); an empty cluster is re-seeded with a random point. In emb's
-    dtype (float64 offline)."""
+    """The offline tokenizer's codebook: Lloyd k-means of emb (N, EMB_DIM) into (VOCAB, EMB_DIM),
+    distances by matrix product (EnCodec's own kmeans builds an N x VOCAB x EMB_DIM tensor: 26 GB
+    for 50,000 points). Starts from VOCAB random points (repeats when N < VOCAB); an empty cluster
+    is re-seeded with a random point. In emb's dtype (float64 offline)."""
     g = torch.Generator().manual_seed(seed)
     n = len(emb)
     start = (
@@ -408,8 +421,8 @@ def fit_codebook(emb: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def load_tokenizer(data_dir, device="cpu") -> Tokenizer:
-    """Rebuild the tokenizer that made data_dir: the offline one from its tokenizer.pt, the real one from the
-    weights it was made with (or the hub cache / a download when that path is gone)."""
+    """Rebuild the tokenizer that made data_dir: the offline one from its tokenizer.pt, the real one
+    from the weights it was made with (or the hub cache / a download when that path is gone)."""
     meta = read_meta(data_dir)
     if meta["tokenizer_offline"]:
         if not (Path(data_dir) / TOKENIZER_FILE).is_file():
@@ -428,14 +441,16 @@ def load_tokenizer(data_dir, device="cpu") -> Tokenizer:
 
 def weights_help(reason: str) -> str:
     return (
-        f"pretrained EnCodec 24 kHz weights unavailable: {reason}. Supply them one of three ways: (1) run "
-        f"with internet access once (they download from {ENCODEC_URL}); (2) copy {ENCODEC_CKPT} into "
-        f"{Path(torch.hub.get_dir()) / 'checkpoints'}/; (3) pass --encodec_ckpt PATH (the file, or its folder)."
+        f"pretrained EnCodec 24 kHz weights unavailable: {reason}. Supply them one of three ways: "
+        f"(1) run with internet access once (they download from {ENCODEC_URL}); (2) copy "
+        f"{ENCODEC_CKPT} into {Path(torch.hub.get_dir()) / 'checkpoints'}/; (3) pass "
+        "--encodec_ckpt PATH (the file, or its folder)."
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# decoding: from tokens alone, the mel the hybrid is fed while it generates and the audio a person hears
+# -----------------------------------------------------------------------------
+# decoding: from tokens alone, the mel the hybrid is fed while it generates and the audio a person
+# hears
 
 DECODER_FILE = (
     "token_mel.npy"  # the offline decoder's table, beside tokenizer.pt: (VOCAB, N_MELS) float32
@@ -446,9 +461,10 @@ GRIFFIN_LIM_ITERS = 64  # phase-recovery iterations of the offline decoder's aud
 def fit_token_mel(
     tokens: np.ndarray, mel: np.ndarray, vocab: int = VOCAB, chunk: int = 1 << 18
 ) -> np.ndarray:
-    """The offline decoder's table: each token's mean normalised mel slice, tokens (N,) with their slices mel
-    (N, n_mel), summed in float64 a chunk at a time -> (vocab, n_mel) float32. The mean is the least-squares
-    estimate of a slice from its token alone; a token the split never has gets the mean of all slices."""
+    """The offline decoder's table: each token's mean normalised mel slice, tokens (N,) with their
+    slices mel (N, n_mel), summed in float64 a chunk at a time -> (vocab, n_mel) float32. The mean
+    is the least-squares estimate of a slice from its token alone; a token the split never has gets
+    the mean of all slices."""
     sums, counts = (
         torch.zeros(vocab, mel.shape[1], dtype=torch.float64),
         torch.zeros(vocab, dtype=torch.float64),
@@ -466,7 +482,8 @@ def fit_token_mel(
 
 
 def save_token_mel(data_dir, meta=None) -> Path:
-    """Fit the offline decoder's table on data_dir's train split and write it (atomically) beside the tokenizer."""
+    """Fit the offline decoder's table on data_dir's train split and write it (atomically) beside
+    the tokenizer."""
     meta = meta or read_meta(data_dir)
     tokens = np.memmap(Path(data_dir) / "train_tokens.bin", np.uint16, "r")
     mel = np.memmap(Path(data_dir) / "train_mel.bin", np.float16, "r").reshape(-1, meta["n_mels"])
@@ -474,8 +491,8 @@ def save_token_mel(data_dir, meta=None) -> Path:
     bad = first_non_finite(Path(data_dir) / "train_mel.bin", meta["n_mels"])
     if bad is not None:  # its tokens' rows of the table would be nan
         raise UserError(
-            f"{Path(data_dir) / 'train_mel.bin'} holds a nan or inf in row {bad:,}: the file is damaged; "
-            f"make {data_dir} again with python prepare.py --overwrite"
+            f"{Path(data_dir) / 'train_mel.bin'} holds a nan or inf in row {bad:,}: the file is "
+            f"damaged; make {data_dir} again with python prepare.py --overwrite"
         )
     with write_atomic(path, ".npy") as tmp:
         np.save(tmp, fit_token_mel(tokens, mel, meta["vocab_size"]))
@@ -538,10 +555,11 @@ class Decoder:
 def mel_to_audio(
     mel: torch.Tensor, meta: dict, n_iter: int = GRIFFIN_LIM_ITERS, seed: int = 0
 ) -> torch.Tensor:
-    """Normalised log-mel (B, T, n_mel) -> audio (B, T * HOP) whose causal log-mel approximates it: the mel power
-    back to a linear power spectrum (InverseMelScale: least squares over the Slaney filterbank, negatives to 0),
-    then Griffin-Lim's phase (seeded: the same mel gives the same audio), shifted by half a hop so that frame t
-    of its centred STFT lands on causal slice t (whose window ends at sample 320(t+1))."""
+    """Normalised log-mel (B, T, n_mel) -> audio (B, T * HOP) whose causal log-mel approximates it:
+    the mel power back to a linear power spectrum (InverseMelScale: least squares over the Slaney
+    filterbank, negatives to 0), then Griffin-Lim's phase (seeded: the same mel gives the same
+    audio), shifted by half a hop so that frame t of its centred STFT lands on causal slice t (whose
+    window ends at sample 320(t+1))."""
     std, mean = (torch.tensor(meta[k], dtype=torch.float32) for k in ("mel_std", "mel_mean"))
     power = torch.exp(mel.float() * std + mean).transpose(1, 2)  # (B, n_mel, T): mel power
     power = torch.cat([power, power[..., -1:]], dim=-1)  # (B, n_mel, T + 1): see below
@@ -555,8 +573,9 @@ def mel_to_audio(
         mel_scale="slaney",
         driver="gelsd",
     )
-    # a centred frame t is centred on sample 320t, causal slice t on 320t - 160: drop the first 160 samples, so
-    # T * HOP samples out take T * HOP + 160 in, T + 1 centred frames (the last slice repeated)
+    # a centred frame t is centred on sample 320t, causal slice t on 320t - 160: drop the first 160
+    # samples, so T * HOP samples out take T * HOP + 160 in, T + 1 centred frames (the last slice
+    # repeated)
     shift, n = WIN // 2 - HOP // 2 - HOP // 2, mel.size(1) * HOP  # 160 samples; the output length
     griffin_lim = torchaudio.transforms.GriffinLim(
         WIN, n_iter, hop_length=HOP, power=2.0, length=n + shift
@@ -573,8 +592,8 @@ def mel_to_audio(
 
 @functools.cache
 def load_decoder(data_dir, device="cpu") -> Decoder:
-    """The decoder of the tokenizer that made data_dir, loaded once per process: the offline one reads its table,
-    and a folder made before there was one gets one line saying how to add it."""
+    """The decoder of the tokenizer that made data_dir, loaded once per process: the offline one
+    reads its table, and a folder made before there was one gets one line saying how to add it."""
     meta = read_meta(data_dir)
     tokenizer = load_tokenizer(data_dir, device)
     if not tokenizer.offline:
@@ -583,9 +602,9 @@ def load_decoder(data_dir, device="cpu") -> Decoder:
 
 
 def read_token_mel(data_dir, meta) -> np.ndarray:
-    """The offline decoder's table of data_dir (VOCAB, n_mel) float32, whole and finite, or one line saying to run
-    prepare.py again: it makes the table again (or for the first time, in data made before there was one) in
-    seconds, from the train split, and keeps the data."""
+    """The offline decoder's table of data_dir (VOCAB, n_mel) float32, whole and finite, or one line
+    saying to run prepare.py again: it makes the table again (or for the first time, in data made
+    before there was one) in seconds, from the train split, and keeps the data."""
     path, again = (
         Path(data_dir) / DECODER_FILE,
         (
@@ -596,7 +615,8 @@ def read_token_mel(data_dir, meta) -> np.ndarray:
     )
     if not path.is_file():
         raise UserError(
-            f"{data_dir} has no offline decoder ({DECODER_FILE}; data made before there was one): {again}"
+            f"{data_dir} has no offline decoder ({DECODER_FILE}; data made before there was one): "
+            f"{again}"
         )
     try:
         table = np.load(path, allow_pickle=False)
@@ -614,14 +634,16 @@ def read_token_mel(data_dir, meta) -> np.ndarray:
     bad = ~np.isfinite(table).all(1)
     if bad.any():
         raise UserError(
-            f"{path} is damaged (a nan or inf in row {int(bad.argmax())}, the mel of that token): {again}"
+            f"{path} is damaged (a nan or inf in row {int(bad.argmax())}, the mel of that token): "
+            f"{again}"
         )
     return table
 
 
 class DecodedSplit:
-    """A split's decoded mel, indexed as its mel memmap is: rows [i:j] are the decoded mel of tokens [i:j] alone
-    (EnCodec's decoder starts at token i, as generation's does at its prompt), (j - i, n_mel) float32."""
+    """A split's decoded mel, indexed as its mel memmap is: rows [i:j] are the decoded mel of tokens
+    [i:j] alone (EnCodec's decoder starts at token i, as generation's does at its prompt), (j - i,
+    n_mel) float32."""
 
     def __init__(self, tokens: np.ndarray, decoder: Decoder):
         self.tokens, self.decoder = tokens, decoder
@@ -697,14 +719,14 @@ class DecoderStepper:
         return diff.mean().item(), diff.max().item(), len(self.slices)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # downloads (the EnCodec weights here; prepare.py also fetches LibriTTS with it)
 
 
 def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT):
-    """Fetch url into dest through dest.part: an existing .part is resumed with an HTTP Range request (restarted
-    when the server ignores ranges or refuses the one asked); the size is checked against the server's, and the
-    file renamed into place only when whole."""
+    """Fetch url into dest through dest.part: an existing .part is resumed with an HTTP Range
+    request (restarted when the server ignores ranges or refuses the one asked); the size is checked
+    against the server's, and the file renamed into place only when whole."""
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -750,15 +772,16 @@ def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT):
     os.replace(part, dest)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # EnCodec's decoder as a stream: one token's work per token
 
 
 class StreamingDecoder:
-    """EnCodec's causal SEANet decoder run incrementally, exactly: each layer keeps the past it needs (a causal
-    conv its last (k-1)*d inputs, a transposed conv the tail of its overlap-add, the LSTM its state), so feeding
-    tokens in pieces gives the audio that tokenizer.decode gives for all of them at once, at one token's cost.
-    The layers are wrapped once, here; a step then calls torch directly, with no per-call dispatch on types."""
+    """EnCodec's causal SEANet decoder run incrementally, exactly: each layer keeps the past it
+    needs (a causal conv its last (k-1)*d inputs, a transposed conv the tail of its overlap-add, the
+    LSTM its state), so feeding tokens in pieces gives the audio that tokenizer.decode gives for all
+    of them at once, at one token's cost. The layers are wrapped once, here; a step then calls torch
+    directly, with no per-call dispatch on types."""
 
     def __init__(self, tokenizer):
         self.codebook = tokenizer.codebook  # (VOCAB, 128): token -> the latent the decoder reads
@@ -775,8 +798,8 @@ class StreamingDecoder:
 
     @torch.inference_mode()
     def __call__(self, tokens):
-        """tokens (B, n) that follow the ones fed before -> their audio (B, n * HOP). The first call starts on its
-        first token held DECODE_HOLD tokens, as Tokenizer.decode does."""
+        """tokens (B, n) that follow the ones fed before -> their audio (B, n * HOP). The first call
+        starts on its first token held DECODE_HOLD tokens, as Tokenizer.decode does."""
         torch.set_flush_denormal(
             True
         )  # for this thread: the LSTM's state decays into denormals, 16x slower
@@ -815,7 +838,8 @@ def streamed(m):
 
 @contextlib.contextmanager
 def without_onednn():
-    """Plain CPU kernels instead of oneDNN's, which set each call up: worth it for big inputs, not for one token."""
+    """Plain CPU kernels instead of oneDNN's, which set each call up: worth it for big inputs, not
+    for one token."""
     enabled = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
     try:
@@ -845,8 +869,8 @@ class StreamedConv:
 
 
 class StreamedConvTranspose:
-    """A transposed conv (kernel k, stride s): the last k - s samples of a call's output overlap the next
-    call's first ones, so they are held back and added in then (their bias counted once)."""
+    """A transposed conv (kernel k, stride s): the last k - s samples of a call's output overlap the
+    next call's first ones, so they are held back and added in then (their bias counted once)."""
 
     def __init__(self, conv):
         self.weight, self.bias, self.stride = conv.weight, conv.bias, conv.stride[0]
