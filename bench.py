@@ -1,16 +1,17 @@
 """
-Time training steps of a model on random data and print tokens/s, model FLOPs/s and their fraction of this
-machine's peak (MFU; on a CPU the peak is its own matrix product, timed at start). --reference times the same model
-built from PyTorch's textbook layers in float32 instead: the ratio of the two is how much this project's model code
-gains over the plain way of writing it.
+Time training steps of a model on random data and print tokens/s, model FLOPs/s and their fraction
+of this machine's peak (MFU; on a CPU the peak is its own matrix product, timed at start).
+--reference times the same model built from PyTorch's textbook layers in float32 instead: the ratio
+of the two is how much this project's model code gains over the plain way of writing it.
 
     python bench.py --steps 5 --batch_size 16                    # GPT-S
     python bench.py --steps 5 --batch_size 16 --reference        # the textbook GPT-S
     python bench.py --steps 5 --batch_size 16 --hybrid           # the hybrid
     python bench.py --steps 5 --batch_size 16 --n_embd 256 --n_head 16   # GPT-L
-    python bench.py --steps 2 --batch_size 8 --profile           # where GPT-S's step time goes, op by op
-    python bench.py --steps 3 --batch_size 8 --rounds 3          # before / after / bf16 / reference, interleaved
-    python bench.py --steps 3 --batch_size 8 --rounds 3 --attention   # one layer's attention, before and after
+    python bench.py --steps 2 --batch_size 8 --profile           # where GPT-S's step time goes, op
+    by op python bench.py --steps 3 --batch_size 8 --rounds 3          # before / after / bf16 /
+    reference, interleaved python bench.py --steps 3 --batch_size 8 --rounds 3 --attention   # one
+    layer's attention, before and after
 
 Its other flags are whisper_gpt.py's.
 """
@@ -44,7 +45,8 @@ H100_BF16_PEAK = 989e12  # FLOP/s, dense, H100 SXM
 
 
 def textbook_stack(width, n_head, n_layer, dropout):
-    """A causal pre-norm stack of PyTorch's own textbook layers (nn.TransformerEncoderLayer), MLP 4x, GELU."""
+    """A causal pre-norm stack of PyTorch's own textbook layers (nn.TransformerEncoderLayer), MLP
+    4x, GELU."""
     layer = nn.TransformerEncoderLayer(
         width, n_head, 4 * width, dropout, activation="gelu", batch_first=True, norm_first=True
     )
@@ -52,8 +54,9 @@ def textbook_stack(width, n_head, n_layer, dropout):
 
 
 def textbook_gpt(c):
-    """The reference: the same model (token-only or, with c.hybrid, the hybrid's two stacks) built from PyTorch's own
-    textbook layers (nn.TransformerEncoder with a causal mask, learned token positions), with no care for speed."""
+    """The reference: the same model (token-only or, with c.hybrid, the hybrid's two stacks) built
+    from PyTorch's own textbook layers (nn.TransformerEncoder with a causal mask, learned token
+    positions), with no care for speed."""
 
     class TextbookGPT(nn.Module):
         def __init__(self):
@@ -63,7 +66,8 @@ def textbook_gpt(c):
                 nn.Embedding(c.vocab_size, tok_width),
                 nn.Embedding(c.block_size, tok_width),
             )
-            if c.hybrid:  # the mel half: per-slice MLP, sinusoids, causal layers, a final norm (as whisper_gpt.py)
+            # the mel half: per-slice MLP, sinusoids, causal layers, a final norm (whisper_gpt's)
+            if c.hybrid:
                 self.slice_mlp = MLP(c.n_mel, c.mel_hidden, tok_width)
                 self.register_buffer(
                     "mel_pos", sinusoids(c.block_size, tok_width), persistent=False
@@ -91,7 +95,8 @@ def textbook_gpt(c):
 
 
 def setup(c, reference=False):
-    """(model, its parameter count, a step function) for timing: Adam as whisper_gpt.py trains, random tokens and mel."""
+    """(model, its parameter count, a step function) for timing: Adam as whisper_gpt.py trains,
+    random tokens and mel."""
     torch.manual_seed(c.seed)
     model = (textbook_gpt(c) if reference else WhisperGPT(c)).to(c.device)
     params = sum(p.numel() for p in model.parameters())
@@ -116,8 +121,9 @@ def setup(c, reference=False):
 
 
 def profile(c, steps=2, top=12):
-    """Where a training step's time goes: torch.profiler over `steps` steps (after one warm-up), the `top` ops by
-    self CPU time (the time inside each op itself, not in the ops it calls), printed as a table."""
+    """Where a training step's time goes: torch.profiler over `steps` steps (after one warm-up), the
+    `top` ops by self CPU time (the time inside each op itself, not in the ops it calls), printed as
+    a table."""
     _, _, step = setup(c)
     step()
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -127,14 +133,16 @@ def profile(c, steps=2, top=12):
         for _ in range(steps):
             step()
     print(
-        f"profile {model_name(c)}: {steps} steps of batch {c.batch_size} x {c.block_size} | {c.device} {c.dtype}"
+        f"profile {model_name(c)}: {steps} steps of batch {c.batch_size} x {c.block_size} | "
+        f"{c.device} {c.dtype}"
     )
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
 
 
 def native_bf16():
-    """Whether the CPU multiplies bf16 in hardware (AVX512_BF16 or AMX-BF16, as /proc/cpuinfo names them; torch's
-    own check, mkldnn's, says yes to any AVX-512 CPU, where bf16 is emulated), and the flags that say so."""
+    """Whether the CPU multiplies bf16 in hardware (AVX512_BF16 or AMX-BF16, as /proc/cpuinfo names
+    them; torch's own check, mkldnn's, says yes to any AVX-512 CPU, where bf16 is emulated), and the
+    flags that say so."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(next((line for line in f if line.startswith("flags")), "").split())
@@ -146,8 +154,9 @@ def native_bf16():
 
 @functools.cache
 def cpu_peak(dtype):
-    """FLOP/s of the head's matrix product, (6000 x 2048) @ (2048 x 1024), on this CPU at torch's thread count in
-    dtype: best of 3 after a warm-up. The CPU's own peak for the work this model does most of."""
+    """FLOP/s of the head's matrix product, (6000 x 2048) @ (2048 x 1024), on this CPU at torch's
+    thread count in dtype: best of 3 after a warm-up. The CPU's own peak for the work this model
+    does most of."""
     a = torch.randn(6000, 2048, dtype=dtype)
     b = torch.randn(2048, 1024, dtype=dtype)
     a @ b
@@ -160,8 +169,9 @@ def cpu_peak(dtype):
 
 
 def peak(c):
-    """(FLOP/s, its name) that the MFU divides by: an H100's bf16 on a GPU; on the CPU, its matrix product timed in
-    the precision the run multiplies in (bf16 only where the CPU has bf16 units, else fp32)."""
+    """(FLOP/s, its name) that the MFU divides by: an H100's bf16 on a GPU; on the CPU, its matrix
+    product timed in the precision the run multiplies in (bf16 only where the CPU has bf16 units,
+    else fp32)."""
     if c.device.startswith("cuda"):
         return H100_BF16_PEAK, "H100 bf16 peak"
     dtype = torch.bfloat16 if c.dtype == "bfloat16" and native_bf16()[0] else torch.float32
@@ -170,7 +180,8 @@ def peak(c):
 
 
 def bench(c, steps=20, reference=False):
-    """Time `steps` training steps (after 3 warm-up steps) on random tokens and mel; print and return tokens/s."""
+    """Time `steps` training steps (after 3 warm-up steps) on random tokens and mel; print and
+    return tokens/s."""
     model, params, step = setup(c, reference)
     sync = torch.cuda.synchronize if c.device.startswith("cuda") else (lambda: None)
     for i in range(3 + steps):
@@ -185,16 +196,19 @@ def bench(c, steps=20, reference=False):
     dtype = "float32" if reference else c.dtype
     flops, (top, top_name) = flops_per_token(c, params) * tok_s, peak(c)
     print(
-        f"bench {name}: {params:,} params | batch {c.batch_size} x {c.block_size} | {c.device} {dtype} | {steps} "
-        f"steps in {dt:.2f} s | {tok_s:,.0f} tokens/s | {flops / 1e9:.1f} GFLOP/s model, MFU {flops / top:.1%} of "
+        f"bench {name}: {params:,} params | batch {c.batch_size} x {c.block_size} | {c.device} "
+        f"{dtype} | {steps} "
+        f"steps in {dt:.2f} s | {tok_s:,.0f} tokens/s | {flops / 1e9:.1f} GFLOP/s model, MFU "
+        f"{flops / top:.1%} of "
         f"{top_name}"
     )
     return tok_s
 
 
 def torch_attention(q, k, v, dropout=0.0):
-    """The attention whisper_gpt.py ran before cpu_attention (the 'before' of --rounds): torch's fused kernel, a
-    head narrower than 16 zero-padded to 16 on the CPU (1.6x faster there than at 8)."""
+    """The attention whisper_gpt.py ran before cpu_attention (the 'before' of --rounds): torch's
+    fused kernel, a head narrower than 16 zero-padded to 16 on the CPU (1.6x faster there than at
+    8)."""
     d = q.size(-1)
     if q.device.type != "cpu" or d >= 16:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
@@ -205,9 +219,9 @@ def torch_attention(q, k, v, dropout=0.0):
 
 
 def compare(c, steps, rounds):
-    """The textbook float32 reference, this model before cpu_attention (torch_attention), after it in float32, and
-    after it with --dtype bfloat16, timed in turn for `rounds` rounds, so that the machine's drift hits all alike;
-    prints each and the median ratios."""
+    """The textbook float32 reference, this model before cpu_attention (torch_attention), after it
+    in float32, and after it with --dtype bfloat16, timed in turn for `rounds` rounds, so that the
+    machine's drift hits all alike; prints each and the median ratios."""
     kept, fp32, bf16 = (
         whisper_gpt.causal_attention,
         dataclasses.replace(c, dtype="float32"),
@@ -227,10 +241,12 @@ def compare(c, steps, rounds):
                 runs[kind].append(bench(config, steps, reference))
             finally:
                 whisper_gpt.causal_attention = kept
-    ratio = lambda a, b: statistics.median(x / y for x, y in zip(runs[a], runs[b]))
+    ratio = lambda a, b: statistics.median(x / y for x, y in zip(runs[a], runs[b], strict=False))
     print(
-        f"compare {model_name(c)} ({rounds} rounds, interleaved, {torch.get_num_threads()} threads, "
-        f"{torch.backends.cpu.get_cpu_capability()}, {native_bf16()[1]}): after / before {ratio('after', 'before'):.2f}x"
+        f"compare {model_name(c)} ({rounds} rounds, interleaved, {torch.get_num_threads()} "
+        "threads, "
+        f"{torch.backends.cpu.get_cpu_capability()}, {native_bf16()[1]}): after / before "
+        f"{ratio('after', 'before'):.2f}x"
         f" | over the textbook float32 reference: after {ratio('after', 'reference'):.2f}x, "
         f"after bf16 {ratio('after bf16', 'reference'):.2f}x"
     )
@@ -238,8 +254,9 @@ def compare(c, steps, rounds):
 
 
 def attention(c, steps, rounds):
-    """Forward and backward of one layer's causal attention at the model's shape, (batch, n_head, block_size,
-    n_embd // n_head), before (torch_attention) and after (whisper_gpt.causal_attention), in turn; ms of each."""
+    """Forward and backward of one layer's causal attention at the model's shape, (batch, n_head,
+    block_size, n_embd // n_head), before (torch_attention) and after
+    (whisper_gpt.causal_attention), in turn; ms of each."""
     B, H, T, d = c.batch_size, c.n_head, c.block_size, c.n_embd // c.n_head
     q, k, v = (torch.randn(B, H, T, d, device=c.device, requires_grad=True) for _ in range(3))
     ms = {torch_attention: [], whisper_gpt.causal_attention: []}
@@ -252,15 +269,17 @@ def attention(c, steps, rounds):
             times.append((time.perf_counter() - t0) / steps * 1000)
     before, after = (statistics.median(t) for t in ms.values())
     print(
-        f"attention forward + backward of {B} x {H} heads x {T} x {d} ({c.device}, {torch.get_num_threads()} threads, "
-        f"{rounds} rounds in turn): before {before:.1f} ms, after {after:.1f} ms: {before / after:.2f}x"
+        f"attention forward + backward of {B} x {H} heads x {T} x {d} ({c.device}, "
+        f"{torch.get_num_threads()} threads, "
+        f"{rounds} rounds in turn): before {before:.1f} ms, after {after:.1f} ms: "
+        f"{before / after:.2f}x"
     )
     return before, after
 
 
 def parse_args(argv=None):
-    """(Config, steps, reference, profile, rounds) from the command line: whisper_gpt.py's flags and this script's
-    own."""
+    """(Config, steps, reference, profile, rounds) from the command line: whisper_gpt.py's flags and
+    this script's own."""
     parser = Parser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )

@@ -23,13 +23,13 @@ import numpy as np
 
 
 class UserError(Exception):
-    """A user's mistake (a flag, a missing or damaged file, too little disk): run_script prints it as one line,
-    with no traceback. Every script of the project raises it."""
+    """A user's mistake (a flag, a missing or damaged file, too little disk): run_script prints it
+    as one line, with no traceback. Every script of the project raises it."""
 
 
 def run_script(main):
-    """Run a script's main(): a UserError ends the program with one line, `<script>: error: <message>`, and exit
-    status 1; any other exception is a bug and keeps its traceback."""
+    """Run a script's main(): a UserError ends the program with one line, `<script>: error:
+    <message>`, and exit status 1; any other exception is a bug and keeps its traceback."""
     try:
         main()
     except UserError as e:
@@ -37,16 +37,17 @@ def run_script(main):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (what is wrong, and where the help is), not usage + error, and
-    exit status 1, as every other mistake of a user (argparse's own is 2)."""
+    """argparse whose errors are one line on stderr (what is wrong, and where the help is), not
+    usage + error, and exit status 1, as every other mistake of a user (argparse's own is 2)."""
 
     def error(self, message):
         self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def load_torch_file(path, device="cpu"):
-    """torch.load with weights_only=True: tensors and plain types only, so no code in the file ever runs. A file
-    that is not a whole torch file (a truncated copy, another format, a pickle holding code) is one clear error."""
+    """torch.load with weights_only=True: tensors and plain types only, so no code in the file ever
+    runs. A file that is not a whole torch file (a truncated copy, another format, a pickle holding
+    code) is one clear error."""
     import torch  # here: importing this file needs no torch (runlog.py, sweep.py)
 
     try:
@@ -61,9 +62,9 @@ def load_torch_file(path, device="cpu"):
 
 
 def file_kind(path):
-    """What path is when it is not a regular file ("a folder", "a named pipe (FIFO)", "a socket", "a device"), told
-    by os.stat alone, since opening a pipe or a device can block for ever; None for a regular file. Raises OSError
-    (FileNotFoundError, say) where there is nothing to stat."""
+    """What path is when it is not a regular file ("a folder", "a named pipe (FIFO)", "a socket", "a
+    device"), told by os.stat alone, since opening a pipe or a device can block for ever; None for a
+    regular file. Raises OSError (FileNotFoundError, say) where there is nothing to stat."""
     mode = os.stat(path).st_mode
     if stat.S_ISREG(mode):
         return None
@@ -81,7 +82,8 @@ def file_kind(path):
 
 
 def check_device(device, flag="--device"):
-    """Refuse, before any work, a device that torch cannot use here: no GPU, no such GPU, not a device at all."""
+    """Refuse, before any work, a device that torch cannot use here: no GPU, no such GPU, not a
+    device at all."""
     import torch  # here, as in load_torch_file
 
     try:
@@ -102,7 +104,8 @@ def check_device(device, flag="--device"):
 
 
 def check_writable(folder, flag):
-    """Refuse, before any work, a folder that cannot be written to or made (a run that cannot save loses hours)."""
+    """Refuse, before any work, a folder that cannot be written to or made (a run that cannot save
+    loses hours)."""
     where = os.path.abspath(folder)
     while not os.path.exists(where):  # the folder is made in the nearest one that exists
         where = os.path.dirname(where)
@@ -118,8 +121,9 @@ def check_writable(folder, flag):
 
 
 def disk_full(e):
-    """Whether e is a write that found the disk full: ENOSPC or EDQUOT, or the RuntimeError that torch.save raises
-    instead (its zip writer checks how far it got, not errno: "unexpected pos", "PytorchStreamWriter failed")."""
+    """Whether e is a write that found the disk full: ENOSPC or EDQUOT, or the RuntimeError that
+    torch.save raises instead (its zip writer checks how far it got, not errno: "unexpected pos",
+    "PytorchStreamWriter failed")."""
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
     return isinstance(e, RuntimeError) and any(
@@ -129,9 +133,10 @@ def disk_full(e):
 
 @contextlib.contextmanager
 def room_to_write(folder, need, fix, temporary=()):
-    """A full disk while the with-block writes into folder is one line: the folder, about how much the writes need
-    (need, bytes) and how much is free, then fix (what to do). The half-written files (temporary: glob patterns;
-    every file is written under a temporary name and renamed whole) are removed first."""
+    """A full disk while the with-block writes into folder is one line: the folder, about how much
+    the writes need (need, bytes) and how much is free, then fix (what to do). The half-written
+    files (temporary: glob patterns; every file is written under a temporary name and renamed whole)
+    are removed first."""
     try:
         yield
     except (OSError, RuntimeError) as e:
@@ -147,13 +152,15 @@ def room_to_write(folder, need, fix, temporary=()):
             where = os.path.dirname(where)
         free = shutil.disk_usage(where).free
         raise UserError(
-            f"the disk of {folder} is full: the files written there need about {need / 1e6:,.1f} MB and "
+            f"the disk of {folder} is full: the files written there need about {need / 1e6:,.1f} "
+            "MB and "
             f"it has {free / 1e6:,.1f} MB free; {fix}"
         ) from None
 
 
 def validate(c):
-    """Raise one clear error for an impossible combination of whisper_gpt.py's flags (c is its Config)."""
+    """Raise one clear error for an impossible combination of whisper_gpt.py's flags (c is its
+    Config)."""
     for name in (
         "block_size",
         "n_layer",
@@ -222,12 +229,13 @@ def validate(c):
 
 
 def check_data(c, recorded=None):
-    """whisper_gpt.py's data contract, checked before the first step, so that bad data is one line naming the file,
-    not a traceback hours in: meta.json parses and has what training needs; a resumed or evaluated run reads the
-    data it was trained on (recorded: the fingerprint in its checkpoint, where it has one) with its vocabulary;
-    every memmap holds whole rows, as many as meta.json says; the mel has one row per token, all of them finite (a
-    nan trains the model to nan); every token id is below the vocabulary. A new model takes its vocabulary and mel
-    bins from meta.json (a resumed one has them from its checkpoint). Returns meta."""
+    """whisper_gpt.py's data contract, checked before the first step, so that bad data is one line
+    naming the file, not a traceback hours in: meta.json parses and has what training needs; a
+    resumed or evaluated run reads the data it was trained on (recorded: the fingerprint in its
+    checkpoint, where it has one) with its vocabulary; every memmap holds whole rows, as many as
+    meta.json says; the mel has one row per token, all of them finite (a nan trains the model to
+    nan); every token id is below the vocabulary. A new model takes its vocabulary and mel bins from
+    meta.json (a resumed one has them from its checkpoint). Returns meta."""
     path, fix = (
         os.path.join(c.data_dir, "meta.json"),
         f"make {c.data_dir} again with python prepare.py",
@@ -258,7 +266,8 @@ def check_data(c, recorded=None):
         c.vocab_size != meta["vocab_size"]
     ):  # other data, not damaged data: a healthy file is never called damaged
         raise UserError(
-            f"{path} has a vocabulary of {meta['vocab_size']} tokens and the checkpoint's model reads "
+            f"{path} has a vocabulary of {meta['vocab_size']} tokens and the checkpoint's model "
+            "reads "
             f"{c.vocab_size}: the data of another tokenizer; train a new run on it"
         )
     elif c.hybrid and c.n_mel != meta["n_mels"]:
@@ -284,7 +293,8 @@ def check_data(c, recorded=None):
             size = os.path.getsize(file)
             if size % row:
                 raise UserError(
-                    f"{file}: {size:,} bytes is not a whole number of {what} ({row} bytes each), so it "
+                    f"{file}: {size:,} bytes is not a whole number of {what} ({row} bytes each), "
+                    "so it "
                     f"is cut short or not prepare.py's: {fix}"
                 )
             if size // row != n:
@@ -294,14 +304,16 @@ def check_data(c, recorded=None):
                 )
         if n < c.block_size + 1:
             raise UserError(
-                f"the {split} split has {n} tokens, fewer than a crop of --block_size {c.block_size} "
+                f"the {split} split has {n} tokens, fewer than a crop of --block_size "
+                f"{c.block_size} "
                 f"+ 1: use a smaller --block_size or prepare more audio"
             )
         mel = os.path.join(c.data_dir, f"{split}_mel.bin")
         bad = first_non_finite(mel, c.n_mel) if c.hybrid and c.mel_source != "decoded" else None
         if bad is not None:
             raise UserError(
-                f"{mel} holds a nan or inf in row {bad:,} (token {bad:,} of the {split} split): the file "
+                f"{mel} holds a nan or inf in row {bad:,} (token {bad:,} of the {split} split): "
+                "the file "
                 f"is damaged, and a model fed it would train to nan; {fix}"
             )
         top = int(
@@ -311,7 +323,8 @@ def check_data(c, recorded=None):
         )
         if top >= c.vocab_size:
             raise UserError(
-                f"{os.path.join(c.data_dir, split + '_tokens.bin')} holds token id {top}, not below the "
+                f"{os.path.join(c.data_dir, split + '_tokens.bin')} holds token id {top}, not "
+                "below the "
                 f"model's vocabulary of {c.vocab_size}, which is its own meta.json's: the file is "
                 f"damaged; {fix}"
             )
@@ -319,10 +332,11 @@ def check_data(c, recorded=None):
 
 
 def first_non_finite(path, row, chunk=1 << 16):
-    """The first row of a float16 memmap of rows of `row` values that holds a nan or an inf, or None. Streamed,
-    `chunk` rows at a time, as integers: a float16 is nan or inf where its five exponent bits are all set, and that
-    test runs at over 10 GB/s on one core (np.isfinite on float16: 2 GB/s), so the 6.9 GB of the paper's 200 h
-    take well under a second from the page cache: the disk's speed, once, beside the epochs that read it."""
+    """The first row of a float16 memmap of rows of `row` values that holds a nan or an inf, or
+    None. Streamed, `chunk` rows at a time, as integers: a float16 is nan or inf where its five
+    exponent bits are all set, and that test runs at over 10 GB/s on one core (np.isfinite on
+    float16: 2 GB/s), so the 6.9 GB of the paper's 200 h take well under a second from the page
+    cache: the disk's speed, once, beside the epochs that read it."""
     bits = np.memmap(path, dtype=np.uint16, mode="r")
     for start in range(0, len(bits), chunk * row):
         bad = (bits[start : start + chunk * row] & 0x7C00) == 0x7C00

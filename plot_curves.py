@@ -1,16 +1,18 @@
 """
-Redraw the paper's Figs. 2-3 (val NLL against epoch for GPT-S, GPT-L and the hybrid) and its Tables 1-2 from the
-runs' log.jsonl files, with the paper's own numbers beside ours; and Fig. 4, which the paper lacks: val NLL against
-parameters and training FLOPs for a size sweep of the token-only GPT, with the hybrid beside it.
+Redraw the paper's Figs. 2-3 (val NLL against epoch for GPT-S, GPT-L and the hybrid) and its Tables
+1-2 from the runs' log.jsonl files, with the paper's own numbers beside ours; and Fig. 4, which the
+paper lacks: val NLL against parameters and training FLOPs for a size sweep of the token-only GPT,
+with the hybrid beside it.
 
-    python plot_curves.py                      # every runs/*/log.jsonl (sweep.py's runs, committed) -> figures/
-    python plot_curves.py out-gpt-s-music out-hybrid-music --out_dir my-figures
+    python plot_curves.py                      # every runs/*/log.jsonl (sweep.py's runs, committed)
+    -> figures/ python plot_curves.py out-gpt-s-music out-hybrid-music --out_dir my-figures
 
 Writes <out_dir>/fig2_music.png, <out_dir>/fig3_libritts.png (one figure per dataset that has runs),
-<out_dir>/fig4_size_music.png (where a dataset has a size sweep) and <out_dir>/tables.md. Runs of one model with
-several seeds are reported as their mean ± the standard error over seeds. Missing runs are printed and marked in
-the table, never skipped in silence. figures/ holds what the committed runs give, so it is the default --out_dir
-only for them: any other set of runs names its own.
+<out_dir>/fig4_size_music.png (where a dataset has a size sweep) and <out_dir>/tables.md. Runs of
+one model with several seeds are reported as their mean ± the standard error over seeds. Missing
+runs are printed and marked in the table, never skipped in silence. figures/ holds what the
+committed runs give, so it is the default --out_dir only for them: any other set of runs names its
+own.
 """
 
 import argparse
@@ -70,7 +72,8 @@ REQUIRED = {
 }
 # whisper_gpt.py's continuation row: what a hybrid was fed after the prompt, as Fig. 5 names it
 AFTER = {"decoded": "the decoded mel", "none": "no mel", "self": "its own mel"}
-# the recipe: runs compared in one figure or table must agree on these (where their logs record them)
+# the recipe: runs compared in one figure or table must agree on these (where their logs record
+# them)
 RECIPE = ("block_size", "batch_size", "epochs", "lr", "lr_drop_at", "max_iters", "dropout", "dtype")
 
 
@@ -136,14 +139,16 @@ def check_record(path, lineno, rec):
 
 
 def find_logs(run_dirs):
-    """The log.jsonl of each run folder given; by default those of runs/*/ (sweep.py's), or of out*/ without them."""
+    """The log.jsonl of each run folder given; by default those of runs/*/ (sweep.py's), or of out*/
+    without them."""
     if not run_dirs:
         logs = sorted(glob.glob(os.path.join("runs", "*", "log.jsonl"))) or sorted(
             glob.glob("out*/log.jsonl")
         )
         if not logs:
             raise LogError(
-                "no runs/*/log.jsonl or out*/log.jsonl here: train a model first or name the run folders"
+                "no runs/*/log.jsonl or out*/log.jsonl here: train a model first or name the run "
+                "folders"
             )
         return logs
     logs = [os.path.join(d, "log.jsonl") for d in run_dirs]
@@ -176,8 +181,9 @@ def label_of(run):
 
 
 def group_runs(runs):
-    """{dataset as the paper names it: {label: [runs, one per seed]}}. Two runs of one model with one seed is an
-    error (which belongs in the table is the user's call), and so are runs of one dataset with other recipes."""
+    """{dataset as the paper names it: {label: [runs, one per seed]}}. Two runs of one model with
+    one seed is an error (which belongs in the table is the user's call), and so are runs of one
+    dataset with other recipes."""
     groups = {}
     for run in runs:
         group = groups.setdefault(
@@ -218,8 +224,9 @@ def result_row(run):
 
 
 def train_seconds(run):
-    """Wall time of the training run: its last eval's elapsed seconds (0 when it has none). Before 87d7e3b a
-    resumed run's clock started again at 0, so where the clock goes back the part before the resume is added."""
+    """Wall time of the training run: its last eval's elapsed seconds (0 when it has none). Before
+    87d7e3b a resumed run's clock started again at 0, so where the clock goes back the part before
+    the resume is added."""
     total = last = 0.0
     for e in run["evals"]:
         elapsed = e.get("elapsed_s", 0.0)
@@ -238,8 +245,9 @@ def mean_se(values):
 
 
 def summary(runs):
-    """One model's numbers over its seeds: {seeds, params, nll, se, se_over, acc, ppl, train_s, source}; None
-    when no run has a result yet. se is over seeds where there are several, else the run's own over val windows."""
+    """One model's numbers over its seeds: {seeds, params, nll, se, se_over, acc, ppl, train_s,
+    source}; None when no run has a result yet. se is over seeds where there are several, else the
+    run's own over val windows."""
     rows = [(run, *result_row(run)) for run in runs]
     done = [(run, rec, source) for run, rec, source in rows if rec is not None]
     if not done:
@@ -265,20 +273,22 @@ def summary(runs):
 
 
 def paired_difference(a, b):
-    """Mean and standard error of a's NLL minus b's over the same val windows (paired: the spread between
-    windows, which both models share, drops out), from their eval_only records; None without them."""
+    """Mean and standard error of a's NLL minus b's over the same val windows (paired: the spread
+    between windows, which both models share, drops out), from their eval_only records; None without
+    them."""
     if not (a and b and a.get("window_nll") and b.get("window_nll")) or len(a["window_nll"]) != len(
         b["window_nll"]
     ):
         return None
-    mean, se = mean_se([x - y for x, y in zip(a["window_nll"], b["window_nll"])])
+    mean, se = mean_se([x - y for x, y in zip(a["window_nll"], b["window_nll"], strict=False)])
     return mean, se, len(a["window_nll"])
 
 
 def paired_over_seeds(runs_a, runs_b):
-    """a − b paired window by window within each seed both have; (mean, se, seeds, windows): with several seeds,
-    the mean and standard error over seeds of each seed's paired mean (what a second training run would vary);
-    with one, that seed's mean and its standard error over windows. None when no seed has both."""
+    """a − b paired window by window within each seed both have; (mean, se, seeds, windows): with
+    several seeds, the mean and standard error over seeds of each seed's paired mean (what a second
+    training run would vary); with one, that seed's mean and its standard error over windows. None
+    when no seed has both."""
     b_by_seed = {run["config"].get("seed"): run for run in runs_b}
     pairs = [
         paired_difference(run["final"], b_by_seed[run["config"].get("seed")]["final"])
@@ -295,7 +305,8 @@ def paired_over_seeds(runs_a, runs_b):
 
 def continued_runs(runs, after):
     """The runs with a continuation row fed after (the mel after the prompt; None for a GPT), each
-    as a run whose final row is that row: summary() and paired_over_seeds() take them as they are."""
+    as a run whose final row is that row: summary() and paired_over_seeds() take them as they
+    are."""
     return [dict(run, final=run["continued"][after]) for run in runs if after in run["continued"]]
 
 
@@ -331,8 +342,9 @@ def bins_over_seeds(runs):
 
 
 def baselines(group):
-    """{"unigram": nll, "bigram": nll} of the val split the runs share (prepare.py puts them in meta.json and
-    the run in its start record); empty when no run has them, an error when runs disagree (other data)."""
+    """{"unigram": nll, "bigram": nll} of the val split the runs share (prepare.py puts them in
+    meta.json and the run in its start record); empty when no run has them, an error when runs
+    disagree (other data)."""
     found = {
         json.dumps(run["baselines"], sort_keys=True)
         for runs in group.values()
@@ -352,19 +364,19 @@ def tokenizers(group):
 
 
 def flops(s):
-    """Training FLOPs per token of a summarised model, from its config (the defaults where the log lacks a field)
-    and its parameter count."""
+    """Training FLOPs per token of a summarised model, from its config (the defaults where the log
+    lacks a field) and its parameter count."""
     return flops_per_token(
         SimpleNamespace(**{**dataclasses.asdict(Config()), **s["config"]}), s["params"]
     )
 
 
 def matching_size(curve, target):
-    """The parameter count at which the token-only curve [(params, nll)], interpolated linearly in log
-    parameters, first comes down to target NLL; None when no size in the curve reaches it."""
+    """The parameter count at which the token-only curve [(params, nll)], interpolated linearly in
+    log parameters, first comes down to target NLL; None when no size in the curve reaches it."""
     if curve and curve[0][1] <= target:
         return curve[0][0]
-    for (p0, y0), (p1, y1) in zip(curve, curve[1:]):
+    for (p0, y0), (p1, y1) in zip(curve, curve[1:], strict=False):
         if y0 > target >= y1:
             return math.exp(
                 math.log(p0) + (y0 - target) / (y0 - y1) * (math.log(p1) - math.log(p0))
@@ -373,11 +385,11 @@ def matching_size(curve, target):
 
 
 def size_sweep(group):
-    """The token-only curve and the hybrid's match on it: {curve: [(label, summary)], hybrids: [...], match,
-    low, high} or None when the dataset has fewer than three token-only sizes (the paper's two are not a curve)
-    or no hybrid. The range is where
-    the curve, moved by its standard error over seeds (none where a size has one seed), meets the hybrid's NLL
-    moved by its own: the sizes the seeds' spread allows."""
+    """The token-only curve and the hybrid's match on it: {curve: [(label, summary)], hybrids:
+    [...], match, low, high} or None when the dataset has fewer than three token-only sizes (the
+    paper's two are not a curve) or no hybrid. The range is where
+    the curve, moved by its standard error over seeds (none where a size has one seed), meets the
+    hybrid's NLL moved by its own: the sizes the seeds' spread allows."""
     done = {label: s for label, s in ((label, summary(runs)) for label, runs in group.items()) if s}
     curve = sorted(
         (
@@ -473,8 +485,10 @@ def match_sentence(sweep):
     if sweep["match"] is None:
         return (
             f"None of the {len(curve)} token-only sizes run, {curve[0][1]['params'] / 1e6:.1f} to "
-            f"{largest / 1e6:.1f} M parameters, reached the hybrid ({h['params'] / 1e6:.2f} M parameters, val NLL "
-            f"{h['nll']:.3f}, {spread}): the largest, {largest / h['params']:.1f} times its size, ended at "
+            f"{largest / 1e6:.1f} M parameters, reached the hybrid ({h['params'] / 1e6:.2f} M "
+            "parameters, val NLL "
+            f"{h['nll']:.3f}, {spread}): the largest, {largest / h['params']:.1f} times its size, "
+            "ended at "
             f"{curve[-1][1]['nll']:.3f}."
         )
     low, high = sweep["low"], sweep["high"]
@@ -484,9 +498,12 @@ def match_sentence(sweep):
         else f"{low / 1e6:.1f} M to beyond the sweep's largest ({largest / 1e6:.1f} M)"
     )
     return (
-        f"The hybrid ({h['params'] / 1e6:.2f} M parameters, val NLL {h['nll']:.3f}, {spread}) matches a "
-        f"token-only GPT of {sweep['match'] / 1e6:.1f} M parameters, {sweep['match'] / h['params']:.1f} times "
-        f"its size (interpolated in log parameters; {within} within the standard errors over seeds)."
+        f"The hybrid ({h['params'] / 1e6:.2f} M parameters, val NLL {h['nll']:.3f}, {spread}) "
+        "matches a "
+        f"token-only GPT of {sweep['match'] / 1e6:.1f} M parameters, "
+        f"{sweep['match'] / h['params']:.1f} times "
+        f"its size (interpolated in log parameters; {within} within the standard errors over "
+        "seeds)."
     )
 
 
@@ -495,7 +512,8 @@ def match_sentence(sweep):
 
 
 def paper_names(dataset):
-    """(figure, table, paper's dataset name, PNG name); datasets the paper lacks get their own names."""
+    """(figure, table, paper's dataset name, PNG name); datasets the paper lacks get their own
+    names."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in dataset)
     by_name = {
         layout[2]: layout for layout in PAPER_LAYOUT.values()
@@ -520,8 +538,8 @@ def save(fig, path):
 
 
 def plot_dataset(dataset, group, missing, path):
-    """Val NLL against epoch for the paper's three models, labelled with the measured parameter count; the mean
-    over seeds, with the seeds' range shaded. Returns the labels."""
+    """Val NLL against epoch for the paper's three models, labelled with the measured parameter
+    count; the mean over seeds, with the seeds' range shaded. Returns the labels."""
     fig_name, _, name, _ = paper_names(dataset)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for label in MODELS:
@@ -532,7 +550,7 @@ def plot_dataset(dataset, group, missing, path):
         curves = [
             [{e["epoch"]: e["val_nll"] for e in run["evals"]}[x] for x in epochs] for run in runs
         ]
-        mean = [sum(values) / len(values) for values in zip(*curves)]
+        mean = [sum(values) / len(values) for values in zip(*curves, strict=False)]
         seeds = f", mean of {len(runs)} seeds" if len(runs) > 1 else ""
         ax.plot(
             epochs,
@@ -545,13 +563,13 @@ def plot_dataset(dataset, group, missing, path):
         if len(runs) > 1:
             ax.fill_between(
                 epochs,
-                [min(v) for v in zip(*curves)],
-                [max(v) for v in zip(*curves)],
+                [min(v) for v in zip(*curves, strict=False)],
+                [max(v) for v in zip(*curves, strict=False)],
                 color=COLORS[label],
                 alpha=0.2,
                 linewidth=0,
             )
-    for (kind, nll), style in zip(baselines(group).items(), ("--", ":")):
+    for (kind, nll), style in zip(baselines(group).items(), ("--", ":"), strict=False):
         ax.axhline(
             nll, color="gray", linestyle=style, linewidth=1, label=f"count {kind} of this val split"
         )
@@ -678,7 +696,11 @@ def plot_continuation(dataset, group, lines, path):
     fig, ax = plt.subplots(figsize=(7.4, 4.4), dpi=120)
     x = list(range(len(edges) - 1))
     for i, (label, runs) in enumerate(lines):
-        points = [(k, m, se) for k, (m, se) in zip(x, bins_over_seeds(runs)) if m is not None]
+        points = [
+            (k, m, se)
+            for k, (m, se) in zip(x, bins_over_seeds(runs), strict=False)
+            if m is not None
+        ]
         seeds = summary(runs)["seeds"]
         ax.errorbar(
             [k for k, _, _ in points],
@@ -720,7 +742,8 @@ def nll_cell(s):
 
 
 def table_markdown(dataset, group, missing):
-    """One table in the layout of the paper's Tables 1-2, ours beside the paper's, with a caption."""
+    """One table in the layout of the paper's Tables 1-2, ours beside the paper's, with a
+    caption."""
     _, table_name, name, _ = paper_names(dataset)
     paper_corpus = STAND_INS.get(name, name)
     paper = PAPER_NUMBERS.get(paper_corpus, {})
@@ -730,11 +753,13 @@ def table_markdown(dataset, group, missing):
         f"ours with tokenizer `{tok}`, the paper's with EnCodec 24 kHz codebook 0"
         + (f" on {paper_corpus}" if paper_corpus != name else "")
         + ". Ours are the mean over "
-        "the seeds run, ± the standard error over seeds (over val windows where a model has one seed)."
+        "the seeds run, ± the standard error over seeds (over val windows where a model has one "
+        "seed)."
     )
     if any("offline" in run["tokenizer"].lower() for runs in group.values() for run in runs):
         caption += (
-            " The offline tokenizer (random-weight EnCodec, k-means codebook) makes different tokens "
+            " The offline tokenizer (random-weight EnCodec, k-means codebook) makes different "
+            "tokens "
             "from the real EnCodec: our numbers are NOT comparable with the paper's."
         )
     if len({run["tokenizer"] for runs in group.values() for run in runs}) > 1:
@@ -744,7 +769,8 @@ def table_markdown(dataset, group, missing):
     lines = [
         caption,
         "",
-        "| Model | seeds | # params (ours) | # params (paper) | NLL ± SE (ours) | NLL (paper) | Accuracy (ours) "
+        "| Model | seeds | # params (ours) | # params (paper) | NLL ± SE (ours) | NLL (paper) | "
+        "Accuracy (ours) "
         "| Accuracy (paper) | PPL (ours) | PPL (paper) | training time | our row from |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -761,7 +787,7 @@ def table_markdown(dataset, group, missing):
         source = s["source"] if s else ("started, no eval yet" if runs else "**not run**")
         cells = (
             [label, str(s["seeds"]) if s else "-"]
-            + [c for pair in zip(ours, theirs) for c in pair]
+            + [c for pair in zip(ours, theirs, strict=False) for c in pair]
             + [fmt_time(s["train_s"]) if s else "-", source]
         )
         lines.append("| " + " | ".join(cells) + " |")
@@ -781,15 +807,18 @@ def table_markdown(dataset, group, missing):
             how = f"over the same {windows} val windows (mean ± SE)"
         elif len(counts) == 1:
             how = (
-                f"(mean ± SE over {min(counts)} seeds of each seed's mean difference over the same {windows} "
+                f"(mean ± SE over {min(counts)} seeds of each seed's mean difference over the "
+                f"same {windows} "
                 f"val windows)"
             )
         else:  # models run with different numbers of seeds: each difference says how many it has
             how = (
-                f"(each seed's mean difference over the same {windows} val windows; mean ± SE over the seeds both "
+                f"(each seed's mean difference over the same {windows} val windows; mean ± SE "
+                "over the seeds both "
                 f"models have, or over the windows where they share one)"
             )
-        # where the counts differ, each difference says its own; one count for all: the heading says it
+        # where the counts differ, each difference says its own; one count for all: the heading says
+        # it
         seeds = lambda n: (
             "" if len(counts) == 1 else " (1 seed, SE over windows)" if n == 1 else f" ({n} seeds)"
         )
@@ -806,9 +835,9 @@ def table_markdown(dataset, group, missing):
 
 
 def generation_markdown(group):
-    """What the hybrid sees when it generates: its checkpoints evaluated with the decoded mel (the mel of its own
-    tokens decoded, all that generation has) and the hybrid trained on it, beside GPT-S and the paper's hybrid;
-    no lines when no run has them."""
+    """What the hybrid sees when it generates: its checkpoints evaluated with the decoded mel (the
+    mel of its own tokens decoded, all that generation has) and the hybrid trained on it, beside
+    GPT-S and the paper's hybrid; no lines when no run has them."""
     fed = [
         dict(run, final=run["other_mel"]["decoded"])
         for run in group.get("hybrid", [])
@@ -828,9 +857,12 @@ def generation_markdown(group):
         return []
     lines = [
         "",
-        "**What the hybrid sees when it generates.** Generating, the hybrid has no audio, only the tokens "
-        "it made: its mel can only be their decoded mel (`--mel_source decoded`: the offline stand-in decoder's "
-        "per-token mean mel, or EnCodec's decoder). Val NLL, mean ± SE over seeds (over val windows for one).",
+        "**What the hybrid sees when it generates.** Generating, the hybrid has no audio, only "
+        "the tokens "
+        "it made: its mel can only be their decoded mel (`--mel_source decoded`: the offline "
+        "stand-in decoder's "
+        "per-token mean mel, or EnCodec's decoder). Val NLL, mean ± SE over seeds (over val "
+        "windows for one).",
         "",
         "| Model, and the mel it is fed | seeds | NLL ± SE | Accuracy |",
         "| --- | --- | --- | --- |",
@@ -860,7 +892,8 @@ def generation_markdown(group):
     if pairs:
         lines += [
             "",
-            "Paired differences in NLL (mean ± SE over seeds of each seed's mean over the same val windows; "
+            "Paired differences in NLL (mean ± SE over seeds of each seed's mean over the same "
+            "val windows; "
             "over the windows for one seed): "
             + "; ".join(
                 f"{name}: {d[0]:+.3f} ± {d[1]:.3f} ({d[2]} seed{'s' if d[2] > 1 else ''})"
@@ -912,11 +945,13 @@ def fmt_pair(mean, se):
 
 
 def sweep_markdown(dataset, group, sweep):
-    """The size sweep behind Fig. 4: every size's parameters, FLOPs, seeds and NLL, and the matching size."""
+    """The size sweep behind Fig. 4: every size's parameters, FLOPs, seeds and NLL, and the matching
+    size."""
     name = paper_names(dataset)[2]
     lines = [
         f"**Size sweep** ({name}, Fig. 4): the same recipe and data for every model; 8 layers, "
-        "8 heads or width / 16 when that is more. NLL ± SE over seeds (over val windows for one seed).",
+        "8 heads or width / 16 when that is more. NLL ± SE over seeds (over val windows for one "
+        "seed).",
         "",
         "| Model | width | heads | # params | training FLOPs / token | seeds | NLL ± SE | Accuracy "
         "| training time |",
@@ -925,7 +960,8 @@ def sweep_markdown(dataset, group, sweep):
     for label, s in sweep["curve"] + sweep["hybrids"]:
         c = s["config"]
         lines.append(
-            f"| {label} | {c.get('n_embd', '-')} | {c.get('n_head', '-')} | {params_label(s['params'])} | "
+            f"| {label} | {c.get('n_embd', '-')} | {c.get('n_head', '-')} | "
+            f"{params_label(s['params'])} | "
             f"{flops(s) / 1e6:.1f} M | {s['seeds']} | {nll_cell(s)} | {100 * s['acc']:.2f} % | "
             f"{fmt_time(s['train_s'])} |"
         )
@@ -938,15 +974,16 @@ def sweep_markdown(dataset, group, sweep):
 
 
 def default_out_dir(logs):
-    """figures/ for the committed runs (runs/*/, the default); any other set of runs would overwrite the committed
-    figures and tables with its own, so it names a folder of its own."""
+    """figures/ for the committed runs (runs/*/, the default); any other set of runs would overwrite
+    the committed figures and tables with its own, so it names a folder of its own."""
     committed = glob.glob(os.path.join("runs", "*", "log.jsonl"))
     if committed and sorted(map(os.path.realpath, logs)) == sorted(
         map(os.path.realpath, committed)
     ):
         return "figures"
     raise UserError(
-        "figures/ holds what the committed runs (runs/*/, the default) give, and these runs are others: "
+        "figures/ holds what the committed runs (runs/*/, the default) give, and these runs are "
+        "others: "
         "pass --out_dir DIR for their figures and tables"
     )
 

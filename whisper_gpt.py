@@ -424,11 +424,13 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 def load_checkpoint(path, device="cpu"):
     """Rebuild the model from a checkpoint alone. Returns (model, config, checkpoint dict)."""
-    if not os.path.isfile(path):
-        raise UserError(
-            f"no checkpoint at {path}: train into that folder first "
-            f"(python whisper_gpt.py --out_dir {os.path.dirname(path) or '.'})"
-        )
+    if not os.path.isfile(path):  # the one line for a missing checkpoint, training or sampling
+        folder, name = os.path.split(path)
+        other = {"ckpt_best.pt": "latest", "ckpt_latest.pt": "best"}.get(name)
+        fix = f"train one first (python whisper_gpt.py --out_dir {folder or '.'})"
+        if other and os.path.isfile(os.path.join(folder, f"ckpt_{other}.pt")):
+            fix = f"the run has ckpt_{other}.pt (sample.py reads it if you pass --ckpt {other})"
+        raise UserError(f"no checkpoint at {path}: {fix}")
     ckpt = load_torch_file(path, device)
     if not (
         isinstance(ckpt, dict)
@@ -769,6 +771,11 @@ def run_data(c, saved):
     if c.dataset not in (saved.dataset, Config.dataset):
         return os.path.join("data", c.dataset)
     c.dataset = saved.dataset
+    return own_data(saved)
+
+
+def own_data(saved):
+    """The data folder a run was trained on, by its checkpoint's config."""
     return saved.data_dir or os.path.join("data", saved.dataset)
 
 
