@@ -256,6 +256,9 @@ def check_data(c, recorded=None):
     ]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)} (positive whole numbers): {fix}")
+    from audio import check_vocabulary  # here: audio.py imports this file
+
+    check_vocabulary(meta, path)  # meta.json against its own tokenizer, before any checkpoint
     if recorded:
         from runlog import check_same_data, data_fingerprint  # here: runlog.py imports this file
 

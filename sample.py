@@ -39,7 +39,6 @@ from audio import (
     HOP,
     SAMPLE_RATE,
     WIN,
-    check_vocabulary,
     load_decoder,
     log_mel,
     normalise_mel,
@@ -212,7 +211,6 @@ def load_run(out_dir, ckpt, device, data_dir=None):
     config.data_dir = data_dir = data_dir or own_data(config)
     config.out_dir, config.eval_only = out_dir, True  # a trained model: check its vocabulary
     meta = check_data(config, saved.get("data"))
-    check_vocabulary(meta, os.path.join(data_dir, "meta.json"))
     return model, config, data_dir, load_decoder(data_dir, device), meta
 
 

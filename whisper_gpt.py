@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cpu_attention
-from audio import FRAME_RATE, DecodedSplit, check_vocabulary, load_decoder
+from audio import FRAME_RATE, DecodedSplit, load_decoder
 from checks import (
     Parser,
     UserError,
@@ -841,7 +841,6 @@ def open_run(c, rank):
             "has none: add --hybrid, or leave the flag out"
         )
     meta = check_data(c, None if ckpt is None else ckpt.get("data"))
-    check_vocabulary(meta, os.path.join(c.data_dir, "meta.json"))
     # in the log and every checkpoint: a run knows its data
     data = data_fingerprint(c.data_dir, meta)
     if c.hybrid and c.mel_source == "decoded":
