@@ -256,7 +256,7 @@ def check_data(c, recorded=None):
     ]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)} (positive whole numbers): {fix}")
-    from audio import check_vocabulary  # here: audio.py imports this file
+    from tokenizer import check_vocabulary  # here: tokenizer.py imports this file
 
     check_vocabulary(meta, path)  # meta.json against its own tokenizer, before any checkpoint
     if recorded:

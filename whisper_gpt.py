@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cpu_attention
-from audio import FRAME_RATE, DecodedSplit, load_decoder
+from audio import FRAME_RATE
 from checks import (
     Parser,
     UserError,
@@ -38,6 +38,7 @@ from checks import (
     run_script,
     validate,
 )
+from decoding import DecodedSplit, load_decoder
 from runlog import append_record, data_fingerprint, hold_folder, write_atomic
 
 # -----------------------------------------------------------------------------
@@ -217,10 +218,10 @@ class Block(nn.Module):
 
 
 class MelStack(nn.Module):
-    """The hybrid's mel stack, what the paper calls its "Whisper-decoder" (not audio.Decoder, which
-    turns tokens back into mel and audio): Whisper's encoder made causal and small. Each mel slice
-    goes through a per-slice MLP (n_mel -> 2048 -> width), gets sinusoidal positions, then causal
-    decoder layers."""
+    """The hybrid's mel stack, what the paper calls its "Whisper-decoder" (not decoding.Decoder,
+    which turns tokens back into mel and audio): Whisper's encoder made causal and small. Each mel
+    slice goes through a per-slice MLP (n_mel -> 2048 -> width), gets sinusoidal positions, then
+    causal decoder layers."""
 
     def __init__(self, c):
         super().__init__()
@@ -364,7 +365,7 @@ class WhisperGPT(nn.Module):
         return_mel=False,
     ):
         """idx (B, T) -> (B, T + max_new_tokens). Hybrid: mel (B, T, n_mel) the prompt's slices;
-        mel_fn(idx) gives the newest token's slice (B, n_mel), its decoded mel (audio.Decoder),
+        mel_fn(idx) gives the newest token's slice (B, n_mel), its decoded mel (decoding.Decoder),
         first read a step later (the shift); --mel_source self feeds its own prediction instead.
         generator: one, or one per row. Past block_size the window restarts on the newest
         block_size // 2 tokens (the paper is silent). return_mel: (idx, the mel it was fed)."""
@@ -480,7 +481,7 @@ def tensor_bytes(obj):
 # windows.
 def open_split(data_dir, split, n_mel=0, mel_source="audio"):
     """tokens (N,), mel (N, n_mel) or None: memmaps opened per batch, as nanoGPT's (a kept one grows
-    resident). mel_source 'decoded': the mel is the tokens' decoded mel (audio.DecodedSplit: a
+    resident). mel_source 'decoded': the mel is the tokens' decoded mel (decoding.DecodedSplit: a
     crop's rows from its tokens)."""
     tokens = np.memmap(os.path.join(data_dir, f"{split}_tokens.bin"), dtype=np.uint16, mode="r")
     if not n_mel:
