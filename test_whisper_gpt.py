@@ -34,6 +34,7 @@ import torchaudio
 
 import audio
 import bench
+import checks
 import corpora
 import cpu_attention
 import decoding
@@ -1537,7 +1538,7 @@ def test_mel_rows_not_matching_the_tokens_and_a_micro_batch_that_does_not_divide
     with pytest.raises(wg.UserError, match="--micro_batch 3 does not divide a process's 4 crops"):
         wg.train(train_config(tmp_path, micro_batch=3))
     with pytest.raises(wg.UserError, match="--batch_size 4 .* does not divide among 3 processes"):
-        wg.micro_batches(train_config(tmp_path), 3)
+        checks.micro_batches(train_config(tmp_path), 3)
     mel = np.fromfile(tmp_path / "data" / "val_mel.bin", dtype=np.float16)
     mel[:-64].tofile(tmp_path / "data" / "val_mel.bin")  # one row short
     with pytest.raises(
