@@ -2483,7 +2483,7 @@ def test_audio_is_averaged_to_mono_and_resampled_to_24khz():
 
 
 # -----------------------------------------------------------------------------
-# audio.py: the tokenizer
+# tokenizer.py: the tokenizer
 
 
 def test_long_files_are_encoded_in_segments_with_warm_context(monkeypatch):
@@ -2661,52 +2661,7 @@ def test_a_corrupt_tokenizer_file_is_one_clear_error(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# audio.py: downloads
-
-
-@pytest.mark.parametrize("case", ["resume", "server ignores ranges", "part too long"])
-def test_download_resumes_or_restarts_a_partial_file(tmp_path, archive_server, case):
-    url, handler = archive_server
-    body = os.urandom(300_000)
-    handler.files["/x.bin"] = body
-    handler.ranges = case != "server ignores ranges"
-    part = tmp_path / "x.bin.part"
-    part.write_bytes(body[:100_000] if case != "part too long" else body + b"extra")
-    corpora.download(f"{url}/x.bin", tmp_path / "x.bin")
-    assert (tmp_path / "x.bin").read_bytes() == body and not part.exists()
-    assert handler.requests[0] == (
-        "/x.bin",
-        f"bytes={100_000 if case != 'part too long' else len(body) + 5}-",
-    )
-    assert len(handler.requests) == (2 if case == "part too long" else 1)  # a 416 starts over, once
-
-
-def test_download_refuses_a_short_file_and_keeps_the_part(tmp_path, archive_server):
-    url, handler = archive_server
-    handler.files["/x.bin"] = os.urandom(10_000)
-    handler.short = True
-    with pytest.raises(OSError, match="run again to resume"):
-        corpora.download(f"{url}/x.bin", tmp_path / "x.bin")
-    assert not (tmp_path / "x.bin").exists() and (tmp_path / "x.bin.part").stat().st_size == 5_000
-
-
-def test_a_download_that_cannot_fit_on_the_disk_stops_before_writing(
-    tmp_path, archive_server, monkeypatch
-):
-    url, handler = archive_server
-    handler.files["/x.bin"] = os.urandom(300_000)
-    monkeypatch.setattr(
-        prepare.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=100_000)
-    )
-    with pytest.raises(
-        OSError, match="x.bin needs 0.3 MB more and .* has 0.1 MB free: free some space"
-    ):
-        corpora.download(f"{url}/x.bin", tmp_path / "x.bin")
-    assert not list(tmp_path.iterdir())
-
-
-# -----------------------------------------------------------------------------
-# audio.py: EnCodec's decoder run as a stream
+# decoding.py: EnCodec's decoder run as a stream
 
 
 def test_the_streamed_decoder_gives_the_whole_decode(tiny_run):
@@ -2754,7 +2709,7 @@ def test_without_onednn_turns_it_off_and_restores_it_even_on_error():
 
 
 # -----------------------------------------------------------------------------
-# audio.py: the decoders (the decoded mel, and the offline stand-in decoder's table and audio)
+# decoding.py: the decoders (the decoded mel, and the offline stand-in decoder's table and audio)
 
 
 def test_the_offline_decoder_is_each_tokens_mean_mel_and_follows_the_tokens(notes_run):
@@ -3199,6 +3154,51 @@ def test_tts_without_the_voice_is_one_line_with_the_pip_command(monkeypatch, utt
             corpora.render(utterances[0])
     finally:
         corpora.piper_voice.cache_clear()
+
+
+# -----------------------------------------------------------------------------
+# corpora.py: downloads (LibriTTS's, and EnCodec's weights)
+
+
+@pytest.mark.parametrize("case", ["resume", "server ignores ranges", "part too long"])
+def test_download_resumes_or_restarts_a_partial_file(tmp_path, archive_server, case):
+    url, handler = archive_server
+    body = os.urandom(300_000)
+    handler.files["/x.bin"] = body
+    handler.ranges = case != "server ignores ranges"
+    part = tmp_path / "x.bin.part"
+    part.write_bytes(body[:100_000] if case != "part too long" else body + b"extra")
+    corpora.download(f"{url}/x.bin", tmp_path / "x.bin")
+    assert (tmp_path / "x.bin").read_bytes() == body and not part.exists()
+    assert handler.requests[0] == (
+        "/x.bin",
+        f"bytes={100_000 if case != 'part too long' else len(body) + 5}-",
+    )
+    assert len(handler.requests) == (2 if case == "part too long" else 1)  # a 416 starts over, once
+
+
+def test_download_refuses_a_short_file_and_keeps_the_part(tmp_path, archive_server):
+    url, handler = archive_server
+    handler.files["/x.bin"] = os.urandom(10_000)
+    handler.short = True
+    with pytest.raises(OSError, match="run again to resume"):
+        corpora.download(f"{url}/x.bin", tmp_path / "x.bin")
+    assert not (tmp_path / "x.bin").exists() and (tmp_path / "x.bin.part").stat().st_size == 5_000
+
+
+def test_a_download_that_cannot_fit_on_the_disk_stops_before_writing(
+    tmp_path, archive_server, monkeypatch
+):
+    url, handler = archive_server
+    handler.files["/x.bin"] = os.urandom(300_000)
+    monkeypatch.setattr(
+        prepare.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=100_000)
+    )
+    with pytest.raises(
+        OSError, match="x.bin needs 0.3 MB more and .* has 0.1 MB free: free some space"
+    ):
+        corpora.download(f"{url}/x.bin", tmp_path / "x.bin")
+    assert not list(tmp_path.iterdir())
 
 
 # -----------------------------------------------------------------------------
