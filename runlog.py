@@ -1,15 +1,17 @@
 """
 A run folder's bookkeeping, the one home of what the scripts write and read there: files written
 whole (write_atomic), the folder's lock (one writer), log.jsonl's records (lines that survive a
-process cut off mid-line), what a log says of the run in the folder now (its records, the mel it was
-trained with, its table and continuation rows), and the fingerprint of the data a run trains on. No
-torch: plot_curves.py and sweep.py read logs without it.
+process cut off mid-line; a training's eval line and record; a log begun again if it vanished), what
+a log says of the run in the folder now (its records, the mel it was trained with, its table and
+continuation rows), and the fingerprint of the data a run trains on. No torch: plot_curves.py and
+sweep.py read logs without it.
 """
 
 import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import sys
 
@@ -135,6 +137,43 @@ def append_record(path, record):
         open(path, "a") as f,
     ):
         f.write(line)
+
+
+def log_event(out_dir, record, start=None):
+    """Append record to out_dir/log.jsonl. A log that vanished under a running training (deleted,
+    moved) is begun again with the run's start record (start), marked, and a note: the run goes on,
+    and the log every reader finds opens with its start (plot_curves refuses evals after none)."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if start is not None and not os.path.isfile(path):
+        print(
+            f"note: {path} has vanished (deleted or moved?): begun again with this run's start "
+            f"record; the records before step {record['iter']} are not in it"
+        )
+        append_record(path, {**start, "log_begun_again_at": record["iter"]})
+    append_record(path, record)
+
+
+def log_eval(c, it, epoch_steps, lr, train_nll, tok_s, result, elapsed, start=None):
+    """An eval's line, and its record in log.jsonl (start: the run's start record, see log_event)"""
+    print(
+        f"epoch {it / epoch_steps:6.2f} | step {it:6d} | train {fmt(train_nll, '.4f')} | "
+        f"val {result.nll:.4f} {plus_minus(result.se, '.4f')} | acc {result.acc:6.2%} | "
+        f"ppl {math.exp(result.nll):7.2f} | {fmt(tok_s, ',.0f')} tok/s | {elapsed:6.0f} s"
+    )
+    record = {"event": "eval", "iter": it, "epoch": it / epoch_steps}
+    record |= {"tokens": it * c.batch_size * c.block_size, "lr": lr, "train_nll": train_nll}
+    record |= {"val_nll": result.nll, "val_nll_se": result.se, "val_acc": result.acc}
+    record |= {"val_ppl": math.exp(result.nll), "tokens_per_s": tok_s, "elapsed_s": elapsed}
+    log_event(c.out_dir, record, start)
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def plus_minus(se, spec=".3f"):
+    """'± se', or what stands in its place for an evaluation on one window (no spread to measure)"""
+    return "(one window: no SE)" if se is None else f"± {se:{spec}}"
 
 
 def read_records(path):

@@ -8,15 +8,15 @@ continuation, the tokens (.npy) and a PNG of the log-mel spectrogram with the pr
     and realtime factor
 
 The hybrid needs the mel slice of every token it makes, and all it has is the tokens: it is fed
-their decoded mel (audio.Decoder, a token at a time by its stepper), as `whisper_gpt.py --mel_source
-decoded` evaluates it. With the real EnCodec weights each new token is decoded to audio by EnCodec's
-decoder run incrementally (StreamingDecoder: one token's work per step, and exactly the audio a
-decode of the whole output gives), and audio.log_mel reads the slice; --mel_window W instead decodes
-the newest W tokens from scratch every step (slower, an approximation). Offline, where EnCodec's
-decoder has random weights, the stand-in decoder gives each token its mean mel slice over the train
-split and the audio by Griffin-Lim. Every run prints how far the decoded mel (and the audio's own)
-is from the prompt's original mel, and every hybrid run how far its slices are from the whole output
-decoded at once.
+their decoded mel (decoding.Decoder, a token at a time by its stepper), as `whisper_gpt.py
+--mel_source decoded` evaluates it. With the real EnCodec weights each new token is decoded to audio
+by EnCodec's decoder run incrementally (StreamingDecoder: one token's work per step, and exactly the
+audio a decode of the whole output gives), and audio.log_mel reads the slice; --mel_window W instead
+decodes the newest W tokens from scratch every step (slower, an approximation). Offline, where
+EnCodec's decoder has random weights, the stand-in decoder gives each token its mean mel slice over
+the train split and the audio by Griffin-Lim. Every run prints how far the decoded mel (and the
+audio's own) is from the prompt's original mel, and every hybrid run how far its slices are from the
+whole output decoded at once.
 """
 
 import argparse
@@ -39,12 +39,10 @@ from audio import (
     HOP,
     SAMPLE_RATE,
     WIN,
-    load_decoder,
     log_mel,
     normalise_mel,
     to_model_rate,
     unreadable,
-    without_onednn,
 )
 from checks import (
     Parser,
@@ -56,6 +54,7 @@ from checks import (
     room_to_write,
     run_script,
 )
+from decoding import load_decoder, without_onednn
 from runlog import write_atomic
 from whisper_gpt import continuation_mel, load_checkpoint, open_split, own_data
 
@@ -203,8 +202,8 @@ def parse_args(argv=None):
 def load_run(out_dir, ckpt, device, data_dir=None):
     """(model, config, data_dir, decoder, meta) from a run folder: the checkpoint names its data,
     and a data_dir given instead must hold the same data (a tokenizer made again would turn the
-    prompt into other tokens). decoder: audio.Decoder of the data's tokenizer (decoder.tokenizer is
-    the tokenizer)."""
+    prompt into other tokens). decoder: decoding.Decoder of the data's tokenizer (decoder.tokenizer
+    is the tokenizer)."""
     # a missing checkpoint, other data, another vocabulary: the same one line as whisper_gpt.py's
     model, config, saved = load_checkpoint(os.path.join(out_dir, f"ckpt_{ckpt}.pt"), device)
     model.eval()
@@ -374,7 +373,7 @@ def generate(model, decoder, tokens, mel, n_new, args):
     stepper), its own predicted mel (--mel_source self) or no mel (--mel_source prompt: NaN rows),
     as the continuation evaluation feeds it (whisper_gpt.continuation_mel). Returns idx
     (B, T + n_new), audio (B, (T + n_new) * HOP), the mel fed (B, T + n_new - 1, n_mel) or None,
-    the audio.DecoderStepper (None where none is used) and the seconds it all took."""
+    the decoding.DecoderStepper (None where none is used) and the seconds it all took."""
     c = model.config
     after = continuation_mel(c, c.mel_source)[1] if c.hybrid else None
     # after the prompt: the decoder's slices ('decoded'), NaN rows ('none'), or nothing ('self':

@@ -12,7 +12,7 @@ data.
     (tts-gpt-s-s1337, ...)
 
 Every hybrid is evaluated twice: with the audio's mel (the paper's number, its row) and with the
-decoded mel (the mel generation can have: audio.Decoder); hybrid-decoded-s<seed> is the hybrid
+decoded mel (the mel generation can have: decoding.Decoder); hybrid-decoded-s<seed> is the hybrid
 trained on the decoded mel.
 
 Each run is `python whisper_gpt.py <its flags> --out_dir runs/<name>`, then the same with

@@ -34,12 +34,15 @@ import torchaudio
 
 import audio
 import bench
+import checks
 import corpora
 import cpu_attention
+import decoding
 import plot_curves
 import prepare
 import runlog
 import sample
+import tokenizer
 import whisper_gpt as wg
 from whisper_gpt import Config, WhisperGPT
 
@@ -271,7 +274,10 @@ def prepared_run(root, name, clips):
         ]
     )
     run = {"data": str(root / "data" / name)}
-    run["tokenizer"], run["meta"] = audio.load_tokenizer(run["data"]), audio.read_meta(run["data"])
+    run["tokenizer"], run["meta"] = (
+        tokenizer.load_tokenizer(run["data"]),
+        audio.read_meta(run["data"]),
+    )
     for model, hybrid in (("gpt", False), ("hybrid", True)):
         torch.manual_seed(0)
         config = wg.Config(**TINY, hybrid=hybrid, dataset=name, data_dir=run["data"], device="cpu")
@@ -337,12 +343,12 @@ def main_in_process(script, argv, capsys):
 
 
 def decoders(tiny_run):
-    """The two kinds of audio.Decoder on tiny_run's data: the offline table, and a decoder network
-    (EnCodec's architecture with the offline tokenizer's random weights, standing in for the real
-    one: the same code path)."""
+    """The two kinds of decoding.Decoder on tiny_run's data: the offline table, and a decoder
+    network (EnCodec's architecture with the offline tokenizer's random weights, standing in for the
+    real one: the same code path)."""
     return {
-        "table": audio.load_decoder(tiny_run["data"]),
-        "network": audio.Decoder(tiny_run["tokenizer"], tiny_run["meta"]),
+        "table": decoding.load_decoder(tiny_run["data"]),
+        "network": decoding.Decoder(tiny_run["tokenizer"], tiny_run["meta"]),
     }
 
 
@@ -1532,7 +1538,7 @@ def test_mel_rows_not_matching_the_tokens_and_a_micro_batch_that_does_not_divide
     with pytest.raises(wg.UserError, match="--micro_batch 3 does not divide a process's 4 crops"):
         wg.train(train_config(tmp_path, micro_batch=3))
     with pytest.raises(wg.UserError, match="--batch_size 4 .* does not divide among 3 processes"):
-        wg.micro_batches(train_config(tmp_path), 3)
+        checks.micro_batches(train_config(tmp_path), 3)
     mel = np.fromfile(tmp_path / "data" / "val_mel.bin", dtype=np.float16)
     mel[:-64].tofile(tmp_path / "data" / "val_mel.bin")  # one row short
     with pytest.raises(
@@ -1554,7 +1560,7 @@ def test_decoded_mel_source_feeds_the_tokens_own_decoded_mel_with_no_leak(tiny_r
     model = WhisperGPT(tiny(hybrid=True)).eval()
     tokens, audio_mel = wg.open_split(tiny_run["data"], "val", 64)
     x = torch.from_numpy(tokens[:32].astype(np.int64))[None]  # (1, 32)
-    decoded = audio.DecodedSplit(tokens, decoder)[0:32]  # (32, 64), as crops() reads it
+    decoded = decoding.DecodedSplit(tokens, decoder)[0:32]  # (32, 64), as crops() reads it
     torch.testing.assert_close(torch.from_numpy(decoded)[None], decoder.mel(x))
     assert np.abs(decoded - audio_mel[:32]).mean() > 0.1  # not the audio's mel
     logits, _ = model(x, decoder.mel(x))
@@ -2050,10 +2056,10 @@ def test_stored_rows_are_the_files_own_tokens_and_mels(prepared_dir, audio_corpu
     stored mels."""
     folder, _ = audio_corpus
     meta = audio.read_meta(prepared_dir)
-    tok = audio.load_tokenizer(prepared_dir)
+    tok = tokenizer.load_tokenizer(prepared_dir)
     assert (
         tok.offline
-        and tok.name == meta["tokenizer"] == audio.OFFLINE_NAME
+        and tok.name == meta["tokenizer"] == tokenizer.OFFLINE_NAME
         and meta["tokenizer_offline"]
     )
     for f in meta["files"][:2] + [f for f in meta["files"] if f["split"] == "val"]:
@@ -2477,18 +2483,18 @@ def test_audio_is_averaged_to_mono_and_resampled_to_24khz():
 
 
 # -----------------------------------------------------------------------------
-# audio.py: the tokenizer
+# tokenizer.py: the tokenizer
 
 
 def test_long_files_are_encoded_in_segments_with_warm_context(monkeypatch):
-    monkeypatch.setattr(audio, "SEGMENT", 2 * audio.SAMPLE_RATE)
-    tok = audio.offline_tokenizer(SEED)
+    monkeypatch.setattr(tokenizer, "SEGMENT", 2 * audio.SAMPLE_RATE)
+    tok = tokenizer.offline_tokenizer(SEED)
     long, short = (
         torch.from_numpy(tone(s, 24000, 300, seed=int(s)).astype(np.float32)) for s in (5.0, 1.0)
     )
     alone = tok.embed_many([long])[0]
-    assert alone.shape == (5 * 75, audio.EMB_DIM)
-    with torch.no_grad(), audio.fast_cpu():
+    assert alone.shape == (5 * 75, tokenizer.EMB_DIM)
+    with torch.no_grad(), tokenizer.fast_cpu():
         whole = tok.model.encoder(long[None, None].double()).transpose(1, 2)[0]
     bf16 = dict(
         rtol=2**-8, atol=1e-6
@@ -2502,7 +2508,7 @@ def test_long_files_are_encoded_in_segments_with_warm_context(monkeypatch):
     batched = tok.embed_many(
         [short, long], batch_size=3
     )  # rows padded to the longest: causal, so no change
-    assert torch.allclose(batched[1], alone, **bf16) and batched[0].shape == (75, audio.EMB_DIM)
+    assert torch.allclose(batched[1], alone, **bf16) and batched[0].shape == (75, tokenizer.EMB_DIM)
 
 
 # more points than codes, as real data has; and fewer (the starting codes then repeat points)
@@ -2512,19 +2518,19 @@ def test_fit_codebook_is_a_deterministic_kmeans(clusters, per_cluster):
     64 codes a cluster: the starting points alone leave about 98 per point, Lloyd's iterations about
     55."""
     torch.manual_seed(0)
-    centres = torch.randn(clusters, audio.EMB_DIM) * 10
-    points = (centres[:, None] + torch.randn(clusters, per_cluster, audio.EMB_DIM)).reshape(
-        -1, audio.EMB_DIM
+    centres = torch.randn(clusters, tokenizer.EMB_DIM) * 10
+    points = (centres[:, None] + torch.randn(clusters, per_cluster, tokenizer.EMB_DIM)).reshape(
+        -1, tokenizer.EMB_DIM
     )
-    with audio.fast_cpu():
-        codebook = audio.fit_codebook(points, SEED)
-    assert codebook.shape == (audio.VOCAB, audio.EMB_DIM)
-    assert torch.equal(codebook, audio.fit_codebook(points, SEED))
-    codes = audio.nearest(points, codebook)
+    with tokenizer.fast_cpu():
+        codebook = tokenizer.fit_codebook(points, SEED)
+    assert codebook.shape == (audio.VOCAB, tokenizer.EMB_DIM)
+    assert torch.equal(codebook, tokenizer.fit_codebook(points, SEED))
+    codes = tokenizer.nearest(points, codebook)
     error = (points - codebook[codes]).pow(2).sum(1).mean()
     assert error < (points - points.mean(0)).pow(2).sum(1).mean() / 10
     if len(points) > audio.VOCAB:
-        assert error < 0.6 * audio.EMB_DIM, error
+        assert error < 0.6 * tokenizer.EMB_DIM, error
     assert torch.equal(codes, torch.cdist(points, codebook).argmin(1))
 
 
@@ -2536,7 +2542,7 @@ NARROW_CPU = {
 OFFLINE_BITS = """
 import hashlib, sys, numpy as np, torch
 sys.path.insert(0, sys.argv[1])
-import audio
+import audio, tokenizer
 torch.set_num_threads(1)
 rng = np.random.default_rng(0)
 t = np.arange(22050 * 5) / 22050
@@ -2544,14 +2550,14 @@ clip = 0.3 * np.sin(2 * np.pi * 440 * t * (1 + 0.05 * np.sin(3 * t)))
 clip += 0.02 * rng.standard_normal(len(t))
 # a silence: its latents are equal but for the last bits, the near-ties k-means meets
 clip[: 22050 * 2] = 0
-tok = audio.offline_tokenizer(1337)
+tok = tokenizer.offline_tokenizer(1337)
 wav = audio.to_model_rate(clip[:, None], 22050)
 emb = tok.embed_many([wav])[0]
-tok.codebook = audio.fit_codebook(emb, 1337)
+tok.codebook = tokenizer.fit_codebook(emb, 1337)
 with torch.random.fork_rng():
     torch.manual_seed(1337)
     # torch's own init in float32: its bits follow the CPU
-    torch_init = audio.encodec_skeleton().encoder
+    torch_init = tokenizer.encodec_skeleton().encoder
     with torch.no_grad():
         plain = torch_init(wav.float()[None, None])
 parts = {"weights": torch.cat([v.flatten().double() for v in tok.model.state_dict().values()]),
@@ -2591,10 +2597,10 @@ def test_pretrained_path_takes_codebook_zero_of_encodec(tmp_path):
     codes[:, 0]."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = audio.encodec_skeleton()
+        model = tokenizer.encodec_skeleton()
         for layer in model.quantizer.vq.layers:
-            layer._codebook.embed.copy_(torch.randn(audio.VOCAB, audio.EMB_DIM) * 0.02)
-    ckpt = tmp_path / audio.ENCODEC_CKPT
+            layer._codebook.embed.copy_(torch.randn(audio.VOCAB, tokenizer.EMB_DIM) * 0.02)
+    ckpt = tmp_path / tokenizer.ENCODEC_CKPT
     torch.save(model.state_dict(), ckpt)
     folder = tmp_path / "audio"
     make_corpus(folder, n=3)
@@ -2618,13 +2624,13 @@ def test_pretrained_path_takes_codebook_zero_of_encodec(tmp_path):
     model.set_target_bandwidth(1.5)
     for f in meta["files"]:
         wav = model_rate(folder / f["path"])
-        with torch.no_grad(), audio.fast_cpu():
+        with torch.no_grad(), tokenizer.fast_cpu():
             codes = model.encode(wav[None, None])[0][0]  # (B, n_q, T)
         tokens, _ = read_split(data, f["split"])
         stored = torch.from_numpy(tokens[f["offset"] : f["offset"] + f["frames"]].astype(np.int64))
         assert torch.equal(stored, codes[0, 0])
     assert torch.equal(
-        audio.load_tokenizer(data).codebook, model.quantizer.vq.layers[0]._codebook.embed
+        tokenizer.load_tokenizer(data).codebook, model.quantizer.vq.layers[0]._codebook.embed
     )
 
 
@@ -2633,7 +2639,7 @@ def test_encodec_without_weights_fails_clearly_and_auto_falls_back_loudly(
 ):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(
-        audio, "ENCODEC_URL", "http://127.0.0.1:9/encodec_24khz.th"
+        tokenizer, "ENCODEC_URL", "http://127.0.0.1:9/encodec_24khz.th"
     )  # nothing listens
     folder = tmp_path / "audio"
     make_corpus(folder, n=2)
@@ -2651,63 +2657,18 @@ def test_a_corrupt_tokenizer_file_is_one_clear_error(tmp_path):
     data = make_data(tmp_path / "data")
     (tmp_path / "data" / "tokenizer.pt").write_bytes(b"not a tokenizer")
     with pytest.raises(wg.UserError, match="tokenizer.pt is not a whole torch file"):
-        audio.load_tokenizer(data)
+        tokenizer.load_tokenizer(data)
 
 
 # -----------------------------------------------------------------------------
-# audio.py: downloads
-
-
-@pytest.mark.parametrize("case", ["resume", "server ignores ranges", "part too long"])
-def test_download_resumes_or_restarts_a_partial_file(tmp_path, archive_server, case):
-    url, handler = archive_server
-    body = os.urandom(300_000)
-    handler.files["/x.bin"] = body
-    handler.ranges = case != "server ignores ranges"
-    part = tmp_path / "x.bin.part"
-    part.write_bytes(body[:100_000] if case != "part too long" else body + b"extra")
-    audio.download(f"{url}/x.bin", tmp_path / "x.bin")
-    assert (tmp_path / "x.bin").read_bytes() == body and not part.exists()
-    assert handler.requests[0] == (
-        "/x.bin",
-        f"bytes={100_000 if case != 'part too long' else len(body) + 5}-",
-    )
-    assert len(handler.requests) == (2 if case == "part too long" else 1)  # a 416 starts over, once
-
-
-def test_download_refuses_a_short_file_and_keeps_the_part(tmp_path, archive_server):
-    url, handler = archive_server
-    handler.files["/x.bin"] = os.urandom(10_000)
-    handler.short = True
-    with pytest.raises(OSError, match="run again to resume"):
-        audio.download(f"{url}/x.bin", tmp_path / "x.bin")
-    assert not (tmp_path / "x.bin").exists() and (tmp_path / "x.bin.part").stat().st_size == 5_000
-
-
-def test_a_download_that_cannot_fit_on_the_disk_stops_before_writing(
-    tmp_path, archive_server, monkeypatch
-):
-    url, handler = archive_server
-    handler.files["/x.bin"] = os.urandom(300_000)
-    monkeypatch.setattr(
-        prepare.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=100_000)
-    )
-    with pytest.raises(
-        OSError, match="x.bin needs 0.3 MB more and .* has 0.1 MB free: free some space"
-    ):
-        audio.download(f"{url}/x.bin", tmp_path / "x.bin")
-    assert not list(tmp_path.iterdir())
-
-
-# -----------------------------------------------------------------------------
-# audio.py: EnCodec's decoder run as a stream
+# decoding.py: EnCodec's decoder run as a stream
 
 
 def test_the_streamed_decoder_gives_the_whole_decode(tiny_run):
     tokenizer = tiny_run["tokenizer"]
     tokens = torch.randint(0, audio.VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
     whole = tokenizer.decode(tokens)  # (2, 40 * HOP)
-    stream = audio.StreamingDecoder(tokenizer)
+    stream = decoding.StreamingDecoder(tokenizer)
     pieces = (
         [stream(tokens[:, :20])]
         + [stream(tokens[:, i : i + 1]) for i in range(20, 35)]
@@ -2720,12 +2681,12 @@ def test_the_streamed_decoder_gives_the_whole_decode(tiny_run):
 
 def test_the_decoders_audio_before_a_token_never_hears_it(tiny_run):
     """EnCodec's convs reflect-pad the start of a decode (its first frames would hear up to 6 tokens
-    ahead): with the first token held (audio.DECODE_HOLD), a change from token k on moves no sample
-    before 320k, for every k, in the whole decode and in the stream."""
+    ahead): with the first token held (tokenizer.DECODE_HOLD), a change from token k on moves no
+    sample before 320k, for every k, in the whole decode and in the stream."""
     tokenizer = tiny_run["tokenizer"]
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, audio.VOCAB, (1, 12), generator=g)
-    whole, streamed = tokenizer.decode(tokens), audio.StreamingDecoder(tokenizer)(tokens)
+    whole, streamed = tokenizer.decode(tokens), decoding.StreamingDecoder(tokenizer)(tokens)
     for k in range(1, 12):
         later = tokens.clone()
         later[:, k:] = torch.randint(0, audio.VOCAB, (1, 12 - k), generator=g)
@@ -2733,7 +2694,7 @@ def test_the_decoders_audio_before_a_token_never_hears_it(tiny_run):
             tokenizer.decode(later)[:, : k * audio.HOP], whole[:, : k * audio.HOP]
         ), k
         assert torch.equal(
-            audio.StreamingDecoder(tokenizer)(later)[:, : k * audio.HOP],
+            decoding.StreamingDecoder(tokenizer)(later)[:, : k * audio.HOP],
             streamed[:, : k * audio.HOP],
         )
 
@@ -2741,14 +2702,14 @@ def test_the_decoders_audio_before_a_token_never_hears_it(tiny_run):
 def test_without_onednn_turns_it_off_and_restores_it_even_on_error():
     before = torch.backends.mkldnn.enabled
     with pytest.raises(KeyError):
-        with audio.without_onednn():
+        with decoding.without_onednn():
             assert torch.backends.mkldnn.enabled is False
             raise KeyError("boom")
     assert torch.backends.mkldnn.enabled == before
 
 
 # -----------------------------------------------------------------------------
-# audio.py: the decoders (the decoded mel, and the offline stand-in decoder's table and audio)
+# decoding.py: the decoders (the decoded mel, and the offline stand-in decoder's table and audio)
 
 
 def test_the_offline_decoder_is_each_tokens_mean_mel_and_follows_the_tokens(notes_run):
@@ -2756,18 +2717,18 @@ def test_the_offline_decoder_is_each_tokens_mean_mel_and_follows_the_tokens(note
     split, counted here by brute force; on the val split its decoded mel is far closer to the
     audio's mel than random tokens' is, and than the random-weight EnCodec decoder's mel, whose
     audio does not depend on the tokens at all."""
-    table = np.load(Path(notes_run["data"]) / audio.DECODER_FILE)
+    table = np.load(Path(notes_run["data"]) / decoding.DECODER_FILE)
     tokens, mel = wg.open_split(notes_run["data"], "train", 64)
     seen = np.unique(tokens)
     for t in seen[:: max(1, len(seen) // 20)]:
         np.testing.assert_allclose(table[t], mel[tokens == t].astype(np.float64).mean(0), atol=1e-5)
-    toy = audio.fit_token_mel(np.array([0, 0, 2]), np.array([[1.0], [3.0], [8.0]]), vocab=4)
+    toy = decoding.fit_token_mel(np.array([0, 0, 2]), np.array([[1.0], [3.0], [8.0]]), vocab=4)
     np.testing.assert_allclose(
         toy[:, 0], [2.0, 4.0, 8.0, 4.0]
     )  # a token never seen: the mean of all slices
     decoder, network = (
-        audio.load_decoder(notes_run["data"]),
-        audio.Decoder(notes_run["tokenizer"], notes_run["meta"]),
+        decoding.load_decoder(notes_run["data"]),
+        decoding.Decoder(notes_run["tokenizer"], notes_run["meta"]),
     )
     val, val_mel = wg.open_split(notes_run["data"], "val", 64)
     x, target = (
@@ -2795,7 +2756,7 @@ def test_the_offline_decoders_audio_has_the_mel_it_was_made_from(notes_run):
     """mel_to_audio inverts the normalised mel: the audio's own causal log-mel is close to the mel
     it was made from, frame for frame (a one-frame shift is further off), and the same mel gives the
     same audio."""
-    decoder, meta = audio.load_decoder(notes_run["data"]), notes_run["meta"]
+    decoder, meta = decoding.load_decoder(notes_run["data"]), notes_run["meta"]
     val, _ = wg.open_split(notes_run["data"], "val", 64)
     x = torch.from_numpy(val[:80].astype(np.int64))[None]
     wave = decoder.audio(x)
@@ -2830,7 +2791,7 @@ def test_a_data_folder_without_a_whole_decoder_is_one_line_and_prepare_makes_it(
     import shutil
 
     data = shutil.copytree(tiny_run["data"], tmp_path / "tiny")
-    table = data / audio.DECODER_FILE
+    table = data / decoding.DECODER_FILE
     if case == "missing":
         table.unlink()
     elif case == "cut short":
@@ -2839,7 +2800,7 @@ def test_a_data_folder_without_a_whole_decoder_is_one_line_and_prepare_makes_it(
         rows = np.load(table)
         rows[5, 3] = np.nan
         np.save(table, rows)
-    before = {f.name: f.read_bytes() for f in data.iterdir() if f.name != audio.DECODER_FILE}
+    before = {f.name: f.read_bytes() for f in data.iterdir() if f.name != decoding.DECODER_FILE}
     for script, argv in (
         (
             "whisper_gpt.py",
@@ -2878,10 +2839,11 @@ def test_a_data_folder_without_a_whole_decoder_is_one_line_and_prepare_makes_it(
     prepare.main(["--audio_dir", "unused", "--name", "tiny", "--data_root", str(tmp_path)])
     assert "added its offline decoder" in capsys.readouterr().out
     assert {
-        f.name: f.read_bytes() for f in data.iterdir() if f.name != audio.DECODER_FILE
+        f.name: f.read_bytes() for f in data.iterdir() if f.name != decoding.DECODER_FILE
     } == before
     np.testing.assert_array_equal(
-        np.load(data / audio.DECODER_FILE), np.load(Path(tiny_run["data"]) / audio.DECODER_FILE)
+        np.load(data / decoding.DECODER_FILE),
+        np.load(Path(tiny_run["data"]) / decoding.DECODER_FILE),
     )
 
 
@@ -2893,7 +2855,7 @@ def test_the_hybrid_mel_path_gives_prepare_log_mel_slices(tiny_run, window):
     tokenizer, meta = tiny_run["tokenizer"], tiny_run["meta"]
     tokens = torch.randint(0, audio.VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
     reference = audio.normalise_mel(audio.log_mel(tokenizer.decode(tokens)), meta)  # (2, 40, 64)
-    mel_fn = audio.Decoder(tokenizer, meta).stepper(window)
+    mel_fn = decoding.Decoder(tokenizer, meta).stepper(window)
     slices = torch.stack([mel_fn(tokens[:, :n]) for n in range(25, 41)], dim=1)  # slices 24..39
     assert slices.shape == (2, 16, 64)
     diff = (slices - reference[:, 24:]).abs()
@@ -2907,7 +2869,7 @@ def test_the_hybrid_mel_path_gives_prepare_log_mel_slices(tiny_run, window):
 def test_a_short_mel_window_is_an_approximation_that_is_measured(tiny_run):
     tokenizer, meta = tiny_run["tokenizer"], tiny_run["meta"]
     tokens = torch.randint(0, audio.VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
-    mel_fn = audio.Decoder(tokenizer, meta).stepper(window=4)
+    mel_fn = decoding.Decoder(tokenizer, meta).stepper(window=4)
     for n in range(25, 41):
         mel_fn(tokens[:, :n])
     reference = audio.normalise_mel(audio.log_mel(tokenizer.decode(tokens)), meta)  # (1, 40, 64)
@@ -2953,7 +2915,7 @@ def test_the_val_splits_decoded_mel_is_the_same_in_evaluation_and_in_sampling(ti
     tokens, _ = wg.open_split(tiny_run["data"], "val", 64)
     start = wg.val_windows(len(tokens), 32)[0]
     # (32, 64)
-    evaluated = torch.from_numpy(audio.DecodedSplit(tokens, decoder)[start : start + 32])
+    evaluated = torch.from_numpy(decoding.DecodedSplit(tokens, decoder)[start : start + 32])
     x = torch.from_numpy(tokens[start : start + 32].astype(np.int64))[None]
     # its stream starts on a prompt of 8 tokens, as sample.py's on its prompt
     mel_fn = decoder.stepper()
@@ -3195,6 +3157,51 @@ def test_tts_without_the_voice_is_one_line_with_the_pip_command(monkeypatch, utt
 
 
 # -----------------------------------------------------------------------------
+# corpora.py: downloads (LibriTTS's, and EnCodec's weights)
+
+
+@pytest.mark.parametrize("case", ["resume", "server ignores ranges", "part too long"])
+def test_download_resumes_or_restarts_a_partial_file(tmp_path, archive_server, case):
+    url, handler = archive_server
+    body = os.urandom(300_000)
+    handler.files["/x.bin"] = body
+    handler.ranges = case != "server ignores ranges"
+    part = tmp_path / "x.bin.part"
+    part.write_bytes(body[:100_000] if case != "part too long" else body + b"extra")
+    corpora.download(f"{url}/x.bin", tmp_path / "x.bin")
+    assert (tmp_path / "x.bin").read_bytes() == body and not part.exists()
+    assert handler.requests[0] == (
+        "/x.bin",
+        f"bytes={100_000 if case != 'part too long' else len(body) + 5}-",
+    )
+    assert len(handler.requests) == (2 if case == "part too long" else 1)  # a 416 starts over, once
+
+
+def test_download_refuses_a_short_file_and_keeps_the_part(tmp_path, archive_server):
+    url, handler = archive_server
+    handler.files["/x.bin"] = os.urandom(10_000)
+    handler.short = True
+    with pytest.raises(OSError, match="run again to resume"):
+        corpora.download(f"{url}/x.bin", tmp_path / "x.bin")
+    assert not (tmp_path / "x.bin").exists() and (tmp_path / "x.bin.part").stat().st_size == 5_000
+
+
+def test_a_download_that_cannot_fit_on_the_disk_stops_before_writing(
+    tmp_path, archive_server, monkeypatch
+):
+    url, handler = archive_server
+    handler.files["/x.bin"] = os.urandom(300_000)
+    monkeypatch.setattr(
+        prepare.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=100_000)
+    )
+    with pytest.raises(
+        OSError, match="x.bin needs 0.3 MB more and .* has 0.1 MB free: free some space"
+    ):
+        corpora.download(f"{url}/x.bin", tmp_path / "x.bin")
+    assert not list(tmp_path.iterdir())
+
+
+# -----------------------------------------------------------------------------
 # corpora.py: LibriTTS, downloaded and extracted
 
 
@@ -3430,7 +3437,7 @@ def test_cached_sampling_equals_uncached_past_the_window(tiny_run, kind):
             mel=mel,
             top_k=100,
             use_cache=use_cache,
-            mel_fn=audio.Decoder(tokenizer, meta).stepper() if config.hybrid else None,
+            mel_fn=decoding.Decoder(tokenizer, meta).stepper() if config.hybrid else None,
             generator=[torch.Generator().manual_seed(s) for s in (5, 6)],
         )
         for use_cache in (True, False)
@@ -3515,7 +3522,7 @@ def test_offline_samples_follow_the_tokens(notes_run, tmp_path, capsys, monkeypa
     ours = report(capsys.readouterr().out)
     assert ours["decoded"] < 0.85 * ours["random"], ours
     assert ours["moves"] > 0.2 * ours["prompt_moves"] > 0, ours  # a drone would move 0
-    network = audio.Decoder(notes_run["tokenizer"], notes_run["meta"])
+    network = decoding.Decoder(notes_run["tokenizer"], notes_run["meta"])
     monkeypatch.setattr(sample, "load_decoder", lambda *a: network)
     sample.main(args + ["--sample_dir", str(tmp_path / "network")])
     before = report(capsys.readouterr().out)
@@ -4492,7 +4499,7 @@ def test_help_gives_every_flag_its_meaning_and_default(module, capsys):
 def test_every_progress_and_summary_line_is_flushed():
     for name in (
         "prepare.py",
-        "audio.py",
+        "corpora.py",
         "sample.py",
         "whisper_gpt.py",
         "plot_curves.py",

@@ -27,18 +27,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cpu_attention
-from audio import FRAME_RATE, DecodedSplit, load_decoder
+from audio import FRAME_RATE
 from checks import (
     Parser,
     UserError,
     check_data,
     check_writable,
     load_torch_file,
+    micro_batches,
     room_to_write,
     run_script,
     validate,
 )
-from runlog import append_record, data_fingerprint, hold_folder, write_atomic
+from decoding import DecodedSplit, load_decoder
+from runlog import data_fingerprint, fmt, hold_folder, log_eval, log_event, plus_minus, write_atomic
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass of defaults; argparse is generated from its fields.
@@ -217,10 +219,10 @@ class Block(nn.Module):
 
 
 class MelStack(nn.Module):
-    """The hybrid's mel stack, what the paper calls its "Whisper-decoder" (not audio.Decoder, which
-    turns tokens back into mel and audio): Whisper's encoder made causal and small. Each mel slice
-    goes through a per-slice MLP (n_mel -> 2048 -> width), gets sinusoidal positions, then causal
-    decoder layers."""
+    """The hybrid's mel stack, what the paper calls its "Whisper-decoder" (not decoding.Decoder,
+    which turns tokens back into mel and audio): Whisper's encoder made causal and small. Each mel
+    slice goes through a per-slice MLP (n_mel -> 2048 -> width), gets sinusoidal positions, then
+    causal decoder layers."""
 
     def __init__(self, c):
         super().__init__()
@@ -364,7 +366,7 @@ class WhisperGPT(nn.Module):
         return_mel=False,
     ):
         """idx (B, T) -> (B, T + max_new_tokens). Hybrid: mel (B, T, n_mel) the prompt's slices;
-        mel_fn(idx) gives the newest token's slice (B, n_mel), its decoded mel (audio.Decoder),
+        mel_fn(idx) gives the newest token's slice (B, n_mel), its decoded mel (decoding.Decoder),
         first read a step later (the shift); --mel_source self feeds its own prediction instead.
         generator: one, or one per row. Past block_size the window restarts on the newest
         block_size // 2 tokens (the paper is silent). return_mel: (idx, the mel it was fed)."""
@@ -439,8 +441,7 @@ def load_checkpoint(path, device="cpu"):
     ):
         raise UserError(
             f"{path} is a torch file but not a checkpoint of whisper_gpt.py (it has no model and "
-            "config): "
-            "pass the ckpt_best.pt or ckpt_latest.pt of a run folder"
+            "config): pass the ckpt_best.pt or ckpt_latest.pt of a run folder"
         )
     # a field this file does not know is dropped
     fields = {f.name for f in dataclasses.fields(Config)}
@@ -480,7 +481,7 @@ def tensor_bytes(obj):
 # windows.
 def open_split(data_dir, split, n_mel=0, mel_source="audio"):
     """tokens (N,), mel (N, n_mel) or None: memmaps opened per batch, as nanoGPT's (a kept one grows
-    resident). mel_source 'decoded': the mel is the tokens' decoded mel (audio.DecodedSplit: a
+    resident). mel_source 'decoded': the mel is the tokens' decoded mel (decoding.DecodedSplit: a
     crop's rows from its tokens)."""
     tokens = np.memmap(os.path.join(data_dir, f"{split}_tokens.bin"), dtype=np.uint16, mode="r")
     if not n_mel:
@@ -655,29 +656,6 @@ def get_lr(c, it, epoch_steps):
     return c.lr if it // epoch_steps < round(c.lr_drop_at * c.epochs) else c.lr / 2
 
 
-def fmt(value, spec):
-    return "-" if value is None else format(value, spec)
-
-
-def plus_minus(se, spec=".3f"):
-    """'± se', or what stands in its place for an evaluation on one window (no spread to measure)"""
-    return "(one window: no SE)" if se is None else f"± {se:{spec}}"
-
-
-def log_event(out_dir, record, start=None):
-    """Append record to out_dir/log.jsonl. A log that vanished under a running training (deleted,
-    moved) is begun again with the run's start record (start), marked, and a note: the run goes on,
-    and the log every reader finds opens with its start (plot_curves refuses evals after none)."""
-    path = os.path.join(out_dir, "log.jsonl")
-    if start is not None and not os.path.isfile(path):
-        print(
-            f"note: {path} has vanished (deleted or moved?): begun again with this run's start "
-            f"record; the records before step {record['iter']} are not in it"
-        )
-        append_record(path, {**start, "log_begun_again_at": record["iter"]})
-    append_record(path, record)
-
-
 def launched_by_torchrun():
     return "RANK" in os.environ  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each process
 
@@ -692,24 +670,6 @@ def setup_distributed(c):
         c.device = f"cuda:{local_rank}"
         torch.cuda.set_device(c.device)
     return rank, local_rank, world
-
-
-def micro_batches(c, world):
-    """(crops per forward pass, forward passes per step) of one process, or one line if they do not
-    fit."""
-    if c.batch_size % world:
-        raise UserError(
-            f"--batch_size {c.batch_size} (crops per step in all) does not divide among {world} "
-            f"processes: use a multiple of {world}"
-        )
-    share = c.batch_size // world
-    micro = c.micro_batch or share
-    if share % micro:
-        raise UserError(
-            f"--micro_batch {micro} does not divide a process's {share} crops: use a divisor of "
-            f"{share}"
-        )
-    return micro, share // micro
 
 
 def autocast_context(c):
@@ -777,20 +737,6 @@ def run_data(c, saved):
 def own_data(saved):
     """The data folder a run was trained on, by its checkpoint's config."""
     return saved.data_dir or os.path.join("data", saved.dataset)
-
-
-def log_eval(c, it, epoch_steps, lr, train_nll, tok_s, result, elapsed, start=None):
-    """An eval's line, and its record in log.jsonl (start: the run's start record, see log_event)"""
-    print(
-        f"epoch {it / epoch_steps:6.2f} | step {it:6d} | train {fmt(train_nll, '.4f')} | "
-        f"val {result.nll:.4f} {plus_minus(result.se, '.4f')} | acc {result.acc:6.2%} | "
-        f"ppl {math.exp(result.nll):7.2f} | {fmt(tok_s, ',.0f')} tok/s | {elapsed:6.0f} s"
-    )
-    record = {"event": "eval", "iter": it, "epoch": it / epoch_steps}
-    record |= {"tokens": it * c.batch_size * c.block_size, "lr": lr, "train_nll": train_nll}
-    record |= {"val_nll": result.nll, "val_nll_se": result.se, "val_acc": result.acc}
-    record |= {"val_ppl": math.exp(result.nll), "tokens_per_s": tok_s, "elapsed_s": elapsed}
-    log_event(c.out_dir, record, start)
 
 
 def stop_if_diverged(c, what, value, step, saved):
